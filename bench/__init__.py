@@ -1,0 +1,1 @@
+"""sae-vllm benchmarks: `python -m bench {overhead,latency,kernels,ci}`."""

@@ -1,0 +1,114 @@
+"""The CI benchmark: steering overhead on the CPU engine with the embedded default model, gated.
+
+Measures, interleaved in one run, offline throughput and per-step decode latency (time per
+output token) with the plugin absent and with every request steered by its own spec, then
+fails when steered throughput < THROUGHPUT_GATE x unsteered or steered p50 time per output
+token > TPOT_GATE x unsteered."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from . import report
+from .overhead import Variant, default_model, make_requests, measure, start_engines
+
+# Gates for noisy 2-core CPU machines; the measured ratios sit well inside them (see README).
+THROUGHPUT_GATE = 0.85
+TPOT_GATE = 1.2
+
+
+def decode_step_times(llm: Any, requests: list) -> list[float]:
+    """Wall time of each engine step after every request has its first token: one step makes
+    one output token per running request, so a step's time is the time per output token."""
+    engine = llm.llm_engine
+    for index, (prompt, params) in enumerate(requests):
+        engine.add_request(f"tpot-{time.monotonic_ns()}-{index}", prompt, params)
+    times: list[float] = []
+    started = set()
+    while engine.has_unfinished_requests():
+        start = time.perf_counter()
+        outputs = engine.step()
+        elapsed = time.perf_counter() - start
+        if len(started) == len(requests):
+            times.append(elapsed)
+        started.update(o.request_id for o in outputs if o.outputs and o.outputs[0].token_ids)
+    return times
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench ci", description=__doc__)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=report.RESULTS_DIR / "ci.json")
+    args = parser.parse_args(argv)
+
+    started = time.perf_counter()
+    model, sae, layer, d_sae = default_model()
+    engines = start_engines(["eager"], model, sae, layer, 32, args.batch)
+    prompts = [[1, *[(7 * i + j) % 50 + 4 for j in range(8)]] for i in range(8)]
+    variants = {
+        "unsteered": Variant("unsteered", "plugin", "absent", "eager-absent"),
+        "steered K=1": Variant("steered K=1", "edits", 1, "eager-plugin", steered_share=1.0,
+                               distinct_specs=args.batch, edits=1),
+        "steered K=8": Variant("steered K=8", "edits", 8, "eager-plugin", steered_share=1.0,
+                               distinct_specs=args.batch, edits=8),
+    }
+    tpot: dict[str, list[float]] = {name: [] for name in variants}
+    for name, variant in variants.items():  # warm-up
+        measure(engines[variant.engine], make_requests(variant, args.batch, d_sae, "bench", prompts))
+    for repeat in range(args.repeats):
+        for name, variant in variants.items():
+            requests = make_requests(variant, args.batch, d_sae, "bench", prompts)
+            variant.samples.append(measure(engines[variant.engine], requests))
+            decode = Variant(name, "", "", variant.engine, variant.steered_share,
+                             variant.distinct_specs, variant.edits, output_len=24)
+            tpot[name] += decode_step_times(
+                engines[variant.engine], make_requests(decode, 8, d_sae, "bench", prompts)
+            )
+        print(f"repeat {repeat + 1}/{args.repeats}", flush=True)
+
+    base_tps = report.median(variants["unsteered"].samples)
+    base_tpot = report.median(tpot["unsteered"])
+    rows, failures, results = [], [], {}
+    for name, variant in variants.items():
+        tps, p50 = report.median(variant.samples), report.median(tpot[name])
+        p95 = report.percentile(tpot[name], 95)
+        tps_ratio, tpot_ratio = tps / base_tps, p50 / base_tpot
+        rows.append([name, tps, tps_ratio, p50 * 1e3, p95 * 1e3, tpot_ratio])
+        results[name] = {"tok_s_samples": variant.samples, "tpot_samples_s": tpot[name],
+                         "median_tok_s": tps, "throughput_ratio": tps_ratio,
+                         "tpot_p50_s": p50, "tpot_p95_s": p95, "tpot_ratio": tpot_ratio}
+        if name != "unsteered":
+            if tps_ratio < THROUGHPUT_GATE:
+                failures.append(f"{name}: throughput ratio {tps_ratio:.3f} < {THROUGHPUT_GATE}")
+            if tpot_ratio > TPOT_GATE:
+                failures.append(f"{name}: p50 TPOT ratio {tpot_ratio:.3f} > {TPOT_GATE}")
+    table = report.markdown_table(
+        ["variant", "output tok/s", "throughput ratio", "TPOT p50 ms", "TPOT p95 ms",
+         "TPOT p50 ratio"],
+        rows,
+    )
+    payload = {
+        "machine": report.machine(),
+        "config": {"model": model, "sae": sae, "layer": layer, "d_sae": d_sae,
+                   "batch": args.batch, "repeats": args.repeats, "tpot_batch": 8,
+                   "gates": {"throughput": THROUGHPUT_GATE, "tpot": TPOT_GATE},
+                   "baseline": "vLLM without the plugin, same run"},
+        "results": results,
+        "failures": failures,
+        "seconds": time.perf_counter() - started,
+    }
+    path = report.write_results("ci", payload, table, args.out)
+    print(table)
+    print(f"wrote {path} in {payload['seconds']:.0f} s")
+    for failure in failures:
+        print(f"GATE FAILED: {failure}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

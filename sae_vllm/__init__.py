@@ -1,0 +1,34 @@
+"""sae-vllm: per-request SAE feature steering inside vLLM's batched forward pass."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# Exports resolve lazily so `import sae_vllm.kernels` needs only torch and triton (GPU box),
+# and the offline helpers import vllm only when used.
+_EXPORTS = {
+    "SAE": "sae",
+    "SAEFormatError": "sae",
+    "load_sae": "sae",
+    "SAEEntry": "config",
+    "SteeringConfig": "config",
+    "ApplyTo": "spec",
+    "EditOp": "spec",
+    "FeatureEdit": "spec",
+    "SpecLimits": "spec",
+    "SteeringSpec": "spec",
+    "SteeringSpecError": "spec",
+    "parse_spec": "spec",
+    "resolve_spec": "spec",
+    "steering_config": "offline",
+    "steering_params": "offline",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'sae_vllm' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

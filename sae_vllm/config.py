@@ -1,0 +1,54 @@
+"""The engine-side steering configuration: `additional_config["sae_steering"]`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .spec import DEFAULT_MAX_ABS_VALUE, DEFAULT_MAX_EDITS, SpecLimits
+
+CONFIG_KEY = "sae_steering"
+EXTRA_ARGS_KEY = "sae_steering"
+
+
+class SAEEntry(BaseModel):
+    """One SAE the engine serves: its id (what requests name), file and layer."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")
+    path: str = Field(min_length=1)
+    layer: int | None = Field(default=None, ge=0)
+    format: str | None = None
+    labels: str | None = None
+
+
+class SteeringConfig(BaseModel):
+    """Everything the plugin needs to steer; its presence in additional_config switches it on."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    saes: list[SAEEntry] = Field(min_length=1)
+    max_edits: int = Field(default=DEFAULT_MAX_EDITS, ge=1, le=256)
+    max_abs_value: float = Field(default=DEFAULT_MAX_ABS_VALUE, gt=0)
+
+    @field_validator("saes")
+    @classmethod
+    def _ids_are_unique(cls, saes: list[SAEEntry]) -> list[SAEEntry]:
+        ids = [entry.id for entry in saes]
+        duplicates = sorted({i for i in ids if ids.count(i) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate SAE ids: {', '.join(duplicates)}")
+        return saes
+
+    @property
+    def limits(self) -> SpecLimits:
+        return SpecLimits(max_edits=self.max_edits, max_abs_value=self.max_abs_value)
+
+
+def steering_config_from(additional_config: Any) -> SteeringConfig | None:
+    """The steering config inside vLLM's additional_config, or None when steering is off."""
+    if not isinstance(additional_config, dict) or CONFIG_KEY not in additional_config:
+        return None
+    return SteeringConfig.model_validate(additional_config[CONFIG_KEY])

@@ -1,0 +1,39 @@
+"""Request intake: validate steering where a request enters, and salt its prefix cache."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..config import EXTRA_ARGS_KEY, steering_config_from
+from ..spec import SteeringSpec, derive_cache_salt, resolve_spec
+from . import vllm_adapter as vllm
+from .sae_sizes import sae_sizes
+
+
+def _resolve_in_place(vllm_config: Any, params: Any) -> SteeringSpec | None:
+    extra_args = vllm.extra_args_of(params)
+    data = extra_args.get(EXTRA_ARGS_KEY) if extra_args else None
+    if data is None:
+        return None
+    config = steering_config_from(vllm_config.additional_config)
+    if config is None:
+        raise ValueError(
+            "steering: this server has no SAEs configured "
+            "(start the engine with additional_config {'sae_steering': ...})"
+        )
+    spec = resolve_spec(data, sae_sizes(config), config.limits)
+    extra_args[EXTRA_ARGS_KEY] = spec.model_dump(mode="json")
+    return spec
+
+
+def check_params(vllm_config: Any, params: Any) -> None:
+    """Frontend check: a bad spec raises ValueError (a client error) before reaching the engine."""
+    _resolve_in_place(vllm_config, params)
+
+
+def salt_request(vllm_config: Any, request: Any) -> None:
+    """Engine-core check and prefix-cache salt: a steered request never shares KV blocks with
+    requests steered differently or not at all. A bad spec raises, failing only that request."""
+    spec = _resolve_in_place(vllm_config, vllm.sampling_params_of(request))
+    if spec is not None:
+        vllm.set_cache_salt(request, derive_cache_salt(vllm.cache_salt_of(request), spec))

@@ -1,0 +1,88 @@
+"""Decoder-layer surgery: swap a layer's class for one whose output passes through the steering op."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..kernels import SteeringWeights
+from .tables import EditTable
+
+
+class SAESteering(nn.Module):
+    """One SAE's steering weights, edit table and the shared token buffers, held as buffers so
+    torch.compile lifts them as graph inputs, and the op call that edits the residual stream."""
+
+    def __init__(
+        self,
+        sae_id: str,
+        weights: SteeringWeights,
+        table: EditTable,
+        tok_row: torch.Tensor,
+        tok_scope: torch.Tensor,
+    ):
+        super().__init__()
+        self.sae_id = sae_id
+        self.topk_k = int(weights.k)
+        for name, tensor in (
+            ("enc_t", weights.enc_t),
+            ("b_enc", weights.b_enc),
+            ("threshold", weights.threshold),
+            ("W_dec", weights.W_dec),
+            ("row_feat", table.feature),
+            ("row_val", table.value),
+            ("row_op", table.op),
+            ("tok_row", tok_row),
+            ("tok_scope", tok_scope),
+        ):
+            self.register_buffer(name, tensor, persistent=False)
+
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> None:
+        torch.ops.sae_vllm.steer_(
+            hidden,
+            residual,
+            self.enc_t,
+            self.b_enc,
+            self.threshold,
+            self.W_dec,
+            self.row_feat,
+            self.row_val,
+            self.row_op,
+            self.tok_row,
+            self.tok_scope,
+            self.topk_k,
+        )
+
+
+_steered_classes: dict[type, type] = {}
+
+
+def _steered_class(base: type[nn.Module]) -> type[nn.Module]:
+    if base in _steered_classes:
+        return _steered_classes[base]
+
+    class SteeredLayer(base):  # type: ignore[valid-type, misc]
+        def forward(self, *args, **kwargs):
+            output = super().forward(*args, **kwargs)
+            if isinstance(output, tuple):
+                hidden = output[0]
+                residual = output[1] if len(output) > 1 else None
+            else:
+                hidden, residual = output, None
+            for steering in self.sae_steering:
+                steering(hidden, residual)
+            return output
+
+    SteeredLayer.__name__ = SteeredLayer.__qualname__ = f"SAESteered{base.__name__}"
+    _steered_classes[base] = SteeredLayer
+    return SteeredLayer
+
+
+def steer_layer(layer: nn.Module, steering: SAESteering) -> None:
+    """Make `layer` apply `steering` to its output (the residual stream after the layer).
+    The class is swapped in place, not wrapped, so module names and weights stay as vLLM
+    expects; several SAEs on one layer apply in order."""
+    if not hasattr(layer, "sae_steering"):
+        layer.sae_steering = nn.ModuleList()
+        layer.__class__ = _steered_class(type(layer))
+    layer.sae_steering.append(steering)

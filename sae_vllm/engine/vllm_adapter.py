@@ -1,0 +1,239 @@
+"""Every touch of vLLM 0.32 internals lives here, so the next vLLM bump changes one file."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+logger = logging.getLogger("sae_vllm")
+
+SUPPORTED_VLLM = "0.32."
+RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
+
+
+def check_vllm_version() -> None:
+    """Refuse to patch a vLLM whose internals this adapter was not written against."""
+    import vllm
+
+    if not vllm.__version__.startswith(SUPPORTED_VLLM):
+        raise RuntimeError(
+            f"sae-vllm supports vLLM {SUPPORTED_VLLM}x only; found {vllm.__version__}"
+        )
+
+
+def prefer_v1_runner() -> None:
+    """Select the V1 model runner (the one this plugin hooks) unless the user chose one."""
+    if RUNNER_ENV not in os.environ:
+        os.environ[RUNNER_ENV] = "0"
+
+
+def _wrap_once(owner: type, name: str, make: Callable[[Callable], Callable]) -> None:
+    original = getattr(owner, name)
+    if getattr(original, "_sae_vllm_wrapped", False):
+        return
+    wrapped = functools.wraps(original)(make(original))
+    wrapped._sae_vllm_wrapped = True  # type: ignore[attr-defined]
+    setattr(owner, name, wrapped)
+
+
+# --- frontend and engine-core request hooks ------------------------------------------------
+
+
+def patch_request_intake(
+    check_params: Callable[[Any, Any], None],
+    salt_request: Callable[[Any, Any], None],
+) -> None:
+    """Validate steering where requests enter (frontend: `check_params(vllm_config, params)`,
+    raising becomes a client error) and again in the engine core, which also salts the
+    prefix cache (`salt_request(vllm_config, engine_core_request)`)."""
+    from vllm.exceptions import VLLMValidationError
+    from vllm.v1.engine.core import EngineCore
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    def make_process_inputs(original: Callable) -> Callable:
+        def process_inputs(self: Any, request_id: str, prompt: Any, params: Any, *a: Any, **kw: Any):
+            try:
+                check_params(self.vllm_config, params)
+            except ValueError as exc:
+                raise VLLMValidationError(str(exc), parameter="steering") from None
+            return original(self, request_id, prompt, params, *a, **kw)
+
+        return process_inputs
+
+    def make_preprocess(original: Callable) -> Callable:
+        def preprocess_add_request(self: Any, request: Any):
+            salt_request(self.vllm_config, request)
+            return original(self, request)
+
+        return preprocess_add_request
+
+    _wrap_once(InputProcessor, "process_inputs", make_process_inputs)
+    _wrap_once(EngineCore, "preprocess_add_request", make_preprocess)
+
+
+def extra_args_of(params: Any) -> dict | None:
+    """The `extra_args` dict of SamplingParams (None for pooling params or when absent)."""
+    return getattr(params, "extra_args", None)
+
+
+def sampling_params_of(request: Any) -> Any:
+    """The SamplingParams of an EngineCoreRequest."""
+    return request.sampling_params
+
+
+def set_cache_salt(request: Any, salt: str) -> None:
+    request.cache_salt = salt
+
+
+def cache_salt_of(request: Any) -> str | None:
+    return request.cache_salt
+
+
+# --- worker hooks ------------------------------------------------------------------------------
+
+
+def patch_worker(
+    after_load_model: Callable[[Any], None],
+    after_update_states: Callable[[Any, Any], None],
+    before_forward: Callable[[Any, Any, np.ndarray], None],
+) -> None:
+    """Call `after_load_model(runner)` once the model is loaded (before compile and capture),
+    `after_update_states(runner, scheduler_output)` every step once the runner has applied the
+    scheduler's output (also on steps that run no forward), and
+    `before_forward(runner, scheduler_output, num_scheduled_tokens)` after the V1 runner has
+    laid out a real batch, before the forward."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    from vllm.v1.worker.gpu_worker import Worker
+
+    def make_load_model(original: Callable) -> Callable:
+        def load_model(self: Any, *args: Any, **kwargs: Any):
+            result = original(self, *args, **kwargs)
+            after_load_model(self.model_runner)
+            return result
+
+        return load_model
+
+    def make_update_states(original: Callable) -> Callable:
+        def _update_states(self: Any, scheduler_output: Any):
+            result = original(self, scheduler_output)
+            after_update_states(self, scheduler_output)
+            return result
+
+        return _update_states
+
+    def make_prepare_inputs(original: Callable) -> Callable:
+        def _prepare_inputs(self: Any, scheduler_output: Any, num_scheduled_tokens: np.ndarray):
+            result = original(self, scheduler_output, num_scheduled_tokens)
+            before_forward(self, scheduler_output, num_scheduled_tokens)
+            return result
+
+        return _prepare_inputs
+
+    _wrap_once(Worker, "load_model", make_load_model)
+    _wrap_once(GPUModelRunner, "_update_states", make_update_states)
+    _wrap_once(GPUModelRunner, "_prepare_inputs", make_prepare_inputs)
+
+
+def add_worker_method(name: str, method: Callable[[Any], Any]) -> None:
+    """Expose `method(model_runner)` as a worker method reachable by `collective_rpc(name)`."""
+    from vllm.v1.worker.gpu_worker import Worker
+
+    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return method(self.model_runner, *args, **kwargs)
+
+    setattr(Worker, name, call)
+
+
+@dataclass(frozen=True)
+class RunnerInfo:
+    """What the plugin needs to know about a loaded model runner."""
+
+    vllm_config: Any
+    device: torch.device
+    dtype: torch.dtype
+    hidden_size: int
+    num_layers: int
+    max_num_seqs: int
+    max_num_tokens: int
+
+
+def runner_info(runner: Any) -> RunnerInfo:
+    if type(runner).__module__.startswith("vllm.v1.worker.gpu.") or not hasattr(
+        runner, "input_batch"
+    ):
+        raise RuntimeError(
+            "sae-vllm hooks vLLM's V1 model runner, but the V2 runner is active; "
+            f"start the engine with {RUNNER_ENV}=0"
+        )
+    model_config = runner.model_config
+    return RunnerInfo(
+        vllm_config=runner.vllm_config,
+        device=torch.device(runner.device),
+        dtype=runner.dtype,
+        hidden_size=model_config.get_hidden_size(),
+        num_layers=model_config.get_total_num_hidden_layers(),
+        max_num_seqs=runner.max_num_reqs,
+        max_num_tokens=runner.max_num_tokens,
+    )
+
+
+def decoder_layers(runner: Any, num_layers: int) -> nn.ModuleList:
+    """The model's list of decoder layers (`model.layers` for Llama-style, `transformer.h` for
+    GPT-2-style models)."""
+    model = runner.get_model()
+    if hasattr(model, "get_language_model"):
+        model = model.get_language_model()
+    for name, module in model.named_modules():
+        if (
+            isinstance(module, nn.ModuleList)
+            and len(module) == num_layers
+            and name.rsplit(".", 1)[-1] in ("layers", "h")
+        ):
+            return module
+    raise RuntimeError(f"could not find the {num_layers} decoder layers of {type(model).__name__}")
+
+
+def is_missing_layer(layer: nn.Module) -> bool:
+    """Pipeline-parallel placeholder for a layer held by another rank."""
+    return type(layer).__name__ == "PPMissingLayer"
+
+
+def departed_req_ids(scheduler_output: Any) -> set[str]:
+    """Requests that finished, were aborted or were preempted since the last step."""
+    return set(scheduler_output.finished_req_ids) | set(scheduler_output.preempted_req_ids or ())
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    """One step's batch as the V1 runner laid it out (request order = token order)."""
+
+    req_ids: list[str]
+    num_scheduled_tokens: np.ndarray
+    num_computed_tokens: np.ndarray
+    num_prompt_tokens: np.ndarray
+
+
+def step_batch(runner: Any, num_scheduled_tokens: np.ndarray) -> StepBatch:
+    batch = runner.input_batch
+    num_reqs = batch.num_reqs
+    return StepBatch(
+        req_ids=batch.req_ids[:num_reqs],
+        num_scheduled_tokens=num_scheduled_tokens,
+        num_computed_tokens=batch.num_computed_tokens_cpu[:num_reqs],
+        num_prompt_tokens=batch.num_prompt_tokens[:num_reqs],
+    )
+
+
+def request_extra_args(runner: Any, req_id: str) -> dict | None:
+    state = runner.requests.get(req_id)
+    if state is None or state.sampling_params is None:
+        return None
+    return state.sampling_params.extra_args

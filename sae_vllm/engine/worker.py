@@ -1,0 +1,176 @@
+"""Worker side of the plugin: load SAEs onto the model at startup and refresh buffers each step."""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+import numpy as np
+
+from ..config import EXTRA_ARGS_KEY, SteeringConfig, steering_config_from
+from ..kernels import prepare_weights
+from ..sae import SAE, SAEFormatError, load_sae
+from ..spec import SteeringSpec, SteeringSpecError, resolve_spec
+from . import vllm_adapter as vllm
+from .steered_layer import SAESteering, steer_layer
+from .tables import SteeringTables
+
+logger = logging.getLogger("sae_vllm")
+
+_STATE_ATTR = "_sae_steering_state"
+
+
+class SteeringStartupError(ValueError):
+    """The steering config cannot be applied to this model (bad file, size or layer)."""
+
+
+_RESID_POST = re.compile(r"^(blocks\.\d+\.hook_resid_post|(model\.)?layers\.\d+)$")
+_RESID_PRE = re.compile(r"^blocks\.\d+\.hook_resid_pre$")
+
+
+def residual_layer(sae: SAE) -> int | None:
+    """The layer whose output (resid_post) the SAE reads, from its hook name.
+
+    `blocks.L.hook_resid_pre` is resid_post of layer L-1; other sites (MLP or attention
+    outputs, hook_z, the embeddings) cannot be steered by editing a layer's output."""
+    hook = sae.hook_name
+    if hook is None or sae.layer is None or _RESID_POST.match(hook):
+        return sae.layer
+    if _RESID_PRE.match(hook) and sae.layer > 0:
+        return sae.layer - 1
+    raise SteeringStartupError(
+        f"SAE at {sae.source} reads {hook}, not the output of a decoder layer"
+    )
+
+
+class WorkerSteering:
+    """The steering state of one model runner: SAE weights on the device, the edit tables and
+    the per-step token buffers, and the bookkeeping of which request holds which row."""
+
+    def __init__(self, config: SteeringConfig, runner: Any):
+        info = vllm.runner_info(runner)
+        self.config = config
+        self.sae_sizes: dict[str, int] = {}
+        max_rows = 2 * info.max_num_seqs
+        self.tables = SteeringTables(
+            [entry.id for entry in config.saes],
+            max_rows=max_rows,
+            max_edits=config.max_edits,
+            max_tokens=info.max_num_tokens,
+            device=info.device,
+        )
+        layers = vllm.decoder_layers(runner, info.num_layers)
+        for entry in config.saes:
+            try:
+                sae = load_sae(entry.path, format=entry.format)
+            except SAEFormatError as exc:
+                raise SteeringStartupError(f"SAE '{entry.id}': {exc}") from None
+            layer_index = entry.layer if entry.layer is not None else residual_layer(sae)
+            if layer_index is None:
+                raise SteeringStartupError(
+                    f"SAE '{entry.id}': no layer given and none found in {entry.path}"
+                )
+            if not 0 <= layer_index < info.num_layers:
+                raise SteeringStartupError(
+                    f"SAE '{entry.id}': layer {layer_index} does not exist "
+                    f"(the model has layers 0..{info.num_layers - 1})"
+                )
+            if sae.d_in != info.hidden_size:
+                raise SteeringStartupError(
+                    f"SAE '{entry.id}': d_in {sae.d_in} does not match the model's hidden size "
+                    f"{info.hidden_size}"
+                )
+            layer = layers[layer_index]
+            if vllm.is_missing_layer(layer):
+                continue  # another pipeline rank holds this layer
+            weights = prepare_weights(
+                sae.W_enc,
+                sae.b_enc,
+                sae.W_dec,
+                sae.b_dec,
+                sae.threshold,
+                sae.k,
+                sae.apply_b_dec_to_input,
+                dtype=info.dtype,
+                device=info.device,
+            )
+            steering = SAESteering(
+                entry.id, weights, self.tables.tables[entry.id],
+                self.tables.tok_row, self.tables.tok_scope,
+            )
+            steer_layer(layer, steering)
+            self.sae_sizes[entry.id] = sae.d_sae
+            logger.info(
+                "sae-vllm: SAE '%s' (%s, d_sae %d) steers the residual stream after layer %d",
+                entry.id, sae.architecture, sae.d_sae, layer_index,
+            )
+
+    def release_departed(self, scheduler_output: Any) -> None:
+        for req_id in vllm.departed_req_ids(scheduler_output):
+            self.tables.release(req_id)
+
+    def prepare_step(self, runner: Any, num_scheduled_tokens: np.ndarray) -> None:
+        batch = vllm.step_batch(runner, num_scheduled_tokens)
+        for req_id in batch.req_ids:
+            if not self.tables.knows(req_id):
+                self.tables.admit(req_id, self._spec_of(runner, req_id))
+        self.tables.write_step(
+            batch.req_ids,
+            batch.num_scheduled_tokens,
+            batch.num_computed_tokens,
+            batch.num_prompt_tokens,
+        )
+
+    def _spec_of(self, runner: Any, req_id: str) -> SteeringSpec | None:
+        extra_args = vllm.request_extra_args(runner, req_id)
+        data = extra_args.get(EXTRA_ARGS_KEY) if extra_args else None
+        if data is None:
+            return None
+        try:
+            return resolve_spec(data, self.sae_sizes, self.config.limits)
+        except SteeringSpecError as exc:
+            # The engine core rejects bad specs before they get here; this is the last guard.
+            logger.error("sae-vllm: request %s has an invalid steering spec, not steered: %s",
+                         req_id, exc)
+            return None
+
+
+def stats(runner: Any) -> dict[str, Any]:
+    """Row-table occupancy of this worker (the `sae_steering_stats` RPC)."""
+    state = state_of(runner)
+    if state is None:
+        return {"enabled": False}
+    tables = state.tables
+    return {
+        "enabled": True,
+        "saes": sorted(state.sae_sizes),
+        "rows_in_use": tables.rows_in_use,
+        "rows_free": tables.rows_free,
+        "rows_total": tables.rows_total,
+        "requests_known": tables.requests_known,
+    }
+
+
+def after_load_model(runner: Any) -> None:
+    config = steering_config_from(runner.vllm_config.additional_config)
+    if config is None:
+        return
+    setattr(runner, _STATE_ATTR, WorkerSteering(config, runner))
+
+
+def after_update_states(runner: Any, scheduler_output: Any) -> None:
+    state = state_of(runner)
+    if state is not None:
+        state.release_departed(scheduler_output)
+
+
+def before_forward(runner: Any, scheduler_output: Any, num_scheduled_tokens: np.ndarray) -> None:
+    state = state_of(runner)
+    if state is not None:
+        state.prepare_step(runner, num_scheduled_tokens)
+
+
+def state_of(runner: Any) -> WorkerSteering | None:
+    """The runner's steering state (None when steering is off); for tests and RPCs."""
+    return getattr(runner, _STATE_ATTR, None)

@@ -1,0 +1,42 @@
+"""Offline entry: build vLLM SamplingParams and engine config for steered `LLM.generate` calls."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from .config import CONFIG_KEY, EXTRA_ARGS_KEY, SteeringConfig
+from .spec import SteeringSpec, parse_spec, resolve_spec
+
+
+def steering_config(saes: list[Mapping[str, Any]], **options: Any) -> dict[str, Any]:
+    """The `additional_config` that switches steering on, validated:
+    `LLM(model, additional_config=steering_config([{"id": "res12", "path": ..., "layer": 12}]))`."""
+    config = SteeringConfig.model_validate({"saes": list(saes), **options})
+    return {CONFIG_KEY: config.model_dump(mode="json", exclude_none=True)}
+
+
+def steering_params(
+    spec: SteeringSpec | Mapping[str, Any] | str,
+    *,
+    config: SteeringConfig | Mapping[str, Any] | None = None,
+    **sampling_kwargs: Any,
+):
+    """SamplingParams carrying a validated steering spec.
+
+    With `config` (the engine's steering config or its additional_config dict) the spec is
+    also resolved against the SAEs (ids, feature ranges, duplicates); without it those checks
+    run when the request is submitted. Raises SteeringSpecError on a bad spec."""
+    from vllm import SamplingParams
+
+    if config is None:
+        resolved = parse_spec(spec)
+    else:
+        from .engine.sae_sizes import sae_sizes
+
+        if isinstance(config, Mapping):
+            config = SteeringConfig.model_validate(config.get(CONFIG_KEY, config))
+        resolved = resolve_spec(spec, sae_sizes(config), config.limits)
+    extra_args = dict(sampling_kwargs.pop("extra_args", None) or {})
+    extra_args[EXTRA_ARGS_KEY] = resolved.model_dump(mode="json")
+    return SamplingParams(extra_args=extra_args, **sampling_kwargs)

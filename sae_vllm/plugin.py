@@ -1,0 +1,27 @@
+"""The `vllm.general_plugins` entry point: installs the steering hooks in every vLLM process."""
+
+from __future__ import annotations
+
+import logging
+
+logger = logging.getLogger("sae_vllm")
+
+_registered = False
+
+
+def register() -> None:
+    """Install the hooks (idempotent). They stay inert unless the engine's additional_config
+    has a "sae_steering" entry."""
+    global _registered
+    if _registered:
+        return
+    from . import kernels  # noqa: F401  (registers torch.ops.sae_vllm.steer_)
+    from .engine import intake, worker
+    from .engine import vllm_adapter as vllm
+
+    vllm.check_vllm_version()
+    vllm.prefer_v1_runner()
+    vllm.patch_request_intake(intake.check_params, intake.salt_request)
+    vllm.patch_worker(worker.after_load_model, worker.after_update_states, worker.before_forward)
+    vllm.add_worker_method("sae_steering_stats", worker.stats)
+    _registered = True

@@ -1,0 +1,9 @@
+"""SAE files in, one canonical SAE out: load_sae reads every supported format.
+
+Imports only torch, numpy and safetensors, so it runs where vLLM is not installed."""
+
+from .errors import SAEFormatError
+from .model import SAE
+from .readers import FORMATS, detect_format, load_sae
+
+__all__ = ["FORMATS", "SAE", "SAEFormatError", "detect_format", "load_sae"]

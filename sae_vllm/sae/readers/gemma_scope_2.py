@@ -1,0 +1,81 @@
+"""Gemma Scope 2 (Gemma 3) params.safetensors files: lower-case keys, optional config.json."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import SAEFormatError
+from .build import RawSAE
+from .files import folder_of, read_json, read_safetensors, require_file, take
+from .hooks import layer_from_hook, layer_from_path
+
+PARAMS = "params.safetensors"
+CONFIG = "config.json"
+
+# Release folders: resid_post[_all]/layer_12_width_16k_l0_medium, attn_out..., mlp_out...
+_SITE_HOOKS = {
+    "resid_post": "hook_resid_post",
+    "attn_out": "hook_attn_out",
+    "mlp_out": "hook_mlp_out",
+}
+_NOT_SAES = ("transcoder", "clt")
+
+
+def claims(path: Path) -> bool:
+    return path.name == PARAMS if path.is_file() else (path / PARAMS).is_file()
+
+
+def _site(folder: Path) -> str | None:
+    """The site named by the release folder (<site>/<layer_...>/params.safetensors)."""
+    for part in (folder.name, folder.parent.name):
+        if part.startswith(_NOT_SAES):
+            raise SAEFormatError(f"{folder}: unsupported architecture (Gemma Scope 2 {part})")
+        for site in _SITE_HOOKS:
+            if part.startswith(site):
+                return site
+    return None
+
+
+def _layer_from_config(folder: Path) -> int | None:
+    """The layer the release's config.json names; refuses transcoders (input != output)."""
+    file = folder / CONFIG
+    if not file.is_file():
+        return None
+    cfg = read_json(file)
+    architecture = cfg.get("architecture", "jump_relu")
+    if architecture not in ("jump_relu", "jumprelu"):
+        raise SAEFormatError(f"{file}: unsupported architecture {architecture!r}")
+    hook_in, hook_out = cfg.get("hf_hook_point_in"), cfg.get("hf_hook_point_out")
+    if hook_out is not None and hook_out != hook_in:
+        raise SAEFormatError(
+            f"{file}: unsupported architecture (transcoder: reads {hook_in}, writes {hook_out})"
+        )
+    return layer_from_hook(hook_in)
+
+
+def read(path: Path) -> RawSAE:
+    folder = folder_of(path)
+    file = path if path.is_file() else require_file(folder, PARAMS)
+    site = _site(folder)
+    layer = _layer_from_config(folder)
+    if layer is None:
+        layer = layer_from_path(folder)
+    tensors = read_safetensors(file)
+    if "affine_skip_connection" in tensors:
+        raise SAEFormatError(f"{file}: unsupported architecture (skip transcoder)")
+    hook_name = None if site is None or layer is None else f"blocks.{layer}.{_SITE_HOOKS[site]}"
+    return RawSAE(
+        W_enc=take(tensors, "w_enc", file),
+        b_enc=take(tensors, "b_enc", file),
+        W_dec=take(tensors, "w_dec", file),
+        b_dec=take(tensors, "b_dec", file),
+        threshold=take(tensors, "threshold", file),
+        architecture="jumprelu",
+        apply_b_dec_to_input=False,
+        format="gemma_scope_2",
+        source=path,
+        weights_file=file,
+        hook_name=hook_name,
+        layer=layer,
+        names={"W_enc": "w_enc", "W_dec": "w_dec"},
+    )

@@ -1,0 +1,55 @@
+"""The format registry: detects which format a path holds and dispatches to its reader."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from ..errors import SAEFormatError
+from ..model import SAE
+from . import gemma_scope, gemma_scope_2, goodfire, llama_scope, saelens, sparsify
+from .build import build_sae
+
+# Detection order: the first reader that claims a path reads it.
+_READERS: dict[str, ModuleType] = {
+    "saelens": saelens,
+    "sparsify": sparsify,
+    "llama_scope": llama_scope,
+    "gemma_scope_2": gemma_scope_2,
+    "gemma_scope": gemma_scope,
+    "goodfire": goodfire,
+}
+FORMATS: tuple[str, ...] = tuple(_READERS)
+
+
+def detect_format(path: str | os.PathLike[str]) -> str:
+    """The format of the SAE at path (a folder, or a file of a single-file format)."""
+    path = Path(path)
+    if not path.exists():
+        raise SAEFormatError(f"{path}: no such file or folder")
+    for name, reader in _READERS.items():
+        if reader.claims(path):
+            return name
+    raise SAEFormatError(
+        f"{path}: not a recognised SAE (expected cfg.json + sae_weights.safetensors, "
+        "cfg.json + sae.safetensors, hyperparams.json + checkpoints/final.safetensors, "
+        "params.safetensors, params.npz or one .pt/.pth file)"
+    )
+
+
+def load_sae(
+    path: str | os.PathLike[str], format: str | None = None, dtype: torch.dtype | None = None
+) -> SAE:
+    """Read the SAE at path into the canonical SAE; format is detected when None, dtype None
+    keeps the file's floating dtype."""
+    path = Path(path)
+    if format is None:
+        format = detect_format(path)
+    elif format not in _READERS:
+        raise SAEFormatError(f"{path}: unknown SAE format {format!r} (known: {', '.join(FORMATS)})")
+    elif not path.exists():
+        raise SAEFormatError(f"{path}: no such file or folder")
+    return build_sae(_READERS[format].read(path), dtype)

@@ -1,0 +1,204 @@
+"""The steering spec: the one wire format shared by the HTTP `steering` field and offline requests."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
+
+DEFAULT_MAX_EDITS = 32
+DEFAULT_MAX_ABS_VALUE = 1.0e4
+
+
+class EditOp(StrEnum):
+    """What an edit does to a feature's activation a (DESIGN.md gives the math)."""
+
+    SET = "set"  # a' = v
+    ADD = "add"  # a' = a + v
+    SCALE = "scale"  # a' = a * v
+    ABLATE = "ablate"  # a' = 0
+    FLOOR = "floor"  # a' = max(a, v)
+    CAP = "cap"  # a' = min(a, v)
+
+
+class ApplyTo(StrEnum):
+    """Which token positions of a request are steered."""
+
+    GENERATED = "generated"  # the last prompt position and every decode position
+    ALL = "all"  # every prompt and generated position
+    PROMPT = "prompt"  # prompt positions only
+
+
+class FeatureEdit(BaseModel):
+    """One edit of one SAE feature."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sae: str | None = Field(default=None, min_length=1, max_length=128)
+    feature: StrictInt = Field(ge=0)
+    op: EditOp
+    value: float | None = None
+
+    @field_validator("value", mode="before")
+    @classmethod
+    def _value_is_a_finite_number(cls, value: Any) -> Any:
+        if value is None:
+            return value
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError("must be a number")
+        if not math.isfinite(value):
+            raise ValueError("must be finite")
+        return float(value)
+
+
+class SteeringSpec(BaseModel):
+    """A request's steering: a list of feature edits and the positions they apply to."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    edits: list[FeatureEdit] = Field(min_length=1)
+    apply_to: ApplyTo = ApplyTo.GENERATED
+
+    def fingerprint(self) -> str:
+        """A stable hash of the spec's meaning (key order and formatting do not matter)."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+class SteeringSpecError(ValueError):
+    """A spec that cannot be applied; `errors` lists (field path, message) pairs."""
+
+    def __init__(self, errors: list[tuple[str, str]]):
+        self.errors = errors
+        super().__init__("; ".join(f"{path}: {message}" if path else message for path, message in errors))
+
+    @property
+    def field(self) -> str:
+        """The path of the first offending field ("" when the whole spec is wrong)."""
+        return self.errors[0][0]
+
+
+class SpecLimits(BaseModel):
+    """Server-side bounds a spec must respect."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_edits: int = Field(default=DEFAULT_MAX_EDITS, ge=1, le=1024)
+    max_abs_value: float = Field(default=DEFAULT_MAX_ABS_VALUE, gt=0)
+
+
+def _path(loc: tuple[int | str, ...]) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        else:
+            parts.append(f".{item}" if parts else str(item))
+    return "".join(parts)
+
+
+def _message(error: Mapping[str, Any]) -> str:
+    if error["type"] == "extra_forbidden":
+        return "unknown field"
+    if error["type"] == "missing":
+        return "field required"
+    message = str(error["msg"])
+    return message.removeprefix("Value error, ")
+
+
+def parse_spec(data: Any, limits: SpecLimits | None = None) -> SteeringSpec:
+    """Validate raw JSON-like data (a dict, a SteeringSpec or a JSON string) into a SteeringSpec."""
+    limits = limits or SpecLimits()
+    if isinstance(data, SteeringSpec):
+        spec = data
+    else:
+        if isinstance(data, str | bytes):
+            try:
+                data = json.loads(data)
+            except ValueError as exc:
+                raise SteeringSpecError([("", f"not valid JSON: {exc}")]) from None
+        if not isinstance(data, Mapping):
+            raise SteeringSpecError([("", "must be a JSON object with an 'edits' list")])
+        try:
+            spec = SteeringSpec.model_validate(data)
+        except ValidationError as exc:
+            raise SteeringSpecError(
+                [(_path(err["loc"]), _message(err)) for err in exc.errors()]
+            ) from None
+    errors: list[tuple[str, str]] = []
+    if len(spec.edits) > limits.max_edits:
+        errors.append(("edits", f"at most {limits.max_edits} edits per request (got {len(spec.edits)})"))
+    for index, edit in enumerate(spec.edits):
+        where = f"edits[{index}].value"
+        if edit.op is EditOp.ABLATE:
+            if edit.value is not None:
+                errors.append((where, "not allowed with op 'ablate'"))
+        elif edit.value is None:
+            errors.append((where, f"required with op '{edit.op.value}'"))
+        elif abs(edit.value) > limits.max_abs_value:
+            errors.append((where, f"magnitude must be at most {limits.max_abs_value:g}"))
+    if errors:
+        raise SteeringSpecError(errors)
+    return spec
+
+
+def resolve_spec(
+    data: Any, sae_sizes: Mapping[str, int], limits: SpecLimits | None = None
+) -> SteeringSpec:
+    """Validate a spec and bind it to the registered SAEs (id -> d_sae): fills omitted SAE ids,
+    checks ids, feature ranges and duplicates. Returns a spec whose every edit names its SAE."""
+    spec = parse_spec(data, limits)
+    errors: list[tuple[str, str]] = []
+    registered = ", ".join(sorted(sae_sizes)) or "none"
+    seen: dict[tuple[str, int], int] = {}
+    edits: list[FeatureEdit] = []
+    for index, edit in enumerate(spec.edits):
+        sae_id = edit.sae
+        if sae_id is None:
+            if len(sae_sizes) != 1:
+                errors.append(
+                    (f"edits[{index}].sae", f"required when several SAEs are registered ({registered})")
+                )
+                continue
+            sae_id = next(iter(sae_sizes))
+        if sae_id not in sae_sizes:
+            errors.append((f"edits[{index}].sae", f"unknown SAE '{sae_id}' (registered: {registered})"))
+            continue
+        d_sae = sae_sizes[sae_id]
+        if edit.feature >= d_sae:
+            errors.append(
+                (
+                    f"edits[{index}].feature",
+                    f"{edit.feature} is out of range for SAE '{sae_id}' (d_sae {d_sae})",
+                )
+            )
+            continue
+        key = (sae_id, edit.feature)
+        if key in seen:
+            errors.append(
+                (
+                    f"edits[{index}]",
+                    f"duplicate of edits[{seen[key]}] (sae '{sae_id}', feature {edit.feature})",
+                )
+            )
+            continue
+        seen[key] = index
+        edits.append(edit.model_copy(update={"sae": sae_id}))
+    if errors:
+        raise SteeringSpecError(errors)
+    return spec.model_copy(update={"edits": edits})
+
+
+def derive_cache_salt(user_salt: str | None, spec: SteeringSpec) -> str:
+    """A prefix-cache salt unique to (user salt, spec), within vLLM's 128-character limit.
+
+    Every scope steers at least the last prompt position, so every steered request is salted."""
+    salt = f"sae-{spec.fingerprint()}"
+    if user_salt:
+        salt += "-" + hashlib.sha256(user_salt.encode()).hexdigest()[:32]
+    return salt

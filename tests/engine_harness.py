@@ -1,0 +1,122 @@
+"""Shared engine-test setup: tiny model + SAEs, steered/unsteered engines, and a no-plugin baseline.
+
+Run as a script it prints the no-plugin baseline as JSON (it runs in its own process so that
+vLLM loads no general plugins there)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from tiny_model import RawSAE, build_tiny_llama, write_random_sae
+
+PROMPTS: list[list[int]] = [
+    [1, 17, 42, 99, 7],
+    [1, 200, 31, 5, 66, 12, 90],
+    [1, *[(i * 37) % 300 + 4 for i in range(199)]],
+]
+ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+SAE_LAYERS = {"relu": 1, "jumprelu": 2, "topk": 1}
+_MARKER = "BASELINE_JSON "
+ENGINE_MODES = {"eager": {"enforce_eager": True}, "compiled": {"enforce_eager": False}}
+
+
+@dataclass
+class Artifacts:
+    model_dir: Path
+    sae_dirs: dict[str, Path]
+    saes: dict[str, RawSAE]
+
+    def additional_config(self, **options) -> dict:
+        from sae_vllm import steering_config
+
+        entries = [
+            {"id": name, "path": str(path), "layer": SAE_LAYERS[name]}
+            for name, path in self.sae_dirs.items()
+        ]
+        return steering_config(entries, **options)
+
+
+def tiny_artifacts(root: Path) -> Artifacts:
+    model_dir = build_tiny_llama(root / "model")
+    sae_dirs, saes = {}, {}
+    for seed, (name, layer) in enumerate(SAE_LAYERS.items()):
+        sae_dirs[name] = root / f"sae-{name}"
+        saes[name] = write_random_sae(sae_dirs[name], name, layer, seed=seed + 1)
+    return Artifacts(model_dir, sae_dirs, saes)
+
+
+def engine_kwargs(model_dir: Path, **overrides) -> dict:
+    return {
+        "model": str(model_dir),
+        "dtype": "float32",
+        "max_model_len": 512,
+        "max_num_seqs": 32,
+        "max_num_batched_tokens": 64,
+        "seed": 0,
+        "enforce_eager": True,
+    } | overrides
+
+
+def make_llm(artifacts: Artifacts, **overrides):
+    os.environ.update(ENGINE_ENV)
+    from vllm import LLM
+
+    return LLM(
+        **engine_kwargs(artifacts.model_dir, **overrides),
+        additional_config=artifacts.additional_config(),
+    )
+
+
+def steered_params(artifacts: Artifacts, edits, apply_to: str, **sampling):
+    from sae_vllm import steering_params
+
+    spec = {
+        "edits": [
+            {"sae": sae, "feature": feature, "op": op}
+            | ({"value": value} if value is not None else {})
+            for sae, feature, op, value in edits
+        ],
+        "apply_to": apply_to,
+    }
+    sampling.setdefault("temperature", 0.0)
+    return steering_params(spec, config=artifacts.additional_config(), **sampling)
+
+
+def baseline_outputs(artifacts: Artifacts, max_tokens: int, enforce_eager: bool = True) -> dict:
+    """Greedy tokens and top-5 logprobs of PROMPTS from vLLM with no plugin loaded."""
+    env = os.environ | ENGINE_ENV | {"VLLM_PLUGINS": "none"}
+    args = [str(artifacts.model_dir), str(max_tokens), "eager" if enforce_eager else "compiled"]
+    result = subprocess.run(
+        [sys.executable, __file__, *args],
+        env=env, capture_output=True, text=True, timeout=600, check=False,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"baseline engine failed:\n{result.stderr[-4000:]}")
+    line = next(x for x in result.stdout.splitlines() if x.startswith(_MARKER))
+    data = json.loads(line.removeprefix(_MARKER))
+    data["logprobs"] = [[{int(k): v for k, v in step.items()} for step in o] for o in data["logprobs"]]
+    return data
+
+
+def _run_baseline(model_dir: str, max_tokens: int, mode: str) -> None:
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(**engine_kwargs(Path(model_dir), enforce_eager=mode == "eager"))
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, logprobs=5)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
+    print(_MARKER + json.dumps({
+        "tokens": [list(o.outputs[0].token_ids) for o in outputs],
+        "logprobs": [
+            [{str(t): lp.logprob for t, lp in step.items()} for step in o.outputs[0].logprobs]
+            for o in outputs
+        ],
+    }))
+
+
+if __name__ == "__main__":
+    _run_baseline(sys.argv[1], int(sys.argv[2]), sys.argv[3])

@@ -1,0 +1,92 @@
+"""Independent oracle: HF transformers in float64 with a forward hook that applies SAE edits."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tiny_model import RawSAE
+
+
+def edited_activation(a: np.ndarray, op: str, value: float | None) -> np.ndarray:
+    return {
+        "set": lambda: np.full_like(a, value),
+        "add": lambda: a + value,
+        "scale": lambda: a * value,
+        "ablate": lambda: np.zeros_like(a),
+        "floor": lambda: np.maximum(a, value),
+        "cap": lambda: np.minimum(a, value),
+    }[op]()
+
+
+@dataclass
+class Edit:
+    sae: RawSAE
+    feature: int
+    op: str
+    value: float | None
+
+
+def steered_residual(h: np.ndarray, edits: Sequence[Edit]) -> np.ndarray:
+    """The full error-term form D(a') + (h − D(a)) for each SAE, applied in order."""
+    out = h.copy()
+    for sae in dict.fromkeys(edit.sae for edit in edits):
+        a = sae.encode(out)
+        a_new = a.copy()
+        for edit in (e for e in edits if e.sae is sae):
+            a_new[..., edit.feature] = edited_activation(a[..., edit.feature], edit.op, edit.value)
+        decode = lambda acts: acts @ sae.W_dec + sae.b_dec  # noqa: E731
+        out = decode(a_new) + (out - decode(a))
+    return out
+
+
+class HFReference:
+    """Greedy decoding of the tiny model in float64 with steering hooks on resid_post."""
+
+    def __init__(self, model_dir):
+        from transformers import LlamaForCausalLM
+
+        self.model = LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float64).eval()
+
+    def greedy(
+        self, prompt: list[int], max_tokens: int, edits: Sequence[Edit], apply_to: str = "generated"
+    ) -> tuple[list[int], list[np.ndarray]]:
+        """Tokens and per-step log-probabilities (full vocab), recomputing the whole sequence
+        each step so every position's scope is explicit."""
+        tokens = list(prompt)
+        logprobs: list[np.ndarray] = []
+        for _ in range(max_tokens):
+            handles = self._hooks(len(prompt), len(tokens), edits, apply_to)
+            try:
+                with torch.no_grad():
+                    logits = self.model(torch.tensor([tokens])).logits[0, -1]
+            finally:
+                for handle in handles:
+                    handle.remove()
+            lp = torch.log_softmax(logits, -1).numpy()
+            logprobs.append(lp)
+            tokens.append(int(lp.argmax()))
+        return tokens[len(prompt):], logprobs
+
+    def _hooks(self, prompt_len: int, seq_len: int, edits: Sequence[Edit], apply_to: str):
+        positions = np.arange(seq_len)
+        lo = prompt_len - 1 if apply_to == "generated" else 0
+        hi = prompt_len if apply_to == "prompt" else seq_len
+        mask = (positions >= lo) & (positions < hi)
+        handles = []
+        for layer in sorted({e.sae.layer for e in edits}):
+            layer_edits = [e for e in edits if e.sae.layer == layer]
+
+            def hook(module, args, output, layer_edits=layer_edits):
+                hidden = output[0] if isinstance(output, tuple) else output
+                h = hidden[0].numpy()
+                steered = h.copy()
+                steered[mask] = steered_residual(h[mask], layer_edits)
+                new = torch.from_numpy(steered).unsqueeze(0)
+                return (new, *output[1:]) if isinstance(output, tuple) else new
+
+            handles.append(self.model.model.layers[layer].register_forward_hook(hook))
+        return handles

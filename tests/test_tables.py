@@ -1,0 +1,111 @@
+"""Steering tables: row lifecycle and the per-step token->row map and scope mask."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sae_vllm.engine.tables import NO_ROW, SteeringTables
+from sae_vllm.kernels import OP_CODES
+from sae_vllm.spec import resolve_spec
+
+SIZES = {"a": 64, "b": 32}
+
+
+def spec(apply_to="generated", sae="a", feature=3, op="set", value=2.0):
+    edit = {"sae": sae, "feature": feature, "op": op}
+    if op != "ablate":
+        edit["value"] = value
+    return resolve_spec({"edits": [edit], "apply_to": apply_to}, SIZES)
+
+
+def make(max_rows=4, max_tokens=32):
+    return SteeringTables(["a", "b"], max_rows, max_edits=3, max_tokens=max_tokens, device="cpu")
+
+
+def test_admit_writes_each_saes_slots_and_release_clears_them():
+    tables = make()
+    two = resolve_spec(
+        {"edits": [{"sae": "a", "feature": 5, "op": "scale", "value": 0.5},
+                   {"sae": "b", "feature": 9, "op": "ablate"},
+                   {"sae": "a", "feature": 6, "op": "cap", "value": 1.0}]},
+        SIZES,
+    )
+    row = tables.admit("r1", two)
+    a, b = tables.tables["a"], tables.tables["b"]
+    assert a.feature[row].tolist() == [5, 6, -1]
+    assert a.op[row, :2].tolist() == [OP_CODES["scale"], OP_CODES["cap"]]
+    assert a.value[row, :2].tolist() == [0.5, 1.0]
+    assert b.feature[row].tolist() == [9, -1, -1] and b.op[row, 0] == OP_CODES["ablate"]
+    assert tables.rows_in_use == 1
+    tables.release("r1")
+    assert a.feature[row].tolist() == [-1, -1, -1] and b.feature[row].tolist() == [-1, -1, -1]
+    assert tables.rows_in_use == 0 and tables.rows_free == 4
+
+
+def test_unsteered_requests_take_no_row_and_rows_are_reused():
+    tables = make(max_rows=2)
+    assert tables.admit("plain", None) == NO_ROW
+    rows = {tables.admit("x", spec()), tables.admit("y", spec())}
+    assert rows == {0, 1}
+    with pytest.raises(RuntimeError, match="exhausted"):
+        tables.admit("z", spec())
+    tables.release("x")
+    tables.release("plain")
+    assert tables.admit("z", spec()) in rows
+
+
+def step(tables, req_ids, scheduled, computed, prompt):
+    tables.write_step(req_ids, np.array(scheduled), np.array(computed), np.array(prompt))
+    n = sum(scheduled)
+    return tables.tok_row[:n].tolist(), tables.tok_scope[:n].tolist()
+
+
+def test_scopes_in_a_mixed_prefill_and_decode_batch():
+    tables = make()
+    g = tables.admit("gen", spec("generated"))
+    a = tables.admit("all", spec("all"))
+    p = tables.admit("prompt", spec("prompt"))
+    tables.admit("none", None)
+    # gen: prefill of a 4-token prompt; all: decode at position 6 (prompt 5);
+    # prompt: chunked prefill positions 2..4 of a 4-token prompt + first decode pos; none: 2 tokens
+    rows, scope = step(
+        tables, ["gen", "all", "prompt", "none"], [4, 1, 3, 2], [0, 6, 2, 0], [4, 5, 4, 9]
+    )
+    assert rows == [g] * 4 + [a] + [p] * 3 + [NO_ROW] * 2
+    assert scope == [False, False, False, True, True, True, True, False, False, False]
+
+
+def test_generated_scope_steers_every_decode_position():
+    tables = make()
+    r = tables.admit("gen", spec("generated"))
+    for position in range(3, 8):
+        rows, scope = step(tables, ["gen"], [1], [position], [4])
+        assert rows == [r] and scope == [True]
+
+
+def test_tokens_past_the_step_are_reset_and_idle_batches_clear_the_buffer():
+    tables = make()
+    r = tables.admit("s", spec("all"))
+    step(tables, ["s"], [10], [0], [10])
+    step(tables, ["s"], [1], [10], [10])
+    assert tables.tok_row[1:].eq(NO_ROW).all() and not tables.tok_scope[1:].any()
+    tables.admit("plain", None)
+    rows, _ = step(tables, ["plain"], [5], [0], [5])
+    assert rows == [NO_ROW] * 5
+    assert tables.tok_row.eq(NO_ROW).all() and not tables.tok_scope.any()
+    assert r >= 0
+
+
+def test_write_step_is_vectorised_over_large_batches():
+    tables = SteeringTables(["a"], 512, 2, 8192, torch.device("cpu"))
+    ids = [f"r{i}" for i in range(256)]
+    for i, rid in enumerate(ids):
+        tables.admit(rid, spec() if i % 2 else None)
+    sched = np.full(256, 32)
+    tables.write_step(ids, sched, np.zeros(256, np.int64), np.full(256, 16))
+    rows = tables.tok_row[: 256 * 32].view(256, 32)
+    assert (rows[0::2] == NO_ROW).all() and (rows[1::2] >= 0).all()
+    scope = tables.tok_scope[: 256 * 32].view(256, 32)
+    assert scope[1, 15] and not scope[1, 14] and not scope[0, 20]

@@ -1,0 +1,124 @@
+"""Test fixtures: a tiny random-weight Llama that vLLM and HF both load, and random SAEs for it."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+HIDDEN = 128
+LAYERS = 4
+VOCAB = 384
+WORDS = [f"w{i}" for i in range(VOCAB - 4)]
+
+
+def build_tiny_llama(directory: Path, seed: int = 0) -> Path:
+    """A 4-layer Llama (hidden 128, head_dim 64) with a word-level tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=256,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=64,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+        torch_dtype="float32",
+    )
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # larger weights than the default init make greedy decoding varied
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.normal_(0.0, 0.08)
+    model.save_pretrained(directory, safe_serialization=True)
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3} | {w: i + 4 for i, w in enumerate(WORDS)}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
+        unk_token="<unk>", pad_token="<pad>",
+    )
+    fast.chat_template = (
+        "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    )
+    fast.save_pretrained(directory)
+    return directory
+
+
+@dataclass(eq=False)
+class RawSAE:
+    """The raw arrays of an SAE as written to disk (float64 copies for the oracle)."""
+
+    W_enc: np.ndarray
+    b_enc: np.ndarray
+    W_dec: np.ndarray
+    b_dec: np.ndarray
+    threshold: np.ndarray | None
+    k: int | None
+    apply_b_dec_to_input: bool
+    layer: int
+
+    def pre(self, h: np.ndarray) -> np.ndarray:
+        x = h - self.b_dec if self.apply_b_dec_to_input else h
+        return x @ self.W_enc + self.b_enc
+
+    def encode(self, h: np.ndarray) -> np.ndarray:
+        pre = self.pre(h)
+        if self.threshold is not None:
+            return np.maximum(pre, 0) * (pre > self.threshold)
+        if self.k is not None:
+            kth = -np.partition(-pre, self.k - 1, axis=-1)[..., self.k - 1 : self.k]
+            return np.where(pre >= kth, np.maximum(pre, 0), 0.0)
+        return np.maximum(pre, 0)
+
+
+def write_random_sae(
+    directory: Path, architecture: str, layer: int, d_sae: int = 256, seed: int = 1
+) -> RawSAE:
+    """A random SAE in SAELens v6 format whose features fire on the tiny model's residuals."""
+    rng = np.random.default_rng(seed)
+    W_dec = rng.standard_normal((d_sae, HIDDEN)) / np.sqrt(HIDDEN)
+    W_enc = W_dec.T * 1.5 + 0.05 * rng.standard_normal((HIDDEN, d_sae))
+    b_enc = -0.1 + 0.05 * rng.standard_normal(d_sae)
+    b_dec = 0.05 * rng.standard_normal(HIDDEN)
+    threshold = np.abs(0.2 + 0.05 * rng.standard_normal(d_sae)) if architecture == "jumprelu" else None
+    k = 16 if architecture == "topk" else None
+    apply_b_dec = architecture != "jumprelu"
+    tensors = {
+        "W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec,
+    } | ({"threshold": threshold} if threshold is not None else {})
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {name: torch.tensor(value, dtype=torch.float32).contiguous() for name, value in tensors.items()},
+        directory / "sae_weights.safetensors",
+    )
+    cfg = {
+        "architecture": {"relu": "standard"}.get(architecture, architecture),
+        "d_in": HIDDEN,
+        "d_sae": d_sae,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": apply_b_dec,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        "metadata": {"sae_lens_version": "6.0.0", "hook_name": f"blocks.{layer}.hook_resid_post"},
+    } | ({"k": k} if k else {})
+    (directory / "cfg.json").write_text(json.dumps(cfg))
+    as64 = {name: torch.tensor(value, dtype=torch.float32).double().numpy() for name, value in tensors.items()}
+    return RawSAE(
+        as64["W_enc"], as64["b_enc"], as64["W_dec"], as64["b_dec"], as64.get("threshold"),
+        k, apply_b_dec, layer,
+    )
