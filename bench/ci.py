@@ -52,20 +52,44 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [[1, *[(7 * i + j) % 50 + 4 for j in range(8)]] for i in range(8)]
     variants = {
         "unsteered": Variant("unsteered", "plugin", "absent", "eager-absent"),
-        "steered K=1": Variant("steered K=1", "edits", 1, "eager-plugin", steered_share=1.0,
-                               distinct_specs=args.batch, edits=1),
-        "steered K=8": Variant("steered K=8", "edits", 8, "eager-plugin", steered_share=1.0,
-                               distinct_specs=args.batch, edits=8),
+        "steered K=1": Variant(
+            "steered K=1",
+            "edits",
+            1,
+            "eager-plugin",
+            steered_share=1.0,
+            distinct_specs=args.batch,
+            edits=1,
+        ),
+        "steered K=8": Variant(
+            "steered K=8",
+            "edits",
+            8,
+            "eager-plugin",
+            steered_share=1.0,
+            distinct_specs=args.batch,
+            edits=8,
+        ),
     }
     tpot: dict[str, list[float]] = {name: [] for name in variants}
-    for name, variant in variants.items():  # warm-up
-        measure(engines[variant.engine], make_requests(variant, args.batch, d_sae, "bench", prompts))
+    for variant in variants.values():  # warm-up
+        measure(
+            engines[variant.engine], make_requests(variant, args.batch, d_sae, "bench", prompts)
+        )
     for repeat in range(args.repeats):
         for name, variant in variants.items():
             requests = make_requests(variant, args.batch, d_sae, "bench", prompts)
             variant.samples.append(measure(engines[variant.engine], requests))
-            decode = Variant(name, "", "", variant.engine, variant.steered_share,
-                             variant.distinct_specs, variant.edits, output_len=24)
+            decode = Variant(
+                name,
+                "",
+                "",
+                variant.engine,
+                variant.steered_share,
+                variant.distinct_specs,
+                variant.edits,
+                output_len=24,
+            )
             tpot[name] += decode_step_times(
                 engines[variant.engine], make_requests(decode, 8, d_sae, "bench", prompts)
             )
@@ -79,25 +103,44 @@ def main(argv: list[str] | None = None) -> int:
         p95 = report.percentile(tpot[name], 95)
         tps_ratio, tpot_ratio = tps / base_tps, p50 / base_tpot
         rows.append([name, tps, tps_ratio, p50 * 1e3, p95 * 1e3, tpot_ratio])
-        results[name] = {"tok_s_samples": variant.samples, "tpot_samples_s": tpot[name],
-                         "median_tok_s": tps, "throughput_ratio": tps_ratio,
-                         "tpot_p50_s": p50, "tpot_p95_s": p95, "tpot_ratio": tpot_ratio}
+        results[name] = {
+            "tok_s_samples": variant.samples,
+            "tpot_samples_s": tpot[name],
+            "median_tok_s": tps,
+            "throughput_ratio": tps_ratio,
+            "tpot_p50_s": p50,
+            "tpot_p95_s": p95,
+            "tpot_ratio": tpot_ratio,
+        }
         if name != "unsteered":
             if tps_ratio < THROUGHPUT_GATE:
                 failures.append(f"{name}: throughput ratio {tps_ratio:.3f} < {THROUGHPUT_GATE}")
             if tpot_ratio > TPOT_GATE:
                 failures.append(f"{name}: p50 TPOT ratio {tpot_ratio:.3f} > {TPOT_GATE}")
     table = report.markdown_table(
-        ["variant", "output tok/s", "throughput ratio", "TPOT p50 ms", "TPOT p95 ms",
-         "TPOT p50 ratio"],
+        [
+            "variant",
+            "output tok/s",
+            "throughput ratio",
+            "TPOT p50 ms",
+            "TPOT p95 ms",
+            "TPOT p50 ratio",
+        ],
         rows,
     )
     payload = {
         "machine": report.machine(),
-        "config": {"model": model, "sae": sae, "layer": layer, "d_sae": d_sae,
-                   "batch": args.batch, "repeats": args.repeats, "tpot_batch": 8,
-                   "gates": {"throughput": THROUGHPUT_GATE, "tpot": TPOT_GATE},
-                   "baseline": "vLLM without the plugin, same run"},
+        "config": {
+            "model": model,
+            "sae": sae,
+            "layer": layer,
+            "d_sae": d_sae,
+            "batch": args.batch,
+            "repeats": args.repeats,
+            "tpot_batch": 8,
+            "gates": {"throughput": THROUGHPUT_GATE, "tpot": TPOT_GATE},
+            "baseline": "vLLM without the plugin, same run",
+        },
         "results": results,
         "failures": failures,
         "seconds": time.perf_counter() - started,

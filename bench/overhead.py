@@ -35,8 +35,9 @@ class Variant:
 
 def default_model() -> tuple[str, str, int, int]:
     """The embedded default model and SAE: (model dir, SAE dir, layer, d_sae)."""
-    from sae_vllm import load_sae
     from sae_vllm.toy.build import ensure_built
+
+    from sae_vllm import load_sae
 
     toy = ensure_built()
     return str(toy.model_dir), str(toy.sae_dir), toy.layer, load_sae(toy.sae_dir).d_sae
@@ -54,20 +55,60 @@ def build_variants(modes: list[str], batch: int, quick: bool) -> list[Variant]:
         edits = [1, 8] if quick else [1, 8, 32]
         lengths = [] if quick else [8, 128]
         for share in shares:
-            variants.append(Variant(f"{mode}/share{share:.0%}", "steered share", share,
-                                    f"{mode}-plugin", steered_share=share, distinct_specs=batch))
+            variants.append(
+                Variant(
+                    f"{mode}/share{share:.0%}",
+                    "steered share",
+                    share,
+                    f"{mode}-plugin",
+                    steered_share=share,
+                    distinct_specs=batch,
+                )
+            )
         for count in distinct:
-            variants.append(Variant(f"{mode}/distinct{count}", "distinct specs", count,
-                                    f"{mode}-plugin", steered_share=1.0, distinct_specs=count))
+            variants.append(
+                Variant(
+                    f"{mode}/distinct{count}",
+                    "distinct specs",
+                    count,
+                    f"{mode}-plugin",
+                    steered_share=1.0,
+                    distinct_specs=count,
+                )
+            )
         for k in edits:
-            variants.append(Variant(f"{mode}/K{k}", "edits per request", k, f"{mode}-plugin",
-                                    steered_share=1.0, distinct_specs=batch, edits=k))
+            variants.append(
+                Variant(
+                    f"{mode}/K{k}",
+                    "edits per request",
+                    k,
+                    f"{mode}-plugin",
+                    steered_share=1.0,
+                    distinct_specs=batch,
+                    edits=k,
+                )
+            )
         for length in lengths:
-            variants.append(Variant(f"{mode}/absent-len{length}", "output length (absent)", length,
-                                    f"{mode}-absent", output_len=length))
-            variants.append(Variant(f"{mode}/len{length}", "output length", length,
-                                    f"{mode}-plugin", steered_share=1.0, distinct_specs=batch,
-                                    output_len=length))
+            variants.append(
+                Variant(
+                    f"{mode}/absent-len{length}",
+                    "output length (absent)",
+                    length,
+                    f"{mode}-absent",
+                    output_len=length,
+                )
+            )
+            variants.append(
+                Variant(
+                    f"{mode}/len{length}",
+                    "output length",
+                    length,
+                    f"{mode}-plugin",
+                    steered_share=1.0,
+                    distinct_specs=batch,
+                    output_len=length,
+                )
+            )
     return variants
 
 
@@ -77,13 +118,20 @@ def make_requests(variant: Variant, batch: int, d_sae: int, sae_id: str, prompts
     requests = []
     steered = round(variant.steered_share * batch)
     for i in range(batch):
-        params: dict[str, Any] = {"temperature": 0.0, "max_tokens": variant.output_len,
-                                  "ignore_eos": True}
+        params: dict[str, Any] = {
+            "temperature": 0.0,
+            "max_tokens": variant.output_len,
+            "ignore_eos": True,
+        }
         if i < steered:
             spec_index = i % variant.distinct_specs
             edits = [
-                {"sae": sae_id, "feature": (spec_index * variant.edits + j) % d_sae,
-                 "op": "add", "value": 0.5}
+                {
+                    "sae": sae_id,
+                    "feature": (spec_index * variant.edits + j) % d_sae,
+                    "op": "add",
+                    "value": 0.5,
+                }
                 for j in range(variant.edits)
             ]
             params["extra_args"] = {"sae_steering": {"edits": edits}}
@@ -91,8 +139,9 @@ def make_requests(variant: Variant, batch: int, d_sae: int, sae_id: str, prompts
     return requests
 
 
-def start_engines(modes: list[str], model: str, sae: str, layer: int, max_edits: int,
-                  batch: int) -> dict[str, Any]:
+def start_engines(
+    modes: list[str], model: str, sae: str, layer: int, max_edits: int, batch: int
+) -> dict[str, Any]:
     """Plugin engines first: vLLM loads plugins once per process, at the first engine."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM
@@ -104,8 +153,9 @@ def start_engines(modes: list[str], model: str, sae: str, layer: int, max_edits:
     engines: dict[str, Any] = {}
     for mode in modes:
         print(f"starting {mode} engine with the plugin ...", flush=True)
-        engines[f"{mode}-plugin"] = LLM(**common, enforce_eager=mode == "eager",
-                                        additional_config=config)
+        engines[f"{mode}-plugin"] = LLM(
+            **common, enforce_eager=mode == "eager", additional_config=config
+        )
     for mode in modes:
         print(f"starting {mode} engine without the plugin ...", flush=True)
         os.environ["VLLM_PLUGINS"] = "none"  # inherited by the new engine's processes only
@@ -139,7 +189,9 @@ def run(args: argparse.Namespace, progress: Callable[[str], None] = print) -> di
     engines = start_engines(modes, model, sae, layer, max(32, args.batch), args.batch)
     prompts = [[1, *[(7 * i + j) % 50 + 4 for j in range(args.prompt_len)]] for i in range(8)]
     for variant in variants:  # warm-up, untimed
-        measure(engines[variant.engine], make_requests(variant, args.batch, d_sae, "bench", prompts))
+        measure(
+            engines[variant.engine], make_requests(variant, args.batch, d_sae, "bench", prompts)
+        )
     for repeat in range(args.repeats):
         for variant in variants:  # interleaved: A B C ... A B C ...
             requests = make_requests(variant, args.batch, d_sae, "bench", prompts)
@@ -148,20 +200,38 @@ def run(args: argparse.Namespace, progress: Callable[[str], None] = print) -> di
     rows, results = [], []
     for variant in variants:
         mode = variant.name.split("/")[0]
-        base_name = f"{mode}/absent" if variant.output_len == 32 else f"{mode}/absent-len{variant.output_len}"
+        base_name = (
+            f"{mode}/absent"
+            if variant.output_len == 32
+            else f"{mode}/absent-len{variant.output_len}"
+        )
         base = next(v for v in variants if v.name == base_name)
         ratio = report.median(variant.samples) / report.median(base.samples)
-        rows.append([variant.name, variant.axis, variant.axis_value,
-                     report.median(variant.samples), ratio])
-        results.append({**{k: v for k, v in vars(variant).items()}, "median_tok_s":
-                        report.median(variant.samples), "ratio_to_absent": ratio})
+        rows.append(
+            [variant.name, variant.axis, variant.axis_value, report.median(variant.samples), ratio]
+        )
+        results.append(
+            {
+                **{k: v for k, v in vars(variant).items()},
+                "median_tok_s": report.median(variant.samples),
+                "ratio_to_absent": ratio,
+            }
+        )
     table = report.markdown_table(
         ["variant", "axis", "value", "median output tok/s", "ratio to absent"], rows
     )
     return {
         "machine": report.machine(),
-        "config": {"model": model, "sae": sae, "layer": layer, "d_sae": d_sae, "batch": args.batch,
-                   "prompt_len": args.prompt_len, "repeats": args.repeats, "modes": modes},
+        "config": {
+            "model": model,
+            "sae": sae,
+            "layer": layer,
+            "d_sae": d_sae,
+            "batch": args.batch,
+            "prompt_len": args.prompt_len,
+            "repeats": args.repeats,
+            "modes": modes,
+        },
         "variants": results,
         "table": table,
     }
@@ -188,7 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     axes: dict[str, tuple[list[Any], list[float]]] = {}
     for variant in result["variants"]:
         if variant["axis"] != "plugin" or variant["axis_value"] == "idle":
-            xs, ys = axes.setdefault(f"{variant['name'].split('/')[0]}: {variant['axis']}", ([], []))
+            xs, ys = axes.setdefault(
+                f"{variant['name'].split('/')[0]}: {variant['axis']}", ([], [])
+            )
             xs.append(variant["axis_value"])
             ys.append(variant["ratio_to_absent"])
     report.plot_ratios(path.with_suffix(".png"), "sae-vllm steering overhead (offline)", axes)

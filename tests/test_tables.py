@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from sae_vllm.kernels import OP_CODES
 
 from sae_vllm.engine.tables import NO_ROW, SteeringTables
-from sae_vllm.kernels import OP_CODES
 from sae_vllm.spec import resolve_spec
 
 SIZES = {"a": 64, "b": 32}
@@ -27,9 +27,13 @@ def make(max_rows=4, max_tokens=32):
 def test_admit_writes_each_saes_slots_and_release_clears_them():
     tables = make()
     two = resolve_spec(
-        {"edits": [{"sae": "a", "feature": 5, "op": "scale", "value": 0.5},
-                   {"sae": "b", "feature": 9, "op": "ablate"},
-                   {"sae": "a", "feature": 6, "op": "cap", "value": 1.0}]},
+        {
+            "edits": [
+                {"sae": "a", "feature": 5, "op": "scale", "value": 0.5},
+                {"sae": "b", "feature": 9, "op": "ablate"},
+                {"sae": "a", "feature": 6, "op": "cap", "value": 1.0},
+            ]
+        },
         SIZES,
     )
     row = tables.admit("r1", two)

@@ -48,12 +48,13 @@ def build_tiny_llama(directory: Path, seed: int = 0) -> Path:
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
-        unk_token="<unk>", pad_token="<pad>",
+        tokenizer_object=tokenizer,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
     )
-    fast.chat_template = (
-        "{% for m in messages %}{{ m['content'] }} {% endfor %}"
-    )
+    fast.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
     fast.save_pretrained(directory)
     return directory
 
@@ -94,15 +95,23 @@ def write_random_sae(
     W_enc = W_dec.T * 1.5 + 0.05 * rng.standard_normal((HIDDEN, d_sae))
     b_enc = -0.1 + 0.05 * rng.standard_normal(d_sae)
     b_dec = 0.05 * rng.standard_normal(HIDDEN)
-    threshold = np.abs(0.2 + 0.05 * rng.standard_normal(d_sae)) if architecture == "jumprelu" else None
+    threshold = (
+        np.abs(0.2 + 0.05 * rng.standard_normal(d_sae)) if architecture == "jumprelu" else None
+    )
     k = 16 if architecture == "topk" else None
     apply_b_dec = architecture != "jumprelu"
     tensors = {
-        "W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec,
+        "W_enc": W_enc,
+        "b_enc": b_enc,
+        "W_dec": W_dec,
+        "b_dec": b_dec,
     } | ({"threshold": threshold} if threshold is not None else {})
     directory.mkdir(parents=True, exist_ok=True)
     save_file(
-        {name: torch.tensor(value, dtype=torch.float32).contiguous() for name, value in tensors.items()},
+        {
+            name: torch.tensor(value, dtype=torch.float32).contiguous()
+            for name, value in tensors.items()
+        },
         directory / "sae_weights.safetensors",
     )
     cfg = {
@@ -117,8 +126,17 @@ def write_random_sae(
         "metadata": {"sae_lens_version": "6.0.0", "hook_name": f"blocks.{layer}.hook_resid_post"},
     } | ({"k": k} if k else {})
     (directory / "cfg.json").write_text(json.dumps(cfg))
-    as64 = {name: torch.tensor(value, dtype=torch.float32).double().numpy() for name, value in tensors.items()}
+    as64 = {
+        name: torch.tensor(value, dtype=torch.float32).double().numpy()
+        for name, value in tensors.items()
+    }
     return RawSAE(
-        as64["W_enc"], as64["b_enc"], as64["W_dec"], as64["b_dec"], as64.get("threshold"),
-        k, apply_b_dec, layer,
+        as64["W_enc"],
+        as64["b_enc"],
+        as64["W_dec"],
+        as64["b_dec"],
+        as64.get("threshold"),
+        k,
+        apply_b_dec,
+        layer,
     )

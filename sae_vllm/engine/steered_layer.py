@@ -1,4 +1,4 @@
-"""Decoder-layer surgery: swap a layer's class for one whose output passes through the steering op."""
+"""Decoder-layer surgery: swap a layer's class for one whose output goes through the steering op."""
 
 from __future__ import annotations
 

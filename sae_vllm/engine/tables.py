@@ -120,7 +120,9 @@ class SteeringTables:
             return
         token_req = np.repeat(np.arange(len(req_ids)), num_scheduled_tokens)
         first_token = np.cumsum(num_scheduled_tokens) - num_scheduled_tokens
-        positions = num_computed_tokens[token_req] + (np.arange(num_tokens) - first_token[token_req])
+        positions = num_computed_tokens[token_req] + (
+            np.arange(num_tokens) - first_token[token_req]
+        )
         scope = self._row_scope[rows]
         prompt_len = num_prompt_tokens.astype(np.int64)
         lo = np.where(scope == _SCOPE_CODES[ApplyTo.GENERATED], prompt_len - 1, 0)

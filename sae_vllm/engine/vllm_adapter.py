@@ -59,7 +59,9 @@ def patch_request_intake(
     from vllm.v1.engine.input_processor import InputProcessor
 
     def make_process_inputs(original: Callable) -> Callable:
-        def process_inputs(self: Any, request_id: str, prompt: Any, params: Any, *a: Any, **kw: Any):
+        def process_inputs(
+            self: Any, request_id: str, prompt: Any, params: Any, *a: Any, **kw: Any
+        ):
             try:
                 check_params(self.vllm_config, params)
             except ValueError as exc:

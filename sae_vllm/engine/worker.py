@@ -96,14 +96,20 @@ class WorkerSteering:
                 device=info.device,
             )
             steering = SAESteering(
-                entry.id, weights, self.tables.tables[entry.id],
-                self.tables.tok_row, self.tables.tok_scope,
+                entry.id,
+                weights,
+                self.tables.tables[entry.id],
+                self.tables.tok_row,
+                self.tables.tok_scope,
             )
             steer_layer(layer, steering)
             self.sae_sizes[entry.id] = sae.d_sae
             logger.info(
                 "sae-vllm: SAE '%s' (%s, d_sae %d) steers the residual stream after layer %d",
-                entry.id, sae.architecture, sae.d_sae, layer_index,
+                entry.id,
+                sae.architecture,
+                sae.d_sae,
+                layer_index,
             )
 
     def release_departed(self, scheduler_output: Any) -> None:
@@ -131,8 +137,9 @@ class WorkerSteering:
             return resolve_spec(data, self.sae_sizes, self.config.limits)
         except SteeringSpecError as exc:
             # The engine core rejects bad specs before they get here; this is the last guard.
-            logger.error("sae-vllm: request %s has an invalid steering spec, not steered: %s",
-                         req_id, exc)
+            logger.error(
+                "sae-vllm: request %s has an invalid steering spec, not steered: %s", req_id, exc
+            )
             return None
 
 

@@ -1,0 +1,24 @@
+"""Steering kernels: SAE feature edits on the residual stream (Triton on CUDA, torch on CPU).
+
+Importing this package registers torch.ops.sae_vllm.steer_; it needs only torch (Triton is
+imported on the first CUDA call)."""
+
+from .edit_ops import ABLATE, ADD, CAP, FLOOR, OP_CODES, SCALE, SET, apply_edit
+from .op import steer_
+from .reference import steer_reference_
+from .weights import SteeringWeights, prepare_weights
+
+__all__ = [
+    "ABLATE",
+    "ADD",
+    "CAP",
+    "FLOOR",
+    "OP_CODES",
+    "SCALE",
+    "SET",
+    "SteeringWeights",
+    "apply_edit",
+    "prepare_weights",
+    "steer_",
+    "steer_reference_",
+]

@@ -1,0 +1,90 @@
+"""The custom op torch.ops.sae_vllm.steer_ (Triton on CUDA, torch elsewhere) and its wrapper."""
+
+# No `from __future__ import annotations`: torch.library infers the op schema from these hints.
+import torch
+
+from .reference import steer_reference_
+from .weights import SteeringWeights
+
+OP_NAME = "sae_vllm::steer_"
+
+
+def _steer_impl(
+    hidden: torch.Tensor,
+    residual: torch.Tensor | None,
+    enc_t: torch.Tensor,
+    b_enc: torch.Tensor,
+    threshold: torch.Tensor,
+    W_dec: torch.Tensor,
+    row_feat: torch.Tensor,
+    row_val: torch.Tensor,
+    row_op: torch.Tensor,
+    tok_row: torch.Tensor,
+    tok_scope: torch.Tensor,
+    topk_k: int,
+) -> None:
+    args = (hidden, residual, enc_t, b_enc, threshold, W_dec)
+    tables = (row_feat, row_val, row_op, tok_row, tok_scope, topk_k)
+    if hidden.is_cuda:
+        # Imported on first use so that importing kernels never compiles or loads Triton code.
+        from .triton_steer import steer_triton_
+
+        steer_triton_(*args, *tables)
+    else:
+        steer_reference_(*args, *tables)
+
+
+def _steer_fake(
+    hidden: torch.Tensor,
+    residual: torch.Tensor | None,
+    enc_t: torch.Tensor,
+    b_enc: torch.Tensor,
+    threshold: torch.Tensor,
+    W_dec: torch.Tensor,
+    row_feat: torch.Tensor,
+    row_val: torch.Tensor,
+    row_op: torch.Tensor,
+    tok_row: torch.Tensor,
+    tok_scope: torch.Tensor,
+    topk_k: int,
+) -> None:
+    return None
+
+
+def _register() -> None:
+    # This file can be imported twice under two names (sae_vllm.kernels and plain kernels);
+    # the op is defined once per process.
+    if hasattr(torch.ops.sae_vllm, "steer_"):
+        return
+    op = torch.library.custom_op(OP_NAME, mutates_args=("hidden",))(_steer_impl)
+    op.register_fake(_steer_fake)
+
+
+_register()
+
+
+def steer_(
+    hidden: torch.Tensor,
+    residual: torch.Tensor | None,
+    weights: SteeringWeights,
+    row_feat: torch.Tensor,
+    row_val: torch.Tensor,
+    row_op: torch.Tensor,
+    tok_row: torch.Tensor,
+    tok_scope: torch.Tensor,
+) -> None:
+    """Steer `hidden` [T, d_in] in place with one SAE's weights and the edit tables."""
+    torch.ops.sae_vllm.steer_(
+        hidden,
+        residual,
+        weights.enc_t,
+        weights.b_enc,
+        weights.threshold,
+        weights.W_dec,
+        row_feat,
+        row_val,
+        row_op,
+        tok_row,
+        tok_scope,
+        weights.k,
+    )
