@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .edit_ops import apply_edit
@@ -12,6 +13,9 @@ _ELEMS = 1 << 23
 # Use one small GEMM against the distinct features of a chunk instead of a per-token gather
 # when there are at most this many distinct features per edit slot (prefills of one request).
 _DENSE_FACTOR = 8
+# Below this many (token, slot) pairs (decode steps) the per-token gather is cheaper than
+# finding the distinct features first.
+_SMALL = 1024
 
 
 def steer_reference_(
@@ -37,8 +41,9 @@ def steer_reference_(
     if n_tok == 0 or n_rows == 0 or n_slots == 0:
         return
     rows = tok_row[:n_tok].long()
-    steered = (rows >= 0) & (rows < n_rows) & tok_scope[:n_tok].bool()
-    tokens = steered.nonzero().squeeze(1)
+    tokens = _steered_tokens(rows, tok_scope[:n_tok], n_rows)
+    if tokens.numel() == 0:
+        return
     for idx in tokens.split(max(1, _ELEMS // d_in)):
         h = hidden[idx].float()
         if residual is not None:
@@ -59,11 +64,23 @@ def steer_reference_(
         hidden[idx] = (hidden[idx].float() + delta).to(hidden.dtype)
 
 
+def _steered_tokens(rows: torch.Tensor, scope: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """Indices of the tokens to steer (row in range and in scope)."""
+    if rows.device.type == "cpu":
+        # numpy on the shared memory: a few microseconds, where the torch ops cost ~100 us per
+        # call in an idle decode step.
+        r = rows.numpy()
+        steered = (r >= 0) & (r < n_rows) & scope.numpy().astype(bool, copy=False)
+        return torch.from_numpy(np.flatnonzero(steered))
+    return ((rows >= 0) & (rows < n_rows) & scope.bool()).nonzero().squeeze(1)
+
+
 def sparse_dots(h: torch.Tensor, enc_t: torch.Tensor, feat: torch.Tensor) -> torch.Tensor:
     """z[t, k] = h[t] · enc_t[feat[t, k]] in float32; h [n, d_in] float32, feat [n, K] valid ids."""
-    uniq, inv = torch.unique(feat, return_inverse=True)
-    if uniq.numel() <= _DENSE_FACTOR * feat.shape[1]:
-        return (h @ enc_t.index_select(0, uniq).float().T).gather(1, inv)
+    if feat.numel() > _SMALL:
+        uniq, inv = torch.unique(feat, return_inverse=True)
+        if uniq.numel() <= _DENSE_FACTOR * feat.shape[1]:
+            return (h @ enc_t.index_select(0, uniq).float().T).gather(1, inv)
     step = max(1, _ELEMS // (feat.shape[1] * h.shape[1]))
     parts = [
         torch.bmm(_rows(enc_t, f), hh.unsqueeze(2)).squeeze(2)
@@ -74,10 +91,11 @@ def sparse_dots(h: torch.Tensor, enc_t: torch.Tensor, feat: torch.Tensor) -> tor
 
 def sparse_decode(coef: torch.Tensor, W_dec: torch.Tensor, feat: torch.Tensor) -> torch.Tensor:
     """delta[t] = Σ_k coef[t, k] · W_dec[feat[t, k]] in float32; coef, feat [n, K]."""
-    uniq, inv = torch.unique(feat, return_inverse=True)
-    if uniq.numel() <= _DENSE_FACTOR * feat.shape[1]:
-        dense = coef.new_zeros((coef.shape[0], uniq.numel())).scatter_add_(1, inv, coef)
-        return dense @ W_dec.index_select(0, uniq).float()
+    if feat.numel() > _SMALL:
+        uniq, inv = torch.unique(feat, return_inverse=True)
+        if uniq.numel() <= _DENSE_FACTOR * feat.shape[1]:
+            dense = coef.new_zeros((coef.shape[0], uniq.numel())).scatter_add_(1, inv, coef)
+            return dense @ W_dec.index_select(0, uniq).float()
     step = max(1, _ELEMS // (feat.shape[1] * W_dec.shape[1]))
     parts = [
         torch.bmm(c.unsqueeze(1), _rows(W_dec, f)).squeeze(1)
