@@ -41,7 +41,7 @@ def steer_reference_(
     if n_tok == 0 or n_rows == 0 or n_slots == 0:
         return
     rows = tok_row[:n_tok].long()
-    tokens = _steered_tokens(rows, tok_scope[:n_tok], n_rows)
+    tokens = _steered_tokens(rows, tok_scope[:n_tok], (row_feat >= 0).any(dim=1))
     if tokens.numel() == 0:
         return
     for idx in tokens.split(max(1, _ELEMS // d_in)):
@@ -64,15 +64,23 @@ def steer_reference_(
         hidden[idx] = (hidden[idx].float() + delta).to(hidden.dtype)
 
 
-def _steered_tokens(rows: torch.Tensor, scope: torch.Tensor, n_rows: int) -> torch.Tensor:
-    """Indices of the tokens to steer (row in range and in scope)."""
+def _steered_tokens(
+    rows: torch.Tensor, scope: torch.Tensor, row_has_edits: torch.Tensor
+) -> torch.Tensor:
+    """Indices of the tokens to steer: in scope, with a row in range that has an edit for this
+    SAE (rows are shared by every SAE of the engine; most rows edit only some of them)."""
     if rows.device.type == "cpu":
         # numpy on the shared memory: a few microseconds, where the torch ops cost ~100 us per
         # call in an idle decode step.
         r = rows.numpy()
-        steered = (r >= 0) & (r < n_rows) & scope.numpy().astype(bool, copy=False)
+        has = row_has_edits.numpy()
+        in_range = (r >= 0) & (r < has.shape[0])
+        steered = in_range & scope.numpy().astype(bool, copy=False)
+        steered[steered] = has[r[steered]]
         return torch.from_numpy(np.flatnonzero(steered))
-    return ((rows >= 0) & (rows < n_rows) & scope.bool()).nonzero().squeeze(1)
+    in_range = (rows >= 0) & (rows < row_has_edits.shape[0])
+    has = row_has_edits[torch.where(in_range, rows, 0)]
+    return (in_range & scope.bool() & has).nonzero().squeeze(1)
 
 
 def sparse_dots(h: torch.Tensor, enc_t: torch.Tensor, feat: torch.Tensor) -> torch.Tensor:
