@@ -149,7 +149,7 @@ def start_engines(
     from sae_vllm import steering_config
 
     config = steering_config([{"id": "bench", "path": sae, "layer": layer}], max_edits=max_edits)
-    common = {"model": model, "max_model_len": 512, "max_num_seqs": batch, "seed": 0}
+    common = {"model": model, "max_model_len": 128, "max_num_seqs": batch, "seed": 0}
     engines: dict[str, Any] = {}
     for mode in modes:
         print(f"starting {mode} engine with the plugin ...", flush=True)

@@ -3,6 +3,7 @@
 Importing this package registers torch.ops.sae_vllm.steer_; it needs only torch (Triton is
 imported on the first CUDA call)."""
 
+from .cpu_decode import steer_cpu_
 from .edit_ops import ABLATE, ADD, CAP, FLOOR, OP_CODES, SCALE, SET, apply_edit
 from .op import steer_
 from .reference import steer_reference_
@@ -20,5 +21,6 @@ __all__ = [
     "apply_edit",
     "prepare_weights",
     "steer_",
+    "steer_cpu_",
     "steer_reference_",
 ]

@@ -3,7 +3,7 @@
 # No `from __future__ import annotations`: torch.library infers the op schema from these hints.
 import torch
 
-from .reference import steer_reference_
+from .cpu_decode import steer_cpu_
 from .weights import SteeringWeights
 
 OP_NAME = "sae_vllm::steer_"
@@ -31,7 +31,7 @@ def _steer_impl(
 
         steer_triton_(*args, *tables)
     else:
-        steer_reference_(*args, *tables)
+        steer_cpu_(*args, *tables)
 
 
 def _steer_fake(

@@ -265,9 +265,13 @@ def run_case(case: Case, runner: Runner) -> torch.Tensor:
     return buf[: case.n_tok]
 
 
-@pytest.fixture(params=["reference", "triton"])
+def run_cpu(case: Case, hidden: torch.Tensor) -> None:
+    kpkg.steer_cpu_(*case.op_args(hidden))
+
+
+@pytest.fixture(params=["reference", "cpu", "triton"])
 def runner(request, interp) -> Runner:
-    return run_reference if request.param == "reference" else triton_runner(interp)
+    return {"reference": run_reference, "cpu": run_cpu}.get(request.param) or triton_runner(interp)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -502,9 +506,9 @@ def test_random_cases(interp, case: Case):
 # The registered op
 
 
-def test_op_and_wrapper_dispatch_to_reference_on_cpu():
+def test_op_and_wrapper_dispatch_to_the_cpu_path_on_cpu():
     case = make_case(10, "jumprelu", torch.bfloat16)
-    expected = run_case(case, run_reference)
+    expected = run_case(case, run_cpu)
     via_op = case.hidden.clone()
     torch.ops.sae_vllm.steer_(*case.op_args(via_op))
     via_wrapper = case.hidden.clone()
