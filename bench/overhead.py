@@ -35,9 +35,8 @@ class Variant:
 
 def default_model() -> tuple[str, str, int, int]:
     """The embedded default model and SAE: (model dir, SAE dir, layer, d_sae)."""
-    from sae_vllm.toy.build import ensure_built
-
     from sae_vllm import load_sae
+    from sae_vllm.toy.build import ensure_built
 
     toy = ensure_built()
     return str(toy.model_dir), str(toy.sae_dir), toy.layer, load_sae(toy.sae_dir).d_sae

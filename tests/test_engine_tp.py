@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 
 import pytest
-
 from engine_harness import PROMPTS, make_llm, steered_params, tiny_artifacts
 from hf_reference import Edit, HFReference
 
@@ -45,4 +44,6 @@ def test_tp2_steered_and_unsteered_match_the_reference(tp_llm, artifacts):
     assert list(outputs[1].outputs[0].token_ids) == ref_plain
     assert ref_steered != ref_plain
     stats = tp_llm.collective_rpc("sae_steering_stats")
-    assert len(stats) == 2 and all(s["enabled"] and s["saes"] == sorted(artifacts.saes) for s in stats)
+    assert len(stats) == 2 and all(
+        s["enabled"] and s["saes"] == sorted(artifacts.saes) for s in stats
+    )
