@@ -1,0 +1,115 @@
+"""`sae-vllm serve`: vLLM's OpenAI server with steering, from the command line to a running app."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import Any
+
+from .errors import StartupError
+from .options import add_steering_options, steering_additional_config
+from .registry import SAERegistry
+from .steering import SteeringGate
+
+logger = logging.getLogger("sae_vllm.server")
+
+PROG = "sae-vllm serve"
+DESCRIPTION = (
+    "vLLM's OpenAI-compatible server with per-request SAE steering (the `steering` body "
+    "field). Takes every `vllm serve` option. Without a model it serves the embedded default "
+    "model and SAE."
+)
+TOY_SERVED_NAME = "sae-vllm-toy"
+TOY_KV_CACHE_BYTES = 1 << 30
+
+
+def _toy_artifacts() -> Any:
+    try:
+        build = importlib.import_module("sae_vllm.toy.build")
+    except ImportError:
+        raise StartupError(
+            "no model given and the embedded default model is not available; "
+            "pass a model: sae-vllm serve MODEL --sae ID=PATH[@LAYER]"
+        ) from None
+    print(
+        "sae-vllm: preparing the embedded default model (built once, then cached)...",
+        file=sys.stderr,
+    )
+    return build.ensure_built()
+
+
+def _toy_sae_entry(toy: Any) -> dict[str, Any]:
+    entry: dict[str, Any] = {"id": toy.sae_id, "path": str(toy.sae_dir), "layer": toy.layer}
+    labels = getattr(toy, "labels_path", None)
+    if labels is not None and labels.is_file():
+        entry["labels"] = str(labels)
+    return entry
+
+
+def prepare(args: argparse.Namespace) -> tuple[SAERegistry, SteeringGate]:
+    """Resolve the model and SAEs, merge the steering config into args.additional_config and
+    check everything that can be checked before the engine starts."""
+    from . import vllm_app
+
+    vllm_app.finish_args(args)
+    saes = list(args.sae)
+    kv_cache_bytes = None
+    if args.model is None:
+        toy = _toy_artifacts()
+        args.model = str(toy.model_dir)
+        saes.insert(0, _toy_sae_entry(toy))
+        if args.served_model_name is None:
+            args.served_model_name = [TOY_SERVED_NAME]
+        kv_cache_bytes = TOY_KV_CACHE_BYTES
+    vllm_app.set_memory_default(args, kv_cache_bytes)
+    args.additional_config, config = steering_additional_config(
+        args.additional_config, saes, args.sae_labels, args.max_edits
+    )
+    registry = SAERegistry.load(config)
+    if config is None:
+        logger.warning("sae-vllm serve: no SAE configured; requests cannot steer")
+    try:
+        hidden_size, num_layers = vllm_app.model_shape(args)
+    except Exception as exc:  # vLLM's own message for an unusable model
+        raise StartupError(f"model {args.model}: {exc}") from None
+    registry.check_model(hidden_size, num_layers)
+    from sae_vllm.spec import SpecLimits
+
+    if config is not None:  # warm the plugin's own size cache (it re-checks specs in this process)
+        from sae_vllm.engine.sae_sizes import sae_sizes
+
+        sae_sizes(config)
+
+    limits = config.limits if config is not None else SpecLimits()
+    return registry, SteeringGate(registry.sizes(), limits)
+
+
+def _line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def serve(argv: list[str]) -> int:
+    """Parse `sae-vllm serve` arguments and serve until stopped; 1 with one line on stderr when
+    the server cannot start."""
+    from . import app, vllm_app
+
+    try:
+        vllm_app.check_vllm_version()
+        parser = vllm_app.make_parser(PROG, DESCRIPTION)
+        add_steering_options(parser)
+        args = parser.parse_args(argv)
+        registry, gate = prepare(args)
+    except (StartupError, ValueError, TypeError, RuntimeError) as exc:
+        print(f"{PROG}: error: {_line(exc)}", file=sys.stderr)
+        return 1
+    try:
+        vllm_app.run(args, lambda fastapi_app: app.customize(fastapi_app, registry, gate))
+    except KeyboardInterrupt:
+        return 0
+    except Exception as exc:
+        print(f"{PROG}: error: {type(exc).__name__}: {_line(exc)}", file=sys.stderr)
+        return 1
+    return 0

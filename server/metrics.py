@@ -1,0 +1,49 @@
+"""Prometheus metrics of the steering server, served on vLLM's own /metrics (API process)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+from .rejections import REASONS
+
+ENDPOINTS = ("completions", "chat.completions")
+
+STEERED = Counter(
+    "sae_steering_steered_requests",
+    "Requests admitted with a steering spec.",
+    ["endpoint"],
+)
+UNSTEERED = Counter(
+    "sae_steering_unsteered_requests",
+    "Requests admitted without steering.",
+    ["endpoint"],
+)
+EDITS = Histogram(
+    "sae_steering_edits_per_request",
+    "Feature edits per steered request.",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 1024),
+)
+REJECTED = Counter(
+    "sae_steering_rejected_specs",
+    "Steering specs refused with HTTP 400, by reason.",
+    ["reason"],
+)
+
+for _endpoint in ENDPOINTS:  # export zeros from the start
+    STEERED.labels(endpoint=_endpoint)
+    UNSTEERED.labels(endpoint=_endpoint)
+for _reason in REASONS:
+    REJECTED.labels(reason=_reason)
+
+
+def record_steered(endpoint: str, edits: int) -> None:
+    STEERED.labels(endpoint=endpoint).inc()
+    EDITS.observe(edits)
+
+
+def record_unsteered(endpoint: str) -> None:
+    UNSTEERED.labels(endpoint=endpoint).inc()
+
+
+def record_rejected(reason: str) -> None:
+    REJECTED.labels(reason=reason).inc()

@@ -1,0 +1,101 @@
+"""The steering options of `sae-vllm serve` and the engine config they become."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from sae_vllm.config import CONFIG_KEY, SteeringConfig
+
+from .errors import StartupError
+
+
+def sae_argument(text: str) -> dict[str, Any]:
+    """`ID=PATH[@LAYER]` -> an SAE entry of the steering config."""
+    sae_id, sep, rest = text.partition("=")
+    if not sep or not sae_id or not rest:
+        raise argparse.ArgumentTypeError(f"expected ID=PATH[@LAYER], got {text!r}")
+    path, at, layer = rest.rpartition("@")
+    if not at or not layer.isdigit():
+        path, layer = rest, ""
+    entry: dict[str, Any] = {"id": sae_id, "path": str(Path(path).expanduser().absolute())}
+    if layer:
+        entry["layer"] = int(layer)
+    return entry
+
+
+def labels_argument(text: str) -> tuple[str, str]:
+    """`ID=PATH` -> (SAE id, labels file)."""
+    sae_id, sep, path = text.partition("=")
+    if not sep or not sae_id or not path:
+        raise argparse.ArgumentTypeError(f"expected ID=PATH, got {text!r}")
+    return sae_id, str(Path(path).expanduser().absolute())
+
+
+def add_steering_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("SAE steering (sae-vllm)")
+    group.add_argument(
+        "--sae",
+        action="append",
+        default=[],
+        type=sae_argument,
+        metavar="ID=PATH[@LAYER]",
+        help="An SAE requests may steer with, by ID (repeatable). LAYER is the decoder layer "
+        "whose output it reads; defaults to the layer in the SAE's config. Without a model "
+        "and without --sae, the embedded default model and SAE are served.",
+    )
+    group.add_argument(
+        "--sae-labels",
+        action="append",
+        default=[],
+        type=labels_argument,
+        metavar="ID=PATH",
+        help="A feature-labels JSON for the SAE ID (default: labels.json in the SAE folder).",
+    )
+    group.add_argument(
+        "--max-edits",
+        type=int,
+        default=None,
+        help="Most feature edits one request may make (default 32).",
+    )
+
+
+def _one_line(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    loc = ".".join(str(part) for part in first["loc"])
+    message = str(first["msg"]).removeprefix("Value error, ")
+    return f"{loc}: {message}" if loc else message
+
+
+def steering_additional_config(
+    additional_config: dict[str, Any] | None,
+    saes: list[dict[str, Any]],
+    labels: list[tuple[str, str]],
+    max_edits: int | None,
+) -> tuple[dict[str, Any], SteeringConfig | None]:
+    """Merge the steering options into a user's --additional-config; returns the merged
+    additional_config and the validated steering config (None when no SAE is configured)."""
+    config = dict(additional_config or {})
+    section = dict(config.get(CONFIG_KEY) or {})
+    entries = [dict(entry) for entry in section.get("saes") or []] + [dict(e) for e in saes]
+    by_id = {entry.get("id"): entry for entry in entries}
+    for sae_id, path in labels:
+        if sae_id not in by_id:
+            raise StartupError(f"--sae-labels names SAE '{sae_id}', which is not configured")
+        by_id[sae_id]["labels"] = path
+    if max_edits is not None:
+        section["max_edits"] = max_edits
+    if not entries:
+        if section:
+            raise StartupError("steering options given, but no SAE: add --sae ID=PATH[@LAYER]")
+        return config, None
+    section["saes"] = entries
+    try:
+        steering = SteeringConfig.model_validate(section)
+    except ValidationError as exc:
+        raise StartupError(f"steering config: {_one_line(exc)}") from None
+    config[CONFIG_KEY] = steering.model_dump(mode="json", exclude_none=True)
+    return config, steering

@@ -1,0 +1,67 @@
+"""Wire formats of the server's own responses: OpenAI-style errors and the SAE routes."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ErrorInfo(BaseModel):
+    """The `error` object of an OpenAI-style error response."""
+
+    message: str
+    type: str
+    param: str | None = None
+    code: int
+
+
+class ErrorResponse(BaseModel):
+    """An OpenAI-style error response body."""
+
+    error: ErrorInfo
+
+
+class SAEInfo(BaseModel):
+    """One SAE the server steers with."""
+
+    model_config = ConfigDict(frozen=True)
+
+    object: Literal["sae"] = "sae"
+    id: str = Field(description="The id requests name in `steering.edits[].sae`.")
+    layer: int | None = Field(description="The decoder layer whose output the SAE reads.")
+    architecture: str = Field(description="relu, jumprelu or topk.")
+    d_in: int = Field(description="The width of the residual stream the SAE reads.")
+    d_sae: int = Field(description="The number of features; valid indexes are [0, d_sae).")
+    has_labels: bool = Field(description="Whether feature labels are available.")
+
+
+class SAEList(BaseModel):
+    """Every SAE the server steers with."""
+
+    object: Literal["list"] = "list"
+    data: list[SAEInfo]
+
+
+class TopToken(BaseModel):
+    """A token the feature fires on most, with its activation when known."""
+
+    token: str
+    activation: float | None = None
+
+
+class FeatureInfo(BaseModel):
+    """One SAE feature: its decoder direction's norm and, when known, its label."""
+
+    object: Literal["sae.feature"] = "sae.feature"
+    sae: str
+    index: int
+    decoder_norm: float = Field(description="L2 norm of the feature's decoder row W_dec[index].")
+    label: str | None = None
+    top_tokens: list[TopToken] | None = None
+    max_activation: float | None = Field(
+        default=None, description="Largest activation seen when labelling (a scale for values)."
+    )
+    density: float | None = Field(
+        default=None, description="Fraction of labelled tokens the feature fired on."
+    )

@@ -1,0 +1,110 @@
+"""The SAEs the server steers with, as the API process sees them: sizes, decoder norms, labels."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from sae_vllm.config import SAEEntry, SteeringConfig
+from sae_vllm.sae import SAEFormatError, load_sae
+
+from .errors import StartupError
+from .labels import FeatureLabel, LabelFileError, default_labels_path, read_labels
+from .protocol import FeatureInfo, SAEInfo, SAEList
+
+
+@dataclass(frozen=True)
+class SAERecord:
+    """What the routes and the request check need of one SAE (its weights are not kept)."""
+
+    info: SAEInfo
+    decoder_norms: np.ndarray  # [d_sae] float32
+    labels: dict[int, FeatureLabel] = field(default_factory=dict)
+
+    def feature(self, index: int) -> FeatureInfo | None:
+        """The feature's description, or None when the index is out of range."""
+        if not 0 <= index < self.info.d_sae:
+            return None
+        label = self.labels.get(index)
+        return FeatureInfo(
+            sae=self.info.id,
+            index=index,
+            decoder_norm=float(self.decoder_norms[index]),
+            label=label.label if label else None,
+            top_tokens=label.top_tokens if label else None,
+            max_activation=label.max_activation if label else None,
+            density=label.density if label else None,
+        )
+
+
+def load_record(entry: SAEEntry) -> SAERecord:
+    """Read one configured SAE (and its labels); a problem raises a one-line StartupError."""
+    where = f"SAE '{entry.id}'"
+    if not Path(entry.path).exists():
+        raise StartupError(f"{where}: {entry.path} does not exist")
+    try:
+        sae = load_sae(entry.path, format=entry.format)
+    except SAEFormatError as exc:
+        raise StartupError(f"{where}: {exc}") from None
+    layer = entry.layer if entry.layer is not None else sae.layer
+    if layer is None:
+        raise StartupError(
+            f"{where}: no layer given and none found in {entry.path} (use --sae ID=PATH@LAYER)"
+        )
+    labels_path = entry.labels or default_labels_path(entry.path)
+    labels: dict[int, FeatureLabel] = {}
+    if labels_path is not None:
+        try:
+            labels = read_labels(labels_path)
+        except LabelFileError as exc:
+            raise StartupError(f"{where}: labels {exc}") from None
+    norms = sae.W_dec.detach().float().norm(dim=1).cpu().numpy().astype(np.float32)
+    info = SAEInfo(
+        id=entry.id,
+        layer=layer,
+        architecture=sae.architecture,
+        d_in=sae.d_in,
+        d_sae=sae.d_sae,
+        has_labels=bool(labels),
+    )
+    return SAERecord(info=info, decoder_norms=norms, labels=labels)
+
+
+class SAERegistry:
+    """The registered SAEs by id."""
+
+    def __init__(self, records: Iterable[SAERecord] = ()):
+        self._records = {record.info.id: record for record in records}
+
+    @classmethod
+    def load(cls, config: SteeringConfig | None) -> SAERegistry:
+        return cls(load_record(entry) for entry in (config.saes if config else ()))
+
+    def get(self, sae_id: str) -> SAERecord | None:
+        return self._records.get(sae_id)
+
+    def sizes(self) -> dict[str, int]:
+        """SAE id -> d_sae, what resolve_spec checks feature indexes against."""
+        return {sae_id: record.info.d_sae for sae_id, record in self._records.items()}
+
+    def listing(self) -> SAEList:
+        return SAEList(data=[record.info for record in self._records.values()])
+
+    def check_model(self, hidden_size: int, num_layers: int) -> None:
+        """Refuse SAEs that do not fit the served model (the worker would refuse them later)."""
+        for record in self._records.values():
+            info = record.info
+            where = f"SAE '{info.id}'"
+            if info.d_in != hidden_size:
+                raise StartupError(
+                    f"{where}: d_in {info.d_in} does not match the model's hidden size "
+                    f"{hidden_size}"
+                )
+            if info.layer is not None and not 0 <= info.layer < num_layers:
+                raise StartupError(
+                    f"{where}: layer {info.layer} does not exist "
+                    f"(the model has layers 0..{num_layers - 1})"
+                )

@@ -1,0 +1,82 @@
+"""The request-side gate: validate a request's steering before the engine sees it, count it."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from http import HTTPStatus
+from typing import Any
+
+from fastapi.responses import JSONResponse
+
+from sae_vllm.config import EXTRA_ARGS_KEY
+from sae_vllm.spec import SpecLimits, SteeringSpecError, resolve_spec
+
+from . import metrics, rejections
+from .errors import error_response
+
+STEERING_FIELD = "steering"
+XARGS_FIELD = f"vllm_xargs.{EXTRA_ARGS_KEY}"
+
+
+class Rejection(Exception):
+    """A request refused before it reached the engine; `response` is what the client gets."""
+
+    def __init__(self, reason: str, param: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+        self.response: JSONResponse = error_response(HTTPStatus.BAD_REQUEST, message, param)
+
+
+def _join(field: str, path: str) -> str:
+    return f"{field}.{path}" if path else field
+
+
+class SteeringGate:
+    """Admits a request's steering (resolved against the registered SAEs) or refuses it."""
+
+    def __init__(self, sae_sizes: Mapping[str, int], limits: SpecLimits):
+        self.sae_sizes = dict(sae_sizes)
+        self.limits = limits
+
+    def admit(self, endpoint: str, steering: Any, xargs_spec: Any = None) -> dict | None:
+        """The resolved spec to hand the engine (None when unsteered); raises Rejection.
+
+        `steering` is the raw body field; `xargs_spec` a spec passed the low-level way, as
+        `vllm_xargs["sae_steering"]`."""
+        try:
+            spec = self._resolve(steering, xargs_spec)
+        except Rejection as rejection:
+            metrics.record_rejected(rejection.reason)
+            raise
+        if spec is None:
+            metrics.record_unsteered(endpoint)
+            return None
+        metrics.record_steered(endpoint, len(spec["edits"]))
+        return spec
+
+    def _resolve(self, steering: Any, xargs_spec: Any) -> dict | None:
+        field, raw = STEERING_FIELD, steering
+        if xargs_spec is not None:
+            if steering is not None:
+                raise Rejection(
+                    rejections.CONFLICT,
+                    XARGS_FIELD,
+                    f"{XARGS_FIELD}: give the steering spec once, in `steering`",
+                )
+            field, raw = XARGS_FIELD, xargs_spec
+        if raw is None:
+            return None
+        if not self.sae_sizes:
+            raise Rejection(
+                rejections.STEERING_DISABLED,
+                field,
+                f"{field}: this server has no SAEs configured (start it with --sae ID=PATH)",
+            )
+        try:
+            spec = resolve_spec(raw, self.sae_sizes, self.limits)
+        except SteeringSpecError as exc:
+            message = "; ".join(f"{_join(field, path)}: {text}" for path, text in exc.errors)
+            raise Rejection(
+                rejections.reason_of(*exc.errors[0]), _join(field, exc.field), message
+            ) from None
+        return spec.model_dump(mode="json")

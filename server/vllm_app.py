@@ -1,0 +1,218 @@
+"""Every touch of vLLM 0.32's OpenAI-server internals is here, so a vLLM bump changes one file."""
+
+# What it uses: vLLM's serve arg parser and checks; `run_server` (in-process, one API server);
+# `build_app` (wrapped, to customise the app vLLM builds); the completion and chat request
+# models (subclassed with a typed `steering` field, and a `to_sampling_params` that puts the
+# resolved spec into SamplingParams.extra_args); their POST routes (rebuilt around the
+# subclasses, so FastAPI parses and documents the field and vLLM's own handler runs).
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+from fastapi import FastAPI, Request
+from fastapi.routing import APIRoute
+from pydantic import Field, PrivateAttr, SkipValidation
+from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+from sae_vllm.config import EXTRA_ARGS_KEY
+from sae_vllm.spec import SteeringSpec
+
+from .steering import Rejection, SteeringGate
+
+SUPPORTED_VLLM = "0.32."
+_MEMORY_DEFAULT = "_sae_vllm_gpu_memory_utilization_default"
+
+STEERING_DOC = (
+    "SAE feature edits applied to this request only (sae-vllm). Example: "
+    '{"edits": [{"sae": "res12", "feature": 1234, "op": "set", "value": 8.0}], '
+    '"apply_to": "generated"}. SAE ids and sizes: GET /v1/saes.'
+)
+
+
+def _with_steering(params: Any, spec: dict | None) -> Any:
+    if spec is not None:
+        params.extra_args = {**(params.extra_args or {}), EXTRA_ARGS_KEY: spec}
+    return params
+
+
+class SteeredCompletionRequest(CompletionRequest):
+    """vLLM's completion request plus the `steering` field."""
+
+    field_names: ClassVar[set[str] | None] = None  # vLLM caches known field names per class
+    # Validated by SteeringGate (one path, one set of messages for HTTP and offline users);
+    # typed so that /openapi.json documents it.
+    steering: SkipValidation[SteeringSpec | None] = Field(default=None, description=STEERING_DOC)
+    _sae_steering: dict | None = PrivateAttr(default=None)
+
+    def to_sampling_params(self, *args: Any, **kwargs: Any) -> Any:
+        return _with_steering(super().to_sampling_params(*args, **kwargs), self._sae_steering)
+
+
+class SteeredChatCompletionRequest(ChatCompletionRequest):
+    """vLLM's chat completion request plus the `steering` field."""
+
+    field_names: ClassVar[set[str] | None] = None
+    steering: SkipValidation[SteeringSpec | None] = Field(default=None, description=STEERING_DOC)
+    _sae_steering: dict | None = PrivateAttr(default=None)
+
+    def to_sampling_params(self, *args: Any, **kwargs: Any) -> Any:
+        return _with_steering(super().to_sampling_params(*args, **kwargs), self._sae_steering)
+
+
+# path -> (request model, metrics endpoint label)
+STEERED_ROUTES: dict[str, tuple[type, str]] = {
+    "/v1/completions": (SteeredCompletionRequest, "completions"),
+    "/v1/chat/completions": (SteeredChatCompletionRequest, "chat.completions"),
+}
+
+
+# --- command line ---------------------------------------------------------------------------
+
+
+def check_vllm_version() -> None:
+    import vllm
+
+    if not vllm.__version__.startswith(SUPPORTED_VLLM):
+        raise RuntimeError(
+            f"sae-vllm serve supports vLLM {SUPPORTED_VLLM}x; found {vllm.__version__}"
+        )
+
+
+def make_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """vLLM's own `serve` parser (every vLLM option). The model and --gpu-memory-utilization
+    default to None, so that "not given" can be told apart (see `set_memory_default`)."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    cli_env_setup()  # spawn workers, as `vllm serve` does
+    parser = make_arg_parser(FlexibleArgumentParser(prog=prog, description=description))
+    memory_default = parser.get_default("gpu_memory_utilization")
+    parser.set_defaults(model=None, gpu_memory_utilization=None)
+    parser.set_defaults(**{_MEMORY_DEFAULT: memory_default})
+    return parser
+
+
+def set_memory_default(args: argparse.Namespace, kv_cache_bytes: int | None = None) -> None:
+    """Give --gpu-memory-utilization vLLM's default back; first, when `kv_cache_bytes` is set and
+    no memory option was given, size the KV cache explicitly instead (small models on CPU,
+    where that fraction reserves host RAM)."""
+    given = (
+        args.gpu_memory_utilization is not None
+        or args.kv_cache_memory_bytes is not None
+        or os.environ.get("VLLM_CPU_KVCACHE_SPACE")
+    )
+    if kv_cache_bytes and not given:
+        args.kv_cache_memory_bytes = kv_cache_bytes
+    if args.gpu_memory_utilization is None:
+        args.gpu_memory_utilization = getattr(args, _MEMORY_DEFAULT)
+
+
+def finish_args(args: argparse.Namespace) -> None:
+    """What `vllm serve` does between parsing and serving; refuses the multi-process modes."""
+    from vllm.entrypoints.launchers.cli_args import validate_parsed_serve_args
+    from vllm.logger import configure_logging_from_args
+
+    if args.model_tag is not None:
+        args.model = args.model_tag
+    if args.headless or getattr(args, "grpc", False):
+        raise ValueError("--headless and --grpc are not supported by sae-vllm serve")
+    if args.api_server_count not in (None, 1):
+        raise ValueError("sae-vllm serve runs one API server; drop --api-server-count")
+    args.api_server_count = None
+    configure_logging_from_args(args)
+    validate_parsed_serve_args(args)
+
+
+def model_shape(args: argparse.Namespace) -> tuple[int, int]:
+    """(hidden size, number of decoder layers) of the model the args name, without loading it."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    model_config = AsyncEngineArgs.from_cli_args(args).create_model_config()
+    return model_config.get_hidden_size(), model_config.get_total_num_hidden_layers()
+
+
+def run(args: argparse.Namespace, customize: Callable[[FastAPI], None]) -> None:
+    """Start the engine and serve vLLM's app, `customize`d once vLLM has built it."""
+    import uvloop
+    from vllm.entrypoints.launchers.api_server import entry
+
+    build_app = entry.build_app
+
+    def build_customized_app(*a: Any, **kw: Any) -> FastAPI:
+        app = build_app(*a, **kw)
+        customize(app)
+        return app
+
+    entry.build_app = build_customized_app
+    try:
+        uvloop.run(entry.run_server(args))
+    finally:
+        entry.build_app = build_app
+
+
+# --- the app --------------------------------------------------------------------------------
+
+
+def _steered_endpoint(original: Callable, model: type, label: str, gate: SteeringGate):
+    async def endpoint(request: Any, raw_request: Request) -> Any:
+        xargs_spec = (request.vllm_xargs or {}).get(EXTRA_ARGS_KEY)
+        try:
+            request._sae_steering = gate.admit(label, request.steering, xargs_spec)
+        except Rejection as rejection:
+            return rejection.response
+        if xargs_spec is not None:  # the resolved spec replaces it in to_sampling_params
+            request.vllm_xargs = {
+                k: v for k, v in request.vllm_xargs.items() if k != EXTRA_ARGS_KEY
+            }
+        return await original(request, raw_request)
+
+    endpoint.__name__ = original.__name__
+    endpoint.__doc__ = original.__doc__
+    endpoint.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [
+            inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=model),
+            inspect.Parameter(
+                "raw_request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Request
+            ),
+        ]
+    )
+    return endpoint
+
+
+def install_steering_field(app: FastAPI, gate: SteeringGate) -> None:
+    """Rebuild vLLM's completion and chat routes around the steered request models: FastAPI
+    parses and documents `steering`, the gate admits or refuses it, vLLM's handler runs."""
+    found: set[str] = set()
+    routes = app.router.routes
+    for index, route in enumerate(list(routes)):
+        if not (isinstance(route, APIRoute) and route.path in STEERED_ROUTES):
+            continue
+        if "POST" not in route.methods:
+            continue
+        model, label = STEERED_ROUTES[route.path]
+        app.router.add_api_route(
+            route.path,
+            _steered_endpoint(route.endpoint, model, label, gate),
+            methods=sorted(route.methods),
+            dependencies=route.dependencies,
+            responses=route.responses,
+            response_model=None,
+            name=route.name,
+            tags=route.tags,
+            summary=route.summary,
+            description=route.description,
+            include_in_schema=route.include_in_schema,
+        )
+        routes[index] = routes.pop()
+        found.add(route.path)
+    missing = set(STEERED_ROUTES) - found
+    if missing:
+        raise RuntimeError(f"vLLM's app has no POST route for {', '.join(sorted(missing))}")
+    app.openapi_schema = None

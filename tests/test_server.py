@@ -1,0 +1,539 @@
+"""The steering server end to end: a real `sae-vllm serve` process and the official openai client.
+
+One server for the module (tiny random Llama, two SAEs, --api-key). Run as a script, this file
+is the offline reference: vLLM's LLM with the same engine config (see `offline_reference`)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+pytestmark = pytest.mark.server
+
+API_KEY = "test-key"
+MODEL = "tiny"
+D_SAE = 256
+MAX_EDITS = 8
+MAX_TOKENS = 12
+ENGINE = {  # shared by the server and the offline reference
+    "dtype": "float32",
+    "max_model_len": 512,
+    "seed": 0,
+    "enforce_eager": True,
+    "kv_cache_memory_bytes": 256 << 20,
+}
+PROMPTS = ["w5 w17 w42 w99 w7", "w200 w31 w5 w66", "w1 w2 w3 w4 w5 w6 w7 w8", "w300 w301"]
+CHATS = [[{"role": "user", "content": "w10 w20 w30"}], [{"role": "user", "content": "w7 w8"}]]
+STRONG = {"edits": [{"sae": "res1", "feature": 3, "op": "set", "value": 8.0}]}
+MIXED = {
+    "edits": [
+        {"sae": "res1", "feature": 10, "op": "add", "value": 6.0},
+        {"sae": "res2", "feature": 11, "op": "ablate"},
+        {"sae": "res2", "feature": 12, "op": "set", "value": 5.0},
+    ],
+    "apply_to": "all",
+}
+
+
+# --- fixtures -------------------------------------------------------------------------------
+
+
+def engine_cli_args() -> list[str]:
+    return [
+        "--dtype", ENGINE["dtype"], "--max-model-len", str(ENGINE["max_model_len"]),
+        "--seed", str(ENGINE["seed"]), "--enforce-eager",
+        "--kv-cache-memory-bytes", str(ENGINE["kv_cache_memory_bytes"]),
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory) -> dict:
+    from tiny_model import build_tiny_llama, write_random_sae
+
+    root = tmp_path_factory.mktemp("server")
+    model = build_tiny_llama(root / "model")
+    sae1, sae2 = root / "sae1", root / "sae2"
+    write_random_sae(sae1, "relu", layer=1, d_sae=D_SAE, seed=1)
+    write_random_sae(sae2, "jumprelu", layer=2, d_sae=D_SAE, seed=2)
+    labels = {"features": {"3": {"label": "three-ness", "top_tokens": [["w3", 2.5], "w33"]}}}
+    (sae1 / "labels.json").write_text(json.dumps(labels))
+    return {"root": root, "model": model, "sae1": sae1, "sae2": sae2}
+
+
+@pytest.fixture(scope="module")
+def server(artifacts):
+    from sae_vllm.server.process import ServerProcess
+
+    args = [
+        str(artifacts["model"]), "--served-model-name", MODEL,
+        "--sae", f"res1={artifacts['sae1']}@1", "--sae", f"res2={artifacts['sae2']}",
+        "--max-edits", str(MAX_EDITS), "--api-key", API_KEY, *engine_cli_args(),
+    ]  # fmt: skip
+    process = ServerProcess(args, artifacts["root"] / "server.log")
+    process.start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key=API_KEY, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    with httpx.Client(base_url=server.base_url, headers=headers, timeout=120) as session:
+        yield session
+
+
+def complete(client, prompt: str, steering: dict | None = None, **kwargs) -> str:
+    extra = {"steering": steering} if steering is not None else None
+    kwargs.setdefault("max_tokens", MAX_TOKENS)
+    response = client.completions.create(
+        model=MODEL, prompt=prompt, temperature=0, extra_body=extra, **kwargs
+    )
+    return response.choices[0].text
+
+
+def chat(client, messages: list, steering: dict | None = None, **kwargs) -> str:
+    extra = {"steering": steering} if steering is not None else None
+    kwargs.setdefault("max_tokens", MAX_TOKENS)
+    response = client.chat.completions.create(
+        model=MODEL, messages=messages, temperature=0, extra_body=extra, **kwargs
+    )
+    return response.choices[0].message.content
+
+
+def stream_complete(client, prompt: str, steering: dict | None = None) -> str:
+    extra = {"steering": steering} if steering is not None else None
+    chunks = client.completions.create(
+        model=MODEL, prompt=prompt, temperature=0, max_tokens=MAX_TOKENS, stream=True,
+        extra_body=extra,
+    )  # fmt: skip
+    return "".join(chunk.choices[0].text for chunk in chunks if chunk.choices)
+
+
+def stream_chat(client, messages: list, steering: dict | None = None) -> str:
+    extra = {"steering": steering} if steering is not None else None
+    chunks = client.chat.completions.create(
+        model=MODEL, messages=messages, temperature=0, max_tokens=MAX_TOKENS, stream=True,
+        extra_body=extra,
+    )  # fmt: skip
+    return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+
+def metric_samples(http) -> dict[tuple[str, tuple], float]:
+    text = http.get("/metrics").text
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+# --- generation -----------------------------------------------------------------------------
+
+
+def test_steering_changes_greedy_output(client):
+    plain = [complete(client, p) for p in PROMPTS]
+    steered = [complete(client, p, STRONG) for p in PROMPTS]
+    assert all(plain) and all(steered)
+    assert sum(a != b for a, b in zip(plain, steered, strict=True)) >= len(PROMPTS) - 1
+    assert [complete(client, p) for p in PROMPTS] == plain  # steering left no trace
+
+
+def test_server_equals_offline_engine(client, artifacts):
+    from sae_vllm.server.options import steering_additional_config
+
+    config, _ = steering_additional_config(
+        {},
+        [
+            {"id": "res1", "path": str(artifacts["sae1"]), "layer": 1},
+            {"id": "res2", "path": str(artifacts["sae2"])},
+        ],
+        [],
+        MAX_EDITS,
+    )
+    specs = [None, STRONG, MIXED]
+    job = {
+        "model": str(artifacts["model"]),
+        "additional_config": config,
+        "completions": [[p, s] for p in PROMPTS[:2] for s in specs],
+        "chats": [[m, s] for m in CHATS for s in specs],
+    }
+    offline = run_offline(job, artifacts["root"])
+    served_completions = [complete(client, p, s) for p, s in job["completions"]]
+    served_chats = [chat(client, m, s) for m, s in job["chats"]]
+    assert served_completions == offline["completions"]
+    assert served_chats == offline["chats"]
+
+
+def test_streamed_equals_non_streamed(client):
+    for steering in (None, STRONG, MIXED):
+        for prompt in PROMPTS[:2]:
+            assert stream_complete(client, prompt, steering) == complete(client, prompt, steering)
+        for messages in CHATS:
+            assert stream_chat(client, messages, steering) == chat(client, messages, steering)
+
+
+def test_vllm_features_work_with_steering(client):
+    response = client.completions.create(
+        model=MODEL, prompt=PROMPTS[0], temperature=1.0, seed=7, max_tokens=MAX_TOKENS, n=2,
+        logprobs=2, extra_body={"steering": STRONG},
+    )  # fmt: skip
+    assert len(response.choices) == 2
+    tokens = [len(choice.logprobs.tokens) for choice in response.choices]
+    assert all(
+        len(c.logprobs.top_logprobs) == n for c, n in zip(response.choices, tokens, strict=True)
+    )
+    assert response.usage.completion_tokens == sum(tokens)
+    full = complete(client, PROMPTS[0], STRONG)
+    stop_word = full.split()[2]
+    stopped = complete(client, PROMPTS[0], STRONG, stop=[stop_word])
+    assert stopped == full[: full.index(stop_word)]
+    greedy = client.completions.create(
+        model=MODEL, prompt=PROMPTS[0], temperature=0, max_tokens=MAX_TOKENS, logprobs=1,
+        echo=False, extra_body={"steering": STRONG},
+    )  # fmt: skip
+    assert greedy.choices[0].text == full
+    top = [max(step, key=step.get) for step in greedy.choices[0].logprobs.top_logprobs]
+    assert top == greedy.choices[0].logprobs.tokens  # greedy picks the steered argmax
+
+
+def test_sampled_steering_is_reproducible_with_a_seed(client):
+    def sample() -> str:
+        response = client.completions.create(
+            model=MODEL, prompt=PROMPTS[1], temperature=1.0, seed=123, max_tokens=MAX_TOKENS,
+            extra_body={"steering": MIXED},
+        )  # fmt: skip
+        return response.choices[0].text
+
+    assert sample() == sample()
+
+
+def test_steering_through_vllm_xargs(client, http):
+    via_xargs = client.completions.create(
+        model=MODEL, prompt=PROMPTS[0], temperature=0, max_tokens=MAX_TOKENS,
+        extra_body={"vllm_xargs": {"sae_steering": json.dumps(STRONG)}},
+    )  # fmt: skip
+    assert via_xargs.choices[0].text == complete(client, PROMPTS[0], STRONG)
+
+
+# --- bad requests ---------------------------------------------------------------------------
+
+
+def _edit(**fields) -> dict:
+    return {"sae": "res1", "feature": 3, "op": "set", "value": 1.0} | fields
+
+
+def _steer(*edits, **spec) -> dict:
+    return {"steering": {"edits": list(edits), **spec}}
+
+
+BAD = [  # (id, endpoint, body fields, expected param)
+    ("json-garbage", "completions", {"steering": "{not json"}, "steering"),
+    ("number", "completions", {"steering": 5}, "steering"),
+    ("list", "completions", {"steering": []}, "steering"),
+    ("no-edits", "completions", {"steering": {}}, "steering.edits"),
+    ("empty-edits", "completions", _steer(), "steering.edits"),
+    ("edits-string", "completions", {"steering": {"edits": "x"}}, "steering.edits"),
+    ("edit-number", "completions", {"steering": {"edits": [5]}}, "steering.edits[0]"),
+    ("no-feature", "completions", _steer({"sae": "res1", "op": "ablate"}),
+     "steering.edits[0].feature"),
+    ("no-op", "completions", _steer({"sae": "res1", "feature": 1}), "steering.edits[0].op"),
+    ("feature-string", "completions", _steer(_edit(feature="12")), "steering.edits[0].feature"),
+    ("feature-float", "completions", _steer(_edit(feature=1.5)), "steering.edits[0].feature"),
+    ("feature-bool", "completions", _steer(_edit(feature=True)), "steering.edits[0].feature"),
+    ("feature-negative", "completions", _steer(_edit(feature=-1)), "steering.edits[0].feature"),
+    ("feature-d_sae", "completions", _steer(_edit(feature=D_SAE)), "steering.edits[0].feature"),
+    ("feature-huge", "completions", _steer(_edit(feature=10**30)), "steering.edits[0].feature"),
+    ("op-unknown", "completions", _steer(_edit(op="explode")), "steering.edits[0].op"),
+    ("op-number", "completions", _steer(_edit(op=3)), "steering.edits[0].op"),
+    ("value-nan", "completions", _steer(_edit(value=math.nan)), "steering.edits[0].value"),
+    ("value-inf", "completions", _steer(_edit(value=math.inf)), "steering.edits[0].value"),
+    ("value-minus-inf", "chat", _steer(_edit(value=-math.inf)), "steering.edits[0].value"),
+    ("value-string", "completions", _steer(_edit(value="8")), "steering.edits[0].value"),
+    ("value-bool", "completions", _steer(_edit(value=True)), "steering.edits[0].value"),
+    ("value-too-big", "completions", _steer(_edit(value=1e5)), "steering.edits[0].value"),
+    ("value-missing", "completions", _steer(_edit(value=None)), "steering.edits[0].value"),
+    ("value-with-ablate", "chat", _steer(_edit(op="ablate")), "steering.edits[0].value"),
+    ("sae-unknown", "completions", _steer(_edit(sae="nope")), "steering.edits[0].sae"),
+    ("sae-missing", "completions", _steer({"feature": 1, "op": "ablate"}), "steering.edits[0].sae"),
+    ("sae-empty", "completions", _steer(_edit(sae="")), "steering.edits[0].sae"),
+    ("duplicate", "chat", _steer(_edit(), _edit(value=2.0)), "steering.edits[1]"),
+    ("too-many", "completions", _steer(*[_edit(feature=i) for i in range(MAX_EDITS + 1)]),
+     "steering.edits"),
+    ("edit-unknown-field", "completions", _steer(_edit(strength=2)), "steering.edits[0].strength"),
+    ("spec-unknown-field", "chat", _steer(_edit(), colour="red"), "steering.colour"),
+    ("apply-to", "completions", _steer(_edit(), apply_to="sometimes"), "steering.apply_to"),
+    ("two-errors", "completions", _steer(_edit(feature="a"), _edit(op="x")),
+     "steering.edits[0].feature"),
+    ("streaming", "completions", {**_steer(_edit(op="explode")), "stream": True},
+     "steering.edits[0].op"),
+    ("streaming-chat", "chat", {**_steer(_edit(value=math.nan)), "stream": True},
+     "steering.edits[0].value"),
+    ("xargs-bad", "completions", {"vllm_xargs": {"sae_steering": '{"edits": [{"feature": 1}]}'}},
+     "vllm_xargs.sae_steering.edits[0].op"),
+    ("xargs-twice", "completions", {**_steer(_edit()), "vllm_xargs": {"sae_steering": "{}"}},
+     "vllm_xargs.sae_steering"),
+]  # fmt: skip
+
+
+def _body(endpoint: str, fields: dict) -> dict:
+    base = {"model": MODEL, "max_tokens": 4, "temperature": 0}
+    if endpoint == "chat":
+        return base | {"messages": CHATS[0]} | fields
+    return base | {"prompt": PROMPTS[0]} | fields
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "fields", "param"), [b[1:] for b in BAD], ids=[b[0] for b in BAD]
+)
+def test_bad_steering_gets_400_naming_the_field(http, endpoint, fields, param):
+    path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
+    # json.dumps writes NaN / Infinity literals, as a careless client would
+    response = http.post(path, content=json.dumps(_body(endpoint, fields)),
+                         headers={"Content-Type": "application/json"})  # fmt: skip
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param
+    assert error["code"] == 400 and error["type"] == "invalid_request_error"
+    assert error["message"].startswith(param + ":")
+
+
+def test_every_error_is_listed(http):
+    body = _body("completions", _steer(_edit(feature="a"), _edit(feature=4, op="x")))
+    error = http.post("/v1/completions", json=body).json()["error"]
+    assert error["message"].startswith("steering.edits[0].feature: ")
+    assert "; steering.edits[1].op: " in error["message"]
+
+
+def test_bad_steering_raises_in_the_official_client(client):
+    with pytest.raises(openai.BadRequestError) as info:
+        complete(client, PROMPTS[0], {"edits": [_edit(feature=D_SAE)]})
+    assert info.value.status_code == 400
+    assert info.value.body["param"] == "steering.edits[0].feature"
+    assert f"out of range for SAE 'res1' (d_sae {D_SAE})" in info.value.body["message"]
+
+
+def test_still_serving_after_bad_requests(client, http):
+    for _ in range(3):
+        http.post("/v1/completions", json=_body("completions", _steer(_edit(op="explode"))))
+    plain = complete(client, PROMPTS[2])
+    assert plain and complete(client, PROMPTS[2]) == plain
+    assert complete(client, PROMPTS[2], STRONG) != plain
+
+
+# --- concurrency ----------------------------------------------------------------------------
+
+
+def test_64_concurrent_mixed_requests_are_isolated(client, server):
+    specs = {"plain": None, "strong": STRONG, "mixed": MIXED}
+    baseline = {
+        ("completion", i, name): complete(client, p, spec)
+        for i, p in enumerate(PROMPTS) for name, spec in specs.items()
+    } | {
+        ("chat", i, name): chat(client, m, spec)
+        for i, m in enumerate(CHATS) for name, spec in specs.items()
+    }  # fmt: skip
+    jobs = []
+    for n in range(64):
+        kind = "chat" if n % 4 == 3 else "completion"
+        index = n % (len(CHATS) if kind == "chat" else len(PROMPTS))
+        name = ("plain", "strong", "plain", "mixed")[(n // 4) % 4]
+        jobs.append((kind, index, name, n % 2 == 1))
+
+    async def one(aclient: openai.AsyncOpenAI, kind: str, index: int, name: str, stream: bool):
+        extra = {"steering": specs[name]} if specs[name] is not None else None
+        common = {"model": MODEL, "temperature": 0, "max_tokens": MAX_TOKENS, "stream": stream,
+                  "extra_body": extra}  # fmt: skip
+        if kind == "chat":
+            response = await aclient.chat.completions.create(messages=CHATS[index], **common)
+            if not stream:
+                return response.choices[0].message.content
+            return "".join([c.choices[0].delta.content or "" async for c in response if c.choices])
+        response = await aclient.completions.create(prompt=PROMPTS[index], **common)
+        if not stream:
+            return response.choices[0].text
+        return "".join([c.choices[0].text async for c in response if c.choices])
+
+    async def run_all() -> list[str]:
+        async with openai.AsyncOpenAI(
+            base_url=f"{server.base_url}/v1", api_key=API_KEY, max_retries=0, timeout=300
+        ) as aclient:
+            return await asyncio.gather(*(one(aclient, *job) for job in jobs))
+
+    results = asyncio.run(run_all())
+    mismatches = [
+        (job, text, baseline[job[:3]])
+        for job, text in zip(jobs, results, strict=True)
+        if text != baseline[job[:3]]
+    ]
+    assert not mismatches
+
+
+# --- SAE routes, auth, schema, metrics ------------------------------------------------------
+
+
+def test_sae_list(http):
+    response = http.get("/v1/saes")
+    assert response.status_code == 200
+    assert response.json()["data"] == [
+        {"object": "sae", "id": "res1", "layer": 1, "architecture": "relu", "d_in": 128,
+         "d_sae": D_SAE, "has_labels": True},
+        {"object": "sae", "id": "res2", "layer": 2, "architecture": "jumprelu", "d_in": 128,
+         "d_sae": D_SAE, "has_labels": False},
+    ]  # fmt: skip
+
+
+def test_feature_route(http, artifacts):
+    from sae_vllm import load_sae
+
+    body = http.get("/v1/saes/res1/features/3").json()
+    norm = float(load_sae(str(artifacts["sae1"])).W_dec[3].norm())
+    assert body["label"] == "three-ness"
+    assert body["top_tokens"] == [
+        {"token": "w3", "activation": 2.5},
+        {"token": "w33", "activation": None},
+    ]
+    assert body["decoder_norm"] == pytest.approx(norm, rel=1e-5)
+    unlabeled = http.get("/v1/saes/res2/features/0").json()
+    assert unlabeled["label"] is None and unlabeled["decoder_norm"] > 0
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "param"),
+    [
+        ("/v1/saes/nope/features/1", 404, "sae_id"),
+        (f"/v1/saes/res1/features/{D_SAE}", 404, "index"),
+        ("/v1/saes/res1/features/-1", 404, "index"),
+        ("/v1/saes/res1/features/abc", 400, None),
+    ],
+)
+def test_feature_route_errors(http, path, status, param):
+    response = http.get(path)
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert error["code"] == status and error["message"]
+    if param:
+        assert error["param"] == param
+
+
+@pytest.mark.parametrize("path", ["/v1/saes", "/v1/saes/res1/features/3", "/v1/models"])
+def test_api_key_is_enforced(server, path):
+    assert httpx.get(server.base_url + path).status_code == 401
+    bad = {"Authorization": "Bearer wrong"}
+    assert httpx.get(server.base_url + path, headers=bad).status_code == 401
+
+
+def test_api_key_is_enforced_on_generation(server):
+    wrong = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        complete(wrong, PROMPTS[0], STRONG)
+
+
+def test_openapi_documents_steering(server):
+    schema = httpx.get(server.base_url + "/openapi.json").json()
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        ref = schema["paths"][path]["post"]["requestBody"]["content"]["application/json"]
+        model = ref["schema"]["$ref"].rsplit("/", 1)[-1]
+        steering = schema["components"]["schemas"][model]["properties"]["steering"]
+        assert {"$ref": "#/components/schemas/SteeringSpec"} in steering["anyOf"]
+    spec = schema["components"]["schemas"]["SteeringSpec"]
+    assert "edits" in spec["properties"]
+    assert "/v1/saes" in schema["paths"] and "/v1/saes/{sae_id}/features/{index}" in schema["paths"]
+
+
+def test_metrics_count_requests(client, http):
+    steered = ("sae_steering_steered_requests_total", (("endpoint", "completions"),))
+    chat_steered = ("sae_steering_steered_requests_total", (("endpoint", "chat.completions"),))
+    unsteered = ("sae_steering_unsteered_requests_total", (("endpoint", "completions"),))
+    edits_sum = ("sae_steering_edits_per_request_sum", ())
+    edits_count = ("sae_steering_edits_per_request_count", ())
+    unknown_op = ("sae_steering_rejected_specs_total", (("reason", "unknown_op"),))
+    non_finite = ("sae_steering_rejected_specs_total", (("reason", "non_finite"),))
+    keys = [steered, chat_steered, unsteered, edits_sum, edits_count, unknown_op, non_finite]
+    before = metric_samples(http)
+    complete(client, PROMPTS[0], MIXED)
+    chat(client, CHATS[0], STRONG)
+    complete(client, PROMPTS[0])
+    complete(client, PROMPTS[0])
+    http.post("/v1/completions", json=_body("completions", _steer(_edit(op="explode"))))
+    nan_body = json.dumps(_body("completions", _steer(_edit(value=math.nan))))
+    http.post("/v1/completions", content=nan_body, headers={"Content-Type": "application/json"})
+    after = metric_samples(http)
+    assert [after[k] - before.get(k, 0.0) for k in keys] == [1, 1, 2, 4, 2, 1, 1]
+
+
+def test_no_server_errors_anywhere(http):
+    """Runs last: nothing the module sent made the server answer 5xx."""
+    samples = metric_samples(http)
+    errors = {
+        k: v
+        for k, v in samples.items()
+        if k[0] == "http_requests_total" and ("status", "5xx") in k[1]
+    }
+    assert not any(errors.values()), errors
+    assert any(k[0] == "http_requests_total" for k in samples)
+
+
+# --- offline reference ----------------------------------------------------------------------
+
+
+RESULT_MARK = "offline-result: "
+
+
+def run_offline(job: dict, root: Path) -> dict:
+    """The job's greedy texts from vLLM's offline LLM, in a child process."""
+    job_path = root / "offline-job.json"
+    job_path.write_text(json.dumps(job))
+    result = subprocess.run(
+        [sys.executable, __file__, str(job_path)],
+        capture_output=True, text=True, timeout=900, check=False,
+    )  # fmt: skip
+    if result.returncode != 0:
+        raise RuntimeError(f"offline reference failed:\n{result.stderr[-4000:]}")
+    lines = [line for line in result.stdout.splitlines() if line.startswith(RESULT_MARK)]
+    return json.loads(lines[-1].removeprefix(RESULT_MARK))
+
+
+def offline_reference(job: dict) -> dict:
+    from vllm import LLM, SamplingParams
+
+    from sae_vllm import steering_params
+
+    llm = LLM(job["model"], additional_config=job["additional_config"], **ENGINE)
+
+    def params(spec: dict | None):
+        if spec is None:
+            return SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
+        return steering_params(
+            spec, config=job["additional_config"], temperature=0, max_tokens=MAX_TOKENS
+        )
+
+    completions = llm.generate(
+        [p for p, _ in job["completions"]], [params(s) for _, s in job["completions"]],
+        use_tqdm=False,
+    )  # fmt: skip
+    chats = llm.chat(
+        [m for m, _ in job["chats"]], [params(s) for _, s in job["chats"]], use_tqdm=False
+    )
+    return {
+        "completions": [o.outputs[0].text for o in completions],
+        "chats": [o.outputs[0].text for o in chats],
+    }
+
+
+if __name__ == "__main__":
+    result = offline_reference(json.loads(Path(sys.argv[1]).read_text()))
+    print(RESULT_MARK + json.dumps(result), flush=True)

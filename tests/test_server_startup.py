@@ -1,0 +1,144 @@
+"""`sae-vllm serve` refuses a bad setup before the engine starts: exit 1, one line on stderr."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+pytestmark = pytest.mark.server
+
+
+def sae_vllm(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "sae_vllm.cli", *args],
+        capture_output=True, text=True, timeout=timeout, check=False,
+    )  # fmt: skip
+
+
+def write_narrow_sae(directory: Path, d_in: int = 64, d_sae: int = 32) -> Path:
+    """A SAELens SAE whose d_in does not match the tiny model."""
+    directory.mkdir(parents=True)
+    W_dec = torch.randn(d_sae, d_in)
+    tensors = {"W_enc": W_dec.T.contiguous(), "b_enc": torch.zeros(d_sae), "W_dec": W_dec,
+               "b_dec": torch.zeros(d_in)}  # fmt: skip
+    save_file(tensors, directory / "sae_weights.safetensors")
+    cfg = {"architecture": "standard", "d_in": d_in, "d_sae": d_sae, "dtype": "float32",
+           "apply_b_dec_to_input": False, "normalize_activations": "none",
+           "metadata": {"hook_name": "blocks.1.hook_resid_post"}}  # fmt: skip
+    (directory / "cfg.json").write_text(json.dumps(cfg))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory) -> dict[str, Path]:
+    from tiny_model import build_tiny_llama, write_random_sae
+
+    root = tmp_path_factory.mktemp("startup")
+    sae = root / "sae"
+    write_random_sae(sae, "relu", layer=1, d_sae=64)
+    bad_labels = root / "bad-labels.json"
+    bad_labels.write_text("{")
+    return {
+        "root": root,
+        "model": build_tiny_llama(root / "model"),
+        "sae": sae,
+        "narrow": write_narrow_sae(root / "narrow"),
+        "bad_labels": bad_labels,
+    }
+
+
+CASES = [  # (id, args after the model, expected end of the error line)
+    ("missing-sae", ["--sae", "x={root}/missing"], "SAE 'x': {root}/missing does not exist"),
+    ("d_in-mismatch", ["--sae", "n={narrow}"],
+     "SAE 'n': d_in 64 does not match the model's hidden size 128"),
+    ("bad-layer", ["--sae", "s={sae}@9"],
+     "SAE 's': layer 9 does not exist (the model has layers 0..3)"),
+    ("labels-unknown-id", ["--sae", "s={sae}", "--sae-labels", "t={bad_labels}"],
+     "--sae-labels names SAE 't', which is not configured"),
+    ("labels-bad-json", ["--sae", "s={sae}", "--sae-labels", "s={bad_labels}"],
+     "SAE 's': labels {bad_labels}: not valid JSON"),
+    ("duplicate-id", ["--sae", "s={sae}", "--sae", "s={sae}"], "duplicate SAE ids: s"),
+    ("bad-max-edits", ["--sae", "s={sae}", "--max-edits", "0"], "max_edits"),
+    ("user-config-clash", ["--sae", "s={sae}", "--additional-config",
+                           '{{"sae_steering": {{"saes": [{{"id": "s", "path": "{sae}"}}]}}}}'],
+     "duplicate SAE ids: s"),
+]  # fmt: skip
+
+
+@pytest.fixture
+def serve_in_process(monkeypatch, capsys):
+    """`sae-vllm serve ARGS` in this process (one vLLM import for every case): (rc, stderr)."""
+    import os
+
+    from sae_vllm.server.launch import serve
+
+    # the serve parser sets vLLM's worker start method, as `vllm serve` does; keep ours
+    method = os.environ.get("VLLM_WORKER_MULTIPROC_METHOD")
+    if method is None:
+        monkeypatch.delenv("VLLM_WORKER_MULTIPROC_METHOD", raising=False)
+    else:
+        monkeypatch.setenv("VLLM_WORKER_MULTIPROC_METHOD", method)
+
+    def run(*args: str) -> tuple[int, str]:
+        code = serve(list(args))
+        return code, capsys.readouterr().err
+
+    return run
+
+
+@pytest.mark.parametrize(("args", "expected"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_setup_is_refused_with_one_line(paths, serve_in_process, args, expected):
+    fill = {name: str(path) for name, path in paths.items()}
+    code, stderr = serve_in_process(str(paths["model"]), *[a.format(**fill) for a in args])
+    assert code == 1
+    assert stderr.count("sae-vllm serve: error") == 1
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("sae-vllm serve: error: ")
+    assert expected.format(**fill) in last
+
+
+def test_missing_model_is_refused_with_one_line(paths, serve_in_process):
+    code, stderr = serve_in_process(str(paths["root"] / "no-model"), "--sae", f"s={paths['sae']}")
+    assert code == 1
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith(f"sae-vllm serve: error: model {paths['root'] / 'no-model'}")
+
+
+@pytest.mark.parametrize("case", ["missing-sae", "d_in-mismatch"])
+def test_the_command_exits_1_without_a_traceback(paths, case):
+    _, args, expected = next(c for c in CASES if c[0] == case)
+    fill = {name: str(path) for name, path in paths.items()}
+    result = sae_vllm("serve", str(paths["model"]), *[a.format(**fill) for a in args])
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == f"sae-vllm serve: error: {expected.format(**fill)}"
+
+
+def test_malformed_sae_option_is_a_usage_error(paths, serve_in_process, capsys):
+    with pytest.raises(SystemExit) as info:
+        serve_in_process(str(paths["model"]), "--sae", "no-equals-sign")
+    assert info.value.code == 2
+    assert "argument --sae: expected ID=PATH[@LAYER]" in capsys.readouterr().err
+
+
+def test_help_lists_steering_and_vllm_options(serve_in_process, capsys):
+    with pytest.raises(SystemExit) as info:
+        serve_in_process("--help")
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for option in ("--sae ID=PATH[@LAYER]", "--sae-labels", "--max-edits", "--api-key"):
+        assert option in out
+
+
+def test_cli_usage_and_unknown_command():
+    assert sae_vllm().returncode == 2
+    result = sae_vllm("frobnicate")
+    assert result.returncode == 2 and "unknown command 'frobnicate'" in result.stderr
+    assert sae_vllm("--help").returncode == 0

@@ -1,0 +1,73 @@
+"""`sae-vllm serve` with no model: the embedded model, its SAE and labels, steered by topic."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+pytestmark = pytest.mark.server
+
+SAMPLES = 16
+
+
+@pytest.fixture(scope="module")
+def toy():
+    build = pytest.importorskip("sae_vllm.toy.build")
+    return build.ensure_built()
+
+
+@pytest.fixture(scope="module")
+def server(toy, tmp_path_factory):
+    from sae_vllm.server.process import ServerProcess
+
+    log = tmp_path_factory.mktemp("toy-server") / "server.log"
+    process = ServerProcess(["--enforce-eager"], log)  # what `make serve` runs, minus compile
+    process.start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="none", max_retries=0)
+
+
+def test_serves_the_embedded_model_and_sae(server, client, toy):
+    from sae_vllm.server.launch import TOY_SERVED_NAME
+
+    assert [m.id for m in client.models.list().data] == [TOY_SERVED_NAME]
+    saes = httpx.get(f"{server.base_url}/v1/saes").json()["data"]
+    assert len(saes) == 1
+    assert saes[0]["id"] == toy.sae_id and saes[0]["layer"] == toy.layer
+    assert saes[0]["has_labels"] is True
+
+
+def test_topic_features_carry_their_labels(server, toy):
+    for topic, info in toy.topics.items():
+        url = f"{server.base_url}/v1/saes/{toy.sae_id}/features/{info['feature']}"
+        feature = httpx.get(url).json()
+        assert feature["label"] == f"topic: {topic}"
+        assert feature["top_tokens"] and feature["max_activation"] > 0
+
+
+def test_steering_toward_a_topic_moves_samples_there(client, toy):
+    from sae_vllm.toy.corpus import classify
+    from sae_vllm.toy.demo import NEUTRAL_PROMPT
+
+    def topics_of(steering: dict | None) -> list[str | None]:
+        response = client.completions.create(
+            model=client.models.list().data[0].id, prompt=NEUTRAL_PROMPT, max_tokens=12,
+            temperature=0.7, n=SAMPLES, seed=0,
+            extra_body={"steering": steering} if steering else None,
+        )  # fmt: skip
+        return [classify(choice.text) for choice in response.choices]
+
+    plain = topics_of(None)
+    shares = {}
+    for topic, info in toy.topics.items():
+        edit = {"feature": info["feature"], "op": "set", "value": info["steering_value"]}
+        steered = topics_of({"edits": [edit]})  # one SAE: the id may be left out
+        shares[topic] = (steered.count(topic) / SAMPLES, plain.count(topic) / SAMPLES)
+    assert all(steered > unsteered for steered, unsteered in shares.values()), shares
+    assert all(steered >= 0.5 for steered, _ in shares.values()), shares

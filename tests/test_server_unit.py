@@ -1,0 +1,338 @@
+"""Server pieces without an engine: options, labels, rejection reasons, the gate, the SAE routes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from sae_vllm.server import rejections
+from sae_vllm.server.errors import StartupError
+from sae_vllm.server.labels import LabelFileError, default_labels_path, read_labels
+from sae_vllm.server.options import labels_argument, sae_argument, steering_additional_config
+from sae_vllm.server.registry import SAERegistry, load_record
+from sae_vllm.server.routes import REGISTRY_STATE, router
+from sae_vllm.server.steering import Rejection, SteeringGate
+from tiny_model import HIDDEN, write_random_sae
+
+from sae_vllm.config import CONFIG_KEY, SAEEntry, SteeringConfig
+from sae_vllm.spec import SpecLimits
+
+D_SAE = 64
+
+
+@pytest.fixture(scope="module")
+def sae_dir(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("unit-sae") / "sae"
+    write_random_sae(directory, "relu", layer=1, d_sae=D_SAE)
+    labels = {"features": {"3": {"label": "three", "top_tokens": ["w3", ["w4", 1.5]]}}}
+    (directory / "labels.json").write_text(json.dumps(labels))
+    return directory
+
+
+# --- options --------------------------------------------------------------------------------
+
+
+def test_sae_argument_parses_id_path_and_layer(tmp_path):
+    assert sae_argument(f"res={tmp_path}@12") == {"id": "res", "path": str(tmp_path), "layer": 12}
+    assert sae_argument(f"res={tmp_path}") == {"id": "res", "path": str(tmp_path)}
+    odd = tmp_path / "name@v2"  # an '@' not followed by digits belongs to the path
+    assert sae_argument(f"res={odd}")["path"] == str(odd)
+    assert sae_argument("res=rel/dir@3")["path"] == str(Path("rel/dir").absolute())
+
+
+@pytest.mark.parametrize("text", ["res", "=path", "res=", ""])
+def test_sae_argument_rejects_malformed(text):
+    with pytest.raises(argparse.ArgumentTypeError):
+        sae_argument(text)
+
+
+def test_labels_argument(tmp_path):
+    assert labels_argument(f"res={tmp_path}/l.json") == ("res", f"{tmp_path}/l.json")
+    with pytest.raises(argparse.ArgumentTypeError):
+        labels_argument("res")
+
+
+def test_additional_config_merges_with_the_users():
+    user = {"other": 1, CONFIG_KEY: {"saes": [{"id": "a", "path": "/a", "layer": 1}]}}
+    merged, config = steering_additional_config(
+        user, [{"id": "b", "path": "/b"}], [("b", "/b.json")], max_edits=4
+    )
+    assert merged["other"] == 1
+    assert config == SteeringConfig(
+        saes=[SAEEntry(id="a", path="/a", layer=1), SAEEntry(id="b", path="/b", labels="/b.json")],
+        max_edits=4,
+    )
+    assert SteeringConfig.model_validate(merged[CONFIG_KEY]) == config
+    assert user[CONFIG_KEY]["saes"] == [{"id": "a", "path": "/a", "layer": 1}]  # not mutated
+
+
+def test_additional_config_without_saes_is_steering_off():
+    assert steering_additional_config({"x": 1}, [], [], None) == ({"x": 1}, None)
+
+
+@pytest.mark.parametrize(
+    ("saes", "labels", "max_edits", "needle"),
+    [
+        ([{"id": "a", "path": "/a"}, {"id": "a", "path": "/b"}], [], None, "duplicate SAE ids"),
+        ([{"id": "a", "path": "/a"}], [("b", "/l")], None, "SAE 'b'"),
+        ([{"id": "a", "path": "/a"}], [], 0, "max_edits"),
+        ([], [], 8, "no SAE"),
+        ([{"id": "bad id", "path": "/a"}], [], None, "saes.0.id"),
+    ],
+)
+def test_additional_config_errors_are_one_line(saes, labels, max_edits, needle):
+    with pytest.raises(StartupError) as info:
+        steering_additional_config({}, saes, labels, max_edits)
+    assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+# --- labels ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"features": {"2": {"label": "two", "top_tokens": [["a", 1.0], "b"]}}},
+        {"2": {"description": "two", "tokens": [{"token": "a", "activation": 1.0}, "b"]}},
+        [{"index": 2, "explanation": "two", "top_tokens": [{"text": "a", "score": 1}, "b"]}],
+        {"features": [None, None, {"label": "two", "top_tokens": [["a", 1], ["b", None]]}]},
+    ],
+)
+def test_read_labels_accepts_common_shapes(tmp_path, data):
+    path = tmp_path / "labels.json"
+    path.write_text(json.dumps(data))
+    labels = read_labels(path)
+    assert labels[2].label == "two"
+    assert [(t.token, t.activation) for t in labels[2].top_tokens] == [("a", 1.0), ("b", None)]
+
+
+def test_read_labels_toy_format(tmp_path):
+    """The embedded default model's labels.json (sae_vllm/toy/labels.py: labels_document)."""
+    document = {
+        "sae_id": "toy", "layer": 1, "hook_name": "blocks.1.hook_resid_post",
+        "topics": {"sea": {"feature": 1, "auroc": 0.99, "steering_value": 6.0}},
+        "features": [
+            {"index": 0, "top_tokens": [], "density": 0.0, "max_activation": 0.0, "topic": None,
+             "label": "dead"},
+            {"index": 1, "top_tokens": ["boat", "wave"], "density": 0.02, "max_activation": 4.5,
+             "topic": "sea", "label": "topic: sea"},
+        ],
+    }  # fmt: skip
+    path = tmp_path / "labels.json"
+    path.write_text(json.dumps(document))
+    labels = read_labels(path)
+    assert labels[1].label == "topic: sea" and labels[1].max_activation == 4.5
+    assert [t.token for t in labels[1].top_tokens] == ["boat", "wave"]
+    assert labels[1].density == 0.02 and labels[0].top_tokens == []
+
+
+def test_read_labels_plain_strings(tmp_path):
+    path = tmp_path / "labels.json"
+    path.write_text(json.dumps({"0": "zero", "7": "seven"}))
+    labels = read_labels(path)
+    assert labels[7].label == "seven" and labels[7].top_tokens is None
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("{", "not valid JSON"),
+        ('{"x": "y"}', "not an integer"),
+        ('{"-1": "a"}', "negative"),
+        ("3", "expected"),
+    ],
+)
+def test_read_labels_errors_name_the_file(tmp_path, text, needle):
+    path = tmp_path / "labels.json"
+    path.write_text(text)
+    with pytest.raises(LabelFileError) as info:
+        read_labels(path)
+    assert str(path) in str(info.value) and needle in str(info.value)
+
+
+def test_default_labels_path(tmp_path, sae_dir):
+    assert default_labels_path(sae_dir) == sae_dir / "labels.json"
+    assert default_labels_path(tmp_path) is None
+    weights = tmp_path / "sae.pt"
+    weights.write_bytes(b"")
+    (tmp_path / "sae.labels.json").write_text("{}")
+    assert default_labels_path(weights) == tmp_path / "sae.labels.json"
+
+
+# --- registry -------------------------------------------------------------------------------
+
+
+def test_registry_reads_sizes_norms_and_labels(sae_dir):
+    from safetensors.numpy import load_file
+
+    registry = SAERegistry.load(SteeringConfig(saes=[SAEEntry(id="r", path=str(sae_dir))]))
+    record = registry.get("r")
+    assert registry.sizes() == {"r": D_SAE}
+    assert record.info.layer == 1 and record.info.d_in == HIDDEN and record.info.has_labels
+    W_dec = load_file(str(sae_dir / "sae_weights.safetensors"))["W_dec"]
+    assert np.allclose(record.decoder_norms, np.linalg.norm(W_dec, axis=1), rtol=1e-6)
+    assert record.feature(3).label == "three"
+    assert record.feature(4).label is None and record.feature(4).top_tokens is None
+    assert record.feature(D_SAE) is None and record.feature(-1) is None
+
+
+def test_registry_startup_errors(tmp_path, sae_dir):
+    with pytest.raises(StartupError, match="does not exist"):
+        load_record(SAEEntry(id="m", path=str(tmp_path / "missing")))
+    with pytest.raises(StartupError, match="SAE 'e'"):
+        load_record(SAEEntry(id="e", path=str(tmp_path)))  # an empty folder is no SAE
+    registry = SAERegistry.load(SteeringConfig(saes=[SAEEntry(id="r", path=str(sae_dir))]))
+    with pytest.raises(StartupError, match="d_in 128 does not match the model's hidden size 64"):
+        registry.check_model(64, 4)
+    with pytest.raises(StartupError, match="layer 1 does not exist"):
+        registry.check_model(HIDDEN, 1)
+    registry.check_model(HIDDEN, 2)
+
+
+# --- rejection reasons and the gate -----------------------------------------------------------
+
+SIZES = {"a": 16, "b": 32}
+GATE = SteeringGate(SIZES, SpecLimits(max_edits=3, max_abs_value=100.0))
+
+
+def edit(**fields):
+    return {"sae": "a", "feature": 1, "op": "set", "value": 1.0} | fields
+
+
+REJECTED = [
+    ("{", "steering", rejections.MALFORMED),
+    (7, "steering", rejections.MALFORMED),
+    ({}, "steering.edits", rejections.MISSING_FIELD),
+    ({"edits": []}, "steering.edits", rejections.INVALID_VALUE),
+    ({"edits": [edit(), edit(feature=2), edit(feature=3), edit(feature=4)]}, "steering.edits",
+     rejections.TOO_MANY_EDITS),
+    ({"edits": [edit(colour=1)]}, "steering.edits[0].colour", rejections.UNKNOWN_FIELD),
+    ({"edits": [edit(op="explode")]}, "steering.edits[0].op", rejections.UNKNOWN_OP),
+    ({"edits": [edit(feature="1")]}, "steering.edits[0].feature", rejections.INVALID_TYPE),
+    ({"edits": [edit(feature=16)]}, "steering.edits[0].feature", rejections.FEATURE_OUT_OF_RANGE),
+    ({"edits": [edit(feature=-1)]}, "steering.edits[0].feature", rejections.FEATURE_OUT_OF_RANGE),
+    ({"edits": [edit(value=float("nan"))]}, "steering.edits[0].value", rejections.NON_FINITE),
+    ({"edits": [edit(value="1")]}, "steering.edits[0].value", rejections.INVALID_TYPE),
+    ({"edits": [edit(value=101)]}, "steering.edits[0].value", rejections.VALUE_OUT_OF_RANGE),
+    ({"edits": [edit(op="ablate")]}, "steering.edits[0].value", rejections.INVALID_VALUE),
+    ({"edits": [edit(value=None)]}, "steering.edits[0].value", rejections.MISSING_FIELD),
+    ({"edits": [edit(sae="zz")]}, "steering.edits[0].sae", rejections.UNKNOWN_SAE),
+    ({"edits": [edit(sae=None)]}, "steering.edits[0].sae", rejections.MISSING_FIELD),
+    ({"edits": [edit(), edit()]}, "steering.edits[1]", rejections.DUPLICATE_FEATURE),
+    ({"edits": [edit()], "apply_to": "x"}, "steering.apply_to", rejections.INVALID_VALUE),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("steering", "param", "reason"), REJECTED)
+def test_gate_rejects_with_field_and_reason(steering, param, reason):
+    with pytest.raises(Rejection) as info:
+        GATE.admit("completions", steering)
+    body = json.loads(info.value.response.body)
+    assert info.value.response.status_code == 400
+    assert info.value.reason == reason
+    assert body["error"]["param"] == param
+    assert body["error"]["type"] == "invalid_request_error" and body["error"]["code"] == 400
+    assert body["error"]["message"].startswith(param)
+
+
+def test_gate_admits_and_resolves():
+    assert GATE.admit("completions", None) is None
+    spec = GATE.admit("chat.completions", {"edits": [{"sae": "b", "feature": 31, "op": "ablate"}]})
+    assert spec["edits"] == [{"sae": "b", "feature": 31, "op": "ablate", "value": None}]
+    assert spec["apply_to"] == "generated"
+    as_string = GATE.admit("completions", None, json.dumps({"edits": [edit()]}))
+    assert as_string["edits"][0]["sae"] == "a"
+
+
+def test_gate_refuses_two_specs_and_steering_without_saes():
+    with pytest.raises(Rejection) as info:
+        GATE.admit("completions", {"edits": [edit()]}, {"edits": [edit()]})
+    assert info.value.reason == rejections.CONFLICT
+    assert json.loads(info.value.response.body)["error"]["param"] == "vllm_xargs.sae_steering"
+    with pytest.raises(Rejection) as info:
+        SteeringGate({}, SpecLimits()).admit("completions", {"edits": [edit()]})
+    assert info.value.reason == rejections.STEERING_DISABLED
+
+
+def test_gate_counts(monkeypatch):
+    from prometheus_client import REGISTRY
+
+    def value(name, **labels):
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    before = (
+        value("sae_steering_steered_requests_total", endpoint="completions"),
+        value("sae_steering_unsteered_requests_total", endpoint="completions"),
+        value("sae_steering_edits_per_request_sum"),
+        value("sae_steering_rejected_specs_total", reason=rejections.UNKNOWN_SAE),
+    )
+    GATE.admit("completions", {"edits": [edit(), edit(feature=2)]})
+    GATE.admit("completions", None)
+    with pytest.raises(Rejection):
+        GATE.admit("completions", {"edits": [edit(sae="zz")]})
+    after = (
+        value("sae_steering_steered_requests_total", endpoint="completions"),
+        value("sae_steering_unsteered_requests_total", endpoint="completions"),
+        value("sae_steering_edits_per_request_sum"),
+        value("sae_steering_rejected_specs_total", reason=rejections.UNKNOWN_SAE),
+    )
+    assert [b - a for a, b in zip(before, after, strict=True)] == [1, 1, 2, 1]
+
+
+def test_every_reason_is_exported_from_the_start():
+    from prometheus_client import REGISTRY
+
+    for reason in rejections.REASONS:
+        labels = {"reason": reason}
+        assert REGISTRY.get_sample_value("sae_steering_rejected_specs_total", labels) is not None
+
+
+# --- routes ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def client(sae_dir) -> TestClient:
+    app = FastAPI()
+    config = SteeringConfig(saes=[SAEEntry(id="r", path=str(sae_dir), layer=2)])
+    setattr(app.state, REGISTRY_STATE, SAERegistry.load(config))
+    app.include_router(router)
+    return TestClient(app)
+
+
+def test_route_lists_saes(client):
+    response = client.get("/v1/saes")
+    assert response.status_code == 200
+    assert response.json() == {
+        "object": "list",
+        "data": [
+            {"object": "sae", "id": "r", "layer": 2, "architecture": "relu", "d_in": HIDDEN,
+             "d_sae": D_SAE, "has_labels": True},
+        ],
+    }  # fmt: skip
+
+
+def test_route_feature(client):
+    body = client.get("/v1/saes/r/features/3").json()
+    assert body["label"] == "three" and body["index"] == 3 and body["sae"] == "r"
+    assert body["top_tokens"] == [
+        {"token": "w3", "activation": None},
+        {"token": "w4", "activation": 1.5},
+    ]
+    assert body["decoder_norm"] > 0
+
+
+@pytest.mark.parametrize(
+    ("path", "param"),
+    [("/v1/saes/x/features/1", "sae_id"), (f"/v1/saes/r/features/{D_SAE}", "index"),
+     ("/v1/saes/r/features/-1", "index")],
+)  # fmt: skip
+def test_route_not_found(client, path, param):
+    response = client.get(path)
+    assert response.status_code == 404
+    error = response.json()["error"]
+    assert error["param"] == param and error["code"] == 404 and error["message"]
