@@ -46,28 +46,41 @@ def steer_cpu_(
         steer_reference_(hidden, residual, enc_t, b_enc, threshold, W_dec, row_feat, row_val,
                          row_op, tok_row, tok_scope, topk_k)  # fmt: skip
         return
-    index = torch.from_numpy(tokens)
-    h = _float32(hidden.index_select(0, index))
+    h = _gather_f32(hidden, tokens)
     if residual is not None:
-        h = h + _float32(residual.index_select(0, index))
+        h = h + _gather_f32(residual, tokens)
     r = rows[tokens]
     feat = row_feat.numpy()[r].astype(np.int64)
     valid = (feat >= 0) & (feat < enc_t.shape[0])
     feat = np.where(valid, feat, 0)
-    flat = torch.from_numpy(feat.reshape(-1))
-    enc = _float32(enc_t.index_select(0, flat)).reshape(*feat.shape, -1)
+    enc = _gather_f32(enc_t, feat)
     z = np.einsum("tkd,td->tk", enc, h) + b_enc.numpy()[feat]
     a = np.where(z > np.maximum(threshold.numpy()[feat], 0), z, 0).astype(np.float32)
     edited = _apply_edit(a, row_op.numpy()[r], row_val.numpy()[r])
     coef = np.where(valid, edited - a, 0).astype(np.float32)
-    dec = _float32(W_dec.index_select(0, flat)).reshape(*feat.shape, -1)
-    delta = np.einsum("tk,tkd->td", coef, dec)
-    new = _float32(hidden.index_select(0, index)) + delta
-    hidden.index_copy_(0, index, torch.from_numpy(new).to(hidden.dtype))
+    delta = np.einsum("tk,tkd->td", coef, _gather_f32(W_dec, feat))
+    _scatter(hidden, tokens, _gather_f32(hidden, tokens) + delta)
 
 
-def _float32(t: torch.Tensor) -> np.ndarray:
-    return t.float().numpy()
+_BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
+def _gather_f32(t: torch.Tensor, index: np.ndarray) -> np.ndarray:
+    """t[index] as float32 numpy. Gathers go through numpy: small torch gathers on CPU can
+    wake the OpenMP pool, which then competes with the model's own matmuls for the cores."""
+    if t.dtype == torch.float32:
+        return t.numpy()[index]
+    bits = t.view(_BITS[t.dtype]).numpy()[index]
+    return torch.from_numpy(bits).view(t.dtype).float().numpy()
+
+
+def _scatter(t: torch.Tensor, index: np.ndarray, values: np.ndarray) -> None:
+    """t[index] = values (float32 numpy), cast to t's dtype."""
+    if t.dtype == torch.float32:
+        t.numpy()[index] = values
+        return
+    cast = torch.from_numpy(values).to(t.dtype).view(_BITS[t.dtype]).numpy()
+    t.view(_BITS[t.dtype]).numpy()[index] = cast
 
 
 def _apply_edit(a: np.ndarray, op: np.ndarray, value: np.ndarray) -> np.ndarray:
