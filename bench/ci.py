@@ -41,7 +41,8 @@ def decode_step_times(llm: Any, requests: list) -> list[float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench ci", description=__doc__)
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--tpot-batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=report.RESULTS_DIR / "ci.json")
     args = parser.parse_args(argv)
@@ -91,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
                 output_len=24,
             )
             tpot[name] += decode_step_times(
-                engines[variant.engine], make_requests(decode, 8, d_sae, "bench", prompts)
+                engines[variant.engine],
+                make_requests(decode, args.tpot_batch, d_sae, "bench", prompts),
             )
         print(f"repeat {repeat + 1}/{args.repeats}", flush=True)
 
@@ -137,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             "d_sae": d_sae,
             "batch": args.batch,
             "repeats": args.repeats,
-            "tpot_batch": 8,
+            "tpot_batch": args.tpot_batch,
             "gates": {"throughput": THROUGHPUT_GATE, "tpot": TPOT_GATE},
             "baseline": "vLLM without the plugin, same run",
         },

@@ -12,8 +12,11 @@ import torch
 from .edit_ops import ABLATE, ADD, CAP, FLOOR, SCALE, SET
 from .reference import steer_reference_
 
-# (token, slot) pairs up to which the numpy path is used; prefills go to the torch reference.
-NUMPY_MAX_PAIRS = 512
+# _apply_edit indexes its candidates by op code.
+assert (SET, ADD, SCALE, ABLATE, FLOOR, CAP) == tuple(range(6))
+# Size of the gathered [tokens, slots, d_in] weights up to which the numpy path is used (16 MiB
+# of float32); larger prefills go to the torch reference.
+NUMPY_MAX_ELEMS = 1 << 22
 
 
 def steer_cpu_(
@@ -42,24 +45,28 @@ def steer_cpu_(
     tokens = np.flatnonzero(steered)
     if tokens.size == 0:
         return
-    if topk_k > 0 or tokens.size * n_slots > NUMPY_MAX_PAIRS:
+    r = rows[tokens]
+    feat = row_feat.numpy()[r]
+    # Tables are as wide as the engine's max_edits; only the slots some token uses matter.
+    used = np.flatnonzero((feat >= 0).any(axis=0))
+    feat = feat[:, : used[-1] + 1]
+    if topk_k > 0 or feat.size * hidden.shape[1] > NUMPY_MAX_ELEMS:
         steer_reference_(hidden, residual, enc_t, b_enc, threshold, W_dec, row_feat, row_val,
                          row_op, tok_row, tok_scope, topk_k)  # fmt: skip
         return
-    h = _gather_f32(hidden, tokens)
-    if residual is not None:
-        h = h + _gather_f32(residual, tokens)
-    r = rows[tokens]
-    feat = row_feat.numpy()[r].astype(np.int64)
+    hidden_rows = _gather_f32(hidden, tokens)
+    h = hidden_rows if residual is None else hidden_rows + _gather_f32(residual, tokens)
+    n_used = feat.shape[1]
+    feat = feat.astype(np.int64)
     valid = (feat >= 0) & (feat < enc_t.shape[0])
     feat = np.where(valid, feat, 0)
     enc = _gather_f32(enc_t, feat)
     z = np.einsum("tkd,td->tk", enc, h) + b_enc.numpy()[feat]
     a = np.where(z > np.maximum(threshold.numpy()[feat], 0), z, 0).astype(np.float32)
-    edited = _apply_edit(a, row_op.numpy()[r], row_val.numpy()[r])
+    edited = _apply_edit(a, row_op.numpy()[r, :n_used], row_val.numpy()[r, :n_used])
     coef = np.where(valid, edited - a, 0).astype(np.float32)
     delta = np.einsum("tk,tkd->td", coef, _gather_f32(W_dec, feat))
-    _scatter(hidden, tokens, _gather_f32(hidden, tokens) + delta)
+    _scatter(hidden, tokens, hidden_rows + delta)
 
 
 _BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16}
@@ -85,9 +92,9 @@ def _scatter(t: torch.Tensor, index: np.ndarray, values: np.ndarray) -> None:
 
 def _apply_edit(a: np.ndarray, op: np.ndarray, value: np.ndarray) -> np.ndarray:
     """numpy twin of edit_ops.apply_edit (unknown op codes leave a unchanged)."""
-    return np.select(
-        [op == SET, op == ADD, op == SCALE, op == ABLATE, op == FLOOR, op == CAP],
+    candidates = np.stack(
         [value, a + value, a * value, np.zeros_like(a), np.maximum(a, value),
-         np.minimum(a, value)],
-        default=a,
-    ).astype(np.float32)  # fmt: skip
+         np.minimum(a, value), a]
+    )  # fmt: skip
+    choice = np.where((op >= 0) & (op < 6), op, 6)
+    return np.take_along_axis(candidates, choice[None], axis=0)[0].astype(np.float32)
