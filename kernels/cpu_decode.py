@@ -13,7 +13,7 @@ from .edit_ops import ABLATE, ADD, CAP, FLOOR, SCALE, SET
 from .reference import steer_reference_
 
 # _apply_edit indexes its candidates by op code.
-assert (SET, ADD, SCALE, ABLATE, FLOOR, CAP) == tuple(range(6))
+assert tuple(range(6)) == (SET, ADD, SCALE, ABLATE, FLOOR, CAP)
 # Size of the gathered [tokens, slots, d_in] weights up to which the numpy path is used (16 MiB
 # of float32); larger prefills go to the torch reference.
 NUMPY_MAX_ELEMS = 1 << 22

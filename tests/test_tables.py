@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from sae_vllm.kernels import OP_CODES
 
 from sae_vllm.engine.tables import NO_ROW, SteeringTables
+from sae_vllm.kernels import OP_CODES
 from sae_vllm.spec import resolve_spec
 
 SIZES = {"a": 64, "b": 32}
@@ -113,3 +113,17 @@ def test_write_step_is_vectorised_over_large_batches():
     assert (rows[0::2] == NO_ROW).all() and (rows[1::2] >= 0).all()
     scope = tables.tok_scope[: 256 * 32].view(256, 32)
     assert scope[1, 15] and not scope[1, 14] and not scope[0, 20]
+
+
+def test_steady_decode_steps_reuse_the_buffers_and_changes_invalidate_them():
+    tables = make()
+    g = tables.admit("g", spec("generated"))
+    p = tables.admit("p", spec("prompt"))
+    assert step(tables, ["g", "p"], [4, 4], [0, 0], [4, 4]) == (
+        [g] * 4 + [p] * 4, [False, False, False, True, True, True, True, True]
+    )
+    assert step(tables, ["g", "p"], [1, 1], [4, 4], [4, 4]) == ([g, p], [True, False])
+    tables.tok_row[0] = 99  # a reused step leaves the buffers as the last full write left them
+    assert step(tables, ["g", "p"], [1, 1], [5, 5], [4, 4])[0] == [99, p]
+    tables.release("p")  # any row change forces a full write
+    assert step(tables, ["g", "p"], [1, 1], [6, 6], [4, 4]) == ([g, NO_ROW], [True, False])

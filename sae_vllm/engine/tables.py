@@ -60,6 +60,7 @@ class SteeringTables:
         self._row_scope = np.zeros(max_rows, dtype=np.int8)
         self._row_of: dict[str, int] = {}
         self._written_tokens = 0
+        self._steady_layout: tuple | None = None
 
     @property
     def rows_in_use(self) -> int:
@@ -85,6 +86,7 @@ class SteeringTables:
         if not self._free_rows:
             raise RuntimeError("steering table exhausted: more steered requests than rows")
         row = self._free_rows.pop()
+        self._steady_layout = None
         for sae_id, table in self.tables.items():
             edits = [edit for edit in spec.edits if edit.sae == sae_id]
             table.write_row(
@@ -101,6 +103,7 @@ class SteeringTables:
         row = self._row_of.pop(req_id, NO_ROW)
         if row == NO_ROW:
             return
+        self._steady_layout = None
         for table in self.tables.values():
             table.clear_row(row)
         self._free_rows.append(row)
@@ -113,6 +116,9 @@ class SteeringTables:
         num_prompt_tokens: np.ndarray,
     ) -> None:
         """Write the token->row map and scope mask for one step's batch (request order)."""
+        layout = (tuple(req_ids), num_scheduled_tokens.tobytes())
+        if layout == self._steady_layout:
+            return  # same batch, all past their prompts: the buffers already hold this step
         rows = np.fromiter((self._row_of.get(r, NO_ROW) for r in req_ids), np.int32, len(req_ids))
         num_tokens = int(num_scheduled_tokens.sum())
         if not (rows >= 0).any():
@@ -132,6 +138,10 @@ class SteeringTables:
         self.tok_row[:num_tokens].copy_(torch.from_numpy(token_rows))
         self.tok_scope[:num_tokens].copy_(torch.from_numpy(in_scope))
         self._reset_tokens(num_tokens)
+        # Once every token is past its prompt, a step with the same batch layout has the same
+        # rows and the same scope (generated/all: in, prompt: out), so it can skip the write.
+        past_prompt = bool((positions >= prompt_len[token_req]).all())
+        self._steady_layout = layout if past_prompt else None
 
     def _reset_tokens(self, keep: int) -> None:
         if self._written_tokens > keep:
