@@ -165,8 +165,23 @@ def start_engines(
     return engines
 
 
+# vLLM's shared-memory queue readers spin for 1 s after their last message, and every engine's
+# worker is bound to the same core: switching engines without a pause measures the next engine
+# while the previous one still spins beside it.
+_SPIN_SECONDS = 1.1
+_last_engine: list[Any] = [None]
+
+
+def settle(llm: Any) -> None:
+    """Wait out the previous engine's spin when the next measurement uses another engine."""
+    if _last_engine[0] is not None and _last_engine[0] is not llm:
+        time.sleep(_SPIN_SECONDS)
+    _last_engine[0] = llm
+
+
 def measure(llm: Any, requests: list) -> float:
     """Output tokens per second for one batch."""
+    settle(llm)
     prompts = [prompt for prompt, _ in requests]
     params = [p for _, p in requests]
     start = time.perf_counter()
