@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from .edit_ops import ABLATE, ADD, CAP, FLOOR, SCALE, SET
-from .reference import steer_reference_
+from .reference import steer_reference_, steered_token_indices
 
 # _apply_edit indexes its candidates by op code.
 assert tuple(range(6)) == (SET, ADD, SCALE, ABLATE, FLOOR, CAP)
@@ -40,9 +40,7 @@ def steer_cpu_(
         return
     rows = tok_row[:n_tok].numpy()
     has_edits = (row_feat.numpy() >= 0).any(axis=1)
-    steered = (rows >= 0) & (rows < n_rows) & tok_scope[:n_tok].numpy().astype(bool, copy=False)
-    steered[steered] = has_edits[rows[steered]]
-    tokens = np.flatnonzero(steered)
+    tokens = steered_token_indices(rows, tok_scope[:n_tok].numpy(), has_edits)
     if tokens.size == 0:
         return
     r = rows[tokens]

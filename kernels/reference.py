@@ -64,20 +64,24 @@ def steer_reference_(
         hidden[idx] = (hidden[idx].float() + delta).to(hidden.dtype)
 
 
+def steered_token_indices(
+    rows: np.ndarray, scope: np.ndarray, row_has_edits: np.ndarray
+) -> np.ndarray:
+    """Indices of the tokens to steer: in scope, with a row in range that has an edit for this
+    SAE (rows are shared by every SAE of the engine; most rows edit only some of them)."""
+    steered = (rows >= 0) & (rows < row_has_edits.shape[0]) & scope.astype(bool, copy=False)
+    steered[steered] = row_has_edits[rows[steered]]
+    return np.flatnonzero(steered)
+
+
 def _steered_tokens(
     rows: torch.Tensor, scope: torch.Tensor, row_has_edits: torch.Tensor
 ) -> torch.Tensor:
-    """Indices of the tokens to steer: in scope, with a row in range that has an edit for this
-    SAE (rows are shared by every SAE of the engine; most rows edit only some of them)."""
     if rows.device.type == "cpu":
         # numpy on the shared memory: a few microseconds, where the torch ops cost ~100 us per
         # call in an idle decode step.
-        r = rows.numpy()
-        has = row_has_edits.numpy()
-        in_range = (r >= 0) & (r < has.shape[0])
-        steered = in_range & scope.numpy().astype(bool, copy=False)
-        steered[steered] = has[r[steered]]
-        return torch.from_numpy(np.flatnonzero(steered))
+        indices = steered_token_indices(rows.numpy(), scope.numpy(), row_has_edits.numpy())
+        return torch.from_numpy(indices)
     in_range = (rows >= 0) & (rows < row_has_edits.shape[0])
     has = row_has_edits[torch.where(in_range, rows, 0)]
     return (in_range & scope.bool() & has).nonzero().squeeze(1)
