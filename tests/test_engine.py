@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from engine_harness import (
     ENGINE_MODES,
     PROMPTS,
@@ -120,8 +121,9 @@ def test_steered_greedy_decoding_matches_float64_reference(
 def test_compile_cache_of_an_engine_without_the_plugin_is_not_reused(
     llm, artifacts, mode, compile_cache
 ):
-    from engine_harness import engine_kwargs
     from vllm.engine.arg_utils import EngineArgs
+
+    from engine_harness import engine_kwargs
 
     def config_hash(**extra):
         args = EngineArgs(**engine_kwargs(artifacts.model_dir, **ENGINE_MODES[mode]), **extra)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+
 from engine_harness import PROMPTS, make_llm, steered_params, tiny_artifacts
 from hf_reference import Edit, HFReference
 

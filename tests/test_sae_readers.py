@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from sae_vllm.sae import FORMATS, SAE, SAEFormatError, detect_format, load_sae
 from sae_writers import (
     MakesDirWhenUnpickled,
     llama_scope_hyperparams,
@@ -25,8 +27,6 @@ from sae_writers import (
     write_saelens_torch,
     write_sparsify,
 )
-
-from sae_vllm.sae import FORMATS, SAE, SAEFormatError, detect_format, load_sae
 
 D_IN, D_SAE = 16, 64
 

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+
+from sae_vllm.config import CONFIG_KEY, SAEEntry, SteeringConfig
 from sae_vllm.server import rejections
 from sae_vllm.server.errors import StartupError
 from sae_vllm.server.labels import LabelFileError, default_labels_path, read_labels
@@ -17,10 +19,8 @@ from sae_vllm.server.options import labels_argument, sae_argument, steering_addi
 from sae_vllm.server.registry import SAERegistry, load_record
 from sae_vllm.server.routes import REGISTRY_STATE, router
 from sae_vllm.server.steering import Rejection, SteeringGate
-from tiny_model import HIDDEN, write_random_sae
-
-from sae_vllm.config import CONFIG_KEY, SAEEntry, SteeringConfig
 from sae_vllm.spec import SpecLimits
+from tiny_model import HIDDEN, write_random_sae
 
 D_SAE = 64
 
