@@ -120,7 +120,8 @@ def test_steady_decode_steps_reuse_the_buffers_and_changes_invalidate_them():
     g = tables.admit("g", spec("generated"))
     p = tables.admit("p", spec("prompt"))
     assert step(tables, ["g", "p"], [4, 4], [0, 0], [4, 4]) == (
-        [g] * 4 + [p] * 4, [False, False, False, True, True, True, True, True]
+        [g] * 4 + [p] * 4,
+        [False, False, False, True, True, True, True, True],
     )
     assert step(tables, ["g", "p"], [1, 1], [4, 4], [4, 4]) == ([g, p], [True, False])
     tables.tok_row[0] = 99  # a reused step leaves the buffers as the last full write left them

@@ -66,8 +66,12 @@ def test_every_topic_has_a_feature_with_high_auroc(toy: ToyArtifacts) -> None:
 
 def test_model_folder_loads_in_hf_with_the_required_shape(toy: ToyArtifacts, hf_model) -> None:
     for name in (
-        "config.json", "model.safetensors", "generation_config.json",
-        "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
     ):
         assert (toy.model_dir / name).is_file(), name
     config = json.loads((toy.model_dir / "config.json").read_text())
@@ -114,9 +118,14 @@ def test_sae_reconstructs_the_hf_residual_at_its_hook(toy: ToyArtifacts, hf_mode
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(toy.model_dir)
-    ids = tok(["today the rain is cold . the snow falls .",
-               "i like the spicy soup a lot . the bread is fresh ."],
-              return_tensors="pt", padding=True)
+    ids = tok(
+        [
+            "today the rain is cold . the snow falls .",
+            "i like the spicy soup a lot . the bread is fresh .",
+        ],
+        return_tensors="pt",
+        padding=True,
+    )
     with torch.no_grad():
         out = hf_model(**ids, output_hidden_states=True)
     x = out.hidden_states[toy.layer + 1][ids.attention_mask.bool()].double()[1:]
@@ -189,8 +198,9 @@ def test_hf_steering_moves_completions_onto_the_topic(toy, hf_model, sae_weights
             value=entry["steering_value"],
         )
         with steering_hook(hf_model, toy.layer, edit):
-            texts = sample_completions(hf_model, NEUTRAL_PROMPT, n=100, temperature=0.7,
-                                       max_new_tokens=12, seed=7)
+            texts = sample_completions(
+                hf_model, NEUTRAL_PROMPT, n=100, temperature=0.7, max_new_tokens=12, seed=7
+            )
         share = sum(classify(t) == topic for t in texts) / len(texts)
         assert share >= 0.8, (topic, share, texts[:5])
 
@@ -208,7 +218,8 @@ def test_second_call_reuses_the_cache(toy: ToyArtifacts) -> None:
 def _hashes(root: Path) -> dict[str, str]:
     return {
         str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*")) if p.is_file()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
     }
 
 

@@ -28,7 +28,23 @@ class CalibrationRecipe:
 
     # Multiples of a feature's typical max activation that may be recommended.
     multipliers: tuple[float, ...] = (
-        0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0, 16.0
+        0.5,
+        0.75,
+        1.0,
+        1.25,
+        1.5,
+        1.75,
+        2.0,
+        2.5,
+        3.0,
+        3.5,
+        4.0,
+        5.0,
+        6.0,
+        8.0,
+        10.0,
+        12.0,
+        16.0,
     )
     target_share: float = 0.93
     samples: int = 100

@@ -70,9 +70,7 @@ WORD_TOPIC: dict[str, str] = {
     word: topic for topic, classes in TOPICS.items() for words in classes.values() for word in words
 }
 FUNCTION_WORDS: tuple[str, ...] = tuple(
-    dict.fromkeys(
-        w for seq in (*STARTS, *CLAUSES) for w in seq if w not in SLOTS
-    )
+    dict.fromkeys(w for seq in (*STARTS, *CLAUSES) for w in seq if w not in SLOTS)
 )
 CONTENT_WORDS: tuple[str, ...] = tuple(WORD_TOPIC)
 VOCABULARY: tuple[str, ...] = FUNCTION_WORDS + CONTENT_WORDS

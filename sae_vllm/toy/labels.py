@@ -105,12 +105,14 @@ def feature_table(acts: torch.Tensor, token_ids: torch.Tensor) -> list[dict]:
     rows = []
     for i in range(acts.shape[1]):
         top = means[:, i].argsort(descending=True, stable=True)[:TOP_TOKENS].tolist()
-        rows.append({
-            "index": i,
-            "top_tokens": [names[t] for t in top if means[t, i] > 0],
-            "density": round((acts[:, i] > 0).double().mean().item(), 6),
-            "max_activation": round(acts[:, i].max().item(), 6),
-        })
+        rows.append(
+            {
+                "index": i,
+                "top_tokens": [names[t] for t in top if means[t, i] > 0],
+                "density": round((acts[:, i] > 0).double().mean().item(), 6),
+                "max_activation": round(acts[:, i].max().item(), 6),
+            }
+        )
     return rows
 
 
