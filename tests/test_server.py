@@ -326,6 +326,20 @@ def test_bad_steering_raises_in_the_official_client(client):
     assert f"out of range for SAE 'res1' (d_sae {D_SAE})" in info.value.body["message"]
 
 
+@pytest.mark.parametrize("path", ["/v1/responses", "/v1/completions/render", "/tokenize"])
+def test_steering_on_a_route_that_cannot_apply_it_is_refused(http, path):
+    body = {"model": MODEL, "input": "hi", "prompt": "hi", "steering": STRONG}
+    response = http.post(path, json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "steering" and "not supported on " + path in error["message"]
+
+
+def test_routes_without_steering_still_work_behind_the_guard(http):
+    response = http.post("/tokenize", json={"model": MODEL, "prompt": PROMPTS[0]})
+    assert response.status_code == 200 and response.json()["tokens"]
+
+
 def test_still_serving_after_bad_requests(client, http):
     for _ in range(3):
         http.post("/v1/completions", json=_body("completions", _steer(_edit(op="explode"))))

@@ -1,0 +1,76 @@
+"""Refuse a `steering` field on routes that cannot apply it, so it is never silently ignored.
+
+vLLM's request models accept unknown fields, so without this a steered request sent to, say,
+/v1/responses would come back unsteered with a 200."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, Collection
+from http import HTTPStatus
+from typing import Any
+
+from .errors import error_response
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+
+class RefuseSteeringElsewhere:
+    """ASGI middleware: a POST body with a top-level `steering` field on any path other than
+    the steered ones gets an OpenAI-style 400."""
+
+    def __init__(self, app: Callable, steered_paths: Collection[str]):
+        self.app = app
+        self.steered_paths = frozenset(steered_paths)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] != "http"
+            or scope["method"] != "POST"
+            or scope["path"] in self.steered_paths
+        ):
+            await self.app(scope, receive, send)
+            return
+        body, replay = await _buffer(receive)
+        if b'"steering"' in body and _names_steering(body):
+            supported = " and ".join(sorted(self.steered_paths))
+            response = error_response(
+                HTTPStatus.BAD_REQUEST,
+                f"steering: not supported on {scope['path']} (use {supported})",
+                param="steering",
+            )
+            await response(scope, receive, send)
+            return
+        await self.app(scope, replay, send)
+
+
+async def _buffer(receive: Receive) -> tuple[bytes, Receive]:
+    """Read the whole request body, and a receive callable that hands it on unchanged."""
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    body = b"".join(chunks)
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return body, replay
+
+
+def _names_steering(body: bytes) -> bool:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return False
+    return isinstance(data, dict) and "steering" in data
