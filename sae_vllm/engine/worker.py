@@ -66,7 +66,8 @@ class WorkerSteering:
                 sae = load_sae(entry.path, format=entry.format)
             except SAEFormatError as exc:
                 raise SteeringStartupError(f"SAE '{entry.id}': {exc}") from None
-            layer_index = entry.layer if entry.layer is not None else residual_layer(sae)
+            file_layer = residual_layer(sae)  # also refuses SAEs of non-residual sites
+            layer_index = entry.layer if entry.layer is not None else file_layer
             if layer_index is None:
                 raise SteeringStartupError(
                     f"SAE '{entry.id}': no layer given and none found in {entry.path}"

@@ -1,0 +1,42 @@
+"""Which decoder layer's output an SAE reads, from its hook name; non-residual sites refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sae_vllm.engine.worker import SteeringStartupError, residual_layer
+from sae_vllm.sae import SAE
+
+
+def sae(hook: str | None, layer: int | None) -> SAE:
+    return SAE(
+        W_enc=torch.zeros(4, 8), b_enc=torch.zeros(8), W_dec=torch.zeros(8, 4),
+        b_dec=torch.zeros(4), threshold=None, k=None, architecture="relu",
+        apply_b_dec_to_input=False, layer=layer, hook_name=hook, format="saelens",
+        source="sae-dir",
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("hook", "layer", "expected"),
+    [
+        ("blocks.12.hook_resid_post", 12, 12),
+        ("blocks.12.hook_resid_pre", 12, 11),
+        ("layers.7", 7, 7),
+        ("model.layers.7", 7, 7),
+        (None, 3, 3),
+        (None, None, None),
+    ],
+)
+def test_residual_sites_map_to_the_layer_whose_output_they_read(hook, layer, expected):
+    assert residual_layer(sae(hook, layer)) == expected
+
+
+@pytest.mark.parametrize(
+    "hook",
+    ["blocks.3.hook_mlp_out", "blocks.3.attn.hook_z", "layers.3.mlp", "blocks.0.hook_resid_pre"],
+)
+def test_sites_that_are_not_a_layer_output_are_refused(hook):
+    with pytest.raises(SteeringStartupError, match="not the output of a decoder layer"):
+        residual_layer(sae(hook, int(hook.split(".")[1])))
