@@ -21,9 +21,9 @@ def toy():
 
 @pytest.fixture(scope="module")
 def engine(toy):
-    from sae_vllm.toy.demo import _engine
+    from sae_vllm.toy.demo import start_engine
 
-    return _engine(toy)
+    return start_engine(toy)
 
 
 def shares(llm, prompt, params) -> dict[str | None, float]:

@@ -9,7 +9,8 @@ import os
 NEUTRAL_PROMPT = "i think that"
 
 
-def _engine(toy):
+def start_engine(toy):
+    """A vLLM engine serving the toy model with its SAE registered as steering config."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM
 
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 
     toy = ensure_built()
     topics = json.loads(toy.labels_path.read_text())["topics"]
-    llm, config = _engine(toy)
+    llm, config = start_engine(toy)
     sampling = {"temperature": 0.7, "max_tokens": args.max_tokens, "n": args.samples}
     rows: list[tuple[str, object]] = [("unsteered", SamplingParams(**sampling))]
     for topic, info in topics.items():
