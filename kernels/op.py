@@ -1,6 +1,5 @@
 """The custom op torch.ops.sae_vllm.steer_ (Triton on CUDA, torch elsewhere) and its wrapper."""
 
-# No `from __future__ import annotations`: torch.library infers the op schema from these hints.
 import torch
 
 from .cpu_decode import steer_cpu_
@@ -34,20 +33,8 @@ def _steer_impl(
         steer_cpu_(*args, *tables)
 
 
-def _steer_fake(
-    hidden: torch.Tensor,
-    residual: torch.Tensor | None,
-    enc_t: torch.Tensor,
-    b_enc: torch.Tensor,
-    threshold: torch.Tensor,
-    W_dec: torch.Tensor,
-    row_feat: torch.Tensor,
-    row_val: torch.Tensor,
-    row_op: torch.Tensor,
-    tok_row: torch.Tensor,
-    tok_scope: torch.Tensor,
-    topk_k: int,
-) -> None:
+def _steer_fake(*args: object) -> None:
+    """Shape-only twin for tracing: the op mutates `hidden` in place and returns nothing."""
     return None
 
 
