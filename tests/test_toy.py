@@ -18,8 +18,17 @@ import torch
 from safetensors.torch import load_file
 
 from sae_vllm.toy import NEUTRAL_PROMPT, TOPIC_NAMES, ToyArtifacts, build, classify, ensure_built
+from sae_vllm.toy.batches import encode_passages, switch_masks
+from sae_vllm.toy.corpus import SwitchPassage, sample_switch_passages
 from sae_vllm.toy.grammar import determined_positions
-from sae_vllm.toy.steering_check import FeatureEdit, sample_completions, steering_hook
+from sae_vllm.toy.sae_training import decoder_overlap
+from sae_vllm.toy.steering_check import (
+    FeatureEdit,
+    measure_ablation,
+    sample_completions,
+    steering_hook,
+)
+from sae_vllm.toy.topic_injection import Intervention
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +68,12 @@ def test_every_topic_has_a_feature_with_high_auroc(toy: ToyArtifacts) -> None:
     for t in topics.values():
         assert t["auroc"] >= 0.9
         assert t["steered_share"] >= 0.8
+
+
+def test_build_measured_that_ablating_each_topic_feature_lowers_its_share(toy) -> None:
+    for topic, t in toy.metrics["topics"].items():
+        assert t["ablation_share_before"] >= 0.8, topic
+        assert t["ablation_share_after"] <= t["ablation_share_before"] - 0.4, topic
 
 
 # --- files -----------------------------------------------------------------------------------
@@ -183,26 +198,89 @@ def test_determined_positions_follow_the_grammar() -> None:
 # --- HF steering check (the vLLM one lives with the engine tests) ------------------------------
 
 
+def feature_edit(sae_weights: dict[str, torch.Tensor], i: int, value: float) -> FeatureEdit:
+    """`set feature i := value`, built from the saved SAE file (not the build's own objects)."""
+    return FeatureEdit(
+        w_enc=sae_weights["W_enc"][:, i],
+        b_enc=sae_weights["b_enc"][i].item(),
+        w_dec=sae_weights["W_dec"][i],
+        b_dec=sae_weights["b_dec"],
+        value=value,
+    )
+
+
 def test_hf_steering_moves_completions_onto_the_topic(toy, hf_model, sae_weights) -> None:
     """HF check: h' = h + (v - a) W_dec[i] at layer L on the last prompt position and every
     generated one; 100 samples at temperature 0.7, 12 new tokens, from the neutral prompt."""
     base = [classify(t) for t in sample_completions(hf_model, NEUTRAL_PROMPT, seed=7)]
     for topic, entry in toy.topics.items():
         assert base.count(topic) / len(base) < 0.5, topic
-        i = entry["feature"]
-        edit = FeatureEdit(
-            w_enc=sae_weights["W_enc"][:, i],
-            b_enc=sae_weights["b_enc"][i].item(),
-            w_dec=sae_weights["W_dec"][i],
-            b_dec=sae_weights["b_dec"],
-            value=entry["steering_value"],
-        )
+        edit = feature_edit(sae_weights, entry["feature"], entry["steering_value"])
         with steering_hook(hf_model, toy.layer, edit):
             texts = sample_completions(
                 hf_model, NEUTRAL_PROMPT, n=100, temperature=0.7, max_new_tokens=12, seed=7
             )
         share = sum(classify(t) == topic for t in texts) / len(texts)
         assert share >= 0.8, (topic, share, texts[:5])
+
+
+def test_hf_ablation_lowers_each_topics_share_from_an_on_topic_prompt(
+    toy, hf_model, sae_weights
+) -> None:
+    """HF check with its own sample seed: a := 0 for the topic's feature at every position."""
+    for topic, entry in toy.topics.items():
+        edit = feature_edit(sae_weights, entry["feature"], 0.0)
+        before, after = measure_ablation(hf_model, toy.layer, edit, topic, n=100, seed=7)
+        assert after <= before - 0.4, (topic, before, after)
+
+
+# --- training pieces ---------------------------------------------------------------------------
+
+
+def test_switch_passages_mask_the_first_topic_up_to_the_second_sentences_topic_word() -> None:
+    words = ("the", "dog", "is", "wild", ".", "i", "think", "that", "the", "rain", "falls", ".")
+    passage = SwitchPassage(words, "animals", "weather", switch=5)
+    ids = encode_passages([passage])
+    ablated, unlearned = switch_masks([passage], ids.shape[1] + 2)
+    # Columns are BOS then one per word: "dog" is column 2, "rain" column 10.
+    assert ablated[0].nonzero().flatten().tolist() == list(range(2, 10))
+    # Only "wild" (predicted at column 3) needs the ablated topic; at column 9 the model must
+    # learn that any topic may follow.
+    assert unlearned[0].nonzero().flatten().tolist() == [3]
+
+    sampled = sample_switch_passages(50, "s")
+    assert sampled == sample_switch_passages(50, "s")
+    for p in sampled:
+        assert classify(" ".join(p.words[: p.switch])) == p.topic
+        assert classify(" ".join(p.words[p.switch :])) == p.next_topic
+    assert len({(p.topic, p.next_topic) for p in sampled}) > 10
+
+
+def test_intervention_removes_only_the_component_along_the_topic_direction() -> None:
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 3, 8, generator=gen)
+    centre = torch.randn(8, generator=gen)
+    units = torch.nn.functional.normalize(torch.randn(2, 8, generator=gen), dim=-1)
+    ablated = torch.tensor([[True, False, True], [False, False, False]])
+    offsets = torch.zeros(2, 3, 8)
+    offsets[1, 2] = 1.0
+    out = Intervention(offsets, ablated, units, centre).apply(h)
+    along = ((out - centre) * units.unsqueeze(1)).sum(-1)
+    assert along[0, 0].abs() < 1e-5 and along[0, 2].abs() < 1e-5
+    removed = h[0, 0] - out[0, 0]
+    assert torch.allclose(removed, (removed @ units[0]) * units[0], atol=1e-6)
+    assert torch.equal(out[0, 1], h[0, 1]) and torch.equal(out[1, :2], h[1, :2])
+    assert torch.allclose(out[1, 2], h[1, 2] + 1.0)
+
+
+def test_decoder_overlap_penalises_only_rows_closer_than_the_margin() -> None:
+    orthogonal = torch.eye(4, 6)
+    assert decoder_overlap(orthogonal, 0.2).item() == 0.0
+    close = orthogonal.clone()
+    close[1] = torch.tensor([1.0, 0.5, 0, 0, 0, 0])  # cosine 0.894 with row 0
+    expected = 2 * (0.894427 - 0.2) ** 2 / 4  # the pair counted both ways, mean over rows
+    assert decoder_overlap(close, 0.2).item() == pytest.approx(expected, rel=1e-4)
+    assert decoder_overlap(close, 0.95).item() == 0.0
 
 
 # --- caching, reproducibility, recipe version --------------------------------------------------

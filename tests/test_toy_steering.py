@@ -63,31 +63,27 @@ def test_setting_a_topic_feature_high_moves_completions_onto_that_topic(toy, eng
         assert steered.get(topic, 0.0) > baseline.get(topic, 0.0)
 
 
-def test_ablating_topic_features_lowers_on_topic_shares(toy, engine):
-    """From a prompt that starts on topic T, ablating T's layer-1 feature lowers T's share.
-
-    Asserted over all topics together: in the toy model later layers re-derive the topic from
-    the prompt's topic words, so ablating one layer-1 feature lowers some topics' shares a lot
-    (food, sports) and others barely (measured per topic and printed)."""
+def test_ablating_a_topic_feature_lowers_that_topics_share(toy, engine):
+    """From a prompt that starts on topic T, ablating T's feature at every position lowers T's
+    share of the completions, for every topic."""
     from vllm import SamplingParams
 
     from sae_vllm import steering_params
-    from sae_vllm.toy.grammar import TOPICS
+    from sae_vllm.toy.steering_check import on_topic_prompt
 
     llm, config = engine
     topics = json.loads(toy.labels_path.read_text())["topics"]
     sampling = {"temperature": 0.7, "max_tokens": MAX_TOKENS, "n": SAMPLES}
-    total_before = total_after = 0.0
+    dropped = {}
     for topic, info in topics.items():
-        words = TOPICS[topic]
-        prompt = f"the {words['N'][0]} is {words['A'][0]} . i think that"
+        prompt = on_topic_prompt(topic)
         before = shares(llm, prompt, SamplingParams(**sampling)).get(topic, 0.0)
         spec = {"edits": [{"feature": info["feature"], "op": "ablate"}], "apply_to": "all"}
         after = shares(llm, prompt, steering_params(spec, config=config, **sampling)).get(
             topic, 0.0
         )
         print(f"\nablate {topic} from {prompt!r}: {topic} share {before:.2f} -> {after:.2f}")
-        total_before += before
-        total_after += after
-    print(f"on-topic shares summed over topics: {total_before:.2f} -> {total_after:.2f}")
-    assert total_after < total_before - 0.1
+        dropped[topic] = (before, after)
+    for topic, (before, after) in dropped.items():
+        assert before >= 0.8, (topic, before)
+        assert after <= before - 0.4, (topic, before, after)

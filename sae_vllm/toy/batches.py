@@ -7,14 +7,14 @@ from collections.abc import Sequence
 
 import torch
 
-from sae_vllm.toy.corpus import Passage
+from sae_vllm.toy.corpus import Passage, SwitchPassage
 from sae_vllm.toy.grammar import TOPIC_NAMES, WORD_TOPIC
 from sae_vllm.toy.tokenizer import BOS_ID, EOS_ID, PAD_ID, vocab
 
 IGNORE = -100  # cross_entropy's ignore_index
 
 
-def encode_passages(passages: Sequence[Passage]) -> torch.Tensor:
+def encode_passages(passages: Sequence[Passage | SwitchPassage]) -> torch.Tensor:
     """[n, max_len] int64 ids; every row is BOS, the passage's word ids, EOS, then PAD."""
     ids = vocab()
     rows = [[BOS_ID, *(ids[w] for w in p.words), EOS_ID] for p in passages]
@@ -36,6 +36,29 @@ def topic_targets(passages: Sequence[Passage], width: int) -> torch.Tensor:
         first = next(j for j, w in enumerate(p.words) if w in WORD_TOPIC)
         out[i, 1 + first : 1 + len(p.words)] = TOPIC_NAMES.index(p.topic)
     return out
+
+
+def switch_masks(
+    passages: Sequence[SwitchPassage], width: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two [n, width] masks aligned with encode_passages, for training with ablation.
+
+    ablated: the positions whose context is about the first topic only, from its first topic word
+    up to (not including) the second sentence's first topic word.
+    unlearned: the ablated positions whose next word is a topic word of the first sentence; with
+    the topic ablated the model cannot know it, and must not learn to recover it from the words.
+    The position before the second sentence's first topic word is kept: there the model learns
+    that without the topic direction any topic may come next.
+    """
+    ablated = torch.zeros(len(passages), width, dtype=torch.bool)
+    unlearned = torch.zeros(len(passages), width, dtype=torch.bool)
+    for i, p in enumerate(passages):
+        first = next(j for j, w in enumerate(p.words) if w in WORD_TOPIC)
+        second = next(j for j in range(p.switch, len(p.words)) if p.words[j] in WORD_TOPIC)
+        ablated[i, 1 + first : 1 + second] = True
+        for j in range(first + 1, second):
+            unlearned[i, j] = p.words[j] in WORD_TOPIC
+    return ablated, unlearned
 
 
 def length_batches(passages: Sequence[Passage], size: int, seed: int) -> list[list[Passage]]:

@@ -14,8 +14,14 @@ from typing import Any
 
 import torch
 
-from sae_vllm.toy.calibration import Calibrated, CalibrationRecipe, baseline, choose
-from sae_vllm.toy.corpus import sample_passages
+from sae_vllm.toy.calibration import (
+    Calibrated,
+    CalibrationRecipe,
+    ablation_shares,
+    baseline,
+    choose,
+)
+from sae_vllm.toy.corpus import sample_passages, sample_switch_passages
 from sae_vllm.toy.grammar import TOPIC_NAMES
 from sae_vllm.toy.labels import feature_table, labels_document, topic_candidates
 from sae_vllm.toy.model_training import ModelRecipe, determined_accuracy, make_model, train_model
@@ -23,10 +29,11 @@ from sae_vllm.toy.progress import Progress
 from sae_vllm.toy.residual import hook_name
 from sae_vllm.toy.sae_files import save_sae
 from sae_vllm.toy.sae_training import SAERecipe, collect_activations, sae_metrics, train_sae
+from sae_vllm.toy.steering_check import on_topic_prompt
 from sae_vllm.toy.tokenizer import save_tokenizer
 
 # Bump whenever anything that changes the built files changes: caches keyed by it rebuild.
-RECIPE_VERSION = "5"
+RECIPE_VERSION = "6"
 SAE_ID = "toy"
 
 
@@ -146,8 +153,11 @@ def build_into(directory: Path, recipe: Recipe = FULL, progress: bool = True) ->
         say.say(f"building the toy model and SAE into {directory}")
         lm_data = sample_passages(recipe.model.steps * recipe.model.batch, f"{recipe.seed}-lm")
         heldout = sample_passages(recipe.heldout_passages, f"{recipe.seed}-heldout")
+        switches = sample_switch_passages(
+            recipe.model.steps * recipe.model.switch_rows, f"{recipe.seed}-switch"
+        )
         model = make_model(recipe.model)
-        train_model(model, lm_data, recipe.model, recipe.layer, say)
+        train_model(model, lm_data, switches, recipe.model, recipe.layer, say)
         metrics: dict[str, Any] = {
             "recipe_version": RECIPE_VERSION,
             "layer": recipe.layer,
@@ -173,7 +183,8 @@ def build_into(directory: Path, recipe: Recipe = FULL, progress: bool = True) ->
                 acts, held, heldout, topic, taken, recipe.calibration.candidates
             )
             chosen = choose(model, sae, recipe.layer, candidates, recipe.calibration, say)
-            topics[topic] = _topic_entry(chosen)
+            ablation = ablation_shares(model, sae, recipe.layer, chosen.feature, recipe.calibration)
+            topics[topic] = _topic_entry(chosen, ablation)
         metrics["topics"] = topics
         metrics["baseline_share"] = baseline(model, recipe.calibration.samples)
 
@@ -190,9 +201,11 @@ def build_into(directory: Path, recipe: Recipe = FULL, progress: bool = True) ->
     return metrics
 
 
-def _topic_entry(chosen: Calibrated) -> dict[str, Any]:
+def _topic_entry(chosen: Calibrated, ablation: tuple[float, float]) -> dict[str, Any]:
     tf = chosen.feature
     return {
+        "ablation_share_before": ablation[0],
+        "ablation_share_after": ablation[1],
         "feature": tf.feature,
         "auroc": round(tf.auroc, 6),
         "token_auroc": round(tf.token_auroc, 6),
@@ -246,6 +259,8 @@ def format_metrics(metrics: dict[str, Any]) -> str:
             f"(token {m['token_auroc']:.3f})  typical max {m['typical_max']:.2f}  "
             f"set {m['steering_value']:.2f} ({m['steering_multiple']:g}x) -> "
             f"share {m['steered_share']:.2f} "
-            f"(grammatical {m['steered_grammatical_share']:.2f})"
+            f"(grammatical {m['steered_grammatical_share']:.2f}); ablate from "
+            f"{on_topic_prompt(t)!r}: share {m['ablation_share_before']:.2f} -> "
+            f"{m['ablation_share_after']:.2f}"
         )
     return "\n".join(lines)

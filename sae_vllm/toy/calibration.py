@@ -15,6 +15,7 @@ from sae_vllm.toy.steering_check import (
     SteeringResult,
     grammatical,
     measure,
+    measure_ablation,
     sample_completions,
     topic_shares,
 )
@@ -131,3 +132,11 @@ def choose(
     edit = feature_edit(sae, tf.feature, multiple * tf.typical_max)
     report = measure(model, layer, edit, tf.topic, recipe.samples, REPORT_SEED)
     return Calibrated(tf, multiple, report)
+
+
+def ablation_shares(
+    model, sae: ReluSAE, layer: int, tf: TopicFeature, recipe: CalibrationRecipe
+) -> tuple[float, float]:
+    """The topic's share from a prompt on that topic, before and after ablating its feature."""
+    edit = feature_edit(sae, tf.feature, 0.0)
+    return measure_ablation(model, layer, edit, tf.topic, recipe.samples, REPORT_SEED)

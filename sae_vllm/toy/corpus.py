@@ -57,6 +57,33 @@ def sample_passages(n: int, seed: int | str) -> list[Passage]:
     return [sample_passage(rng) for _ in range(n)]
 
 
+@dataclass(frozen=True)
+class SwitchPassage:
+    """A sentence on `topic`, then one on `next_topic`, drawn uniformly (so maybe the same).
+
+    Not in the toy language (whose passages keep one topic): model training uses these, with the
+    first topic's direction ablated, to teach that a context without it leaves the topic open.
+    """
+
+    words: tuple[str, ...]
+    topic: str
+    next_topic: str
+    switch: int  # index in words of the second sentence's first word
+
+
+def sample_switch_passages(n: int, seed: int | str) -> list[SwitchPassage]:
+    """`n` switch passages from a private generator seeded with `seed`."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        topic, next_topic = rng.choice(TOPIC_NAMES), rng.choice(TOPIC_NAMES)
+        first = sample_sentence(rng, topic)
+        out.append(
+            SwitchPassage(first + sample_sentence(rng, next_topic), topic, next_topic, len(first))
+        )
+    return out
+
+
 _WORD = re.compile(r"[a-z]+")
 
 

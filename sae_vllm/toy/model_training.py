@@ -9,13 +9,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from sae_vllm.toy.batches import IGNORE, encode_passages, length_batches, topic_targets
-from sae_vllm.toy.corpus import Passage
+from sae_vllm.toy.batches import IGNORE, encode_passages, length_batches
+from sae_vllm.toy.corpus import Passage, SwitchPassage
 from sae_vllm.toy.grammar import TOPIC_NAMES, determined_positions
 from sae_vllm.toy.progress import Progress
 from sae_vllm.toy.residual import layer_output
 from sae_vllm.toy.tokenizer import BOS_ID, EOS_ID, MODEL_MAX_LENGTH, PAD_ID, vocab
-from sae_vllm.toy.topic_injection import TopicDirections, inject, injection_offsets
+from sae_vllm.toy.topic_injection import TopicDirections, intervene, training_batch
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,7 @@ class ModelRecipe:
     probe_weight: float = 1.0
     inject_fraction: float = 0.5  # of passages, once the topic directions have settled
     inject_from_step: int = 100
+    switch_rows: int = 8  # switch passages with their first topic ablated, added to each batch
 
 
 def make_model(recipe: ModelRecipe):  # -> transformers.LlamaForCausalLM
@@ -56,17 +57,31 @@ def make_model(recipe: ModelRecipe):  # -> transformers.LlamaForCausalLM
     return LlamaForCausalLM(config)
 
 
-def next_token_loss(logits: torch.Tensor, ids: torch.Tensor, reduction: str = "mean"):
-    """Cross-entropy of predicting ids[:, 1:] from logits[:, :-1], PAD targets ignored."""
+def next_token_loss(
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    reduction: str = "mean",
+    unlearned: torch.Tensor | None = None,
+):
+    """Cross-entropy of predicting ids[:, 1:] from logits[:, :-1]; PAD targets are ignored, and
+    so are the positions set in `unlearned` [b, s] (aligned with the logits' positions)."""
     logits = logits[:, :-1]
-    targets = ids[:, 1:].masked_fill(ids[:, 1:] == PAD_ID, IGNORE)
+    ignored = ids[:, 1:] == PAD_ID
+    if unlearned is not None:
+        ignored |= unlearned[:, :-1]
+    targets = ids[:, 1:].masked_fill(ignored, IGNORE)
     return F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction=reduction
     )
 
 
 def train_model(
-    model, passages: Sequence[Passage], recipe: ModelRecipe, layer: int, progress: Progress
+    model,
+    passages: Sequence[Passage],
+    switches: Sequence[SwitchPassage],
+    recipe: ModelRecipe,
+    layer: int,
+    progress: Progress,
 ) -> None:
     """AdamW with linear warm-up and cosine decay over length-bucketed batches of `passages`.
 
@@ -82,6 +97,11 @@ def train_model(
       topic's direction (running mean of layer L's output on that topic minus the mean over
       topics) added at the positions before their first topic word, an interchange-style
       intervention that teaches later layers to choose topic words from that direction alone.
+    - From then on each batch also gets switch_rows `switches` (a sentence on one topic, then
+      one on a random topic) with the first topic's direction ablated at layer L wherever the
+      context is about it alone, and no loss on words that would need it. Later layers learn
+      that without the direction the topic is open, rather than re-deriving it from the topic
+      words, so ablating a topic feature takes the topic away.
     """
     probe = torch.nn.Linear(recipe.hidden, len(TOPIC_NAMES))
     params = [*model.parameters(), *probe.parameters()]
@@ -99,24 +119,20 @@ def train_model(
     coin = torch.Generator().manual_seed(0)
     model.train()
     bar = progress.bar(len(batches), "training language model")
+    next_switch = 0
     for step, chunk in enumerate(batches):
-        ids = encode_passages(chunk)
-        topics = topic_targets(chunk, ids.shape[1])
-        chosen = torch.rand(len(chunk), generator=coin) < recipe.inject_fraction
-        if step < recipe.inject_from_step:
-            chosen[:] = False
-        offsets = injection_offsets(
-            directions.directions(),
-            torch.tensor([TOPIC_NAMES.index(p.topic) for p in chunk]),
-            topics,
-            (ids != PAD_ID) & (ids != BOS_ID) & (ids != EOS_ID),
-            chosen,
+        settled = step >= recipe.inject_from_step
+        switching = (
+            list(switches[next_switch : next_switch + recipe.switch_rows]) if settled else []
         )
-        with inject(model, layer, offsets), layer_output(model, layer) as seen:
-            logits = model(input_ids=ids).logits
-        directions.update(seen[0].detach(), topics)
-        lm = next_token_loss(logits, ids)
-        probe_loss = F.cross_entropy(probe(seen[0]).flatten(0, 1), topics.flatten())
+        next_switch += len(switching)
+        chosen = torch.rand(len(chunk), generator=coin) < recipe.inject_fraction
+        batch = training_batch(chunk, switching, directions, chosen & settled)
+        with intervene(model, layer, batch.change), layer_output(model, layer) as seen:
+            logits = model(input_ids=batch.ids).logits
+        directions.update(seen[0].detach(), batch.topics)
+        lm = next_token_loss(logits, batch.ids, unlearned=batch.unlearned)
+        probe_loss = F.cross_entropy(probe(seen[0]).flatten(0, 1), batch.topics.flatten())
         loss = lm + recipe.probe_weight * probe_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()

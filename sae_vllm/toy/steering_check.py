@@ -9,10 +9,17 @@ from dataclasses import dataclass
 import torch
 
 from sae_vllm.toy.corpus import classify
-from sae_vllm.toy.grammar import next_options
+from sae_vllm.toy.grammar import TOPICS, next_options
 from sae_vllm.toy.tokenizer import BOS_ID, EOS_ID, vocab
 
 NEUTRAL_PROMPT = "i think that"
+
+
+def on_topic_prompt(topic: str) -> str:
+    """A prompt that starts on `topic` and leaves the next sentence open: where ablating its
+    feature should lower the topic's share."""
+    words = TOPICS[topic]
+    return f"the {words['N'][0]} is {words['A'][0]} . {NEUTRAL_PROMPT}"
 
 
 @dataclass(frozen=True)
@@ -35,17 +42,21 @@ class FeatureEdit:
 
 
 @contextmanager
-def steering_hook(model, layer: int, edit: FeatureEdit) -> Iterator[None]:
+def steering_hook(model, layer: int, edit: FeatureEdit, everywhere: bool = False) -> Iterator[None]:
     """Edit layer `layer`'s output at the last prompt position and every decoded position.
 
     That is the scope sae_vllm calls "generated": on the prefill pass only the last position is
-    edited; on each one-token decode pass, that token.
+    edited; on each one-token decode pass, that token. With `everywhere`, every position is
+    edited (the scope "all").
     """
 
     def hook(_module, _inputs, output):
         h = output[0] if isinstance(output, tuple) else output
-        h = h.clone()
-        h[:, -1] = edit.apply(h[:, -1])
+        if everywhere:
+            h = edit.apply(h)
+        else:
+            h = h.clone()
+            h[:, -1] = edit.apply(h[:, -1])
         return (h, *output[1:]) if isinstance(output, tuple) else h
 
     handle = model.model.layers[layer].register_forward_hook(hook)
@@ -121,3 +132,15 @@ def measure(model, layer: int, edit: FeatureEdit, topic: str, n: int, seed: int)
         topic_share=topic_shares(texts, (topic,))[topic],
         grammatical_share=sum(grammatical(NEUTRAL_PROMPT, t) for t in texts) / n,
     )
+
+
+def measure_ablation(
+    model, layer: int, edit: FeatureEdit, topic: str, n: int, seed: int
+) -> tuple[float, float]:
+    """`topic`'s share of `n` completions of on_topic_prompt(topic), unsteered and with `edit`
+    (expected to set the topic's feature to 0) applied at every position."""
+    prompt = on_topic_prompt(topic)
+    before = sample_completions(model, prompt, n=n, seed=seed)
+    with steering_hook(model, layer, edit, everywhere=True):
+        after = sample_completions(model, prompt, n=n, seed=seed)
+    return topic_shares(before, (topic,))[topic], topic_shares(after, (topic,))[topic]
