@@ -87,3 +87,30 @@ def test_ablating_a_topic_feature_lowers_that_topics_share(toy, engine):
     for topic, (before, after) in dropped.items():
         assert before >= 0.8, (topic, before)
         assert after <= before - 0.4, (topic, before, after)
+
+
+def test_demo_command_prints_set_and_ablate_rows_for_every_topic(toy):
+    """`sae-vllm demo` as a user runs it: its own process and engine, the cached toy."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from sae_vllm.toy.steering_check import on_topic_prompt
+
+    command = [sys.executable, "-m", "sae_vllm.cli", "demo", "--samples", "2", "--max-tokens", "8"]
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=600, env=os.environ.copy(), check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    topics = json.loads(toy.labels_path.read_text())["topics"]
+    for topic, info in topics.items():
+        feature = info["feature"]
+        assert any(line.startswith(f"{topic} (feature {feature} = ") for line in lines), topic
+        ablated = [line for line in lines if line.startswith(f"{topic}: ablate feature {feature}")]
+        assert len(ablated) == 1 and on_topic_prompt(topic) in ablated[0]
+    # Every sampled completion is printed after its classified topic in brackets.
+    names = "|".join(topics)
+    classified = re.compile(rf"\[ *({names}|-) *\]  ")
+    assert sum(bool(classified.search(line)) for line in lines) == 2 * (1 + 3 * len(topics))

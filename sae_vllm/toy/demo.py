@@ -1,4 +1,4 @@
-"""`sae-vllm demo`: unsteered vs steered completions of the embedded default model, side by side."""
+"""`sae-vllm demo`: unsteered vs steered and ablated completions of the embedded default model."""
 
 from __future__ import annotations
 
@@ -27,6 +27,28 @@ def start_engine(toy):
     ), config
 
 
+Row = tuple[str, str, object]  # (label, prompt, SamplingParams)
+
+
+def _spec(toy, feature: int, op: str, value: float | None = None, apply_to: str = "generated"):
+    edit = {"sae": toy.sae_id, "feature": feature, "op": op}
+    if value is not None:
+        edit["value"] = value
+    return {"edits": [edit], "apply_to": apply_to}
+
+
+def _print_rows(rows: list[Row], outputs) -> None:
+    from sae_vllm.toy.corpus import classify
+
+    width = max(len(label) for label, _, _ in rows)
+    for (label, prompt, _), output in zip(rows, outputs, strict=True):
+        for i, completion in enumerate(output.outputs):
+            text = completion.text.strip()
+            topic = classify(text) or "-"
+            print(f"{label if i == 0 else '':<{width}}  [{topic:^9}]  {prompt} {text}")
+        print()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sae-vllm demo", description=__doc__)
     parser.add_argument("--prompt", default=NEUTRAL_PROMPT)
@@ -38,37 +60,33 @@ def main(argv: list[str] | None = None) -> int:
 
     from sae_vllm import steering_params
     from sae_vllm.toy.build import ensure_built
-    from sae_vllm.toy.corpus import classify
+    from sae_vllm.toy.steering_check import on_topic_prompt
 
     toy = ensure_built()
     topics = json.loads(toy.labels_path.read_text())["topics"]
     llm, config = start_engine(toy)
     sampling = {"temperature": 0.7, "max_tokens": args.max_tokens, "n": args.samples}
-    rows: list[tuple[str, object]] = [("unsteered", SamplingParams(**sampling))]
+    unsteered = SamplingParams(**sampling)
+    set_rows: list[Row] = [("unsteered", args.prompt, unsteered)]
+    ablate_rows: list[Row] = []
     for topic, info in topics.items():
-        spec = {
-            "edits": [
-                {
-                    "sae": toy.sae_id,
-                    "feature": info["feature"],
-                    "op": "set",
-                    "value": info["steering_value"],
-                }
-            ]
-        }
-        label = f"{topic} (feature {info['feature']} = {info['steering_value']:.1f})"
-        rows.append((label, steering_params(spec, config=config, **sampling)))
+        feature, value = info["feature"], info["steering_value"]
+        spec = _spec(toy, feature, "set", value)
+        label = f"{topic} (feature {feature} = {value:.1f})"
+        set_rows.append((label, args.prompt, steering_params(spec, config=config, **sampling)))
+        spec = _spec(toy, feature, "ablate", apply_to="all")
+        ablated = steering_params(spec, config=config, **sampling)
+        prompt = on_topic_prompt(topic)
+        ablate_rows.append((f"{topic}: unsteered", prompt, unsteered))
+        ablate_rows.append((f"{topic}: ablate feature {feature}", prompt, ablated))
+    rows = set_rows + ablate_rows
     outputs = llm.generate(
-        [args.prompt] * len(rows), [params for _, params in rows], use_tqdm=False
+        [prompt for _, prompt, _ in rows], [params for _, _, params in rows], use_tqdm=False
     )
-    width = max(len(label) for label, _ in rows)
-    print(f"\nprompt: {args.prompt!r}   (layer {toy.layer} SAE '{toy.sae_id}', temperature 0.7)\n")
-    for (label, _), output in zip(rows, outputs, strict=True):
-        for i, completion in enumerate(output.outputs):
-            text = completion.text.strip()
-            topic = classify(text) or "-"
-            print(f"{label if i == 0 else '':<{width}}  [{topic:^9}]  {args.prompt} {text}")
-        print()
+    print(f"\nset: layer {toy.layer} SAE '{toy.sae_id}', temperature 0.7\n")
+    _print_rows(set_rows, outputs[: len(set_rows)])
+    print("ablate: the prompt starts on the topic; its feature is ablated at every position\n")
+    _print_rows(ablate_rows, outputs[len(set_rows) :])
     return 0
 
 
