@@ -38,13 +38,13 @@ def steer_cpu_(
     n_rows, n_slots = row_feat.shape
     if n_tok == 0 or n_rows == 0 or n_slots == 0:
         return
-    rows = tok_row[:n_tok].numpy()
-    has_edits = (row_feat.numpy() >= 0).any(axis=1)
-    tokens = steered_token_indices(rows, tok_scope[:n_tok].numpy(), has_edits)
+    feat_table = row_feat.numpy()
+    rows = tok_row.numpy()[:n_tok]
+    tokens = steered_token_indices(rows, tok_scope.numpy()[:n_tok], (feat_table >= 0).any(axis=1))
     if tokens.size == 0:
         return
     r = rows[tokens]
-    feat = row_feat.numpy()[r]
+    feat = feat_table[r]
     # Tables are as wide as the engine's max_edits; only the slots some token uses matter.
     used = np.flatnonzero((feat >= 0).any(axis=0))
     feat = feat[:, : used[-1] + 1]
@@ -67,32 +67,36 @@ def steer_cpu_(
     _scatter(hidden, tokens, hidden_rows + delta)
 
 
-_BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16}
-
-
 def _gather_f32(t: torch.Tensor, index: np.ndarray) -> np.ndarray:
-    """t[index] as float32 numpy. Gathers go through numpy: small torch gathers on CPU can
-    wake the OpenMP pool, which then competes with the model's own matmuls for the cores."""
+    """t[index] as float32 numpy, converted in numpy. Small torch ops on CPU cost a dispatch
+    each and can wake the OpenMP pool, which then competes with the model's own matmuls."""
     if t.dtype == torch.float32:
         return t.numpy()[index]
-    bits = t.view(_BITS[t.dtype]).numpy()[index]
-    return torch.from_numpy(bits).view(t.dtype).float().numpy()
+    bits = t.view(torch.int16).numpy()[index]
+    if t.dtype == torch.float16:
+        return bits.view(np.float16).astype(np.float32)
+    # bfloat16 is the top half of a float32.
+    return (bits.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 
 def _scatter(t: torch.Tensor, index: np.ndarray, values: np.ndarray) -> None:
-    """t[index] = values (float32 numpy), cast to t's dtype."""
+    """t[index] = values (float32 numpy), rounded to t's dtype as torch rounds (to nearest even)."""
     if t.dtype == torch.float32:
         t.numpy()[index] = values
         return
-    cast = torch.from_numpy(values).to(t.dtype).view(_BITS[t.dtype]).numpy()
-    t.view(_BITS[t.dtype]).numpy()[index] = cast
+    if t.dtype == torch.float16:
+        t.view(torch.int16).numpy()[index] = values.astype(np.float16).view(np.int16)
+        return
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    u = values.view(np.uint32)
+    rounded = ((u + (0x7FFF + ((u >> 16) & 1))) >> 16).astype(np.uint16)
+    rounded[np.isnan(values)] = 0x7FC0  # torch's bfloat16 NaN
+    t.view(torch.int16).numpy()[index] = rounded.view(np.int16)
 
 
 def _apply_edit(a: np.ndarray, op: np.ndarray, value: np.ndarray) -> np.ndarray:
     """numpy twin of edit_ops.apply_edit (unknown op codes leave a unchanged)."""
-    candidates = np.stack(
-        [value, a + value, a * value, np.zeros_like(a), np.maximum(a, value),
-         np.minimum(a, value), a]
-    )  # fmt: skip
     choice = np.where((op >= 0) & (op < 6), op, 6)
-    return np.take_along_axis(candidates, choice[None], axis=0)[0].astype(np.float32)
+    candidates = (value, a + value, a * value, np.zeros_like(a), np.maximum(a, value),
+                  np.minimum(a, value), a)  # fmt: skip
+    return np.choose(choice, candidates).astype(np.float32, copy=False)

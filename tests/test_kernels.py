@@ -274,6 +274,29 @@ def runner(request, interp) -> Runner:
     return {"reference": run_reference, "cpu": run_cpu}.get(request.param) or triton_runner(interp)
 
 
+def test_cpu_path_dtype_conversions_round_exactly_as_torch():
+    """The numpy path converts half types with bit tricks; they must equal torch's casts,
+    including ties (round to nearest even), overflow to inf, infinities and subnormals; NaN
+    stays NaN (torch's own NaN bits differ between its scalar and vector casts)."""
+    cpu_decode = importlib.import_module(f"{kpkg.__name__}.cpu_decode")
+    inf, nan = float("inf"), float("nan")
+    special = [0.0, -0.0, 1.0, -1.5, inf, -inf, nan, -nan, 3.4e38, -3.4e38, 65520.0, 1e-40,
+               -1e-45, 1.00390625, 1.01171875, 1.0048828125]  # fmt: skip
+    values = np.concatenate(
+        [np.array(special, dtype=np.float32), np.random.default_rng(0).standard_normal(4096)]
+    ).astype(np.float32)
+    index = np.arange(values.size)
+    for dtype in (torch.bfloat16, torch.float16):
+        got = torch.zeros(values.size, dtype=dtype)
+        cpu_decode._scatter(got, index, values)
+        want = torch.from_numpy(values).to(dtype)
+        nan = want.isnan()
+        assert got.isnan().equal(nan), dtype
+        assert _bits(got[~nan]).equal(_bits(want[~nan])), dtype
+        back = cpu_decode._gather_f32(want, index)
+        assert np.array_equal(back, want.float().numpy(), equal_nan=True), dtype
+
+
 # ---------------------------------------------------------------------------------------------
 # Edit ops and weight preparation
 
