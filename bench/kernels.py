@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import re
 import statistics
 import sys
 import time
@@ -242,6 +243,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def device_slug(name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3', for result file names."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench kernels", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small subset (< 60 s on 2 CPUs)")
@@ -260,7 +266,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     result = run(args)
-    default = "gpu-kernels.json" if result["device"] == "cuda" else "kernels-cpu.json"
+    default = (
+        f"gpu-{device_slug(result['machine']['device'])}.json"
+        if result["device"] == "cuda"
+        else "kernels-cpu.json"
+    )
     path = report.write_results(
         "kernels", result, result["table"], args.out or report.RESULTS_DIR / default
     )
