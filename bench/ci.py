@@ -3,7 +3,11 @@
 Measures, interleaved in one run, offline throughput and per-step decode latency (time per
 output token) of unsteered requests and of requests each steered by its own spec, on the same
 engine, plus vLLM without the plugin for reference; fails when steered throughput <
-THROUGHPUT_GATE x unsteered or steered p50 time per output token > TPOT_GATE x unsteered."""
+THROUGHPUT_GATE x unsteered or steered p50 time per output token > TPOT_GATE x unsteered.
+
+Each ratio is the median over repeats of the ratio within a repeat (the variants of a repeat
+run back to back), so load that drifts over the run cancels; on a shared 2-core machine the
+pooled medians of two variants can differ by 25% from drift alone."""
 
 from __future__ import annotations
 
@@ -40,6 +44,11 @@ def decode_step_times(llm: Any, requests: list) -> list[float]:
     return times
 
 
+def paired_ratio(values: list[float], baseline: list[float]) -> float:
+    """Median over repeats of values[i] / baseline[i]."""
+    return report.median([v / b for v, b in zip(values, baseline, strict=True)])
+
+
 def ci_variants(batch: int) -> dict[str, Variant]:
     steered = {"engine": "eager-plugin", "steered_share": 1.0, "distinct_specs": batch}
     return {
@@ -57,6 +66,7 @@ def measure_round(engines: dict[str, Any], args: argparse.Namespace, d_sae: int)
     prompts = [[1, *[(7 * i + j) % 50 + 4 for j in range(8)]] for i in range(8)]
     variants = ci_variants(args.batch)
     tpot: dict[str, list[float]] = {name: [] for name in variants}
+    tpot_per_repeat: dict[str, list[float]] = {name: [] for name in variants}
     for variant in variants.values():  # warm-up
         measure(
             engines[variant.engine], make_requests(variant, args.batch, d_sae, "bench", prompts)
@@ -75,23 +85,25 @@ def measure_round(engines: dict[str, Any], args: argparse.Namespace, d_sae: int)
                 variant.edits,
                 output_len=24,
             )
-            tpot[name] += decode_step_times(
+            steps = decode_step_times(
                 engines[variant.engine],
                 make_requests(decode, args.tpot_batch, d_sae, "bench", prompts),
             )
+            tpot[name] += steps
+            tpot_per_repeat[name].append(report.median(steps))
         print(f"repeat {repeat + 1}/{args.repeats}", flush=True)
 
-    base_tps = report.median(variants["unsteered"].samples)
-    base_tpot = report.median(tpot["unsteered"])
     rows, failures, results = [], [], {}
     for name, variant in variants.items():
         tps, p50 = report.median(variant.samples), report.median(tpot[name])
         p95 = report.percentile(tpot[name], 95)
-        tps_ratio, tpot_ratio = tps / base_tps, p50 / base_tpot
+        tps_ratio = paired_ratio(variant.samples, variants["unsteered"].samples)
+        tpot_ratio = paired_ratio(tpot_per_repeat[name], tpot_per_repeat["unsteered"])
         rows.append([name, tps, tps_ratio, p50 * 1e3, p95 * 1e3, tpot_ratio])
         results[name] = {
             "tok_s_samples": variant.samples,
             "tpot_samples_s": tpot[name],
+            "tpot_p50_per_repeat_s": tpot_per_repeat[name],
             "median_tok_s": tps,
             "throughput_ratio": tps_ratio,
             "tpot_p50_s": p50,
@@ -110,7 +122,7 @@ def measure_round(engines: dict[str, Any], args: argparse.Namespace, d_sae: int)
             "throughput ratio",
             "TPOT p50 ms",
             "TPOT p95 ms",
-            "TPOT p50 ratio",
+            "TPOT ratio",
         ],
         rows,
     )

@@ -113,20 +113,29 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.float() - want.float()).norm() / want.float().norm()).item()
 
 
+def cudagraph_skips() -> int:
+    """How often inductor has fallen back from CUDA graphs in this process."""
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["cudagraph_skips"]
+
+
 def check_compiled_equals_eager(
     shape: StackShape, device: str, n_tok: int, compile_mode: str | None, tolerance: float
 ) -> None:
     """Eager and compiled runs under three table contents (two edits sets, then none), tables
     changed in place between the calls; compiled equals eager each time, steering shows where
     it should (from the first steered token on) and nowhere else."""
+    skips_before = cudagraph_skips()
     torch.manual_seed(0)
     stack = SteeredStack(shape, n_tok, n_slots=4, device=device).eval()
     compiled = torch.compile(stack, mode=compile_mode, fullgraph=True)
     x = torch.randn(1, n_tok, shape.hidden, device=device, dtype=torch.bfloat16)
     first = n_tok // 2
+    norm = shape.hidden**0.5  # a token's typical norm: edits this size move it visibly
     settings = {
-        "set": [(7, "set", 40.0), (11, "ablate", 0.0)],
-        "add": [(3, "add", -25.0), (7, "scale", 3.0), (12, "set", 30.0)],
+        "set": [(7, "set", 2.5 * norm), (11, "ablate", 0.0)],
+        "add": [(3, "add", -1.5 * norm), (7, "scale", 3.0), (12, "set", 2.0 * norm)],
         "none": [],
     }
     eager_out, compiled_out = {}, {}
@@ -138,6 +147,8 @@ def check_compiled_equals_eager(
                 compiled_out[name] = compiled(x).clone()
     for name in settings:
         assert relative_error(compiled_out[name], eager_out[name]) < tolerance, name
+    if compile_mode == "reduce-overhead":
+        assert cudagraph_skips() == skips_before, "inductor ran the stack without CUDA graphs"
     for name in ("set", "add"):
         for out in (eager_out, compiled_out):
             # Causal attention: tokens before the first steered one are untouched.
