@@ -16,6 +16,8 @@ _EXPORTS = {
     "ApplyTo": "spec",
     "EditOp": "spec",
     "FeatureEdit": "spec",
+    "SpecErrorReason": "spec",
+    "SpecIssue": "spec",
     "SpecLimits": "spec",
     "SteeringSpec": "spec",
     "SteeringSpecError": "spec",

@@ -7,9 +7,10 @@ import json
 import math
 from collections.abc import Mapping
 from enum import StrEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 
 DEFAULT_MAX_EDITS = 32
 DEFAULT_MAX_ABS_VALUE = 1.0e4
@@ -34,6 +35,31 @@ class ApplyTo(StrEnum):
     PROMPT = "prompt"  # prompt positions only
 
 
+class SpecErrorReason(StrEnum):
+    """Why a spec was refused, one short machine-readable code per error."""
+
+    MALFORMED = "malformed"  # not a JSON object
+    UNKNOWN_FIELD = "unknown_field"
+    MISSING_FIELD = "missing_field"
+    INVALID_TYPE = "invalid_type"
+    INVALID_VALUE = "invalid_value"
+    NON_FINITE = "non_finite"
+    VALUE_OUT_OF_RANGE = "value_out_of_range"
+    UNKNOWN_OP = "unknown_op"
+    UNKNOWN_SAE = "unknown_sae"
+    FEATURE_OUT_OF_RANGE = "feature_out_of_range"
+    DUPLICATE_FEATURE = "duplicate_feature"
+    TOO_MANY_EDITS = "too_many_edits"
+
+
+class SpecIssue(NamedTuple):
+    """One thing wrong with a spec: where ("" for the whole spec), what, and its reason code."""
+
+    path: str
+    message: str
+    reason: SpecErrorReason
+
+
 class FeatureEdit(BaseModel):
     """One edit of one SAE feature."""
 
@@ -50,9 +76,9 @@ class FeatureEdit(BaseModel):
         if value is None:
             return value
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ValueError("must be a number")
+            raise PydanticCustomError(SpecErrorReason.INVALID_TYPE.value, "must be a number")
         if not math.isfinite(value):
-            raise ValueError("must be finite")
+            raise PydanticCustomError(SpecErrorReason.NON_FINITE.value, "must be finite")
         return float(value)
 
 
@@ -71,18 +97,23 @@ class SteeringSpec(BaseModel):
 
 
 class SteeringSpecError(ValueError):
-    """A spec that cannot be applied; `errors` lists (field path, message) pairs."""
+    """A spec that cannot be applied; `errors` lists what is wrong, first problem first."""
 
-    def __init__(self, errors: list[tuple[str, str]]):
+    def __init__(self, errors: list[SpecIssue]):
         self.errors = errors
         super().__init__(
-            "; ".join(f"{path}: {message}" if path else message for path, message in errors)
+            "; ".join(f"{e.path}: {e.message}" if e.path else e.message for e in errors)
         )
 
     @property
     def field(self) -> str:
         """The path of the first offending field ("" when the whole spec is wrong)."""
-        return self.errors[0][0]
+        return self.errors[0].path
+
+    @property
+    def reason(self) -> SpecErrorReason:
+        """The reason code of the first problem."""
+        return self.errors[0].reason
 
 
 class SpecLimits(BaseModel):
@@ -109,8 +140,29 @@ def _message(error: Mapping[str, Any]) -> str:
         return "unknown field"
     if error["type"] == "missing":
         return "field required"
-    message = str(error["msg"])
-    return message.removeprefix("Value error, ")
+    return str(error["msg"])
+
+
+_TYPE_ERRORS = {"int_parsing", "float_parsing", "int_from_float"}
+_OWN_CODES = {reason.value for reason in SpecErrorReason}
+
+
+def _reason(error: Mapping[str, Any]) -> SpecErrorReason:
+    kind, loc = str(error["type"]), error["loc"]
+    if kind in _OWN_CODES:  # raised by the validators in this module
+        return SpecErrorReason(kind)
+    if kind == "extra_forbidden":
+        return SpecErrorReason.UNKNOWN_FIELD
+    if kind == "missing":
+        return SpecErrorReason.MISSING_FIELD
+    if kind.endswith("_type") or kind in _TYPE_ERRORS:
+        return SpecErrorReason.INVALID_TYPE
+    leaf = loc[-1] if loc else ""
+    if leaf == "op":
+        return SpecErrorReason.UNKNOWN_OP
+    if leaf == "feature":
+        return SpecErrorReason.FEATURE_OUT_OF_RANGE
+    return SpecErrorReason.INVALID_VALUE
 
 
 def parse_spec(data: Any, limits: SpecLimits | None = None) -> SteeringSpec:
@@ -123,29 +175,34 @@ def parse_spec(data: Any, limits: SpecLimits | None = None) -> SteeringSpec:
             try:
                 data = json.loads(data)
             except ValueError as exc:
-                raise SteeringSpecError([("", f"not valid JSON: {exc}")]) from None
+                raise SteeringSpecError(
+                    [SpecIssue("", f"not valid JSON: {exc}", SpecErrorReason.MALFORMED)]
+                ) from None
         if not isinstance(data, Mapping):
-            raise SteeringSpecError([("", "must be a JSON object with an 'edits' list")])
+            message = "must be a JSON object with an 'edits' list"
+            raise SteeringSpecError([SpecIssue("", message, SpecErrorReason.MALFORMED)])
         try:
             spec = SteeringSpec.model_validate(data)
         except ValidationError as exc:
             raise SteeringSpecError(
-                [(_path(err["loc"]), _message(err)) for err in exc.errors()]
+                [SpecIssue(_path(e["loc"]), _message(e), _reason(e)) for e in exc.errors()]
             ) from None
-    errors: list[tuple[str, str]] = []
+    errors: list[SpecIssue] = []
     if len(spec.edits) > limits.max_edits:
-        errors.append(
-            ("edits", f"at most {limits.max_edits} edits per request (got {len(spec.edits)})")
-        )
+        message = f"at most {limits.max_edits} edits per request (got {len(spec.edits)})"
+        errors.append(SpecIssue("edits", message, SpecErrorReason.TOO_MANY_EDITS))
     for index, edit in enumerate(spec.edits):
         where = f"edits[{index}].value"
         if edit.op is EditOp.ABLATE:
             if edit.value is not None:
-                errors.append((where, "not allowed with op 'ablate'"))
+                message = "not allowed with op 'ablate'"
+                errors.append(SpecIssue(where, message, SpecErrorReason.INVALID_VALUE))
         elif edit.value is None:
-            errors.append((where, f"required with op '{edit.op.value}'"))
+            message = f"required with op '{edit.op.value}'"
+            errors.append(SpecIssue(where, message, SpecErrorReason.MISSING_FIELD))
         elif abs(edit.value) > limits.max_abs_value:
-            errors.append((where, f"magnitude must be at most {limits.max_abs_value:g}"))
+            message = f"magnitude must be at most {limits.max_abs_value:g}"
+            errors.append(SpecIssue(where, message, SpecErrorReason.VALUE_OUT_OF_RANGE))
     if errors:
         raise SteeringSpecError(errors)
     return spec
@@ -157,7 +214,7 @@ def resolve_spec(
     """Validate a spec and bind it to the registered SAEs (id -> d_sae): fills omitted SAE ids,
     checks ids, feature ranges and duplicates. Returns a spec whose every edit names its SAE."""
     spec = parse_spec(data, limits)
-    errors: list[tuple[str, str]] = []
+    errors: list[SpecIssue] = []
     registered = ", ".join(sorted(sae_sizes)) or "none"
     seen: dict[tuple[str, int], int] = {}
     edits: list[FeatureEdit] = []
@@ -165,36 +222,27 @@ def resolve_spec(
         sae_id = edit.sae
         if sae_id is None:
             if len(sae_sizes) != 1:
+                message = f"required when several SAEs are registered ({registered})"
                 errors.append(
-                    (
-                        f"edits[{index}].sae",
-                        f"required when several SAEs are registered ({registered})",
-                    )
+                    SpecIssue(f"edits[{index}].sae", message, SpecErrorReason.MISSING_FIELD)
                 )
                 continue
             sae_id = next(iter(sae_sizes))
         if sae_id not in sae_sizes:
-            errors.append(
-                (f"edits[{index}].sae", f"unknown SAE '{sae_id}' (registered: {registered})")
-            )
+            message = f"unknown SAE '{sae_id}' (registered: {registered})"
+            errors.append(SpecIssue(f"edits[{index}].sae", message, SpecErrorReason.UNKNOWN_SAE))
             continue
         d_sae = sae_sizes[sae_id]
         if edit.feature >= d_sae:
+            message = f"{edit.feature} is out of range for SAE '{sae_id}' (d_sae {d_sae})"
             errors.append(
-                (
-                    f"edits[{index}].feature",
-                    f"{edit.feature} is out of range for SAE '{sae_id}' (d_sae {d_sae})",
-                )
+                SpecIssue(f"edits[{index}].feature", message, SpecErrorReason.FEATURE_OUT_OF_RANGE)
             )
             continue
         key = (sae_id, edit.feature)
         if key in seen:
-            errors.append(
-                (
-                    f"edits[{index}]",
-                    f"duplicate of edits[{seen[key]}] (sae '{sae_id}', feature {edit.feature})",
-                )
-            )
+            message = f"duplicate of edits[{seen[key]}] (sae '{sae_id}', feature {edit.feature})"
+            errors.append(SpecIssue(f"edits[{index}]", message, SpecErrorReason.DUPLICATE_FEATURE))
             continue
         seen[key] = index
         edits.append(edit.model_copy(update={"sae": sae_id}))

@@ -75,8 +75,6 @@ class SteeringGate:
         try:
             spec = resolve_spec(raw, self.sae_sizes, self.limits)
         except SteeringSpecError as exc:
-            message = "; ".join(f"{_join(field, path)}: {text}" for path, text in exc.errors)
-            raise Rejection(
-                rejections.reason_of(*exc.errors[0]), _join(field, exc.field), message
-            ) from None
+            message = "; ".join(f"{_join(field, e.path)}: {e.message}" for e in exc.errors)
+            raise Rejection(exc.reason.value, _join(field, exc.field), message) from None
         return spec.model_dump(mode="json")

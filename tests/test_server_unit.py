@@ -19,6 +19,7 @@ from sae_vllm.server.options import labels_argument, sae_argument, steering_addi
 from sae_vllm.server.registry import SAERegistry, load_record
 from sae_vllm.server.routes import REGISTRY_STATE, router
 from sae_vllm.server.steering import Rejection, SteeringGate
+from sae_vllm.spec import SpecErrorReason as Reason
 from sae_vllm.spec import SpecLimits
 from tiny_model import HIDDEN, write_random_sae
 
@@ -205,26 +206,26 @@ def edit(**fields):
 
 
 REJECTED = [
-    ("{", "steering", rejections.MALFORMED),
-    (7, "steering", rejections.MALFORMED),
-    ({}, "steering.edits", rejections.MISSING_FIELD),
-    ({"edits": []}, "steering.edits", rejections.INVALID_VALUE),
+    ("{", "steering", Reason.MALFORMED),
+    (7, "steering", Reason.MALFORMED),
+    ({}, "steering.edits", Reason.MISSING_FIELD),
+    ({"edits": []}, "steering.edits", Reason.INVALID_VALUE),
     ({"edits": [edit(), edit(feature=2), edit(feature=3), edit(feature=4)]}, "steering.edits",
-     rejections.TOO_MANY_EDITS),
-    ({"edits": [edit(colour=1)]}, "steering.edits[0].colour", rejections.UNKNOWN_FIELD),
-    ({"edits": [edit(op="explode")]}, "steering.edits[0].op", rejections.UNKNOWN_OP),
-    ({"edits": [edit(feature="1")]}, "steering.edits[0].feature", rejections.INVALID_TYPE),
-    ({"edits": [edit(feature=16)]}, "steering.edits[0].feature", rejections.FEATURE_OUT_OF_RANGE),
-    ({"edits": [edit(feature=-1)]}, "steering.edits[0].feature", rejections.FEATURE_OUT_OF_RANGE),
-    ({"edits": [edit(value=float("nan"))]}, "steering.edits[0].value", rejections.NON_FINITE),
-    ({"edits": [edit(value="1")]}, "steering.edits[0].value", rejections.INVALID_TYPE),
-    ({"edits": [edit(value=101)]}, "steering.edits[0].value", rejections.VALUE_OUT_OF_RANGE),
-    ({"edits": [edit(op="ablate")]}, "steering.edits[0].value", rejections.INVALID_VALUE),
-    ({"edits": [edit(value=None)]}, "steering.edits[0].value", rejections.MISSING_FIELD),
-    ({"edits": [edit(sae="zz")]}, "steering.edits[0].sae", rejections.UNKNOWN_SAE),
-    ({"edits": [edit(sae=None)]}, "steering.edits[0].sae", rejections.MISSING_FIELD),
-    ({"edits": [edit(), edit()]}, "steering.edits[1]", rejections.DUPLICATE_FEATURE),
-    ({"edits": [edit()], "apply_to": "x"}, "steering.apply_to", rejections.INVALID_VALUE),
+     Reason.TOO_MANY_EDITS),
+    ({"edits": [edit(colour=1)]}, "steering.edits[0].colour", Reason.UNKNOWN_FIELD),
+    ({"edits": [edit(op="explode")]}, "steering.edits[0].op", Reason.UNKNOWN_OP),
+    ({"edits": [edit(feature="1")]}, "steering.edits[0].feature", Reason.INVALID_TYPE),
+    ({"edits": [edit(feature=16)]}, "steering.edits[0].feature", Reason.FEATURE_OUT_OF_RANGE),
+    ({"edits": [edit(feature=-1)]}, "steering.edits[0].feature", Reason.FEATURE_OUT_OF_RANGE),
+    ({"edits": [edit(value=float("nan"))]}, "steering.edits[0].value", Reason.NON_FINITE),
+    ({"edits": [edit(value="1")]}, "steering.edits[0].value", Reason.INVALID_TYPE),
+    ({"edits": [edit(value=101)]}, "steering.edits[0].value", Reason.VALUE_OUT_OF_RANGE),
+    ({"edits": [edit(op="ablate")]}, "steering.edits[0].value", Reason.INVALID_VALUE),
+    ({"edits": [edit(value=None)]}, "steering.edits[0].value", Reason.MISSING_FIELD),
+    ({"edits": [edit(sae="zz")]}, "steering.edits[0].sae", Reason.UNKNOWN_SAE),
+    ({"edits": [edit(sae=None)]}, "steering.edits[0].sae", Reason.MISSING_FIELD),
+    ({"edits": [edit(), edit()]}, "steering.edits[1]", Reason.DUPLICATE_FEATURE),
+    ({"edits": [edit()], "apply_to": "x"}, "steering.apply_to", Reason.INVALID_VALUE),
 ]  # fmt: skip
 
 
@@ -269,7 +270,7 @@ def test_gate_counts(monkeypatch):
         value("sae_steering_steered_requests_total", endpoint="completions"),
         value("sae_steering_unsteered_requests_total", endpoint="completions"),
         value("sae_steering_edits_per_request_sum"),
-        value("sae_steering_rejected_specs_total", reason=rejections.UNKNOWN_SAE),
+        value("sae_steering_rejected_specs_total", reason=Reason.UNKNOWN_SAE),
     )
     GATE.admit("completions", {"edits": [edit(), edit(feature=2)]})
     GATE.admit("completions", None)
@@ -279,7 +280,7 @@ def test_gate_counts(monkeypatch):
         value("sae_steering_steered_requests_total", endpoint="completions"),
         value("sae_steering_unsteered_requests_total", endpoint="completions"),
         value("sae_steering_edits_per_request_sum"),
-        value("sae_steering_rejected_specs_total", reason=rejections.UNKNOWN_SAE),
+        value("sae_steering_rejected_specs_total", reason=Reason.UNKNOWN_SAE),
     )
     assert [b - a for a, b in zip(before, after, strict=True)] == [1, 1, 2, 1]
 

@@ -10,6 +10,7 @@ import pytest
 from sae_vllm.spec import (
     ApplyTo,
     EditOp,
+    SpecErrorReason,
     SpecLimits,
     SteeringSpecError,
     derive_cache_salt,
@@ -151,7 +152,36 @@ def test_duplicate_detected_when_sae_is_implicit():
 def test_all_errors_are_reported_together():
     with pytest.raises(SteeringSpecError) as info:
         resolve_spec({"edits": [edit(sae="nope"), edit(feature=99999)]}, SIZES)
-    assert [path for path, _ in info.value.errors] == ["edits[0].sae", "edits[1].feature"]
+    assert [issue.path for issue in info.value.errors] == ["edits[0].sae", "edits[1].feature"]
+    assert [issue.reason for issue in info.value.errors] == [
+        SpecErrorReason.UNKNOWN_SAE,
+        SpecErrorReason.FEATURE_OUT_OF_RANGE,
+    ]
+    assert info.value.reason is SpecErrorReason.UNKNOWN_SAE
+
+
+def test_every_error_carries_a_reason_code_without_reading_its_message():
+    cases = {
+        '{"edits": [': SpecErrorReason.MALFORMED,
+        '{"edits": [{"feature": 1, "op": "ablate", "x": 1}]}': SpecErrorReason.UNKNOWN_FIELD,
+        '{"edits": [{"feature": 1, "op": "set", "value": "big"}]}': SpecErrorReason.INVALID_TYPE,
+        '{"edits": [{"feature": 1, "op": "set", "value": NaN}]}': SpecErrorReason.NON_FINITE,
+        '{"edits": [{"feature": -1, "op": "set", "value": 1}]}': (
+            SpecErrorReason.FEATURE_OUT_OF_RANGE
+        ),
+        '{"edits": [{"feature": 1, "op": "boost", "value": 1}]}': SpecErrorReason.UNKNOWN_OP,
+        '{"edits": [{"feature": 1, "op": "set"}]}': SpecErrorReason.MISSING_FIELD,
+        '{"edits": [{"feature": 1, "op": "set", "value": 1e9}]}': (
+            SpecErrorReason.VALUE_OUT_OF_RANGE
+        ),
+        '{"edits": [{"feature": 1, "op": "set", "value": 1}], "apply_to": "x"}': (
+            SpecErrorReason.INVALID_VALUE
+        ),
+    }
+    for raw, reason in cases.items():
+        with pytest.raises(SteeringSpecError) as info:
+            parse_spec(raw)
+        assert info.value.reason is reason, (raw, info.value.errors)
 
 
 def test_fingerprint_ignores_formatting_and_tracks_meaning():
