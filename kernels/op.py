@@ -8,29 +8,15 @@ from .weights import SteeringWeights
 OP_NAME = "sae_vllm::steer_"
 
 
-def _steer_impl(
-    hidden: torch.Tensor,
-    residual: torch.Tensor | None,
-    enc_t: torch.Tensor,
-    b_enc: torch.Tensor,
-    threshold: torch.Tensor,
-    W_dec: torch.Tensor,
-    row_feat: torch.Tensor,
-    row_val: torch.Tensor,
-    row_op: torch.Tensor,
-    tok_row: torch.Tensor,
-    tok_scope: torch.Tensor,
-    topk_k: int,
-) -> None:
-    args = (hidden, residual, enc_t, b_enc, threshold, W_dec)
-    tables = (row_feat, row_val, row_op, tok_row, tok_scope, topk_k)
+def _steer_impl(hidden: torch.Tensor, *args: object) -> None:
+    """The op's kernel for both dispatch keys; the arguments are SCHEMA's, in its order."""
     if hidden.is_cuda:
         # Imported on first use so that importing kernels never compiles or loads Triton code.
         from .triton_steer import steer_triton_
 
-        steer_triton_(*args, *tables)
+        steer_triton_(hidden, *args)
     else:
-        steer_cpu_(*args, *tables)
+        steer_cpu_(hidden, *args)
 
 
 def _steer_fake(*args: object) -> None:

@@ -25,6 +25,11 @@ def encode_passages(passages: Sequence[Passage | SwitchPassage]) -> torch.Tensor
     return out
 
 
+def word_positions(ids: torch.Tensor) -> torch.Tensor:
+    """Where encode_passages put a word (not BOS, EOS or PAD)."""
+    return (ids != PAD_ID) & (ids != BOS_ID) & (ids != EOS_ID)
+
+
 def topic_targets(passages: Sequence[Passage], width: int) -> torch.Tensor:
     """[n, width] topic index at every word from the passage's first topic word on, else IGNORE.
 

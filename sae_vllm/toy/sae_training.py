@@ -7,11 +7,10 @@ from dataclasses import dataclass
 
 import torch
 
-from sae_vllm.toy.batches import encode_passages
+from sae_vllm.toy.batches import encode_passages, word_positions
 from sae_vllm.toy.corpus import Passage
 from sae_vllm.toy.progress import Progress
 from sae_vllm.toy.residual import layer_output
-from sae_vllm.toy.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 
 @dataclass(frozen=True)
@@ -51,7 +50,7 @@ def collect_activations(
         ids = encode_passages(passages[start : start + batch])
         with layer_output(model, layer) as seen:
             model(input_ids=ids)
-        keep = (ids != PAD_ID) & (ids != BOS_ID) & (ids != EOS_ID)
+        keep = word_positions(ids)
         rows = torch.arange(ids.shape[0]).unsqueeze(1).expand_as(ids)
         xs.append(seen[0][keep])
         toks.append(ids[keep])

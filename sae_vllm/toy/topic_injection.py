@@ -8,10 +8,15 @@ from dataclasses import dataclass
 
 import torch
 
-from sae_vllm.toy.batches import IGNORE, encode_passages, switch_masks, topic_targets
+from sae_vllm.toy.batches import (
+    IGNORE,
+    encode_passages,
+    switch_masks,
+    topic_targets,
+    word_positions,
+)
 from sae_vllm.toy.corpus import Passage, SwitchPassage
 from sae_vllm.toy.grammar import TOPIC_NAMES
-from sae_vllm.toy.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 
 class TopicDirections:
@@ -112,14 +117,15 @@ def training_batch(
     n, width = len(passages), ids.shape[1]
     topics = topic_targets(passages, width)
     row_topics = torch.tensor([TOPIC_NAMES.index(p.topic) for p in [*passages, *switches]])
-    words = (ids[:n] != PAD_ID) & (ids[:n] != BOS_ID) & (ids[:n] != EOS_ID)
-    offsets = injection_offsets(directions.directions(), row_topics[:n], topics, words, inject_into)
+    offsets_by_topic = directions.directions()
+    words = word_positions(ids[:n])
+    offsets = injection_offsets(offsets_by_topic, row_topics[:n], topics, words, inject_into)
     ablated, unlearned = switch_masks(switches, width)
     untouched = torch.zeros(n, width, dtype=torch.bool)
     change = Intervention(
         offsets=torch.cat([offsets, offsets.new_zeros(len(switches), *offsets.shape[1:])]),
         ablated=torch.cat([untouched, ablated]),
-        units=torch.nn.functional.normalize(directions.directions()[row_topics], dim=-1),
+        units=torch.nn.functional.normalize(offsets_by_topic[row_topics], dim=-1),
         centre=directions.centre(),
     )
     return TrainingBatch(
