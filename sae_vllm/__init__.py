@@ -10,6 +10,7 @@ from typing import Any
 _EXPORTS = {
     "SAE": "sae",
     "SAEFormatError": "sae",
+    "inspect_sae": "sae",
     "load_sae": "sae",
     "SAEEntry": "config",
     "SteeringConfig": "config",

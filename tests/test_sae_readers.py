@@ -1,8 +1,11 @@
-"""SAE readers: every format loads (detected and named) and matches hand math; bad files fail."""
+"""SAE readers: every format loads (detected and named) and matches hand math; bad files fail;
+inspect_sae gives the same SAE shapes from headers alone."""
 
 from __future__ import annotations
 
+import json
 import math
+import struct
 import subprocess
 import sys
 from collections.abc import Callable
@@ -12,7 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from sae_vllm.sae import FORMATS, SAE, SAEFormatError, detect_format, load_sae
+from sae_vllm.config import SAEEntry, SteeringConfig
+from sae_vllm.engine.sae_sizes import sae_sizes
+from sae_vllm.sae import FORMATS, SAE, SAEFormatError, detect_format, inspect_sae, load_sae
 from sae_writers import (
     MakesDirWhenUnpickled,
     llama_scope_hyperparams,
@@ -109,7 +114,21 @@ def load_both(
     for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
         assert torch.equal(getattr(detected, name), getattr(named, name))
     assert_canonical(detected, expect)
+    assert_inspection_matches(path, fmt)
     return detected
+
+
+def assert_inspection_matches(path: Path, fmt: str) -> None:
+    """inspect_sae (headers only) describes the SAE exactly as load_sae does, with no data."""
+    loaded, inspected = load_sae(path, format=fmt), inspect_sae(path)
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
+        full, meta = getattr(loaded, name), getattr(inspected, name)
+        assert (full is None) == (meta is None), name
+        if full is not None:
+            assert meta.is_meta and (meta.shape, meta.dtype) == (full.shape, full.dtype), name
+    for name in ("architecture", "k", "apply_b_dec_to_input", "layer", "hook_name", "format"):
+        assert getattr(inspected, name) == getattr(loaded, name), name
+    assert inspected.source == loaded.source
 
 
 # ---- SAELens ----------------------------------------------------------------------------------
@@ -605,19 +624,61 @@ BAD_FILES: dict[str, tuple[Callable[[Path], tuple[Path, str | None]], str]] = {
 }
 
 
+READS = {"load": load_sae, "inspect": inspect_sae}
+
+
+@pytest.mark.parametrize("read", list(READS))
 @pytest.mark.parametrize("case", list(BAD_FILES))
-def test_bad_files_raise_sae_format_error_naming_the_file(tmp_path, case):
+def test_bad_files_raise_sae_format_error_naming_the_file(tmp_path, case, read):
     setup, message = BAD_FILES[case]
     path, fmt = setup(tmp_path)
     with pytest.raises(SAEFormatError, match=message) as error:
-        load_sae(path, format=fmt)
+        READS[read](path, format=fmt)
     assert str(tmp_path) in str(error.value)
 
 
-def test_goodfire_pickles_are_never_unpickled_beyond_tensors(tmp_path):
+@pytest.mark.parametrize("read", list(READS))
+def test_goodfire_pickles_are_never_unpickled_beyond_tensors(tmp_path, read):
     marker = tmp_path / "side-effect"
     arrays = {**goodfire_arrays(np.random.default_rng(0)), "extra": MakesDirWhenUnpickled(marker)}
     file = write_goodfire(tmp_path / "evil.pt", arrays)
     with pytest.raises(SAEFormatError, match=r"evil\.pt.*weights_only"):
-        load_sae(file)
+        READS[read](file)
     assert not marker.exists()
+
+
+def write_sparse_safetensors(file: Path, shapes: dict[str, tuple[int, ...]]) -> int:
+    """A float32 safetensors file whose data is a hole (zeros, no disk blocks); its size."""
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        size = 4 * math.prod(shape)
+        header[name] = {
+            "dtype": "F32",
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    with file.open("wb") as out:
+        out.write(struct.pack("<Q", len(encoded)) + encoded)
+        out.truncate(8 + len(encoded) + offset)
+    return 8 + len(encoded) + offset
+
+
+def test_inspecting_a_64_gib_sae_reads_only_its_headers(tmp_path):
+    d_in, d_sae = 4096, 2**21
+    folder = tmp_path / "huge"
+    cfg = saelens_v6_cfg("standard", d_in, d_sae, "blocks.20.hook_resid_post")
+    (folder / "cfg.json").parent.mkdir(parents=True)
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    shapes = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+    size = write_sparse_safetensors(folder / "sae_weights.safetensors", shapes)
+    assert size > 64 * 2**30  # more than this machine's memory: a real load could not finish
+    sae = inspect_sae(folder)
+    assert (sae.d_in, sae.d_sae, sae.layer, sae.architecture) == (d_in, d_sae, 20, "relu")
+    assert sae.W_dec.is_meta and sae.W_dec.shape == (d_sae, d_in)
+    # What the frontend and engine core check feature indexes with.
+    config = SteeringConfig(saes=[SAEEntry(id="huge", path=str(folder))])
+    assert sae_sizes(config) == {"huge": d_sae}

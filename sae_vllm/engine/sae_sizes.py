@@ -5,14 +5,14 @@ from __future__ import annotations
 import functools
 
 from ..config import SteeringConfig
-from ..sae import load_sae
+from ..sae import inspect_sae
 
 
 @functools.cache
 def _d_sae(path: str, format: str | None) -> int:
-    return load_sae(path, format=format).d_sae
+    return inspect_sae(path, format=format).d_sae
 
 
 def sae_sizes(config: SteeringConfig) -> dict[str, int]:
-    """SAE id -> d_sae for every SAE in the config (files are read once per process)."""
+    """SAE id -> d_sae for every SAE in the config, from the files' headers (once per process)."""
     return {entry.id: _d_sae(entry.path, entry.format) for entry in config.saes}

@@ -125,14 +125,17 @@ def build_sae(raw: RawSAE, dtype: torch.dtype | None = None) -> SAE:
         raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
     _validate(raw)
     out = dtype or raw.W_enc.dtype
-    needs_fold = (
+    # Folds change values, not shapes: an SAE read as headers only (meta tensors) skips them.
+    needs_fold = not raw.W_enc.is_meta and (
         raw.input_scale is not None
         or raw.decoder_row_scale is not None
         or raw.rescale_by_decoder_norm
     )
-    # Fold in at least float32 so bf16/fp16 files round once, at the final cast.
-    work = torch.promote_types(out, torch.float32) if needs_fold else out
-    tensors = _fold(raw, work)
+    if needs_fold:
+        # Fold in at least float32 so bf16/fp16 files round once, at the final cast.
+        tensors = _fold(raw, torch.promote_types(out, torch.float32))
+    else:
+        tensors = (raw.W_enc, raw.b_enc, raw.W_dec, raw.b_dec, raw.threshold)
     W_enc, b_enc, W_dec, b_dec, threshold = (
         None if t is None else t.to(out).contiguous() for t in tensors
     )

@@ -30,11 +30,11 @@ def _hook_name(path: Path, layer: int | None) -> str | None:
     return None
 
 
-def read(path: Path) -> RawSAE:
+def read(path: Path, *, meta: bool = False) -> RawSAE:
     file = path if path.is_file() else require_file(path, PARAMS)
     if any(_TRANSCODER_REPO.search(part) for part in file.parts):
         raise SAEFormatError(f"{file}: unsupported architecture (Gemma Scope transcoder)")
-    tensors = read_npz(file)
+    tensors = read_npz(file, meta=meta)
     # SAELens accepts lower-case w_enc/w_dec here too.
     for name in ("W_enc", "W_dec"):
         if name not in tensors and name.lower() in tensors:

@@ -53,14 +53,14 @@ def _layer_from_config(folder: Path) -> int | None:
     return layer_from_hook(hook_in)
 
 
-def read(path: Path) -> RawSAE:
+def read(path: Path, *, meta: bool = False) -> RawSAE:
     folder = folder_of(path)
     file = path if path.is_file() else require_file(folder, PARAMS)
     site = _site(folder)
     layer = _layer_from_config(folder)
     if layer is None:
         layer = layer_from_path(folder)
-    tensors = read_safetensors(file)
+    tensors = read_safetensors(file, meta=meta)
     if "affine_skip_connection" in tensors:
         raise SAEFormatError(f"{file}: unsupported architecture (skip transcoder)")
     hook_name = None if site is None or layer is None else f"blocks.{layer}.{_SITE_HOOKS[site]}"

@@ -22,7 +22,7 @@ def claims(path: Path) -> bool:
     return path.suffix in SUFFIXES if path.is_file() else len(_candidates(path)) == 1
 
 
-def read(path: Path) -> RawSAE:
+def read(path: Path, *, meta: bool = False) -> RawSAE:
     if path.is_file():
         file = path
     else:
@@ -32,7 +32,7 @@ def read(path: Path) -> RawSAE:
                 f"{path}: expected one .pt/.pth file, found {len(found)}; pass the file itself"
             )
         file = found[0]
-    tensors = read_torch_state(file)
+    tensors = read_torch_state(file, meta=meta)
     match = _FILE_LAYER.search(file.stem)
     return RawSAE(
         W_enc=take(tensors, "encoder_linear.weight", file).T,

@@ -31,7 +31,7 @@ def claims(path: Path) -> bool:
     return (folder / CONFIG).is_file() and (folder / WEIGHTS).is_file()
 
 
-def read(path: Path) -> RawSAE:
+def read(path: Path, *, meta: bool = False) -> RawSAE:
     folder = folder_of(path)
     cfg_file = require_file(folder, CONFIG)
     weights_file = require_file(folder, WEIGHTS)
@@ -53,7 +53,7 @@ def read(path: Path) -> RawSAE:
     # Training scaled inputs by s; SAELens folds s into the weights and also multiplies the
     # released scalar threshold by s (its "fix abnormally large llamascope L0").
     scale = math.sqrt(d_model) / norm_in
-    tensors = read_safetensors(weights_file)
+    tensors = read_safetensors(weights_file, meta=meta)
     return RawSAE(
         W_enc=take(tensors, "encoder.weight", weights_file).T,
         b_enc=take(tensors, "encoder.bias", weights_file),

@@ -11,7 +11,7 @@ import torch
 from ..errors import SAEFormatError
 from ..model import SAE
 from . import gemma_scope, gemma_scope_2, goodfire, llama_scope, saelens, sparsify
-from .build import build_sae
+from .build import RawSAE, build_sae
 
 # Detection order: the first reader that claims a path reads it.
 _READERS: dict[str, ModuleType] = {
@@ -40,11 +40,7 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     )
 
 
-def load_sae(
-    path: str | os.PathLike[str], format: str | None = None, dtype: torch.dtype | None = None
-) -> SAE:
-    """Read the SAE at path into the canonical SAE; format is detected when None, dtype None
-    keeps the file's floating dtype."""
+def _read(path: str | os.PathLike[str], format: str | None, meta: bool) -> RawSAE:
     path = Path(path)
     if format is None:
         format = detect_format(path)
@@ -52,4 +48,19 @@ def load_sae(
         raise SAEFormatError(f"{path}: unknown SAE format {format!r} (known: {', '.join(FORMATS)})")
     elif not path.exists():
         raise SAEFormatError(f"{path}: no such file or folder")
-    return build_sae(_READERS[format].read(path), dtype)
+    return _READERS[format].read(path, meta=meta)
+
+
+def load_sae(
+    path: str | os.PathLike[str], format: str | None = None, dtype: torch.dtype | None = None
+) -> SAE:
+    """Read the SAE at path into the canonical SAE; format is detected when None, dtype None
+    keeps the file's floating dtype."""
+    return build_sae(_read(path, format, meta=False), dtype)
+
+
+def inspect_sae(path: str | os.PathLike[str], format: str | None = None) -> SAE:
+    """The SAE at path with every tensor on the meta device: sizes, dtype, architecture, layer
+    and hook, checked as load_sae checks them, from the files' headers alone (milliseconds and
+    no memory, however large the SAE)."""
+    return build_sae(_read(path, format, meta=True)).to("meta")

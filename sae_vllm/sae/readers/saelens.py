@@ -82,17 +82,17 @@ def _hook(cfg: dict[str, Any]) -> tuple[str | None, int | None]:
     return None, layer if isinstance(layer, int) and not isinstance(layer, bool) else None
 
 
-def read(path: Path) -> RawSAE:
+def read(path: Path, *, meta: bool = False) -> RawSAE:
     folder = folder_of(path)
     cfg_file = require_file(folder, CONFIG)
     weights_file = require_file(folder, WEIGHTS)
     cfg = read_json(cfg_file)
     architecture, k = _architecture(cfg, cfg_file)
     input_scale = _input_scale(cfg, folder, cfg_file)
-    tensors = read_safetensors(weights_file)
+    tensors = read_safetensors(weights_file, meta=meta)
     hook_name, layer = _hook(cfg)
     row_scale = tensors.get("scaling_factor")  # pre-v6 finetuning scaling factor
-    if row_scale is not None and bool((row_scale == 1).all()):
+    if row_scale is not None and not row_scale.is_meta and bool((row_scale == 1).all()):
         row_scale = None
     return RawSAE(
         W_enc=take(tensors, "W_enc", weights_file),

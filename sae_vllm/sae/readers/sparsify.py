@@ -34,7 +34,7 @@ def _declared_d_sae(cfg: dict, file: Path) -> int | None:
     return None
 
 
-def read(path: Path) -> RawSAE:
+def read(path: Path, *, meta: bool = False) -> RawSAE:
     folder = folder_of(path)
     cfg_file = require_file(folder, CONFIG)
     weights_file = require_file(folder, WEIGHTS)
@@ -47,7 +47,7 @@ def read(path: Path) -> RawSAE:
     if cfg.get("signed"):
         raise SAEFormatError(f"{cfg_file}: unsupported architecture (signed TopK)")
     k = positive_int(config_value(cfg, "k", cfg_file), "k", cfg_file)
-    tensors = read_safetensors(weights_file)
+    tensors = read_safetensors(weights_file, meta=meta)
     if "W_skip" in tensors:
         raise SAEFormatError(f"{weights_file}: unsupported architecture (skip connection)")
     return RawSAE(
