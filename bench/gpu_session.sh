@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check of the project in one run, for a CUDA box with torch, triton and transformers
 # but no vLLM: the CUDA kernel tests (compiled Triton at real shapes, CUDA-graph replay, the op
-# in a compiled 8B-width decoder stack), then the kernel benchmark with its decode-step proxy.
+# in a compiled 8B-width decoder stack, sync-free table writes), then the kernel benchmark with
+# its decode-step proxy.
 #
 #   bash bench/gpu_session.sh [RESULTS_DIR]     (default: $OUT if set, else bench/results)
 #
@@ -20,7 +21,7 @@ torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
 } 2>&1 | tee "$results/gpu-env.txt"
 
 python3 -m pytest -q -p no:cacheprovider -m gpu -o addopts="-ra" \
-    tests/test_kernels_gpu.py tests/test_compiled_stack.py 2>&1 | tee "$results/gpu-tests.log"
+    tests/test_kernels_gpu.py tests/test_compiled_stack.py tests/test_staging_gpu.py 2>&1 | tee "$results/gpu-tests.log"
 tests_status=${PIPESTATUS[0]}
 
 device=$(python3 -c "import torch; from bench.kernels import device_slug; \

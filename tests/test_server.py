@@ -208,6 +208,14 @@ def test_vllm_features_work_with_steering(client):
     assert greedy.choices[0].text == full
     top = [max(step, key=step.get) for step in greedy.choices[0].logprobs.top_logprobs]
     assert top == greedy.choices[0].logprobs.tokens  # greedy picks the steered argmax
+    # n > 1 fans out into child requests inside vLLM: every child must be steered. (vLLM
+    # refuses n > 1 at temperature 0; top_k=1 sampling is greedy.)
+    children = client.completions.create(
+        model=MODEL, prompt=PROMPTS[0], temperature=1.0, max_tokens=MAX_TOKENS, n=3,
+        extra_body={"steering": STRONG, "top_k": 1},
+    )  # fmt: skip
+    assert [choice.text for choice in children.choices] == [full] * 3
+    assert full != complete(client, PROMPTS[0], None)
 
 
 def test_sampled_steering_is_reproducible_with_a_seed(client):

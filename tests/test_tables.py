@@ -128,3 +128,52 @@ def test_steady_decode_steps_reuse_the_buffers_and_changes_invalidate_them():
     assert step(tables, ["g", "p"], [1, 1], [5, 5], [4, 4])[0] == [99, p]
     tables.release("p")  # any row change forces a full write
     assert step(tables, ["g", "p"], [1, 1], [6, 6], [4, 4]) == ([g, NO_ROW], [True, False])
+
+
+def test_staged_tables_reach_the_device_exactly_as_direct_writes_do():
+    """The staged path (host copies flushed to the device, used on CUDA) run on CPU against the
+    direct one, through admissions, releases, prefill, decode, steady and idle steps."""
+    direct = SteeringTables(["a", "b"], 6, 3, 24, torch.device("cpu"), staged=False)
+    staged = SteeringTables(["a", "b"], 6, 3, 24, torch.device("cpu"), staged=True)
+    rng = np.random.default_rng(0)
+    computed: dict[str, int] = {}
+    prompt_len: dict[str, int] = {}
+    steered_steps = 0
+    for step_index in range(300):
+        running = list(computed)
+        if running and rng.random() < 0.25:
+            gone = running[int(rng.integers(len(running)))]
+            for tables in (direct, staged):
+                tables.release(gone)
+            del computed[gone], prompt_len[gone]
+        if len(computed) < 5 and rng.random() < 0.35:
+            new = f"r{step_index}"
+            request_spec = None
+            if rng.random() < 0.7:
+                request_spec = spec(
+                    apply_to=("generated", "all", "prompt")[int(rng.integers(3))],
+                    sae=("a", "b")[int(rng.integers(2))],
+                    feature=int(rng.integers(32)),
+                    op=("set", "add", "ablate")[int(rng.integers(3))],
+                )
+            for tables in (direct, staged):
+                tables.admit(new, request_spec)
+            computed[new], prompt_len[new] = 0, int(rng.integers(1, 6))
+        ids = list(computed)
+        scheduled = [
+            1 if computed[r] >= prompt_len[r] else prompt_len[r] - computed[r] for r in ids
+        ]
+        args = (np.array(scheduled, dtype=np.int64), np.array([computed[r] for r in ids]))
+        lengths = np.array([prompt_len[r] for r in ids])
+        for tables in (direct, staged):
+            tables.write_step(ids, *args, lengths)
+        for r, n in zip(ids, scheduled, strict=True):
+            computed[r] += n
+        assert torch.equal(staged.tok_row, direct.tok_row), step_index
+        assert torch.equal(staged.tok_scope, direct.tok_scope), step_index
+        for sae in ("a", "b"):
+            for name in ("feature", "value", "op"):
+                got = getattr(staged.tables[sae], name)
+                assert torch.equal(got, getattr(direct.tables[sae], name)), (step_index, sae)
+        steered_steps += bool(direct.tok_row.ge(0).any())
+    assert steered_steps > 100  # the sequence steered tokens on most steps

@@ -10,6 +10,7 @@ import torch
 
 from ..kernels import OP_CODES
 from ..spec import ApplyTo, SteeringSpec
+from .staging import StagedTensor
 
 logger = logging.getLogger("sae_vllm")
 
@@ -19,22 +20,41 @@ _UNBOUNDED = np.iinfo(np.int64).max
 
 
 class EditTable:
-    """One SAE's per-row edit slots: feature ids (-1 = empty), values and op codes."""
+    """One SAE's per-row edit slots: feature ids (-1 = empty), values and op codes. Rows are
+    written on the host and reach the device at the next `flush`."""
 
-    def __init__(self, max_rows: int, max_edits: int, device: torch.device):
+    def __init__(
+        self, max_rows: int, max_edits: int, device: torch.device, staged: bool | None = None
+    ):
         self.feature = torch.full((max_rows, max_edits), -1, dtype=torch.int32, device=device)
         self.value = torch.zeros((max_rows, max_edits), dtype=torch.float32, device=device)
         self.op = torch.zeros((max_rows, max_edits), dtype=torch.int32, device=device)
+        self._staged = [StagedTensor(t, staged) for t in (self.feature, self.value, self.op)]
+        self._max_rows = max_rows
+        self._dirty = (max_rows, 0)  # rows [lo, hi) written since the last flush
 
     def write_row(self, row: int, features: list[int], values: list[float], ops: list[int]) -> None:
-        slots = self.feature.shape[1]
-        pad = slots - len(features)
-        self.feature[row].copy_(torch.tensor(features + [-1] * pad, dtype=torch.int32))
-        self.value[row].copy_(torch.tensor(values + [0.0] * pad, dtype=torch.float32))
-        self.op[row].copy_(torch.tensor(ops + [0] * pad, dtype=torch.int32))
+        feature, value, op = (staged.writable() for staged in self._staged)
+        n = len(features)
+        feature[row, :n], feature[row, n:] = features, -1
+        value[row, :n], value[row, n:] = values, 0.0
+        op[row, :n], op[row, n:] = ops, 0
+        self._mark_dirty(row)
 
     def clear_row(self, row: int) -> None:
-        self.feature[row].fill_(-1)
+        self._staged[0].writable()[row] = -1
+        self._mark_dirty(row)
+
+    def flush(self) -> None:
+        lo, hi = self._dirty
+        if lo < hi:
+            for staged in self._staged:
+                staged.flush(lo, hi)
+            self._dirty = (self._max_rows, 0)
+
+    def _mark_dirty(self, row: int) -> None:
+        lo, hi = self._dirty
+        self._dirty = (min(lo, row), max(hi, row + 1))
 
 
 class SteeringTables:
@@ -42,7 +62,9 @@ class SteeringTables:
 
     A request gets a row the first time the runner schedules it and gives it back when it
     finishes, is aborted or is preempted. Every step the token buffers are rewritten with
-    vectorised numpy from the batch layout; rows past the step's tokens read -1."""
+    vectorised numpy from the batch layout; rows past the step's tokens read -1. All of it is
+    written on the host and reaches the device without a host-device sync (`staged`: through
+    pinned host copies; default on CUDA devices)."""
 
     def __init__(
         self,
@@ -51,10 +73,13 @@ class SteeringTables:
         max_edits: int,
         max_tokens: int,
         device: torch.device,
+        staged: bool | None = None,
     ):
-        self.tables = {sae_id: EditTable(max_rows, max_edits, device) for sae_id in sae_ids}
+        self.tables = {sae_id: EditTable(max_rows, max_edits, device, staged) for sae_id in sae_ids}
         self.tok_row = torch.full((max_tokens,), NO_ROW, dtype=torch.int32, device=device)
         self.tok_scope = torch.zeros((max_tokens,), dtype=torch.bool, device=device)
+        self._tok_row = StagedTensor(self.tok_row, staged)
+        self._tok_scope = StagedTensor(self.tok_scope, staged)
         self.rows_total = max_rows
         self._free_rows = list(range(max_rows - 1, -1, -1))
         self._row_scope = np.zeros(max_rows, dtype=np.int8)
@@ -115,14 +140,17 @@ class SteeringTables:
         num_computed_tokens: np.ndarray,
         num_prompt_tokens: np.ndarray,
     ) -> None:
-        """Write the token->row map and scope mask for one step's batch (request order)."""
+        """Write the token->row map and scope mask for one step's batch (request order), and
+        bring the edit tables' changed rows to the device."""
+        for table in self.tables.values():
+            table.flush()
         layout = (tuple(req_ids), num_scheduled_tokens.tobytes())
         if layout == self._steady_layout:
             return  # same batch, all past their prompts: the buffers already hold this step
         rows = np.fromiter((self._row_of.get(r, NO_ROW) for r in req_ids), np.int32, len(req_ids))
         num_tokens = int(num_scheduled_tokens.sum())
         if not (rows >= 0).any():
-            self._reset_tokens(0)
+            self._write_tokens(0)
             return
         token_req = np.repeat(np.arange(len(req_ids)), num_scheduled_tokens)
         first_token = np.cumsum(num_scheduled_tokens) - num_scheduled_tokens
@@ -135,16 +163,24 @@ class SteeringTables:
         hi = np.where(scope == _SCOPE_CODES[ApplyTo.PROMPT], prompt_len, _UNBOUNDED)
         token_rows = rows[token_req]
         in_scope = (token_rows >= 0) & (positions >= lo[token_req]) & (positions < hi[token_req])
-        self.tok_row[:num_tokens].copy_(torch.from_numpy(token_rows))
-        self.tok_scope[:num_tokens].copy_(torch.from_numpy(in_scope))
-        self._reset_tokens(num_tokens)
+        self._write_tokens(num_tokens, token_rows, in_scope)
         # Once every token is past its prompt, a step with the same batch layout has the same
         # rows and the same scope (generated/all: in, prompt: out), so it can skip the write.
         past_prompt = bool((positions >= prompt_len[token_req]).all())
         self._steady_layout = layout if past_prompt else None
 
-    def _reset_tokens(self, keep: int) -> None:
-        if self._written_tokens > keep:
-            self.tok_row[keep : self._written_tokens].fill_(NO_ROW)
-            self.tok_scope[keep : self._written_tokens].fill_(False)
-        self._written_tokens = keep
+    def _write_tokens(
+        self, count: int, rows: np.ndarray | None = None, scope: np.ndarray | None = None
+    ) -> None:
+        """Token buffers: rows and scope for the first `count` tokens, -1 / False after them up
+        to where the last write reached."""
+        end = max(count, self._written_tokens)
+        if end == 0:
+            return
+        row_host, scope_host = self._tok_row.writable(), self._tok_scope.writable()
+        if count:
+            row_host[:count], scope_host[:count] = rows, scope
+        row_host[count:end], scope_host[count:end] = NO_ROW, False
+        self._tok_row.flush(0, end)
+        self._tok_scope.flush(0, end)
+        self._written_tokens = count

@@ -1,0 +1,59 @@
+"""Device tensors the host rewrites every step without waiting for the GPU: writes go to a host
+copy (pinned memory on CUDA) that reaches the device with one non-blocking copy per flush."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+class StagedTensor:
+    """A device tensor and the host copy the host writes it through.
+
+    A plain `device_tensor.copy_(cpu_tensor)` blocks until the GPU has finished everything
+    queued before it; under vLLM's async scheduling that is the previous step's forward, so the
+    next step's preparation would stop overlapping it. Here the copy is queued behind that work
+    and the host returns at once. Before the host copy is written again, `writable` waits for
+    the last copy out of it to finish (normally long done: the runner waits for the previous
+    step's input copies before preparing the next).
+
+    On a CPU device the host copy is the tensor itself and `flush` does nothing, unless
+    `staged=True`, which runs the staged path on CPU (for its tests)."""
+
+    def __init__(self, device_tensor: torch.Tensor, staged: bool | None = None):
+        self.device_tensor = device_tensor
+        self.staged = device_tensor.is_cuda if staged is None else staged
+        if self.staged:
+            host = torch.empty(
+                device_tensor.shape, dtype=device_tensor.dtype, pin_memory=device_tensor.is_cuda
+            )
+            host.copy_(device_tensor)  # once, at load
+        else:
+            host = device_tensor
+        self._host = host
+        self._host_array = host.numpy()
+        self._copied = torch.cuda.Event() if device_tensor.is_cuda else None
+        self._copy_in_flight = False
+
+    def writable(self) -> np.ndarray:
+        """The host copy as a numpy array, safe to write."""
+        if self._copy_in_flight:
+            assert self._copied is not None
+            if not self._copied.query():
+                self._copied.synchronize()
+            self._copy_in_flight = False
+        return self._host_array
+
+    def flush(self, start: int = 0, stop: int | None = None) -> None:
+        """Queue the copy of rows [start, stop) of the host copy to the device (stream-ordered
+        before every kernel launched after it)."""
+        if not self.staged:
+            return
+        stop = self.device_tensor.shape[0] if stop is None else stop
+        if start >= stop:
+            return
+        pinned = self._copied is not None
+        self.device_tensor[start:stop].copy_(self._host[start:stop], non_blocking=pinned)
+        if pinned:
+            self._copied.record()
+            self._copy_in_flight = True
