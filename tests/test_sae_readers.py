@@ -368,6 +368,17 @@ def test_goodfire(tmp_path):
     assert_math(sae, x, acts, acts @ a["decoder_linear.weight"].T + a["decoder_linear.bias"])
 
 
+def test_goodfire_file_in_torchs_legacy_format(tmp_path):
+    # Not memory-mappable: inspect_sae falls back to a full load for the headers.
+    arrays = goodfire_arrays(np.random.default_rng(16))
+    file = tmp_path / "Legacy-SAE-l3.pt"
+    state = {k: torch.from_numpy(v) for k, v in arrays.items()}
+    torch.save(state, file, _use_new_zipfile_serialization=False)
+    sae = load_both(file, "goodfire")
+    assert sae.layer == 3
+    torch.testing.assert_close(sae.W_dec, state["decoder_linear.weight"].T)
+
+
 def test_llama_scope(tmp_path):
     rng = np.random.default_rng(13)
     arrays = {
