@@ -1,16 +1,20 @@
-"""The `sae-vllm` command: `serve` (the steering server) and `demo` (the embedded demo)."""
+"""The `sae-vllm` command: `serve` (the steering server), `demo` (the embedded demo) and
+`inspect` (describe an SAE file)."""
 
 from __future__ import annotations
 
 import importlib
 import sys
 
-USAGE = """usage: sae-vllm {serve,demo} [options]
+USAGE = """usage: sae-vllm {serve,demo,inspect} [options]
 
   serve [MODEL] --sae ID=PATH[@LAYER] ... [vllm serve options]
         vLLM's OpenAI-compatible server with per-request SAE steering; without a model,
         the embedded default model and SAE (`sae-vllm serve --help` lists every option)
   demo  steer the embedded default model and show what changes
+  inspect PATH [--format F]
+        an SAE file's format, sizes, architecture and the layer it steers, as JSON
+        (read from the headers; no weights are loaded)
 """
 
 
@@ -29,7 +33,13 @@ def _serve(argv: list[str]) -> int:
     return serve(argv)
 
 
-COMMANDS = {"serve": _serve, "demo": _demo}
+def _inspect(argv: list[str]) -> int:
+    from sae_vllm.inspect_cli import main as inspect_main
+
+    return inspect_main(argv)
+
+
+COMMANDS = {"serve": _serve, "demo": _demo, "inspect": _inspect}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,7 @@ import numpy as np
 
 from sae_vllm.config import SAEEntry, SteeringConfig
 from sae_vllm.sae import SAEFormatError, load_sae
+from sae_vllm.sae.sites import NotALayerOutputError, residual_layer
 
 from .errors import StartupError
 from .labels import FeatureLabel, LabelFileError, default_labels_path, read_labels
@@ -49,7 +50,11 @@ def load_record(entry: SAEEntry) -> SAERecord:
         sae = load_sae(entry.path, format=entry.format)
     except SAEFormatError as exc:
         raise StartupError(f"{where}: {exc}") from None
-    layer = entry.layer if entry.layer is not None else sae.layer
+    try:
+        file_layer = residual_layer(sae)
+    except NotALayerOutputError as exc:
+        raise StartupError(f"{where}: {exc}") from None
+    layer = entry.layer if entry.layer is not None else file_layer
     if layer is None:
         raise StartupError(
             f"{where}: no layer given and none found in {entry.path} (use --sae ID=PATH@LAYER)"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sae_vllm.engine.worker import SteeringStartupError, residual_layer
 from sae_vllm.sae import SAE
+from sae_vllm.sae.sites import NotALayerOutputError, residual_layer
 
 
 def sae(hook: str | None, layer: int | None) -> SAE:
@@ -38,5 +38,5 @@ def test_residual_sites_map_to_the_layer_whose_output_they_read(hook, layer, exp
     ["blocks.3.hook_mlp_out", "blocks.3.attn.hook_z", "layers.3.mlp", "blocks.0.hook_resid_pre"],
 )
 def test_sites_that_are_not_a_layer_output_are_refused(hook):
-    with pytest.raises(SteeringStartupError, match="not the output of a decoder layer"):
+    with pytest.raises(NotALayerOutputError, match="not the output of a decoder layer"):
         residual_layer(sae(hook, int(hook.split(".")[1])))

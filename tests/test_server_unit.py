@@ -195,6 +195,24 @@ def test_registry_startup_errors(tmp_path, sae_dir):
     registry.check_model(HIDDEN, 2)
 
 
+@pytest.mark.parametrize(
+    ("hook", "layer", "refused"),
+    [("blocks.3.hook_resid_pre", 2, None), ("blocks.3.hook_mlp_out", None, "hook_mlp_out")],
+)
+def test_registry_reports_the_layer_the_worker_steers(tmp_path, hook, layer, refused):
+    directory = tmp_path / "sae"
+    write_random_sae(directory, "relu", layer=3, d_sae=D_SAE)
+    cfg = json.loads((directory / "cfg.json").read_text())
+    cfg["metadata"]["hook_name"] = hook
+    (directory / "cfg.json").write_text(json.dumps(cfg))
+    entry = SAEEntry(id="s", path=str(directory))
+    if refused:
+        with pytest.raises(StartupError, match=f"SAE 's'.*{refused}, not the output of a decoder"):
+            load_record(entry)
+    else:  # resid_pre of layer 3 is the output of layer 2
+        assert load_record(entry).info.layer == layer
+
+
 # --- rejection reasons and the gate -----------------------------------------------------------
 
 SIZES = {"a": 16, "b": 32}

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import logging
-import re
 from typing import Any
 
 import numpy as np
 
 from ..config import EXTRA_ARGS_KEY, SteeringConfig, steering_config_from
 from ..kernels import prepare_weights
-from ..sae import SAE, SAEFormatError, load_sae
+from ..sae import SAEFormatError, load_sae
+from ..sae.sites import NotALayerOutputError, residual_layer
 from ..spec import SteeringSpec, SteeringSpecError, resolve_spec
 from . import vllm_adapter as vllm
 from .steered_layer import SAESteering, steer_layer
@@ -23,25 +23,6 @@ _STATE_ATTR = "_sae_steering_state"
 
 class SteeringStartupError(ValueError):
     """The steering config cannot be applied to this model (bad file, size or layer)."""
-
-
-_RESID_POST = re.compile(r"^(blocks\.\d+\.hook_resid_post|(model\.)?layers\.\d+)$")
-_RESID_PRE = re.compile(r"^blocks\.\d+\.hook_resid_pre$")
-
-
-def residual_layer(sae: SAE) -> int | None:
-    """The layer whose output (resid_post) the SAE reads, from its hook name.
-
-    `blocks.L.hook_resid_pre` is resid_post of layer L-1; other sites (MLP or attention
-    outputs, hook_z, the embeddings) cannot be steered by editing a layer's output."""
-    hook = sae.hook_name
-    if hook is None or sae.layer is None or _RESID_POST.match(hook):
-        return sae.layer
-    if _RESID_PRE.match(hook) and sae.layer > 0:
-        return sae.layer - 1
-    raise SteeringStartupError(
-        f"SAE at {sae.source} reads {hook}, not the output of a decoder layer"
-    )
 
 
 class WorkerSteering:
@@ -66,7 +47,10 @@ class WorkerSteering:
                 sae = load_sae(entry.path, format=entry.format)
             except SAEFormatError as exc:
                 raise SteeringStartupError(f"SAE '{entry.id}': {exc}") from None
-            file_layer = residual_layer(sae)  # also refuses SAEs of non-residual sites
+            try:
+                file_layer = residual_layer(sae)
+            except NotALayerOutputError as exc:
+                raise SteeringStartupError(f"SAE '{entry.id}': {exc}") from None
             layer_index = entry.layer if entry.layer is not None else file_layer
             if layer_index is None:
                 raise SteeringStartupError(
