@@ -89,7 +89,7 @@ class SteeringTables:
 
     @property
     def rows_in_use(self) -> int:
-        return sum(1 for row in self._row_of.values() if row != NO_ROW)
+        return self.rows_total - len(self._free_rows)
 
     @property
     def rows_free(self) -> int:
@@ -144,6 +144,8 @@ class SteeringTables:
         bring the edit tables' changed rows to the device."""
         for table in self.tables.values():
             table.flush()
+        if self.rows_in_use == 0 and self._written_tokens == 0:
+            return  # nothing steered now or in the last write: the buffers are all -1 already
         layout = (tuple(req_ids), num_scheduled_tokens.tobytes())
         if layout == self._steady_layout:
             return  # same batch, all past their prompts: the buffers already hold this step
