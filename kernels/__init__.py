@@ -3,6 +3,7 @@
 Importing this package registers torch.ops.sae_vllm.steer_; it needs only torch (Triton is
 imported on the first CUDA call)."""
 
+from .cpu_compiled import warm_up as warm_up_cpu_path
 from .cpu_decode import steer_cpu_
 from .edit_ops import ABLATE, ADD, CAP, FLOOR, OP_CODES, SCALE, SET, apply_edit
 from .op import steer_
@@ -23,4 +24,5 @@ __all__ = [
     "steer_",
     "steer_cpu_",
     "steer_reference_",
+    "warm_up_cpu_path",
 ]

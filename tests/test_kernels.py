@@ -32,6 +32,7 @@ apply_edit = kpkg.apply_edit
 prepare_weights = kpkg.prepare_weights
 steer_reference_ = kpkg.steer_reference_
 reference_module = importlib.import_module(f"{kpkg.__name__}.reference")
+cpu_decode_module = importlib.import_module(f"{kpkg.__name__}.cpu_decode")
 weights_module = importlib.import_module(f"{kpkg.__name__}.weights")
 
 ARCHS = ("relu", "jumprelu", "topk")
@@ -269,9 +270,17 @@ def run_cpu(case: Case, hidden: torch.Tensor) -> None:
     kpkg.steer_cpu_(*case.op_args(hidden))
 
 
-@pytest.fixture(params=["reference", "cpu", "triton"])
+def run_cpu_numpy(case: Case, hidden: torch.Tensor) -> None:
+    """The CPU op with its compiled (numba) float32 loop switched off: the numpy path."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cpu_decode_module, "compiled_path_applies", lambda *tensors: False)
+        kpkg.steer_cpu_(*case.op_args(hidden))
+
+
+@pytest.fixture(params=["reference", "cpu", "cpu-numpy", "triton"])
 def runner(request, interp) -> Runner:
-    return {"reference": run_reference, "cpu": run_cpu}.get(request.param) or triton_runner(interp)
+    runners = {"reference": run_reference, "cpu": run_cpu, "cpu-numpy": run_cpu_numpy}
+    return runners.get(request.param) or triton_runner(interp)
 
 
 def test_cpu_path_dtype_conversions_round_exactly_as_torch():
@@ -295,6 +304,28 @@ def test_cpu_path_dtype_conversions_round_exactly_as_torch():
         assert _bits(got[~nan]).equal(_bits(want[~nan])), dtype
         back = cpu_decode._gather_f32(want, index)
         assert np.array_equal(back, want.float().numpy(), equal_nan=True), dtype
+
+
+def test_compiled_path_bfloat16_conversions_round_exactly_as_torch():
+    """The compiled (numba) loop's bfloat16 load and store: exact widening, and rounding to
+    nearest even with ties, overflow, infinities and subnormals as torch casts; NaN stays NaN."""
+    loop = importlib.import_module(f"{kpkg.__name__}.cpu_loop")
+    inf, nan = float("inf"), float("nan")
+    special = [0.0, -0.0, 1.0, -1.5, inf, -inf, nan, -nan, 3.4e38, -3.4e38, 1e-40, -1e-45,
+               1.00390625, 1.01171875, 1.0048828125, 1.0117188]  # fmt: skip
+    values = np.concatenate(
+        [np.array(special, dtype=np.float32), np.random.default_rng(1).standard_normal(4096)]
+    ).astype(np.float32)
+    stored = np.zeros((1, values.size), dtype=np.uint16)
+    loop.store_row(stored, 0, True, values)
+    got = torch.from_numpy(stored[0].view(np.int16)).view(torch.bfloat16)
+    want = torch.from_numpy(values).to(torch.bfloat16)
+    nan_mask = want.isnan()
+    assert got.isnan().equal(nan_mask)
+    assert _bits(got[~nan_mask]).equal(_bits(want[~nan_mask]))
+    bits = np.empty(values.size, dtype=np.uint32)
+    loop.load_row(stored, 0, True, bits, bits.view(np.float32))
+    assert np.array_equal(bits.view(np.float32), got.float().numpy(), equal_nan=True)
 
 
 # ---------------------------------------------------------------------------------------------

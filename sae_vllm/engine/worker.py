@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from ..config import EXTRA_ARGS_KEY, SteeringConfig, steering_config_from
-from ..kernels import prepare_weights
+from ..kernels import prepare_weights, warm_up_cpu_path
 from ..sae import SAEFormatError, load_sae
 from ..sae.sites import NotALayerOutputError, residual_layer
 from ..spec import SteeringSpec, SteeringSpecError, resolve_spec
@@ -96,6 +96,8 @@ class WorkerSteering:
                 sae.d_sae,
                 layer_index,
             )
+        if info.device.type == "cpu":  # compile the CPU op's loop now, not in the first step
+            warm_up_cpu_path()
 
     def release_departed(self, scheduler_output: Any) -> None:
         for req_id in vllm.departed_req_ids(scheduler_output):

