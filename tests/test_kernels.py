@@ -595,3 +595,19 @@ def test_op_under_torch_compile_matches_eager():
         assert torch.equal(e, c)
     assert not torch.equal(eager[0], case.hidden * 2.0 + 1.0)
     assert not torch.equal(eager[1], single.hidden - 3.0)
+
+
+def test_cpu_op_falls_back_to_numpy_when_the_compiled_loop_cannot_be_built(monkeypatch):
+    """A broken numba install, simulated (this machine's numba works): the engine keeps going
+    on the numpy path instead of failing at worker start."""
+    compiled = importlib.import_module(f"{kpkg.__name__}.cpu_compiled")
+
+    def broken(*args):
+        raise ImportError("numba: simulated broken install")
+
+    monkeypatch.setattr(compiled, "NUMBA_AVAILABLE", True)
+    monkeypatch.setattr(compiled, "steer_compiled_", broken)
+    compiled.warm_up()  # logs instead of raising
+    assert compiled.NUMBA_AVAILABLE is False
+    hidden = torch.zeros(2, 4)
+    assert not compiled.compiled_path_applies(hidden, None, hidden, hidden)
