@@ -74,21 +74,19 @@ def steer_compiled_(
     )
 
 
-def warm_up() -> None:
-    """Compile (or load from numba's cache) the loop for float32 and bfloat16, so the first
-    steered step does not pay for it. Where numba is missing or cannot compile it, the CPU op
-    keeps to its numpy path (logged), rather than failing the engine."""
+def warm_up(dtype: torch.dtype) -> None:
+    """Compile (or load from numba's cache) the loop for the model's dtype, so the first steered
+    step does not pay for it. Where numba is missing or cannot compile it, the CPU op keeps to
+    its numpy path (logged), rather than failing the engine."""
     global NUMBA_AVAILABLE
-    if not NUMBA_AVAILABLE:
+    hidden, weights = torch.zeros(1, 4, dtype=dtype), torch.zeros(2, 4, dtype=dtype)
+    if not compiled_path_applies(hidden, None, weights):
         return
-    slots = torch.zeros(1, 1, dtype=torch.int32)
+    slots, vector = torch.zeros(1, 1, dtype=torch.int32), torch.zeros(2)
     tokens = (torch.zeros(1, dtype=torch.int32), torch.ones(1, dtype=torch.bool))
-    vector = torch.zeros(2)
     try:
-        for dtype in (torch.float32, torch.bfloat16):
-            weights = torch.zeros(2, 4, dtype=dtype)
-            steer_compiled_(torch.zeros(1, 4, dtype=dtype), None, weights, vector, vector,
-                            weights, slots, torch.zeros(1, 1), slots, *tokens)  # fmt: skip
+        steer_compiled_(hidden, None, weights, vector, vector, weights, slots, torch.zeros(1, 1),
+                        slots, *tokens)  # fmt: skip
     except Exception as exc:  # numba's import or compile errors have no common base class
         NUMBA_AVAILABLE = False
         logger.warning("sae-vllm: compiled CPU loop unavailable, using numpy (%s)", exc)

@@ -607,7 +607,7 @@ def test_cpu_op_falls_back_to_numpy_when_the_compiled_loop_cannot_be_built(monke
 
     monkeypatch.setattr(compiled, "NUMBA_AVAILABLE", True)
     monkeypatch.setattr(compiled, "steer_compiled_", broken)
-    compiled.warm_up()  # logs instead of raising
+    compiled.warm_up(torch.float32)  # logs instead of raising
     assert compiled.NUMBA_AVAILABLE is False
     hidden = torch.zeros(2, 4)
     assert not compiled.compiled_path_applies(hidden, None, hidden, hidden)

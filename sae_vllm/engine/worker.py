@@ -97,7 +97,7 @@ class WorkerSteering:
                 layer_index,
             )
         if info.device.type == "cpu":  # compile the CPU op's loop now, not in the first step
-            warm_up_cpu_path()
+            warm_up_cpu_path(info.dtype)
 
     def release_departed(self, scheduler_output: Any) -> None:
         for req_id in vllm.departed_req_ids(scheduler_output):
