@@ -39,6 +39,7 @@ class StagedTensor:
         """The host copy as a numpy array, safe to write."""
         if self._copy_in_flight:
             assert self._copied is not None
+            # query() first: when the copy is done (the usual case) nothing synchronises at all.
             if not self._copied.query():
                 self._copied.synchronize()
             self._copy_in_flight = False

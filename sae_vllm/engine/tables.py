@@ -29,12 +29,14 @@ class EditTable:
         self.feature = torch.full((max_rows, max_edits), -1, dtype=torch.int32, device=device)
         self.value = torch.zeros((max_rows, max_edits), dtype=torch.float32, device=device)
         self.op = torch.zeros((max_rows, max_edits), dtype=torch.int32, device=device)
-        self._staged = [StagedTensor(t, staged) for t in (self.feature, self.value, self.op)]
+        self._feature = StagedTensor(self.feature, staged)
+        self._value = StagedTensor(self.value, staged)
+        self._op = StagedTensor(self.op, staged)
         self._max_rows = max_rows
         self._dirty = (max_rows, 0)  # rows [lo, hi) written since the last flush
 
     def write_row(self, row: int, features: list[int], values: list[float], ops: list[int]) -> None:
-        feature, value, op = (staged.writable() for staged in self._staged)
+        feature, value, op = self._feature.writable(), self._value.writable(), self._op.writable()
         n = len(features)
         feature[row, :n], feature[row, n:] = features, -1
         value[row, :n], value[row, n:] = values, 0.0
@@ -42,13 +44,13 @@ class EditTable:
         self._mark_dirty(row)
 
     def clear_row(self, row: int) -> None:
-        self._staged[0].writable()[row] = -1
+        self._feature.writable()[row] = -1  # an empty feature slot is all the kernels look at
         self._mark_dirty(row)
 
     def flush(self) -> None:
         lo, hi = self._dirty
         if lo < hi:
-            for staged in self._staged:
+            for staged in (self._feature, self._value, self._op):
                 staged.flush(lo, hi)
             self._dirty = (self._max_rows, 0)
 
