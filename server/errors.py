@@ -16,8 +16,15 @@ class StartupError(Exception):
 
 
 def error_response(
-    status: HTTPStatus, message: str, param: str | None = None, type: str = INVALID_REQUEST
+    status: HTTPStatus,
+    message: str,
+    param: str | None = None,
+    reason: str | None = None,
+    type: str = INVALID_REQUEST,
 ) -> JSONResponse:
-    """An OpenAI-style error (`{"error": {message, type, param, code}}`) with that status."""
-    body = ErrorResponse(error=ErrorInfo(message=message, type=type, param=param, code=status))
-    return JSONResponse(body.model_dump(), status_code=status)
+    """An OpenAI-style error (`{"error": {message, type, param, code, reason}}`) with that
+    status; `reason` is left out when None, so vLLM-shaped errors stay as vLLM writes them."""
+    info = ErrorInfo(message=message, type=type, param=param, code=status, reason=reason)
+    body = ErrorResponse(error=info)
+    leave_out = {"error": {"reason"}} if reason is None else None
+    return JSONResponse(body.model_dump(exclude=leave_out), status_code=status)

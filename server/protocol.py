@@ -13,7 +13,12 @@ class ErrorInfo(BaseModel):
     message: str
     type: str
     param: str | None = None
-    code: int
+    code: int = Field(description="The HTTP status, as in vLLM's own errors.")
+    reason: str | None = Field(
+        default=None,
+        description="Why steering was refused, as a short code (e.g. `feature_out_of_range`); "
+        "the same code labels the `sae_steering_rejected_specs_total` metric.",
+    )
 
 
 class ErrorResponse(BaseModel):

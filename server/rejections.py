@@ -1,6 +1,6 @@
-"""Why a request's steering was refused: the `reason` label of the rejection metric.
+"""Why a request's steering was refused: the `reason` of the 400 body and of the metric.
 
-A bad spec is labelled with its SpecErrorReason; the two reasons here refuse the request."""
+A bad spec is labelled with its SpecErrorReason; the reasons here refuse the request itself."""
 
 from __future__ import annotations
 
@@ -8,5 +8,13 @@ from sae_vllm.spec import SpecErrorReason
 
 CONFLICT = "conflict"  # a spec given both as `steering` and in vllm_xargs
 STEERING_DISABLED = "steering_disabled"  # the server has no SAEs
+BEAM_SEARCH = "beam_search"  # vLLM's beam search rebuilds each step's params without extra_args
+UNSUPPORTED_ROUTE = "unsupported_route"  # `steering` sent to a route that cannot apply it
 
-REASONS = (*(reason.value for reason in SpecErrorReason), CONFLICT, STEERING_DISABLED)
+REASONS = (
+    *(reason.value for reason in SpecErrorReason),
+    CONFLICT,
+    STEERING_DISABLED,
+    BEAM_SEARCH,
+    UNSUPPORTED_ROUTE,
+)

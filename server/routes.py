@@ -7,6 +7,8 @@ from http import HTTPStatus
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from sae_vllm.spec import SpecErrorReason
+
 from .errors import error_response
 from .protocol import ErrorResponse, FeatureInfo, SAEList
 from .registry import SAERegistry
@@ -38,7 +40,10 @@ async def get_feature(sae_id: str, index: int, request: Request) -> FeatureInfo 
     if record is None:
         known = ", ".join(sorted(registry.sizes())) or "none"
         return error_response(
-            HTTPStatus.NOT_FOUND, f"unknown SAE '{sae_id}' (registered: {known})", "sae_id"
+            HTTPStatus.NOT_FOUND,
+            f"unknown SAE '{sae_id}' (registered: {known})",
+            "sae_id",
+            SpecErrorReason.UNKNOWN_SAE,
         )
     feature = record.feature(index)
     if feature is None:
@@ -46,5 +51,6 @@ async def get_feature(sae_id: str, index: int, request: Request) -> FeatureInfo 
             HTTPStatus.NOT_FOUND,
             f"feature {index} is out of range for SAE '{sae_id}' (d_sae {record.info.d_sae})",
             "index",
+            SpecErrorReason.FEATURE_OUT_OF_RANGE,
         )
     return feature

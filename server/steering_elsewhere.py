@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable, Collection
 from http import HTTPStatus
 from typing import Any
 
+from . import metrics, rejections
 from .errors import error_response
 
 Scope = dict[str, Any]
@@ -37,10 +38,12 @@ class RefuseSteeringElsewhere:
         body, replay = await _buffer(receive)
         if b'"steering"' in body and _names_steering(body):
             supported = " and ".join(sorted(self.steered_paths))
+            metrics.record_rejected(rejections.UNSUPPORTED_ROUTE)
             response = error_response(
                 HTTPStatus.BAD_REQUEST,
                 f"steering: not supported on {scope['path']} (use {supported})",
                 param="steering",
+                reason=rejections.UNSUPPORTED_ROUTE,
             )
             await response(scope, receive, send)
             return

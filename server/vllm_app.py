@@ -164,7 +164,9 @@ def _steered_endpoint(original: Callable, model: type, label: str, gate: Steerin
     async def endpoint(request: Any, raw_request: Request) -> Any:
         xargs_spec = (request.vllm_xargs or {}).get(EXTRA_ARGS_KEY)
         try:
-            request._sae_steering = gate.admit(label, request.steering, xargs_spec)
+            request._sae_steering = gate.admit(
+                label, request.steering, xargs_spec, beam_search=request.use_beam_search
+            )
         except Rejection as rejection:
             return rejection.response
         if xargs_spec is not None:  # the resolved spec replaces it in to_sampling_params

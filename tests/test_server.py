@@ -248,52 +248,81 @@ def _steer(*edits, **spec) -> dict:
     return {"steering": {"edits": list(edits), **spec}}
 
 
-BAD = [  # (id, endpoint, body fields, expected param)
-    ("json-garbage", "completions", {"steering": "{not json"}, "steering"),
-    ("number", "completions", {"steering": 5}, "steering"),
-    ("list", "completions", {"steering": []}, "steering"),
-    ("no-edits", "completions", {"steering": {}}, "steering.edits"),
-    ("empty-edits", "completions", _steer(), "steering.edits"),
-    ("edits-string", "completions", {"steering": {"edits": "x"}}, "steering.edits"),
-    ("edit-number", "completions", {"steering": {"edits": [5]}}, "steering.edits[0]"),
+BAD = [  # (id, endpoint, body fields, expected param, expected reason)
+    ("json-garbage", "completions", {"steering": "{not json"}, "steering", "malformed"),
+    ("number", "completions", {"steering": 5}, "steering", "malformed"),
+    ("list", "completions", {"steering": []}, "steering", "malformed"),
+    ("no-edits", "completions", {"steering": {}}, "steering.edits", "missing_field"),
+    ("empty-edits", "completions", _steer(), "steering.edits", "invalid_value"),
+    ("edits-string", "completions", {"steering": {"edits": "x"}}, "steering.edits", "invalid_type"),
+    ("edit-number", "completions", {"steering": {"edits": [5]}}, "steering.edits[0]",
+     "invalid_type"),
     ("no-feature", "completions", _steer({"sae": "res1", "op": "ablate"}),
-     "steering.edits[0].feature"),
-    ("no-op", "completions", _steer({"sae": "res1", "feature": 1}), "steering.edits[0].op"),
-    ("feature-string", "completions", _steer(_edit(feature="12")), "steering.edits[0].feature"),
-    ("feature-float", "completions", _steer(_edit(feature=1.5)), "steering.edits[0].feature"),
-    ("feature-bool", "completions", _steer(_edit(feature=True)), "steering.edits[0].feature"),
-    ("feature-negative", "completions", _steer(_edit(feature=-1)), "steering.edits[0].feature"),
-    ("feature-d_sae", "completions", _steer(_edit(feature=D_SAE)), "steering.edits[0].feature"),
-    ("feature-huge", "completions", _steer(_edit(feature=10**30)), "steering.edits[0].feature"),
-    ("op-unknown", "completions", _steer(_edit(op="explode")), "steering.edits[0].op"),
-    ("op-number", "completions", _steer(_edit(op=3)), "steering.edits[0].op"),
-    ("value-nan", "completions", _steer(_edit(value=math.nan)), "steering.edits[0].value"),
-    ("value-inf", "completions", _steer(_edit(value=math.inf)), "steering.edits[0].value"),
-    ("value-minus-inf", "chat", _steer(_edit(value=-math.inf)), "steering.edits[0].value"),
-    ("value-string", "completions", _steer(_edit(value="8")), "steering.edits[0].value"),
-    ("value-bool", "completions", _steer(_edit(value=True)), "steering.edits[0].value"),
-    ("value-too-big", "completions", _steer(_edit(value=1e5)), "steering.edits[0].value"),
-    ("value-missing", "completions", _steer(_edit(value=None)), "steering.edits[0].value"),
-    ("value-with-ablate", "chat", _steer(_edit(op="ablate")), "steering.edits[0].value"),
-    ("sae-unknown", "completions", _steer(_edit(sae="nope")), "steering.edits[0].sae"),
-    ("sae-missing", "completions", _steer({"feature": 1, "op": "ablate"}), "steering.edits[0].sae"),
-    ("sae-empty", "completions", _steer(_edit(sae="")), "steering.edits[0].sae"),
-    ("duplicate", "chat", _steer(_edit(), _edit(value=2.0)), "steering.edits[1]"),
+     "steering.edits[0].feature", "missing_field"),
+    ("no-op", "completions", _steer({"sae": "res1", "feature": 1}), "steering.edits[0].op",
+     "missing_field"),
+    ("feature-string", "completions", _steer(_edit(feature="12")), "steering.edits[0].feature",
+     "invalid_type"),
+    ("feature-float", "completions", _steer(_edit(feature=1.5)), "steering.edits[0].feature",
+     "invalid_type"),
+    ("feature-bool", "completions", _steer(_edit(feature=True)), "steering.edits[0].feature",
+     "invalid_type"),
+    ("feature-negative", "completions", _steer(_edit(feature=-1)), "steering.edits[0].feature",
+     "feature_out_of_range"),
+    ("feature-d_sae", "completions", _steer(_edit(feature=D_SAE)), "steering.edits[0].feature",
+     "feature_out_of_range"),
+    ("feature-huge", "completions", _steer(_edit(feature=10**30)), "steering.edits[0].feature",
+     "feature_out_of_range"),
+    ("op-unknown", "completions", _steer(_edit(op="explode")), "steering.edits[0].op",
+     "unknown_op"),
+    ("op-number", "completions", _steer(_edit(op=3)), "steering.edits[0].op", "unknown_op"),
+    ("value-nan", "completions", _steer(_edit(value=math.nan)), "steering.edits[0].value",
+     "non_finite"),
+    ("value-inf", "completions", _steer(_edit(value=math.inf)), "steering.edits[0].value",
+     "non_finite"),
+    ("value-minus-inf", "chat", _steer(_edit(value=-math.inf)), "steering.edits[0].value",
+     "non_finite"),
+    ("value-string", "completions", _steer(_edit(value="8")), "steering.edits[0].value",
+     "invalid_type"),
+    ("value-bool", "completions", _steer(_edit(value=True)), "steering.edits[0].value",
+     "invalid_type"),
+    ("value-too-big", "completions", _steer(_edit(value=1e5)), "steering.edits[0].value",
+     "value_out_of_range"),
+    ("value-missing", "completions", _steer(_edit(value=None)), "steering.edits[0].value",
+     "missing_field"),
+    ("value-with-ablate", "chat", _steer(_edit(op="ablate")), "steering.edits[0].value",
+     "invalid_value"),
+    ("sae-unknown", "completions", _steer(_edit(sae="nope")), "steering.edits[0].sae",
+     "unknown_sae"),
+    ("sae-missing", "completions", _steer({"feature": 1, "op": "ablate"}), "steering.edits[0].sae",
+     "missing_field"),
+    ("sae-empty", "completions", _steer(_edit(sae="")), "steering.edits[0].sae", "invalid_value"),
+    ("duplicate", "chat", _steer(_edit(), _edit(value=2.0)), "steering.edits[1]",
+     "duplicate_feature"),
     ("too-many", "completions", _steer(*[_edit(feature=i) for i in range(MAX_EDITS + 1)]),
-     "steering.edits"),
-    ("edit-unknown-field", "completions", _steer(_edit(strength=2)), "steering.edits[0].strength"),
-    ("spec-unknown-field", "chat", _steer(_edit(), colour="red"), "steering.colour"),
-    ("apply-to", "completions", _steer(_edit(), apply_to="sometimes"), "steering.apply_to"),
+     "steering.edits", "too_many_edits"),
+    ("edit-unknown-field", "completions", _steer(_edit(strength=2)), "steering.edits[0].strength",
+     "unknown_field"),
+    ("spec-unknown-field", "chat", _steer(_edit(), colour="red"), "steering.colour",
+     "unknown_field"),
+    ("apply-to", "completions", _steer(_edit(), apply_to="sometimes"), "steering.apply_to",
+     "invalid_value"),
     ("two-errors", "completions", _steer(_edit(feature="a"), _edit(op="x")),
-     "steering.edits[0].feature"),
+     "steering.edits[0].feature", "invalid_type"),
     ("streaming", "completions", {**_steer(_edit(op="explode")), "stream": True},
-     "steering.edits[0].op"),
+     "steering.edits[0].op", "unknown_op"),
     ("streaming-chat", "chat", {**_steer(_edit(value=math.nan)), "stream": True},
-     "steering.edits[0].value"),
+     "steering.edits[0].value", "non_finite"),
     ("xargs-bad", "completions", {"vllm_xargs": {"sae_steering": '{"edits": [{"feature": 1}]}'}},
-     "vllm_xargs.sae_steering.edits[0].op"),
+     "vllm_xargs.sae_steering.edits[0].op", "missing_field"),
     ("xargs-twice", "completions", {**_steer(_edit()), "vllm_xargs": {"sae_steering": "{}"}},
-     "vllm_xargs.sae_steering"),
+     "vllm_xargs.sae_steering", "conflict"),
+    ("beam-search", "completions", {**_steer(_edit()), "use_beam_search": True, "n": 2},
+     "use_beam_search", "beam_search"),
+    ("beam-search-chat", "chat", {**_steer(_edit()), "use_beam_search": True, "n": 2},
+     "use_beam_search", "beam_search"),
+    ("beam-search-xargs", "completions", {"use_beam_search": True, "n": 2,
+     "vllm_xargs": {"sae_steering": json.dumps(STRONG)}}, "use_beam_search", "beam_search"),
 ]  # fmt: skip
 
 
@@ -305,9 +334,9 @@ def _body(endpoint: str, fields: dict) -> dict:
 
 
 @pytest.mark.parametrize(
-    ("endpoint", "fields", "param"), [b[1:] for b in BAD], ids=[b[0] for b in BAD]
+    ("endpoint", "fields", "param", "reason"), [b[1:] for b in BAD], ids=[b[0] for b in BAD]
 )
-def test_bad_steering_gets_400_naming_the_field(http, endpoint, fields, param):
+def test_bad_steering_gets_400_naming_the_field(http, endpoint, fields, param, reason):
     path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
     # json.dumps writes NaN / Infinity literals, as a careless client would
     response = http.post(path, content=json.dumps(_body(endpoint, fields)),
@@ -316,6 +345,7 @@ def test_bad_steering_gets_400_naming_the_field(http, endpoint, fields, param):
     error = response.json()["error"]
     assert error["param"] == param
     assert error["code"] == 400 and error["type"] == "invalid_request_error"
+    assert error["reason"] == reason
     assert error["message"].startswith(param + ":")
 
 
@@ -332,6 +362,7 @@ def test_bad_steering_raises_in_the_official_client(client):
     assert info.value.status_code == 400
     assert info.value.body["param"] == "steering.edits[0].feature"
     assert f"out of range for SAE 'res1' (d_sae {D_SAE})" in info.value.body["message"]
+    assert info.value.body["reason"] == "feature_out_of_range"
 
 
 @pytest.mark.parametrize("path", ["/v1/responses", "/v1/completions/render", "/tokenize"])
@@ -341,6 +372,17 @@ def test_steering_on_a_route_that_cannot_apply_it_is_refused(http, path):
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["param"] == "steering" and "not supported on " + path in error["message"]
+    assert error["reason"] == "unsupported_route"
+
+
+def test_beam_search_without_steering_still_works(client):
+    # Steered beam search is refused (vLLM rebuilds each beam step's sampling params without
+    # extra_args, so it would come back unsteered); unsteered beam search must still run.
+    beams = client.completions.create(
+        model=MODEL, prompt=PROMPTS[0], max_tokens=4, n=2, temperature=0,
+        extra_body={"use_beam_search": True},
+    )  # fmt: skip
+    assert len(beams.choices) == 2 and all(choice.text for choice in beams.choices)
 
 
 def test_routes_without_steering_still_work_behind_the_guard(http):
@@ -434,21 +476,22 @@ def test_feature_route(http, artifacts):
 
 
 @pytest.mark.parametrize(
-    ("path", "status", "param"),
+    ("path", "status", "param", "reason"),
     [
-        ("/v1/saes/nope/features/1", 404, "sae_id"),
-        (f"/v1/saes/res1/features/{D_SAE}", 404, "index"),
-        ("/v1/saes/res1/features/-1", 404, "index"),
-        ("/v1/saes/res1/features/abc", 400, None),
+        ("/v1/saes/nope/features/1", 404, "sae_id", "unknown_sae"),
+        (f"/v1/saes/res1/features/{D_SAE}", 404, "index", "feature_out_of_range"),
+        ("/v1/saes/res1/features/-1", 404, "index", "feature_out_of_range"),
+        ("/v1/saes/res1/features/abc", 400, None, None),
     ],
 )
-def test_feature_route_errors(http, path, status, param):
+def test_feature_route_errors(http, path, status, param, reason):
     response = http.get(path)
     assert response.status_code == status
     error = response.json()["error"]
     assert error["code"] == status and error["message"]
     if param:
         assert error["param"] == param
+    assert error.get("reason") == reason
 
 
 @pytest.mark.parametrize("path", ["/v1/saes", "/v1/saes/res1/features/3", "/v1/models"])
@@ -484,7 +527,12 @@ def test_metrics_count_requests(client, http):
     edits_count = ("sae_steering_edits_per_request_count", ())
     unknown_op = ("sae_steering_rejected_specs_total", (("reason", "unknown_op"),))
     non_finite = ("sae_steering_rejected_specs_total", (("reason", "non_finite"),))
-    keys = [steered, chat_steered, unsteered, edits_sum, edits_count, unknown_op, non_finite]
+    beam = ("sae_steering_rejected_specs_total", (("reason", "beam_search"),))
+    elsewhere = ("sae_steering_rejected_specs_total", (("reason", "unsupported_route"),))
+    keys = [
+        steered, chat_steered, unsteered, edits_sum, edits_count, unknown_op, non_finite, beam,
+        elsewhere,
+    ]  # fmt: skip
     before = metric_samples(http)
     complete(client, PROMPTS[0], MIXED)
     chat(client, CHATS[0], STRONG)
@@ -493,8 +541,12 @@ def test_metrics_count_requests(client, http):
     http.post("/v1/completions", json=_body("completions", _steer(_edit(op="explode"))))
     nan_body = json.dumps(_body("completions", _steer(_edit(value=math.nan))))
     http.post("/v1/completions", content=nan_body, headers={"Content-Type": "application/json"})
+    http.post(
+        "/v1/completions", json=_body("completions", _steer(_edit()) | {"use_beam_search": True})
+    )
+    http.post("/v1/responses", json={"model": MODEL, "input": "hi", "steering": STRONG})
     after = metric_samples(http)
-    assert [after[k] - before.get(k, 0.0) for k in keys] == [1, 1, 2, 4, 2, 1, 1]
+    assert [after[k] - before.get(k, 0.0) for k in keys] == [1, 1, 2, 4, 2, 1, 1, 1, 1]
 
 
 def test_no_server_errors_anywhere(http):
