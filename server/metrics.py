@@ -6,7 +6,7 @@ from prometheus_client import Counter, Histogram
 
 from .rejections import REASONS
 
-ENDPOINTS = ("completions", "chat.completions")
+ENDPOINTS = ("completions", "chat.completions", "responses")
 
 STEERED = Counter(
     "sae_steering_steered_requests",

@@ -1,7 +1,7 @@
 """Refuse a `steering` field on routes that cannot apply it, so it is never silently ignored.
 
 vLLM's request models accept unknown fields, so without this a steered request sent to, say,
-/v1/responses would come back unsteered with a 200."""
+/v1/chat/completions/batch would come back unsteered with a 200."""
 
 from __future__ import annotations
 

@@ -19,6 +19,7 @@ from fastapi.routing import APIRoute
 from pydantic import Field, PrivateAttr, SkipValidation
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
 
 from sae_vllm.config import EXTRA_ARGS_KEY
 from sae_vllm.spec import SteeringSpec
@@ -65,10 +66,22 @@ class SteeredChatCompletionRequest(ChatCompletionRequest):
         return _with_steering(super().to_sampling_params(*args, **kwargs), self._sae_steering)
 
 
+class SteeredResponsesRequest(ResponsesRequest):
+    """vLLM's Responses API request plus the `steering` field."""
+
+    field_names: ClassVar[set[str] | None] = None
+    steering: SkipValidation[SteeringSpec | None] = Field(default=None, description=STEERING_DOC)
+    _sae_steering: dict | None = PrivateAttr(default=None)
+
+    def to_sampling_params(self, *args: Any, **kwargs: Any) -> Any:
+        return _with_steering(super().to_sampling_params(*args, **kwargs), self._sae_steering)
+
+
 # path -> (request model, metrics endpoint label)
 STEERED_ROUTES: dict[str, tuple[type, str]] = {
     "/v1/completions": (SteeredCompletionRequest, "completions"),
     "/v1/chat/completions": (SteeredChatCompletionRequest, "chat.completions"),
+    "/v1/responses": (SteeredResponsesRequest, "responses"),
 }
 
 
@@ -165,7 +178,10 @@ def _steered_endpoint(original: Callable, model: type, label: str, gate: Steerin
         xargs_spec = (request.vllm_xargs or {}).get(EXTRA_ARGS_KEY)
         try:
             request._sae_steering = gate.admit(
-                label, request.steering, xargs_spec, beam_search=request.use_beam_search
+                label,
+                request.steering,
+                xargs_spec,
+                beam_search=getattr(request, "use_beam_search", False),
             )
         except Rejection as rejection:
             return rejection.response

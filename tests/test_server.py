@@ -186,6 +186,34 @@ def test_streamed_equals_non_streamed(client):
             assert stream_chat(client, messages, steering) == chat(client, messages, steering)
 
 
+def respond(client, messages: list, steering: dict | None = None, **kwargs) -> str:
+    extra = {"steering": steering} if steering is not None else None
+    response = client.responses.create(
+        model=MODEL, input=messages, temperature=0, max_output_tokens=MAX_TOKENS,
+        extra_body=extra, **kwargs,
+    )  # fmt: skip
+    return response.output_text
+
+
+def stream_respond(client, messages: list, steering: dict | None = None) -> str:
+    extra = {"steering": steering} if steering is not None else None
+    events = client.responses.create(
+        model=MODEL, input=messages, temperature=0, max_output_tokens=MAX_TOKENS, stream=True,
+        extra_body=extra,
+    )  # fmt: skip
+    return "".join(e.delta for e in events if e.type == "response.output_text.delta")
+
+
+def test_responses_api_is_steered_like_chat(client):
+    # The Responses API renders the same chat template: each spec must give chat's text.
+    for messages in CHATS:
+        by_chat = [chat(client, messages, steering) for steering in (None, STRONG, MIXED)]
+        by_responses = [respond(client, messages, steering) for steering in (None, STRONG, MIXED)]
+        assert by_responses == by_chat
+        assert by_chat[1] != by_chat[0]
+        assert stream_respond(client, messages, STRONG) == by_chat[1]
+
+
 def test_vllm_features_work_with_steering(client):
     response = client.completions.create(
         model=MODEL, prompt=PROMPTS[0], temperature=1.0, seed=7, max_tokens=MAX_TOKENS, n=2,
@@ -317,6 +345,10 @@ BAD = [  # (id, endpoint, body fields, expected param, expected reason)
      "vllm_xargs.sae_steering.edits[0].op", "missing_field"),
     ("xargs-twice", "completions", {**_steer(_edit()), "vllm_xargs": {"sae_steering": "{}"}},
      "vllm_xargs.sae_steering", "conflict"),
+    ("responses", "responses", _steer(_edit(feature=D_SAE)), "steering.edits[0].feature",
+     "feature_out_of_range"),
+    ("responses-stream", "responses", {**_steer(_edit(op="explode")), "stream": True},
+     "steering.edits[0].op", "unknown_op"),
     ("beam-search", "completions", {**_steer(_edit()), "use_beam_search": True, "n": 2},
      "use_beam_search", "beam_search"),
     ("beam-search-chat", "chat", {**_steer(_edit()), "use_beam_search": True, "n": 2},
@@ -330,6 +362,8 @@ def _body(endpoint: str, fields: dict) -> dict:
     base = {"model": MODEL, "max_tokens": 4, "temperature": 0}
     if endpoint == "chat":
         return base | {"messages": CHATS[0]} | fields
+    if endpoint == "responses":
+        return {"model": MODEL, "max_output_tokens": 4, "input": CHATS[0]} | fields
     return base | {"prompt": PROMPTS[0]} | fields
 
 
@@ -337,7 +371,9 @@ def _body(endpoint: str, fields: dict) -> dict:
     ("endpoint", "fields", "param", "reason"), [b[1:] for b in BAD], ids=[b[0] for b in BAD]
 )
 def test_bad_steering_gets_400_naming_the_field(http, endpoint, fields, param, reason):
-    path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
+    path = {"chat": "/v1/chat/completions", "responses": "/v1/responses"}.get(
+        endpoint, "/v1/completions"
+    )
     # json.dumps writes NaN / Infinity literals, as a careless client would
     response = http.post(path, content=json.dumps(_body(endpoint, fields)),
                          headers={"Content-Type": "application/json"})  # fmt: skip
@@ -365,7 +401,9 @@ def test_bad_steering_raises_in_the_official_client(client):
     assert info.value.body["reason"] == "feature_out_of_range"
 
 
-@pytest.mark.parametrize("path", ["/v1/responses", "/v1/completions/render", "/tokenize"])
+@pytest.mark.parametrize(
+    "path", ["/v1/chat/completions/batch", "/v1/completions/render", "/tokenize"]
+)
 def test_steering_on_a_route_that_cannot_apply_it_is_refused(http, path):
     body = {"model": MODEL, "input": "hi", "prompt": "hi", "steering": STRONG}
     response = http.post(path, json=body)
@@ -509,7 +547,7 @@ def test_api_key_is_enforced_on_generation(server):
 
 def test_openapi_documents_steering(server):
     schema = httpx.get(server.base_url + "/openapi.json").json()
-    for path in ("/v1/completions", "/v1/chat/completions"):
+    for path in ("/v1/completions", "/v1/chat/completions", "/v1/responses"):
         ref = schema["paths"][path]["post"]["requestBody"]["content"]["application/json"]
         model = ref["schema"]["$ref"].rsplit("/", 1)[-1]
         steering = schema["components"]["schemas"][model]["properties"]["steering"]
@@ -522,6 +560,7 @@ def test_openapi_documents_steering(server):
 def test_metrics_count_requests(client, http):
     steered = ("sae_steering_steered_requests_total", (("endpoint", "completions"),))
     chat_steered = ("sae_steering_steered_requests_total", (("endpoint", "chat.completions"),))
+    responses_steered = ("sae_steering_steered_requests_total", (("endpoint", "responses"),))
     unsteered = ("sae_steering_unsteered_requests_total", (("endpoint", "completions"),))
     edits_sum = ("sae_steering_edits_per_request_sum", ())
     edits_count = ("sae_steering_edits_per_request_count", ())
@@ -530,12 +569,13 @@ def test_metrics_count_requests(client, http):
     beam = ("sae_steering_rejected_specs_total", (("reason", "beam_search"),))
     elsewhere = ("sae_steering_rejected_specs_total", (("reason", "unsupported_route"),))
     keys = [
-        steered, chat_steered, unsteered, edits_sum, edits_count, unknown_op, non_finite, beam,
-        elsewhere,
+        steered, chat_steered, responses_steered, unsteered, edits_sum, edits_count, unknown_op,
+        non_finite, beam, elsewhere,
     ]  # fmt: skip
     before = metric_samples(http)
     complete(client, PROMPTS[0], MIXED)
     chat(client, CHATS[0], STRONG)
+    respond(client, CHATS[0], STRONG)
     complete(client, PROMPTS[0])
     complete(client, PROMPTS[0])
     http.post("/v1/completions", json=_body("completions", _steer(_edit(op="explode"))))
@@ -544,9 +584,9 @@ def test_metrics_count_requests(client, http):
     http.post(
         "/v1/completions", json=_body("completions", _steer(_edit()) | {"use_beam_search": True})
     )
-    http.post("/v1/responses", json={"model": MODEL, "input": "hi", "steering": STRONG})
+    http.post("/tokenize", json={"model": MODEL, "prompt": "hi", "steering": STRONG})
     after = metric_samples(http)
-    assert [after[k] - before.get(k, 0.0) for k in keys] == [1, 1, 2, 4, 2, 1, 1, 1, 1]
+    assert [after[k] - before.get(k, 0.0) for k in keys] == [1, 1, 1, 2, 5, 3, 1, 1, 1, 1]
 
 
 def test_no_server_errors_anywhere(http):
