@@ -246,6 +246,16 @@ def test_vllm_features_work_with_steering(client):
     assert full != complete(client, PROMPTS[0], None)
 
 
+def test_a_list_of_prompts_steers_every_prompt(client):
+    batch = client.completions.create(
+        model=MODEL, prompt=PROMPTS, temperature=0, max_tokens=MAX_TOKENS,
+        extra_body={"steering": STRONG},
+    )  # fmt: skip
+    texts = [choice.text for choice in sorted(batch.choices, key=lambda c: c.index)]
+    assert texts == [complete(client, prompt, STRONG) for prompt in PROMPTS]
+    assert texts != [complete(client, prompt) for prompt in PROMPTS]
+
+
 def test_sampled_steering_is_reproducible_with_a_seed(client):
     def sample() -> str:
         response = client.completions.create(
