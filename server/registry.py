@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from sae_vllm.config import SAEEntry, SteeringConfig
-from sae_vllm.sae import SAEFormatError, load_sae
+from sae_vllm.sae import SAEFormatError, decoder_norms, inspect_sae
 from sae_vllm.sae.sites import NotALayerOutputError, residual_layer
 
 from .errors import StartupError
@@ -47,7 +47,8 @@ def load_record(entry: SAEEntry) -> SAERecord:
     if not Path(entry.path).exists():
         raise StartupError(f"{where}: {entry.path} does not exist")
     try:
-        sae = load_sae(entry.path, format=entry.format)
+        sae = inspect_sae(entry.path, format=entry.format)
+        norms = decoder_norms(entry.path, format=entry.format).numpy()
     except SAEFormatError as exc:
         raise StartupError(f"{where}: {exc}") from None
     try:
@@ -66,7 +67,6 @@ def load_record(entry: SAEEntry) -> SAERecord:
             labels = read_labels(labels_path)
         except LabelFileError as exc:
             raise StartupError(f"{where}: labels {exc}") from None
-    norms = sae.W_dec.detach().float().norm(dim=1).cpu().numpy().astype(np.float32)
     info = SAEInfo(
         id=entry.id,
         layer=layer,

@@ -8,6 +8,8 @@ import math
 import struct
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,7 +19,15 @@ import torch
 
 from sae_vllm.config import SAEEntry, SteeringConfig
 from sae_vllm.engine.sae_sizes import sae_sizes
-from sae_vllm.sae import FORMATS, SAE, SAEFormatError, detect_format, inspect_sae, load_sae
+from sae_vllm.sae import (
+    FORMATS,
+    SAE,
+    SAEFormatError,
+    decoder_norms,
+    detect_format,
+    inspect_sae,
+    load_sae,
+)
 from sae_writers import (
     MakesDirWhenUnpickled,
     llama_scope_hyperparams,
@@ -129,6 +139,13 @@ def assert_inspection_matches(path: Path, fmt: str) -> None:
     for name in ("architecture", "k", "apply_b_dec_to_input", "layer", "hook_name", "format"):
         assert getattr(inspected, name) == getattr(loaded, name), name
     assert inspected.source == loaded.source
+    # Streamed decoder norms (whole file in one chunk, and a few rows at a time) are the
+    # loaded decoder's, folds included.
+    expected = loaded.W_dec.float().norm(dim=1)
+    for chunk_rows in (None, 3):
+        norms = decoder_norms(path, format=fmt, chunk_rows=chunk_rows)
+        assert norms.dtype == torch.float32
+        assert torch.equal(norms, expected), (fmt, chunk_rows)
 
 
 # ---- SAELens ----------------------------------------------------------------------------------
@@ -281,6 +298,21 @@ def test_gemma_scope_npz(tmp_path):
         assert (sae.layer, sae.hook_name) == (5, "blocks.5.hook_resid_post")
         x = inputs(rng)
         assert_math(sae, x, *gemma_reference(x, arrays))
+
+
+@pytest.mark.parametrize("layout", ["compressed", "fortran", "float16"])
+def test_gemma_scope_npz_members_that_cannot_be_mapped_as_stored(tmp_path, layout):
+    # decoder_norms maps stored C-ordered members and reads the others: every case must agree.
+    arrays = gemma_arrays(np.random.default_rng(11))
+    if layout == "fortran":
+        arrays = {name: np.asfortranarray(array) for name, array in arrays.items()}
+    if layout == "float16":
+        arrays = {name: array.astype(np.float16) for name, array in arrays.items()}
+    file = tmp_path / "params.npz"
+    (np.savez_compressed if layout == "compressed" else np.savez)(file, **arrays)
+    loaded = load_sae(file)
+    np.testing.assert_array_equal(loaded.W_dec.numpy(), arrays["W_dec"])
+    assert_inspection_matches(file, "gemma_scope")
 
 
 def test_gemma_scope_npz_outside_a_release_tree_has_no_layer(tmp_path):
@@ -635,7 +667,7 @@ BAD_FILES: dict[str, tuple[Callable[[Path], tuple[Path, str | None]], str]] = {
 }
 
 
-READS = {"load": load_sae, "inspect": inspect_sae}
+READS = {"load": load_sae, "inspect": inspect_sae, "norms": decoder_norms}
 
 
 @pytest.mark.parametrize("read", list(READS))
@@ -658,13 +690,16 @@ def test_goodfire_pickles_are_never_unpickled_beyond_tensors(tmp_path, read):
     assert not marker.exists()
 
 
-def write_sparse_safetensors(file: Path, shapes: dict[str, tuple[int, ...]]) -> int:
-    """A float32 safetensors file whose data is a hole (zeros, no disk blocks); its size."""
+def write_sparse_safetensors(
+    file: Path, shapes: dict[str, tuple[int, ...]], dtype: str = "F32"
+) -> int:
+    """A safetensors file whose data is a hole (zeros, no disk blocks); its size."""
+    itemsize = {"F32": 4, "BF16": 2}[dtype]
     header, offset = {}, 0
     for name, shape in shapes.items():
-        size = 4 * math.prod(shape)
+        size = itemsize * math.prod(shape)
         header[name] = {
-            "dtype": "F32",
+            "dtype": dtype,
             "shape": list(shape),
             "data_offsets": [offset, offset + size],
         }
@@ -693,3 +728,47 @@ def test_inspecting_a_64_gib_sae_reads_only_its_headers(tmp_path):
     # What the frontend and engine core check feature indexes with.
     config = SteeringConfig(saes=[SAEEntry(id="huge", path=str(folder))])
     assert sae_sizes(config) == {"huge": d_sae}
+
+
+def _anonymous_rss() -> int:
+    """Bytes of this process's memory not backed by a file (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no RssAnon in /proc/self/status")
+
+
+def _peak_anonymous_growth(work: Callable[[], object]) -> tuple[object, int]:
+    """What work returns, and the most anonymous memory it added while it ran (sampled)."""
+    baseline, peak, done = _anonymous_rss(), [0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _anonymous_rss() - baseline)
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        result = work()
+    finally:
+        done.set()
+        sampler.join()
+    return result, peak[0]
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+def test_decoder_norms_stream_the_decoder_instead_of_loading_it(tmp_path):
+    d_in, d_sae = 4096, 32768  # a bfloat16 decoder: 256 MiB on disk, 512 MiB as float32
+    folder = tmp_path / "big"
+    cfg = saelens_v6_cfg("standard", d_in, d_sae, "blocks.3.hook_resid_post")
+    folder.mkdir()
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    shapes = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+    write_sparse_safetensors(folder / "sae_weights.safetensors", shapes, dtype="BF16")
+    # The sampler sees a whole-decoder computation (what the server did before streaming).
+    _, whole = _peak_anonymous_growth(lambda: load_sae(folder).W_dec.float().norm(dim=1))
+    assert whole > 400 * 2**20, f"the sampler saw only {whole / 2**20:.0f} MiB"
+    norms, streamed = _peak_anonymous_growth(lambda: decoder_norms(folder))
+    assert norms.shape == (d_sae,) and not norms.any()  # the file's data is all zeros
+    assert streamed < 128 * 2**20, f"{streamed / 2**20:.0f} MiB of anonymous memory"

@@ -4,6 +4,14 @@ Imports only torch, numpy and safetensors, so it runs where vLLM is not installe
 
 from .errors import SAEFormatError
 from .model import SAE
-from .readers import FORMATS, detect_format, inspect_sae, load_sae
+from .readers import FORMATS, decoder_norms, detect_format, inspect_sae, load_sae
 
-__all__ = ["FORMATS", "SAE", "SAEFormatError", "detect_format", "inspect_sae", "load_sae"]
+__all__ = [
+    "FORMATS",
+    "SAE",
+    "SAEFormatError",
+    "decoder_norms",
+    "detect_format",
+    "inspect_sae",
+    "load_sae",
+]

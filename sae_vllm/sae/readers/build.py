@@ -102,21 +102,67 @@ def _validate(raw: RawSAE) -> None:
         )
 
 
-def _fold(raw: RawSAE, work: torch.dtype) -> tuple[torch.Tensor, ...]:
-    W_enc, b_enc, W_dec, b_dec = (t.to(work) for t in (raw.W_enc, raw.b_enc, raw.W_dec, raw.b_dec))
-    threshold = None if raw.threshold is None else raw.threshold.to(work)
+def _fold_decoder(
+    raw: RawSAE, W_dec: torch.Tensor, rows: slice = slice(None)
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The folded decoder rows `rows` (W_dec holds just those rows), and the factor the
+    encoder's matching columns take (None: unchanged by the decoder folds)."""
     if raw.decoder_row_scale is not None:
-        W_dec = W_dec * raw.decoder_row_scale.to(work)[:, None]
+        W_dec = W_dec * raw.decoder_row_scale[rows].to(W_dec.dtype)[:, None]
+    norms = None
     if raw.rescale_by_decoder_norm:
         # Computed on the decoder as trained, before the input-scale fold changes its norms.
         norms = W_dec.norm(dim=1)
         # A zero row never fires (its scaled pre-activation is 0) and never writes; keep it 0.
         norms = torch.where(norms > 0, norms, torch.ones_like(norms))
-        W_enc, b_enc, W_dec = W_enc * norms, b_enc * norms, W_dec / norms[:, None]
+        W_dec = W_dec / norms[:, None]
+    if raw.input_scale is not None:
+        W_dec = W_dec / raw.input_scale
+    return W_dec, norms
+
+
+def _fold(raw: RawSAE, work: torch.dtype) -> tuple[torch.Tensor, ...]:
+    W_enc, b_enc, W_dec, b_dec = (t.to(work) for t in (raw.W_enc, raw.b_enc, raw.W_dec, raw.b_dec))
+    threshold = None if raw.threshold is None else raw.threshold.to(work)
+    W_dec, norms = _fold_decoder(raw, W_dec)
+    if norms is not None:
+        W_enc, b_enc = W_enc * norms, b_enc * norms
     if raw.input_scale is not None:
         s = raw.input_scale
-        W_enc, W_dec, b_dec = W_enc * s, W_dec / s, b_dec / s
+        W_enc, b_dec = W_enc * s, b_dec / s
     return W_enc, b_enc, W_dec, b_dec, threshold
+
+
+def _needs_fold(raw: RawSAE) -> bool:
+    return (
+        raw.input_scale is not None
+        or raw.decoder_row_scale is not None
+        or raw.rescale_by_decoder_norm
+    )
+
+
+NORM_CHUNK_ELEMENTS = 1 << 22  # 16 MiB of float32 per chunk of decoder rows
+
+
+def decoder_norms(raw: RawSAE, chunk_rows: int | None = None) -> torch.Tensor:
+    """L2 norm of each row of the decoder build_sae(raw) would give ([d_sae] float32), computed
+    a chunk of rows at a time (default: NORM_CHUNK_ELEMENTS elements), so a memory-mapped
+    decoder is streamed, never held whole."""
+    _validate(raw)
+    out = raw.W_enc.dtype
+    work = torch.promote_types(out, torch.float32)
+    d_sae, d_in = raw.W_dec.shape
+    chunk_rows = chunk_rows or max(1, NORM_CHUNK_ELEMENTS // max(d_in, 1))
+    norms = torch.empty(d_sae, dtype=torch.float32)
+    for start in range(0, d_sae, chunk_rows):
+        rows = slice(start, min(start + chunk_rows, d_sae))
+        chunk = raw.W_dec[rows]
+        if _needs_fold(raw):
+            # As build_sae: fold in at least float32, round once to the SAE's dtype.
+            chunk, _ = _fold_decoder(raw, chunk.to(work), rows)
+        # Contiguous as build_sae leaves it, so each row sums in the same order.
+        norms[rows] = chunk.to(out).contiguous().float().norm(dim=1)
+    return norms
 
 
 def build_sae(raw: RawSAE, dtype: torch.dtype | None = None) -> SAE:
@@ -126,12 +172,7 @@ def build_sae(raw: RawSAE, dtype: torch.dtype | None = None) -> SAE:
     _validate(raw)
     out = dtype or raw.W_enc.dtype
     # Folds change values, not shapes: an SAE read as headers only (meta tensors) skips them.
-    needs_fold = not raw.W_enc.is_meta and (
-        raw.input_scale is not None
-        or raw.decoder_row_scale is not None
-        or raw.rescale_by_decoder_norm
-    )
-    if needs_fold:
+    if _needs_fold(raw) and not raw.W_enc.is_meta:
         # Fold in at least float32 so bf16/fp16 files round once, at the final cast.
         tensors = _fold(raw, torch.promote_types(out, torch.float32))
     else:

@@ -1,23 +1,28 @@
 """Reads SAE files (JSON, safetensors, npz, torch pickles); any failure raises SAEFormatError.
 
-With `meta=True` the tensor readers read only the files' headers and return tensors on the meta
-device (right shapes and dtypes, no data), so an SAE can be inspected without loading it."""
+The tensor readers have three modes (`ReadMode`): "load" reads every tensor into memory; "meta"
+reads only the files' headers and returns tensors on the meta device (right shapes and dtypes,
+no data), so an SAE can be inspected without loading it; "map" returns tensors backed by the
+file's pages, which the OS reads only when they are touched (for streaming over one tensor)."""
 
 from __future__ import annotations
 
 import json
 import math
+import mmap
 import struct
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import safetensors.torch
 import torch
 
 from ..errors import SAEFormatError
+
+ReadMode = Literal["load", "meta", "map"]
 
 
 def _reason(exc: BaseException) -> str:
@@ -67,7 +72,24 @@ def _meta_tensor(shape: Any, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(tuple(shape), dtype=dtype, device="meta")
 
 
-def _safetensors_headers(file: Path) -> dict[str, torch.Tensor]:
+def _map_file(file: Path) -> mmap.mmap:
+    # Copy-on-write: the tensors are writable (torch warns about read-only buffers), and
+    # nothing ever writes back to the file.
+    with file.open("rb") as stream:
+        return mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_COPY)
+
+
+def _mapped_tensor(
+    pages: mmap.mmap, offset: int, shape: tuple[int, ...], dtype: torch.dtype
+) -> torch.Tensor:
+    count = math.prod(shape)
+    if count == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(pages, dtype=dtype, count=count, offset=offset).view(shape)
+
+
+def _safetensors_layout(file: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype, int]]:
+    """Each tensor's shape, dtype and byte offset in the file, from the header alone."""
     # The format: an 8-byte little-endian header length, then a JSON header giving each
     # tensor's dtype, shape and byte range. Parsed here rather than with safe_open, which
     # memory-maps the whole file (refused for files larger than the address space allows).
@@ -79,7 +101,7 @@ def _safetensors_headers(file: Path) -> dict[str, torch.Tensor]:
         header = json.loads(stream.read(length))
     if not isinstance(header, dict):
         raise ValueError("the header is not a JSON object")
-    tensors = {}
+    layout = {}
     for name, entry in header.items():
         if name == "__metadata__":
             continue
@@ -91,63 +113,103 @@ def _safetensors_headers(file: Path) -> dict[str, torch.Tensor]:
         fits = 0 <= begin <= end <= size - 8 - length
         if not fits or end - begin != math.prod(shape) * dtype.itemsize:
             raise ValueError(f"{name}: byte range {begin}..{end} does not fit the file")
-        tensors[name] = _meta_tensor(shape, dtype)
-    return tensors
+        layout[name] = (shape, dtype, 8 + length + begin)
+    return layout
 
 
-def read_safetensors(file: Path, *, meta: bool = False) -> dict[str, torch.Tensor]:
+def read_safetensors(file: Path, *, mode: ReadMode = "load") -> dict[str, torch.Tensor]:
     try:
-        if meta:
-            return _safetensors_headers(file)
-        return safetensors.torch.load_file(file, device="cpu")
+        if mode == "load":
+            return safetensors.torch.load_file(file, device="cpu")
+        layout = _safetensors_layout(file)
+        if mode == "meta":
+            return {name: _meta_tensor(shape, dtype) for name, (shape, dtype, _) in layout.items()}
+        pages = _map_file(file)
+        return {
+            name: _mapped_tensor(pages, offset, shape, dtype)
+            for name, (shape, dtype, offset) in layout.items()
+        }
     except SAEFormatError:
         raise
     except Exception as exc:
         raise SAEFormatError(f"{file}: cannot read safetensors ({_reason(exc)})") from None
 
 
-def _npy_layout(stream: Any) -> tuple[tuple[int, ...], np.dtype]:
-    """Shape and dtype from the header of one .npy member, without reading its data."""
+def _npy_layout(stream: Any) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """Shape, Fortran order and dtype from the header of one .npy member, without its data."""
     version = np.lib.format.read_magic(stream)
     if version == (1, 0):
-        shape, _, dtype = np.lib.format.read_array_header_1_0(stream)
-    elif version == (2, 0):
-        shape, _, dtype = np.lib.format.read_array_header_2_0(stream)
-    else:
-        raise ValueError(f"npy format version {version} is not supported")
-    return shape, dtype
+        return np.lib.format.read_array_header_1_0(stream)
+    if version == (2, 0):
+        return np.lib.format.read_array_header_2_0(stream)
+    raise ValueError(f"npy format version {version} is not supported")
 
 
-def read_npz(file: Path, *, meta: bool = False) -> dict[str, torch.Tensor]:
-    arrays: dict[str, np.ndarray] = {}
+_ZIP_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, ..., name length, extra length
+
+
+def _npz_member_offset(file: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> int | None:
+    """Where a member's array data starts in the file, or None when it cannot be mapped
+    (compressed, Fortran-ordered or not native-endian: those are read into memory)."""
+    if info.compress_type != zipfile.ZIP_STORED:
+        return None
+    with archive.open(info) as stream:
+        _, fortran_order, dtype = _npy_layout(stream)
+        npy_header = stream.tell()
+    if fortran_order or not dtype.isnative:
+        return None
+    with file.open("rb") as raw:
+        raw.seek(info.header_offset)
+        signature, name_length, extra_length = _ZIP_LOCAL_HEADER.unpack(raw.read(30))
+    if signature != b"PK\x03\x04":
+        raise ValueError(f"{info.filename}: bad local header")
+    return info.header_offset + 30 + name_length + extra_length + npy_header
+
+
+def read_npz(file: Path, *, mode: ReadMode = "load") -> dict[str, torch.Tensor]:
+    layouts: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+    tensors: dict[str, torch.Tensor] = {}
     try:
-        if meta:
-            with zipfile.ZipFile(file) as archive:
-                layouts = {}
-                for member in archive.namelist():
-                    with archive.open(member) as stream:
-                        layouts[member.removesuffix(".npy")] = _npy_layout(stream)
-        else:
+        if mode == "load":
             with np.load(file, allow_pickle=False) as archive:
                 arrays = {name: archive[name] for name in archive.files}
             layouts = {name: (array.shape, array.dtype) for name, array in arrays.items()}
+            tensors = {
+                name: torch.from_numpy(np.ascontiguousarray(array))
+                for name, array in arrays.items()
+            }
+        else:
+            pages = _map_file(file) if mode == "map" else None
+            with zipfile.ZipFile(file) as archive:
+                for info in archive.infolist():
+                    name = info.filename.removesuffix(".npy")
+                    with archive.open(info) as stream:
+                        shape, _, dtype = _npy_layout(stream)
+                    layouts[name] = (shape, dtype)
+                    if pages is None or dtype.kind != "f":
+                        continue
+                    offset = _npz_member_offset(file, archive, info)
+                    if offset is None:
+                        with archive.open(info) as stream:
+                            array = np.lib.format.read_array(stream, allow_pickle=False)
+                        tensors[name] = torch.from_numpy(np.ascontiguousarray(array))
+                    else:
+                        torch_dtype = torch.from_numpy(np.empty(0, dtype)).dtype
+                        tensors[name] = _mapped_tensor(pages, offset, shape, torch_dtype)
     except Exception as exc:
         raise SAEFormatError(f"{file}: cannot read npz ({_reason(exc)})") from None
-    tensors = {}
     for name, (shape, dtype) in layouts.items():
         if dtype.kind != "f":
             raise SAEFormatError(f"{file}: {name} has non-float dtype {dtype}")
-        if meta:
+        if mode == "meta":
             tensors[name] = _meta_tensor(shape, torch.from_numpy(np.empty(0, dtype)).dtype)
-        else:
-            tensors[name] = torch.from_numpy(np.ascontiguousarray(arrays[name]))
     return tensors
 
 
-def read_torch_state(file: Path, *, meta: bool = False) -> dict[str, torch.Tensor]:
+def read_torch_state(file: Path, *, mode: ReadMode = "load") -> dict[str, torch.Tensor]:
     """A state dict saved with torch.save, loaded without unpickling arbitrary objects."""
     state = None
-    if meta:
+    if mode != "load":
         try:  # memory-mapped: only the pickle is read (files of the legacy format cannot be)
             state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
         except Exception:
@@ -162,7 +224,9 @@ def read_torch_state(file: Path, *, meta: bool = False) -> dict[str, torch.Tenso
     if not isinstance(state, Mapping):
         raise SAEFormatError(f"{file}: expected a state dict, got {type(state).__name__}")
     return {
-        str(k): v.to("meta") if meta else v for k, v in state.items() if isinstance(v, torch.Tensor)
+        str(k): v.to("meta") if mode == "meta" else v
+        for k, v in state.items()
+        if isinstance(v, torch.Tensor)
     }
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..errors import SAEFormatError
 from .build import RawSAE
-from .files import read_npz, require_file, take
+from .files import ReadMode, read_npz, require_file, take
 from .hooks import layer_from_path
 
 PARAMS = "params.npz"
@@ -30,11 +30,11 @@ def _hook_name(path: Path, layer: int | None) -> str | None:
     return None
 
 
-def read(path: Path, *, meta: bool = False) -> RawSAE:
+def read(path: Path, *, mode: ReadMode = "load") -> RawSAE:
     file = path if path.is_file() else require_file(path, PARAMS)
     if any(_TRANSCODER_REPO.search(part) for part in file.parts):
         raise SAEFormatError(f"{file}: unsupported architecture (Gemma Scope transcoder)")
-    tensors = read_npz(file, meta=meta)
+    tensors = read_npz(file, mode=mode)
     # SAELens accepts lower-case w_enc/w_dec here too.
     for name in ("W_enc", "W_dec"):
         if name not in tensors and name.lower() in tensors:

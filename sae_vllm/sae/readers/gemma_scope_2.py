@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..errors import SAEFormatError
 from .build import RawSAE
-from .files import folder_of, read_json, read_safetensors, require_file, take
+from .files import ReadMode, folder_of, read_json, read_safetensors, require_file, take
 from .hooks import layer_from_hook, layer_from_path
 
 PARAMS = "params.safetensors"
@@ -53,14 +53,14 @@ def _layer_from_config(folder: Path) -> int | None:
     return layer_from_hook(hook_in)
 
 
-def read(path: Path, *, meta: bool = False) -> RawSAE:
+def read(path: Path, *, mode: ReadMode = "load") -> RawSAE:
     folder = folder_of(path)
     file = path if path.is_file() else require_file(folder, PARAMS)
     site = _site(folder)
     layer = _layer_from_config(folder)
     if layer is None:
         layer = layer_from_path(folder)
-    tensors = read_safetensors(file, meta=meta)
+    tensors = read_safetensors(file, mode=mode)
     if "affine_skip_connection" in tensors:
         raise SAEFormatError(f"{file}: unsupported architecture (skip transcoder)")
     hook_name = None if site is None or layer is None else f"blocks.{layer}.{_SITE_HOOKS[site]}"

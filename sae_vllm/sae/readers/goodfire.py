@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..errors import SAEFormatError
 from .build import RawSAE
-from .files import read_torch_state, take
+from .files import ReadMode, read_torch_state, take
 
 SUFFIXES = (".pt", ".pth")
 # Released files are named like Llama-3.1-8B-Instruct-SAE-l19.pth.
@@ -22,7 +22,7 @@ def claims(path: Path) -> bool:
     return path.suffix in SUFFIXES if path.is_file() else len(_candidates(path)) == 1
 
 
-def read(path: Path, *, meta: bool = False) -> RawSAE:
+def read(path: Path, *, mode: ReadMode = "load") -> RawSAE:
     if path.is_file():
         file = path
     else:
@@ -32,7 +32,7 @@ def read(path: Path, *, meta: bool = False) -> RawSAE:
                 f"{path}: expected one .pt/.pth file, found {len(found)}; pass the file itself"
             )
         file = found[0]
-    tensors = read_torch_state(file, meta=meta)
+    tensors = read_torch_state(file, mode=mode)
     match = _FILE_LAYER.search(file.stem)
     return RawSAE(
         W_enc=take(tensors, "encoder_linear.weight", file).T,

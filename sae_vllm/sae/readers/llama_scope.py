@@ -11,6 +11,7 @@ import torch
 from ..errors import SAEFormatError
 from .build import RawSAE
 from .files import (
+    ReadMode,
     config_value,
     folder_of,
     positive_float,
@@ -31,7 +32,7 @@ def claims(path: Path) -> bool:
     return (folder / CONFIG).is_file() and (folder / WEIGHTS).is_file()
 
 
-def read(path: Path, *, meta: bool = False) -> RawSAE:
+def read(path: Path, *, mode: ReadMode = "load") -> RawSAE:
     folder = folder_of(path)
     cfg_file = require_file(folder, CONFIG)
     weights_file = require_file(folder, WEIGHTS)
@@ -53,7 +54,7 @@ def read(path: Path, *, meta: bool = False) -> RawSAE:
     # Training scaled inputs by s; SAELens folds s into the weights and also multiplies the
     # released scalar threshold by s (its "fix abnormally large llamascope L0").
     scale = math.sqrt(d_model) / norm_in
-    tensors = read_safetensors(weights_file, meta=meta)
+    tensors = read_safetensors(weights_file, mode=mode)
     return RawSAE(
         W_enc=take(tensors, "encoder.weight", weights_file).T,
         b_enc=take(tensors, "encoder.bias", weights_file),

@@ -12,6 +12,8 @@ from ..errors import SAEFormatError
 from ..model import SAE
 from . import gemma_scope, gemma_scope_2, goodfire, llama_scope, saelens, sparsify
 from .build import RawSAE, build_sae
+from .build import decoder_norms as _decoder_norms
+from .files import ReadMode
 
 # Detection order: the first reader that claims a path reads it.
 _READERS: dict[str, ModuleType] = {
@@ -40,7 +42,7 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     )
 
 
-def _read(path: str | os.PathLike[str], format: str | None, meta: bool) -> RawSAE:
+def _read(path: str | os.PathLike[str], format: str | None, mode: ReadMode) -> RawSAE:
     path = Path(path)
     if format is None:
         format = detect_format(path)
@@ -48,7 +50,7 @@ def _read(path: str | os.PathLike[str], format: str | None, meta: bool) -> RawSA
         raise SAEFormatError(f"{path}: unknown SAE format {format!r} (known: {', '.join(FORMATS)})")
     elif not path.exists():
         raise SAEFormatError(f"{path}: no such file or folder")
-    return _READERS[format].read(path, meta=meta)
+    return _READERS[format].read(path, mode=mode)
 
 
 def load_sae(
@@ -56,11 +58,22 @@ def load_sae(
 ) -> SAE:
     """Read the SAE at path into the canonical SAE; format is detected when None, dtype None
     keeps the file's floating dtype."""
-    return build_sae(_read(path, format, meta=False), dtype)
+    return build_sae(_read(path, format, mode="load"), dtype)
 
 
 def inspect_sae(path: str | os.PathLike[str], format: str | None = None) -> SAE:
     """The SAE at path with every tensor on the meta device: sizes, dtype, architecture, layer
     and hook, checked as load_sae checks them, from the files' headers alone (milliseconds and
     no memory, however large the SAE)."""
-    return build_sae(_read(path, format, meta=True)).to("meta")
+    return build_sae(_read(path, format, mode="meta")).to("meta")
+
+
+def decoder_norms(
+    path: str | os.PathLike[str], format: str | None = None, chunk_rows: int | None = None
+) -> torch.Tensor:
+    """The L2 norm of each decoder row of the SAE at path ([d_sae] float32, equal to
+    `load_sae(path).W_dec.float().norm(dim=1)`), streamed from the file a chunk of rows at a
+    time (16 MiB of float32 unless `chunk_rows` is given). The SAE is never held in memory,
+    except `.pt` files of torch's legacy format and compressed npz members, which cannot be
+    memory-mapped."""
+    return _decoder_norms(_read(path, format, mode="map"), chunk_rows)

@@ -8,6 +8,7 @@ from typing import Any
 from ..errors import SAEFormatError
 from .build import RawSAE
 from .files import (
+    ReadMode,
     folder_of,
     positive_float,
     positive_int,
@@ -82,14 +83,14 @@ def _hook(cfg: dict[str, Any]) -> tuple[str | None, int | None]:
     return None, layer if isinstance(layer, int) and not isinstance(layer, bool) else None
 
 
-def read(path: Path, *, meta: bool = False) -> RawSAE:
+def read(path: Path, *, mode: ReadMode = "load") -> RawSAE:
     folder = folder_of(path)
     cfg_file = require_file(folder, CONFIG)
     weights_file = require_file(folder, WEIGHTS)
     cfg = read_json(cfg_file)
     architecture, k = _architecture(cfg, cfg_file)
     input_scale = _input_scale(cfg, folder, cfg_file)
-    tensors = read_safetensors(weights_file, meta=meta)
+    tensors = read_safetensors(weights_file, mode=mode)
     hook_name, layer = _hook(cfg)
     row_scale = tensors.get("scaling_factor")  # pre-v6 finetuning scaling factor
     if row_scale is not None and not row_scale.is_meta and bool((row_scale == 1).all()):

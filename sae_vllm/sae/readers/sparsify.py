@@ -7,6 +7,7 @@ from pathlib import Path
 from ..errors import SAEFormatError
 from .build import RawSAE
 from .files import (
+    ReadMode,
     config_value,
     folder_of,
     positive_int,
@@ -34,7 +35,7 @@ def _declared_d_sae(cfg: dict, file: Path) -> int | None:
     return None
 
 
-def read(path: Path, *, meta: bool = False) -> RawSAE:
+def read(path: Path, *, mode: ReadMode = "load") -> RawSAE:
     folder = folder_of(path)
     cfg_file = require_file(folder, CONFIG)
     weights_file = require_file(folder, WEIGHTS)
@@ -47,7 +48,7 @@ def read(path: Path, *, meta: bool = False) -> RawSAE:
     if cfg.get("signed"):
         raise SAEFormatError(f"{cfg_file}: unsupported architecture (signed TopK)")
     k = positive_int(config_value(cfg, "k", cfg_file), "k", cfg_file)
-    tensors = read_safetensors(weights_file, meta=meta)
+    tensors = read_safetensors(weights_file, mode=mode)
     if "W_skip" in tensors:
         raise SAEFormatError(f"{weights_file}: unsupported architecture (skip connection)")
     return RawSAE(
