@@ -47,6 +47,17 @@ class SteeringConfig(BaseModel):
         return SpecLimits(max_edits=self.max_edits, max_abs_value=self.max_abs_value)
 
 
+def with_local_sae_paths(config: SteeringConfig) -> SteeringConfig:
+    """config with every `hf://` SAE path replaced by its local copy (fetched when needed), so
+    the engine's processes read files and never contact the Hub; raises SAEFormatError."""
+    from .sae.hub import local_sae_path
+
+    entries = [
+        entry.model_copy(update={"path": local_sae_path(entry.path)}) for entry in config.saes
+    ]
+    return config.model_copy(update={"saes": entries})
+
+
 def steering_config_from(additional_config: Any) -> SteeringConfig | None:
     """The steering config inside vLLM's additional_config, or None when steering is off."""
     if not isinstance(additional_config, dict) or CONFIG_KEY not in additional_config:

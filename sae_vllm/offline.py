@@ -5,14 +5,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .config import CONFIG_KEY, EXTRA_ARGS_KEY, SteeringConfig
+from .config import CONFIG_KEY, EXTRA_ARGS_KEY, SteeringConfig, with_local_sae_paths
 from .spec import SteeringSpec, parse_spec, resolve_spec
 
 
 def steering_config(saes: list[Mapping[str, Any]], **options: Any) -> dict[str, Any]:
     """The `additional_config` that switches steering on, validated:
-    `LLM(model, additional_config=steering_config([{"id": "res12", "path": ..., "layer": 12}]))`."""
-    config = SteeringConfig.model_validate({"saes": list(saes), **options})
+    `LLM(model, additional_config=steering_config([{"id": "res12", "path": ..., "layer": 12}]))`.
+    An `hf://OWNER/REPO[@REVISION]/PATH` path is fetched here and replaced by its local copy."""
+    config = with_local_sae_paths(SteeringConfig.model_validate({"saes": list(saes), **options}))
     return {CONFIG_KEY: config.model_dump(mode="json", exclude_none=True)}
 
 

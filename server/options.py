@@ -8,7 +8,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from sae_vllm.config import CONFIG_KEY, SteeringConfig
+from sae_vllm.config import CONFIG_KEY, SteeringConfig, with_local_sae_paths
+from sae_vllm.sae import SAEFormatError
+from sae_vllm.sae.hub import is_hub_path
 
 from .errors import StartupError
 
@@ -21,7 +23,9 @@ def sae_argument(text: str) -> dict[str, Any]:
     path, at, layer = rest.rpartition("@")
     if not at or not layer.isdigit():
         path, layer = rest, ""
-    entry: dict[str, Any] = {"id": sae_id, "path": str(Path(path).expanduser().absolute())}
+    if not is_hub_path(path):
+        path = str(Path(path).expanduser().absolute())
+    entry: dict[str, Any] = {"id": sae_id, "path": path}
     if layer:
         entry["layer"] = int(layer)
     return entry
@@ -43,9 +47,10 @@ def add_steering_options(parser: argparse.ArgumentParser) -> None:
         default=[],
         type=sae_argument,
         metavar="ID=PATH[@LAYER]",
-        help="An SAE requests may steer with, by ID (repeatable). LAYER is the decoder layer "
-        "whose output it reads; defaults to the layer in the SAE's config. Without a model "
-        "and without --sae, the embedded default model and SAE are served.",
+        help="An SAE requests may steer with, by ID (repeatable). PATH is a local file or "
+        "folder, or hf://OWNER/REPO[@REVISION]/PATH on the Hugging Face Hub. LAYER is the "
+        "decoder layer whose output it reads; defaults to the layer in the SAE's config. "
+        "Without a model and without --sae, the embedded default model and SAE are served.",
     )
     group.add_argument(
         "--sae-labels",
@@ -97,5 +102,9 @@ def steering_additional_config(
         steering = SteeringConfig.model_validate(section)
     except ValidationError as exc:
         raise StartupError(f"steering config: {_one_line(exc)}") from None
+    try:
+        steering = with_local_sae_paths(steering)
+    except SAEFormatError as exc:
+        raise StartupError(str(exc)) from None
     config[CONFIG_KEY] = steering.model_dump(mode="json", exclude_none=True)
     return config, steering

@@ -9,6 +9,7 @@ from types import ModuleType
 import torch
 
 from ..errors import SAEFormatError
+from ..hub import local_sae_path
 from ..model import SAE
 from . import gemma_scope, gemma_scope_2, goodfire, llama_scope, saelens, sparsify
 from .build import RawSAE, build_sae
@@ -28,8 +29,9 @@ FORMATS: tuple[str, ...] = tuple(_READERS)
 
 
 def detect_format(path: str | os.PathLike[str]) -> str:
-    """The format of the SAE at path (a folder, or a file of a single-file format)."""
-    path = Path(path)
+    """The format of the SAE at path (a folder, or a file of a single-file format; `hf://`
+    paths are fetched from the Hugging Face Hub)."""
+    path = Path(local_sae_path(os.fspath(path)))
     if not path.exists():
         raise SAEFormatError(f"{path}: no such file or folder")
     for name, reader in _READERS.items():
@@ -43,7 +45,7 @@ def detect_format(path: str | os.PathLike[str]) -> str:
 
 
 def _read(path: str | os.PathLike[str], format: str | None, mode: ReadMode) -> RawSAE:
-    path = Path(path)
+    path = Path(local_sae_path(os.fspath(path)))
     if format is None:
         format = detect_format(path)
     elif format not in _READERS:
