@@ -59,7 +59,9 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog=PROG, description="Describe an SAE file from its headers, without loading it."
     )
-    parser.add_argument("path", help="an SAE folder or file (format detected)")
+    parser.add_argument(
+        "path", help="an SAE folder or file (format detected), or hf://OWNER/REPO[@REV]/PATH"
+    )
     parser.add_argument("--format", choices=FORMATS, help="skip detection")
     args = parser.parse_args(argv)
     try:

@@ -70,3 +70,10 @@ class FeatureInfo(BaseModel):
     density: float | None = Field(
         default=None, description="Fraction of labelled tokens the feature fired on."
     )
+
+
+class FeatureList(BaseModel):
+    """Labelled features of one SAE whose label matches a search, by index."""
+
+    object: Literal["list"] = "list"
+    data: list[FeatureInfo]

@@ -40,6 +40,21 @@ class SAERecord:
             density=label.density if label else None,
         )
 
+    def search(self, query: str | None, limit: int) -> list[FeatureInfo]:
+        """Up to `limit` labelled features, by index, whose label contains `query` (any case;
+        None matches every labelled feature)."""
+        needle = query.casefold() if query else None
+        found: list[FeatureInfo] = []
+        for index in sorted(self.labels):
+            label = self.labels[index].label
+            if needle is None or (label is not None and needle in label.casefold()):
+                feature = self.feature(index)
+                if feature is not None:
+                    found.append(feature)
+                    if len(found) == limit:
+                        break
+        return found
+
 
 def load_record(entry: SAEEntry) -> SAERecord:
     """Read one configured SAE (and its labels); a problem raises a one-line StartupError."""

@@ -1,17 +1,17 @@
-"""The SAE routes: GET /v1/saes and GET /v1/saes/{sae_id}/features/{index}."""
+"""The SAE routes: GET /v1/saes, /v1/saes/{sae_id}/features and .../features/{index}."""
 
 from __future__ import annotations
 
 from http import HTTPStatus
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
 from sae_vllm.spec import SpecErrorReason
 
 from .errors import error_response
-from .protocol import ErrorResponse, FeatureInfo, SAEList
-from .registry import SAERegistry
+from .protocol import ErrorResponse, FeatureInfo, FeatureList, SAEList
+from .registry import SAERecord, SAERegistry
 
 router = APIRouter(tags=["SAE steering"])
 
@@ -28,6 +28,35 @@ async def list_saes(request: Request) -> SAEList:
     return registry_of(request).listing()
 
 
+def _unknown_sae(registry: SAERegistry, sae_id: str) -> JSONResponse:
+    known = ", ".join(sorted(registry.sizes())) or "none"
+    return error_response(
+        HTTPStatus.NOT_FOUND,
+        f"unknown SAE '{sae_id}' (registered: {known})",
+        "sae_id",
+        SpecErrorReason.UNKNOWN_SAE,
+    )
+
+
+@router.get(
+    "/v1/saes/{sae_id}/features",
+    response_model=FeatureList,
+    responses={HTTPStatus.NOT_FOUND.value: {"model": ErrorResponse}},
+)
+async def search_features(
+    sae_id: str,
+    request: Request,
+    q: str | None = Query(default=None, description="Text the label must contain (any case)."),
+    limit: int = Query(default=20, ge=1, le=1000, description="Most features returned."),
+) -> FeatureList | JSONResponse:
+    """Labelled features whose label contains `q`, by index (every labelled one without `q`)."""
+    registry = registry_of(request)
+    record: SAERecord | None = registry.get(sae_id)
+    if record is None:
+        return _unknown_sae(registry, sae_id)
+    return FeatureList(data=record.search(q, limit))
+
+
 @router.get(
     "/v1/saes/{sae_id}/features/{index}",
     response_model=FeatureInfo,
@@ -38,13 +67,7 @@ async def get_feature(sae_id: str, index: int, request: Request) -> FeatureInfo 
     registry = registry_of(request)
     record = registry.get(sae_id)
     if record is None:
-        known = ", ".join(sorted(registry.sizes())) or "none"
-        return error_response(
-            HTTPStatus.NOT_FOUND,
-            f"unknown SAE '{sae_id}' (registered: {known})",
-            "sae_id",
-            SpecErrorReason.UNKNOWN_SAE,
-        )
+        return _unknown_sae(registry, sae_id)
     feature = record.feature(index)
     if feature is None:
         return error_response(

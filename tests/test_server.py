@@ -521,6 +521,9 @@ def test_feature_route(http, artifacts):
     assert body["decoder_norm"] == pytest.approx(norm, rel=1e-5)
     unlabeled = http.get("/v1/saes/res2/features/0").json()
     assert unlabeled["label"] is None and unlabeled["decoder_norm"] > 0
+    found = http.get("/v1/saes/res1/features", params={"q": "Three"}).json()["data"]
+    assert found == [body]
+    assert http.get("/v1/saes/res2/features").json() == {"object": "list", "data": []}
 
 
 @pytest.mark.parametrize(
@@ -542,7 +545,9 @@ def test_feature_route_errors(http, path, status, param, reason):
     assert error.get("reason") == reason
 
 
-@pytest.mark.parametrize("path", ["/v1/saes", "/v1/saes/res1/features/3", "/v1/models"])
+@pytest.mark.parametrize(
+    "path", ["/v1/saes", "/v1/saes/res1/features/3", "/v1/saes/res1/features", "/v1/models"]
+)
 def test_api_key_is_enforced(server, path):
     assert httpx.get(server.base_url + path).status_code == 401
     bad = {"Authorization": "Bearer wrong"}

@@ -49,6 +49,11 @@ def test_topic_features_carry_their_labels(server, toy):
         feature = httpx.get(url).json()
         assert feature["label"] == f"topic: {topic}"
         assert feature["top_tokens"] and feature["max_activation"] > 0
+        found = httpx.get(
+            f"{server.base_url}/v1/saes/{toy.sae_id}/features", params={"q": topic.upper()}
+        ).json()["data"]
+        assert info["feature"] in [f["index"] for f in found]
+        assert all(topic in f["label"] for f in found)
 
 
 def test_steering_toward_a_topic_moves_samples_there(client, toy):

@@ -30,7 +30,14 @@ D_SAE = 64
 def sae_dir(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("unit-sae") / "sae"
     write_random_sae(directory, "relu", layer=1, d_sae=D_SAE)
-    labels = {"features": {"3": {"label": "three", "top_tokens": ["w3", ["w4", 1.5]]}}}
+    labels = {
+        "features": {
+            "3": {"label": "three", "top_tokens": ["w3", ["w4", 1.5]]},
+            "7": {"label": "Sports teams"},
+            "5": {"label": "team spirit"},
+            "9": {"top_tokens": ["w9"]},  # no label text: listed, never matched
+        }
+    }
     (directory / "labels.json").write_text(json.dumps(labels))
     return directory
 
@@ -346,9 +353,33 @@ def test_route_feature(client):
 
 
 @pytest.mark.parametrize(
+    ("query", "indexes"),
+    [
+        ("?q=team", [5, 7]),  # by index, any case
+        ("?q=TEAM&limit=1", [5]),
+        ("?q=three", [3]),
+        ("?q=golf", []),
+        ("", [3, 5, 7, 9]),  # every labelled feature
+        ("?limit=2", [3, 5]),
+    ],
+)
+def test_route_searches_feature_labels(client, query, indexes):
+    response = client.get("/v1/saes/r/features" + query)
+    assert response.status_code == 200
+    body = response.json()
+    assert body["object"] == "list" and [f["index"] for f in body["data"]] == indexes
+    assert all(f["sae"] == "r" and f["decoder_norm"] > 0 for f in body["data"])
+
+
+@pytest.mark.parametrize("query", ["?limit=0", "?limit=1001", "?limit=x"])
+def test_route_search_refuses_bad_limits(client, query):
+    assert client.get("/v1/saes/r/features" + query).status_code == 422
+
+
+@pytest.mark.parametrize(
     ("path", "param"),
-    [("/v1/saes/x/features/1", "sae_id"), (f"/v1/saes/r/features/{D_SAE}", "index"),
-     ("/v1/saes/r/features/-1", "index")],
+    [("/v1/saes/x/features", "sae_id"), ("/v1/saes/x/features/1", "sae_id"),
+     (f"/v1/saes/r/features/{D_SAE}", "index"), ("/v1/saes/r/features/-1", "index")],
 )  # fmt: skip
 def test_route_not_found(client, path, param):
     response = client.get(path)
