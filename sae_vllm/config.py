@@ -10,6 +10,9 @@ from .spec import DEFAULT_MAX_ABS_VALUE, DEFAULT_MAX_EDITS, SpecLimits
 
 CONFIG_KEY = "sae_steering"
 EXTRA_ARGS_KEY = "sae_steering"
+# Internal: the position of a request's first generated token, when it is not the end of its
+# prompt (set by the server for each step of a steered beam search).
+GENERATION_START_KEY = "sae_steering_generation_start"
 
 
 class SAEEntry(BaseModel):

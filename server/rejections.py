@@ -8,13 +8,11 @@ from sae_vllm.spec import SpecErrorReason
 
 CONFLICT = "conflict"  # a spec given both as `steering` and in vllm_xargs
 STEERING_DISABLED = "steering_disabled"  # the server has no SAEs
-BEAM_SEARCH = "beam_search"  # vLLM's beam search rebuilds each step's params without extra_args
 UNSUPPORTED_ROUTE = "unsupported_route"  # `steering` sent to a route that cannot apply it
 
 REASONS = (
     *(reason.value for reason in SpecErrorReason),
     CONFLICT,
     STEERING_DISABLED,
-    BEAM_SEARCH,
     UNSUPPORTED_ROUTE,
 )

@@ -16,7 +16,6 @@ from .errors import error_response
 
 STEERING_FIELD = "steering"
 XARGS_FIELD = f"vllm_xargs.{EXTRA_ARGS_KEY}"
-BEAM_SEARCH_FIELD = "use_beam_search"
 
 
 class Rejection(Exception):
@@ -39,22 +38,13 @@ class SteeringGate:
         self.sae_sizes = dict(sae_sizes)
         self.limits = limits
 
-    def admit(
-        self, endpoint: str, steering: Any, xargs_spec: Any = None, beam_search: bool = False
-    ) -> dict | None:
+    def admit(self, endpoint: str, steering: Any, xargs_spec: Any = None) -> dict | None:
         """The resolved spec to hand the engine (None when unsteered); raises Rejection.
 
         `steering` is the raw body field; `xargs_spec` a spec passed the low-level way, as
-        `vllm_xargs["sae_steering"]`; `beam_search` whether the request asks for beam search."""
+        `vllm_xargs["sae_steering"]`."""
         try:
             spec = self._resolve(steering, xargs_spec)
-            if spec is not None and beam_search:
-                raise Rejection(
-                    rejections.BEAM_SEARCH,
-                    BEAM_SEARCH_FIELD,
-                    f"{BEAM_SEARCH_FIELD}: beam search cannot be steered (vLLM runs each beam "
-                    "step as a new request without the steering); sample with n > 1 instead",
-                )
         except Rejection as rejection:
             metrics.record_rejected(rejection.reason)
             raise

@@ -1,10 +1,12 @@
 """Every touch of vLLM 0.32's OpenAI-server internals is here, so a vLLM bump changes one file."""
 
 # What it uses: vLLM's serve arg parser and checks; `run_server` (in-process, one API server);
-# `build_app` (wrapped, to customise the app vLLM builds); the completion and chat request
-# models (subclassed with a typed `steering` field, and a `to_sampling_params` that puts the
-# resolved spec into SamplingParams.extra_args); their POST routes (rebuilt around the
-# subclasses, so FastAPI parses and documents the field and vLLM's own handler runs).
+# `build_app` (wrapped, to customise the app vLLM builds); the completion, chat and responses
+# request models (subclassed with a typed `steering` field, and a `to_sampling_params` that
+# puts the resolved spec into SamplingParams.extra_args); their POST routes (rebuilt around
+# the subclasses, so FastAPI parses and documents the field and vLLM's own handler runs); and
+# the online beam search (`BeamSearchOnlineMixin.beam_search`, wrapped so that each beam step's
+# request carries the spec: vLLM builds those SamplingParams itself, without extra_args).
 
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionReque
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
 
-from sae_vllm.config import EXTRA_ARGS_KEY
+from sae_vllm.config import EXTRA_ARGS_KEY, GENERATION_START_KEY
 from sae_vllm.spec import SteeringSpec
 
 from .steering import Rejection, SteeringGate
@@ -36,9 +38,18 @@ STEERING_DOC = (
 )
 
 
+BEAM_STEERING_ATTR = "sae_steering"  # set on the BeamSearchParams of a steered request
+
+
 def _with_steering(params: Any, spec: dict | None) -> Any:
     if spec is not None:
         params.extra_args = {**(params.extra_args or {}), EXTRA_ARGS_KEY: spec}
+    return params
+
+
+def _beam_with_steering(params: Any, spec: dict | None) -> Any:
+    if spec is not None:
+        setattr(params, BEAM_STEERING_ATTR, spec)  # BeamSearchParams keeps a __dict__
     return params
 
 
@@ -54,6 +65,10 @@ class SteeredCompletionRequest(CompletionRequest):
     def to_sampling_params(self, *args: Any, **kwargs: Any) -> Any:
         return _with_steering(super().to_sampling_params(*args, **kwargs), self._sae_steering)
 
+    def to_beam_search_params(self, *args: Any, **kwargs: Any) -> Any:
+        params = super().to_beam_search_params(*args, **kwargs)
+        return _beam_with_steering(params, self._sae_steering)
+
 
 class SteeredChatCompletionRequest(ChatCompletionRequest):
     """vLLM's chat completion request plus the `steering` field."""
@@ -64,6 +79,10 @@ class SteeredChatCompletionRequest(ChatCompletionRequest):
 
     def to_sampling_params(self, *args: Any, **kwargs: Any) -> Any:
         return _with_steering(super().to_sampling_params(*args, **kwargs), self._sae_steering)
+
+    def to_beam_search_params(self, *args: Any, **kwargs: Any) -> Any:
+        params = super().to_beam_search_params(*args, **kwargs)
+        return _beam_with_steering(params, self._sae_steering)
 
 
 class SteeredResponsesRequest(ResponsesRequest):
@@ -83,6 +102,66 @@ STEERED_ROUTES: dict[str, tuple[type, str]] = {
     "/v1/chat/completions": (SteeredChatCompletionRequest, "chat.completions"),
     "/v1/responses": (SteeredResponsesRequest, "responses"),
 }
+
+
+# --- beam search ----------------------------------------------------------------------------
+
+
+class _SteeringEngineClient:
+    """The engine client, with `extra_args` added to every request it is asked to generate."""
+
+    def __init__(self, client: Any, extra_args: dict[str, Any]):
+        self._client = client
+        self._extra_args = extra_args
+
+    def generate(self, prompt: Any, sampling_params: Any, *args: Any, **kwargs: Any) -> Any:
+        params = sampling_params.clone()
+        params.extra_args = {**(params.extra_args or {}), **self._extra_args}
+        return self._client.generate(prompt, params, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+
+class _WithEngineClient:
+    """A serving object seen through another engine client."""
+
+    def __init__(self, serving: Any, engine_client: Any):
+        self._serving = serving
+        self.engine_client = engine_client
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._serving, name)
+
+
+def install_steered_beam_search() -> None:
+    """Make vLLM's online beam search carry a request's steering into every beam step.
+
+    Each step re-submits the tokens generated so far as prompt; the steps also carry where the
+    original prompt ends, so the spec's scope still counts those tokens as generated."""
+    from vllm.entrypoints.generate.beam_search.online import BeamSearchOnlineMixin
+
+    original = BeamSearchOnlineMixin.beam_search
+    if getattr(original, "_sae_vllm_wrapped", False):
+        return
+
+    async def beam_search(
+        self: Any, prompt: Any, request_id: str, params: Any, *args: Any, **kwargs: Any
+    ) -> Any:
+        spec = getattr(params, BEAM_STEERING_ATTR, None)
+        serving = self
+        if spec is not None:
+            decoder_prompt = prompt["decoder_prompt"] if prompt["type"] == "enc_dec" else prompt
+            step_args = {
+                EXTRA_ARGS_KEY: spec,
+                GENERATION_START_KEY: len(decoder_prompt["prompt_token_ids"]),
+            }
+            serving = _WithEngineClient(self, _SteeringEngineClient(self.engine_client, step_args))
+        async for output in original(serving, prompt, request_id, params, *args, **kwargs):
+            yield output
+
+    beam_search._sae_vllm_wrapped = True  # type: ignore[attr-defined]
+    BeamSearchOnlineMixin.beam_search = beam_search  # type: ignore[method-assign]
 
 
 # --- command line ---------------------------------------------------------------------------
@@ -177,12 +256,7 @@ def _steered_endpoint(original: Callable, model: type, label: str, gate: Steerin
     async def endpoint(request: Any, raw_request: Request) -> Any:
         xargs_spec = (request.vllm_xargs or {}).get(EXTRA_ARGS_KEY)
         try:
-            request._sae_steering = gate.admit(
-                label,
-                request.steering,
-                xargs_spec,
-                beam_search=getattr(request, "use_beam_search", False),
-            )
+            request._sae_steering = gate.admit(label, request.steering, xargs_spec)
         except Rejection as rejection:
             return rejection.response
         if xargs_spec is not None:  # the resolved spec replaces it in to_sampling_params

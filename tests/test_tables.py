@@ -89,6 +89,27 @@ def test_generated_scope_steers_every_decode_position():
         assert rows == [r] and scope == [True]
 
 
+def test_a_generation_start_scopes_resubmitted_tokens_as_generated():
+    # A beam-search step: prompt = 4 original tokens + 3 generated ones, prefilled at once.
+    tables = make()
+    g = tables.admit("gen", spec("generated"), generation_start=4)
+    p = tables.admit("prompt", spec("prompt"), generation_start=4)
+    a = tables.admit("all", spec("all"), generation_start=4)
+    plain = tables.admit("plain-gen", spec("generated"))  # its own prompt end: position 6
+    rows, scope = step(tables, ["gen", "prompt", "all", "plain-gen"], [7] * 4, [0] * 4, [7] * 4)
+    assert rows == [g] * 7 + [p] * 7 + [a] * 7 + [plain] * 7
+    assert scope == (
+        [False] * 3 + [True] * 4  # generated: from the last original prompt position on
+        + [True] * 4 + [False] * 3  # prompt: the original prompt only
+        + [True] * 7
+        + [False] * 6 + [True]
+    )  # fmt: skip
+    tables.release("gen")
+    assert tables.admit("gen2", spec("generated")) == g  # the reused row forgets the start
+    rows, scope = step(tables, ["gen2"], [7], [0], [7])
+    assert scope == [False] * 6 + [True]
+
+
 def test_tokens_past_the_step_are_reset_and_idle_batches_clear_the_buffer():
     tables = make()
     r = tables.admit("s", spec("all"))

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
-from ..config import EXTRA_ARGS_KEY, steering_config_from
+from ..config import EXTRA_ARGS_KEY, GENERATION_START_KEY, steering_config_from
 from ..spec import SteeringSpec, derive_cache_salt, resolve_spec
 from . import vllm_adapter as vllm
 from .sae_sizes import sae_sizes
+
+
+def generation_start_of(extra_args: Mapping[str, Any]) -> int | None:
+    """The request's generation start (None: the end of its prompt); raises ValueError."""
+    value = extra_args.get(GENERATION_START_KEY)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{GENERATION_START_KEY}: expected a positive integer, got {value!r}")
+    return value
 
 
 def _resolve_in_place(vllm_config: Any, params: Any) -> SteeringSpec | None:
@@ -22,6 +33,7 @@ def _resolve_in_place(vllm_config: Any, params: Any) -> SteeringSpec | None:
             "(start the engine with additional_config {'sae_steering': ...})"
         )
     spec = resolve_spec(data, sae_sizes(config), config.limits)
+    generation_start_of(extra_args)
     extra_args[EXTRA_ARGS_KEY] = spec.model_dump(mode="json")
     return spec
 
@@ -34,6 +46,12 @@ def check_params(vllm_config: Any, params: Any) -> None:
 def salt_request(vllm_config: Any, request: Any) -> None:
     """Engine-core check and prefix-cache salt: a steered request never shares KV blocks with
     requests steered differently or not at all. A bad spec raises, failing only that request."""
-    spec = _resolve_in_place(vllm_config, vllm.sampling_params_of(request))
+    params = vllm.sampling_params_of(request)
+    spec = _resolve_in_place(vllm_config, params)
     if spec is not None:
-        vllm.set_cache_salt(request, derive_cache_salt(vllm.cache_salt_of(request), spec))
+        # The generation start moves the scope, so it is part of what the KV depends on.
+        start = generation_start_of(vllm.extra_args_of(params) or {})
+        user_salt = vllm.cache_salt_of(request)
+        if start is not None:
+            user_salt = f"{user_salt or ''}|generation-start={start}"
+        vllm.set_cache_salt(request, derive_cache_salt(user_salt, spec))

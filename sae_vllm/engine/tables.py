@@ -85,6 +85,8 @@ class SteeringTables:
         self.rows_total = max_rows
         self._free_rows = list(range(max_rows - 1, -1, -1))
         self._row_scope = np.zeros(max_rows, dtype=np.int8)
+        # Where the row's generated tokens start, when not at the end of its prompt (-1).
+        self._row_generation_start = np.full(max_rows, -1, dtype=np.int64)
         self._row_of: dict[str, int] = {}
         self._written_tokens = 0
         self._steady_layout: tuple | None = None
@@ -105,8 +107,14 @@ class SteeringTables:
     def knows(self, req_id: str) -> bool:
         return req_id in self._row_of
 
-    def admit(self, req_id: str, spec: SteeringSpec | None) -> int:
-        """Give a request its row (NO_ROW when it is not steered) and fill its edit slots."""
+    def admit(
+        self, req_id: str, spec: SteeringSpec | None, generation_start: int | None = None
+    ) -> int:
+        """Give a request its row (NO_ROW when it is not steered) and fill its edit slots.
+
+        `generation_start` is the position of the first generated token when it is not the end
+        of the request's prompt: a beam-search step re-submits the tokens generated so far as
+        prompt, and they must still be scoped as generated."""
         if spec is None:
             self._row_of[req_id] = NO_ROW
             return NO_ROW
@@ -123,6 +131,7 @@ class SteeringTables:
                 [OP_CODES[edit.op.value] for edit in edits],
             )
         self._row_scope[row] = _SCOPE_CODES[spec.apply_to]
+        self._row_generation_start[row] = -1 if generation_start is None else generation_start
         self._row_of[req_id] = row
         return row
 
@@ -162,7 +171,12 @@ class SteeringTables:
             np.arange(num_tokens) - first_token[token_req]
         )
         scope = self._row_scope[rows]
-        prompt_len = num_prompt_tokens.astype(np.int64)
+        # Unsteered requests (row -1) read the last row's entries here; their tokens are
+        # masked out by token_rows below.
+        generation_start = self._row_generation_start[rows]
+        prompt_len = np.where(
+            generation_start >= 0, generation_start, num_prompt_tokens.astype(np.int64)
+        )
         lo = np.where(scope == _SCOPE_CODES[ApplyTo.GENERATED], prompt_len - 1, 0)
         hi = np.where(scope == _SCOPE_CODES[ApplyTo.PROMPT], prompt_len, _UNBOUNDED)
         token_rows = rows[token_req]

@@ -13,6 +13,7 @@ from ..sae import SAEFormatError, load_sae
 from ..sae.sites import NotALayerOutputError, residual_layer
 from ..spec import SteeringSpec, SteeringSpecError, resolve_spec
 from . import vllm_adapter as vllm
+from .intake import generation_start_of
 from .steered_layer import SAESteering, steer_layer
 from .tables import SteeringTables
 
@@ -107,7 +108,7 @@ class WorkerSteering:
         batch = vllm.step_batch(runner, num_scheduled_tokens)
         for req_id in batch.req_ids:
             if not self.tables.knows(req_id):
-                self.tables.admit(req_id, self._spec_of(runner, req_id))
+                self.tables.admit(req_id, *self._steering_of(runner, req_id))
         self.tables.write_step(
             batch.req_ids,
             batch.num_scheduled_tokens,
@@ -115,19 +116,21 @@ class WorkerSteering:
             batch.num_prompt_tokens,
         )
 
-    def _spec_of(self, runner: Any, req_id: str) -> SteeringSpec | None:
+    def _steering_of(self, runner: Any, req_id: str) -> tuple[SteeringSpec | None, int | None]:
+        """The request's spec and generation start (see SteeringTables.admit)."""
         extra_args = vllm.request_extra_args(runner, req_id)
         data = extra_args.get(EXTRA_ARGS_KEY) if extra_args else None
         if data is None:
-            return None
+            return None, None
         try:
-            return resolve_spec(data, self.sae_sizes, self.config.limits)
-        except SteeringSpecError as exc:
+            spec = resolve_spec(data, self.sae_sizes, self.config.limits)
+            return spec, generation_start_of(extra_args)
+        except (SteeringSpecError, ValueError) as exc:
             # The engine core rejects bad specs before they get here; this is the last guard.
             logger.error(
                 "sae-vllm: request %s has an invalid steering spec, not steered: %s", req_id, exc
             )
-            return None
+            return None, None
 
 
 def stats(runner: Any) -> dict[str, Any]:
