@@ -10,6 +10,7 @@ SUITES = {
     "latency": "bench.latency",
     "kernels": "bench.kernels",
     "ci": "bench.ci",
+    "sae_reads": "bench.sae_reads",
 }
 
 

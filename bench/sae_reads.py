@@ -1,0 +1,165 @@
+"""What the server's API process pays to describe an SAE: load it whole vs headers + streamed norms.
+
+`python -m bench sae_reads [PATH ...] [--synthetic DIR] [--out FILE]` measures, for each SAE,
+in a fresh process per measurement: `load_sae(path).W_dec.float().norm(dim=1)` (what the
+frontend did) against `inspect_sae(path)` + `decoder_norms(path)` (what it does), as wall time
+and peak anonymous memory (sampled every millisecond from /proc; Linux only). `--synthetic DIR`
+first writes three random SAEs at released shapes into DIR (about 3.4 GB)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+WAYS = ("load", "stream")
+
+
+def _anonymous_bytes() -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def measure(path: str, way: str) -> dict[str, Any]:
+    """Time and peak anonymous memory of one way of reading the SAE's decoder norms."""
+    import torch
+
+    from sae_vllm.sae import decoder_norms, inspect_sae, load_sae
+
+    baseline, peak, done = _anonymous_bytes(), [0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            now = _anonymous_bytes()
+            if now is not None and baseline is not None:
+                peak[0] = max(peak[0], now - baseline)
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    start = time.perf_counter()
+    if way == "load":
+        norms = load_sae(path).W_dec.float().norm(dim=1)
+    else:
+        inspect_sae(path)
+        norms = decoder_norms(path)
+    seconds = time.perf_counter() - start
+    done.set()
+    sampler.join()
+    return {
+        "seconds": seconds,
+        "peak_anonymous_mib": peak[0] / 2**20 if baseline is not None else None,
+        "norms_sum": float(norms.to(torch.float64).sum()),
+    }
+
+
+def write_synthetic(folder: Path) -> list[Path]:
+    """Random SAEs at the shapes of three releases: a Goodfire .pth (bf16), a Llama Scope
+    folder (f32, dataset-norm fold) and a Gemma Scope npz (f32)."""
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(0)
+
+    def normal(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return (torch.randn(*shape, generator=generator) * 0.02).to(dtype)
+
+    goodfire = folder / "goodfire" / "Llama-3.1-8B-Instruct-SAE-l19.pth"
+    goodfire.parent.mkdir(parents=True, exist_ok=True)
+    d_in, d_sae = 4096, 65536
+    torch.save(
+        {
+            "encoder_linear.weight": normal(d_sae, d_in, dtype=torch.bfloat16),
+            "encoder_linear.bias": normal(d_sae, dtype=torch.bfloat16),
+            "decoder_linear.weight": normal(d_in, d_sae, dtype=torch.bfloat16),
+            "decoder_linear.bias": normal(d_in, dtype=torch.bfloat16),
+        },
+        goodfire,
+    )
+    llama_scope = folder / "llama_scope"
+    (llama_scope / "checkpoints").mkdir(parents=True, exist_ok=True)
+    d_sae = 32768
+    save_file(
+        {
+            "encoder.weight": normal(d_sae, d_in),
+            "encoder.bias": normal(d_sae),
+            "decoder.weight": normal(d_in, d_sae),
+            "decoder.bias": normal(d_in),
+        },
+        llama_scope / "checkpoints" / "final.safetensors",
+    )
+    hook = "blocks.15.hook_resid_post"
+    hyperparams = {
+        "d_model": d_in, "d_sae": d_sae, "hook_point_in": hook, "hook_point_out": hook,
+        "jump_relu_threshold": 0.1, "norm_activation": "dataset-wise",
+        "dataset_average_activation_norm": {"in": 20.0, "out": 20.0},
+    }  # fmt: skip
+    (llama_scope / "hyperparams.json").write_text(json.dumps(hyperparams))
+    gemma_scope = folder / "gemma_scope" / "layer_12" / "width_65k" / "average_l0_50"
+    gemma_scope.mkdir(parents=True, exist_ok=True)
+    d_in, d_sae = 2304, 65536
+    np.savez(
+        gemma_scope / "params.npz",
+        W_enc=normal(d_in, d_sae).numpy(),
+        W_dec=normal(d_sae, d_in).numpy(),
+        b_enc=normal(d_sae).numpy(),
+        b_dec=normal(d_in).numpy(),
+        threshold=normal(d_sae).abs().numpy(),
+    )
+    return [goodfire, llama_scope, gemma_scope / "params.npz"]
+
+
+def _measure_in_subprocess(path: Path, way: str) -> dict[str, Any]:
+    command = [sys.executable, "-m", "bench.sae_reads", "--measure", str(path), way]
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench sae_reads", description=__doc__)
+    parser.add_argument("paths", nargs="*", help="SAE files or folders")
+    parser.add_argument("--synthetic", type=Path, help="write three random SAEs here first")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--out", type=Path, help="write the results as JSON")
+    parser.add_argument("--measure", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.measure:
+        print(json.dumps(measure(*args.measure)))
+        return 0
+    paths = [Path(p) for p in args.paths]
+    if args.synthetic:
+        paths += write_synthetic(args.synthetic)
+    if not paths:
+        parser.error("give SAE paths or --synthetic DIR")
+    rows = []
+    print("| SAE | way | seconds | peak anonymous MiB |\n|---|---|---|---|")
+    for path in paths:
+        for _ in range(args.repeats):
+            for way in WAYS:
+                row = {"path": str(path), "way": way, **_measure_in_subprocess(path, way)}
+                rows.append(row)
+                peak = row["peak_anonymous_mib"]
+                shown = "n/a" if peak is None else f"{peak:.0f}"
+                print(f"| {path.name} | {way} | {row['seconds']:.3f} | {shown} |")
+        sums = {row["norms_sum"] for row in rows if row["path"] == str(path)}
+        if len(sums) != 1:
+            print(f"{path}: the two ways disagree on the norms: {sorted(sums)}", file=sys.stderr)
+            return 1
+    if args.out:
+        args.out.write_text(json.dumps({"rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
