@@ -446,6 +446,28 @@ def test_beam_search_is_steered_in_every_scope(client):
     assert via_xargs == wide
 
 
+def test_concurrent_beam_searches_keep_their_own_steering(client, server):
+    specs = [None, STRONG, PROMPT_ONLY, MIXED] * 2
+    alone = [beams(client, PROMPTS[i % 2], spec, 2) for i, spec in enumerate(specs)]
+
+    async def run_all() -> list[list[str]]:
+        async with openai.AsyncOpenAI(
+            base_url=f"{server.base_url}/v1", api_key=API_KEY, max_retries=0, timeout=300
+        ) as aclient:
+
+            async def one(i: int, spec: dict | None) -> list[str]:
+                response = await aclient.completions.create(
+                    model=MODEL, prompt=PROMPTS[i % 2], max_tokens=MAX_TOKENS, n=2,
+                    temperature=0,
+                    extra_body={"use_beam_search": True} | ({"steering": spec} if spec else {}),
+                )  # fmt: skip
+                return [choice.text.strip() for choice in response.choices]
+
+            return await asyncio.gather(*(one(i, spec) for i, spec in enumerate(specs)))
+
+    assert asyncio.run(run_all()) == alone
+
+
 def test_chat_beam_search_is_steered(client):
     for steering in (None, STRONG):
         response = client.chat.completions.create(
