@@ -36,6 +36,12 @@ class SAEInfo(BaseModel):
     id: str = Field(description="The id requests name in `steering.edits[].sae`.")
     layer: int | None = Field(description="The decoder layer whose output the SAE reads.")
     architecture: str = Field(description="relu, jumprelu or topk.")
+    k: int | None = Field(default=None, description="Features kept per token (topk only).")
+    format: str = Field(description="The file format it was read from (e.g. saelens).")
+    hook_name: str | None = Field(
+        default=None, description="The hook the SAE was trained on, when its files name one."
+    )
+    dtype: str = Field(description="The dtype of its weights in the file.")
     d_in: int = Field(description="The width of the residual stream the SAE reads.")
     d_sae: int = Field(description="The number of features; valid indexes are [0, d_sae).")
     has_labels: bool = Field(description="Whether feature labels are available.")

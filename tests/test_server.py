@@ -547,10 +547,12 @@ def test_sae_list(http):
     response = http.get("/v1/saes")
     assert response.status_code == 200
     assert response.json()["data"] == [
-        {"object": "sae", "id": "res1", "layer": 1, "architecture": "relu", "d_in": 128,
-         "d_sae": D_SAE, "has_labels": True},
-        {"object": "sae", "id": "res2", "layer": 2, "architecture": "jumprelu", "d_in": 128,
-         "d_sae": D_SAE, "has_labels": False},
+        {"object": "sae", "id": "res1", "layer": 1, "architecture": "relu", "k": None,
+         "format": "saelens", "hook_name": "blocks.1.hook_resid_post", "dtype": "float32",
+         "d_in": 128, "d_sae": D_SAE, "has_labels": True},
+        {"object": "sae", "id": "res2", "layer": 2, "architecture": "jumprelu", "k": None,
+         "format": "saelens", "hook_name": "blocks.2.hook_resid_post", "dtype": "float32",
+         "d_in": 128, "d_sae": D_SAE, "has_labels": False},
     ]  # fmt: skip
 
 

@@ -336,8 +336,9 @@ def test_route_lists_saes(client):
     assert response.json() == {
         "object": "list",
         "data": [
-            {"object": "sae", "id": "r", "layer": 2, "architecture": "relu", "d_in": HIDDEN,
-             "d_sae": D_SAE, "has_labels": True},
+            {"object": "sae", "id": "r", "layer": 2, "architecture": "relu", "k": None,
+             "format": "saelens", "hook_name": "blocks.1.hook_resid_post", "dtype": "float32",
+             "d_in": HIDDEN, "d_sae": D_SAE, "has_labels": True},
         ],
     }  # fmt: skip
 
