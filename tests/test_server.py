@@ -256,6 +256,28 @@ def test_a_list_of_prompts_steers_every_prompt(client):
     assert texts != [complete(client, prompt) for prompt in PROMPTS]
 
 
+def test_structured_output_constrains_steered_requests(client):
+    # Steering edits the residual, the grammar masks the logits after it: both must apply. The
+    # choices are each request's own unconstrained first word, so each must pick its own.
+    firsts = [
+        (
+            prompt,
+            complete(client, prompt, max_tokens=1),
+            complete(client, prompt, STRONG, max_tokens=1),
+        )
+        for prompt in PROMPTS
+    ]
+    prompt, plain, steered = next(f for f in firsts if f[1] != f[2])
+    choices = [plain.strip(), steered.strip(), "w3"]  # one token each (no spaces in this vocab)
+    for steering, expected in ((None, plain), (STRONG, steered)):
+        response = client.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,
+            extra_body={"structured_outputs": {"choice": choices}}
+            | ({"steering": steering} if steering else {}),
+        )  # fmt: skip
+        assert response.choices[0].text.strip() == expected.strip()
+
+
 def test_sampled_steering_is_reproducible_with_a_seed(client):
     def sample() -> str:
         response = client.completions.create(
