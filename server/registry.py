@@ -89,7 +89,7 @@ def load_record(entry: SAEEntry) -> SAERecord:
         k=sae.k,
         format=sae.format,
         hook_name=sae.hook_name,
-        dtype=str(sae.W_enc.dtype).removeprefix("torch."),
+        dtype=sae.dtype_name,
         d_in=sae.d_in,
         d_sae=sae.d_sae,
         has_labels=bool(labels),

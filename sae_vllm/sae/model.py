@@ -49,6 +49,11 @@ class SAE:
     def d_sae(self) -> int:
         return self.W_enc.shape[1]
 
+    @property
+    def dtype_name(self) -> str:
+        """The weights' dtype as a plain name, e.g. "bfloat16"."""
+        return str(self.W_enc.dtype).removeprefix("torch.")
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Feature activations [..., d_sae] of activations x [..., d_in]."""
         x = x.to(self.W_enc.dtype)
