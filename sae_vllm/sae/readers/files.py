@@ -148,22 +148,19 @@ def _npy_layout(stream: Any) -> tuple[tuple[int, ...], bool, np.dtype]:
 _ZIP_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, ..., name length, extra length
 
 
-def _npz_member_offset(file: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> int | None:
-    """Where a member's array data starts in the file, or None when it cannot be mapped
-    (compressed, Fortran-ordered or not native-endian: those are read into memory)."""
-    if info.compress_type != zipfile.ZIP_STORED:
-        return None
-    with archive.open(info) as stream:
-        _, fortran_order, dtype = _npy_layout(stream)
-        npy_header = stream.tell()
-    if fortran_order or not dtype.isnative:
-        return None
+def _stored_data_offset(file: Path, info: zipfile.ZipInfo, npy_header: int) -> int:
+    """Where an uncompressed member's array data starts in the file, past its zip local header
+    and its `npy_header` bytes of .npy header."""
     with file.open("rb") as raw:
         raw.seek(info.header_offset)
         signature, name_length, extra_length = _ZIP_LOCAL_HEADER.unpack(raw.read(30))
     if signature != b"PK\x03\x04":
         raise ValueError(f"{info.filename}: bad local header")
     return info.header_offset + 30 + name_length + extra_length + npy_header
+
+
+def _torch_dtype(dtype: np.dtype) -> torch.dtype:
+    return torch.from_numpy(np.empty(0, dtype)).dtype
 
 
 def read_npz(file: Path, *, mode: ReadMode = "load") -> dict[str, torch.Tensor]:
@@ -184,25 +181,26 @@ def read_npz(file: Path, *, mode: ReadMode = "load") -> dict[str, torch.Tensor]:
                 for info in archive.infolist():
                     name = info.filename.removesuffix(".npy")
                     with archive.open(info) as stream:
-                        shape, _, dtype = _npy_layout(stream)
+                        shape, fortran_order, dtype = _npy_layout(stream)
+                        npy_header = stream.tell()
                     layouts[name] = (shape, dtype)
                     if pages is None or dtype.kind != "f":
                         continue
-                    offset = _npz_member_offset(file, archive, info)
-                    if offset is None:
+                    stored = info.compress_type == zipfile.ZIP_STORED
+                    if stored and not fortran_order and dtype.isnative:
+                        offset = _stored_data_offset(file, info, npy_header)
+                        tensors[name] = _mapped_tensor(pages, offset, shape, _torch_dtype(dtype))
+                    else:  # compressed, Fortran-ordered or byte-swapped: read into memory
                         with archive.open(info) as stream:
                             array = np.lib.format.read_array(stream, allow_pickle=False)
                         tensors[name] = torch.from_numpy(np.ascontiguousarray(array))
-                    else:
-                        torch_dtype = torch.from_numpy(np.empty(0, dtype)).dtype
-                        tensors[name] = _mapped_tensor(pages, offset, shape, torch_dtype)
     except Exception as exc:
         raise SAEFormatError(f"{file}: cannot read npz ({_reason(exc)})") from None
     for name, (shape, dtype) in layouts.items():
         if dtype.kind != "f":
             raise SAEFormatError(f"{file}: {name} has non-float dtype {dtype}")
         if mode == "meta":
-            tensors[name] = _meta_tensor(shape, torch.from_numpy(np.empty(0, dtype)).dtype)
+            tensors[name] = _meta_tensor(shape, _torch_dtype(dtype))
     return tensors
 
 
