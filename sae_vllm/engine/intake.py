@@ -21,7 +21,9 @@ def generation_start_of(extra_args: Mapping[str, Any]) -> int | None:
     return value
 
 
-def _resolve_in_place(vllm_config: Any, params: Any) -> SteeringSpec | None:
+def _resolve_in_place(vllm_config: Any, params: Any) -> tuple[SteeringSpec, int | None] | None:
+    """The request's resolved spec and generation start (None when unsteered); the resolved
+    spec replaces the raw one in extra_args. Raises ValueError on a bad spec."""
     extra_args = vllm.extra_args_of(params)
     data = extra_args.get(EXTRA_ARGS_KEY) if extra_args else None
     if data is None:
@@ -33,9 +35,9 @@ def _resolve_in_place(vllm_config: Any, params: Any) -> SteeringSpec | None:
             "(start the engine with additional_config {'sae_steering': ...})"
         )
     spec = resolve_spec(data, sae_sizes(config), config.limits)
-    generation_start_of(extra_args)
+    start = generation_start_of(extra_args)
     extra_args[EXTRA_ARGS_KEY] = spec.model_dump(mode="json")
-    return spec
+    return spec, start
 
 
 def check_params(vllm_config: Any, params: Any) -> None:
@@ -46,12 +48,11 @@ def check_params(vllm_config: Any, params: Any) -> None:
 def salt_request(vllm_config: Any, request: Any) -> None:
     """Engine-core check and prefix-cache salt: a steered request never shares KV blocks with
     requests steered differently or not at all. A bad spec raises, failing only that request."""
-    params = vllm.sampling_params_of(request)
-    spec = _resolve_in_place(vllm_config, params)
-    if spec is not None:
-        # The generation start moves the scope, so it is part of what the KV depends on.
-        start = generation_start_of(vllm.extra_args_of(params) or {})
-        user_salt = vllm.cache_salt_of(request)
-        if start is not None:
-            user_salt = f"{user_salt or ''}|generation-start={start}"
-        vllm.set_cache_salt(request, derive_cache_salt(user_salt, spec))
+    steering = _resolve_in_place(vllm_config, vllm.sampling_params_of(request))
+    if steering is None:
+        return
+    spec, start = steering
+    user_salt = vllm.cache_salt_of(request)
+    if start is not None:  # the generation start moves the scope, so the KV depends on it
+        user_salt = f"{user_salt or ''}|generation-start={start}"
+    vllm.set_cache_salt(request, derive_cache_salt(user_salt, spec))
