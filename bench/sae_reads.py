@@ -14,13 +14,15 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 WAYS = ("load", "stream")
 
 
-def _anonymous_bytes() -> int | None:
+def anonymous_bytes() -> int | None:
+    """This process's memory not backed by a file (None where /proc cannot tell: not Linux)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("RssAnon:"):
@@ -30,35 +32,47 @@ def _anonymous_bytes() -> int | None:
     return None
 
 
-def measure(path: str, way: str) -> dict[str, Any]:
-    """Time and peak anonymous memory of one way of reading the SAE's decoder norms."""
-    import torch
-
-    from sae_vllm.sae import decoder_norms, inspect_sae, load_sae
-
-    baseline, peak, done = _anonymous_bytes(), [0], threading.Event()
+def peak_anonymous_growth(work: Callable[[], Any]) -> tuple[Any, int | None]:
+    """What work returns, and the most anonymous memory it added while it ran (sampled every
+    millisecond; None where it cannot be read)."""
+    baseline, peak, done = anonymous_bytes(), [0], threading.Event()
 
     def sample() -> None:
         while not done.is_set():
-            now = _anonymous_bytes()
+            now = anonymous_bytes()
             if now is not None and baseline is not None:
                 peak[0] = max(peak[0], now - baseline)
             time.sleep(0.001)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    start = time.perf_counter()
-    if way == "load":
-        norms = load_sae(path).W_dec.float().norm(dim=1)
-    else:
+    try:
+        result = work()
+    finally:
+        done.set()
+        sampler.join()
+    return result, (peak[0] if baseline is not None else None)
+
+
+def measure(path: str, way: str) -> dict[str, Any]:
+    """Time and peak anonymous memory of one way of reading the SAE's decoder norms."""
+    import torch
+
+    from sae_vllm.sae import decoder_norms, inspect_sae, load_sae
+
+    def stream() -> torch.Tensor:
         inspect_sae(path)
-        norms = decoder_norms(path)
+        return decoder_norms(path)
+
+    def load() -> torch.Tensor:
+        return load_sae(path).W_dec.float().norm(dim=1)
+
+    start = time.perf_counter()
+    norms, peak = peak_anonymous_growth(load if way == "load" else stream)
     seconds = time.perf_counter() - start
-    done.set()
-    sampler.join()
     return {
         "seconds": seconds,
-        "peak_anonymous_mib": peak[0] / 2**20 if baseline is not None else None,
+        "peak_anonymous_mib": None if peak is None else peak / 2**20,
         "norms_sum": float(norms.to(torch.float64).sum()),
     }
 

@@ -8,8 +8,6 @@ import math
 import struct
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from bench.sae_reads import peak_anonymous_growth
 from sae_vllm.config import SAEEntry, SteeringConfig
 from sae_vllm.engine.sae_sizes import sae_sizes
 from sae_vllm.sae import (
@@ -730,33 +729,6 @@ def test_inspecting_a_64_gib_sae_reads_only_its_headers(tmp_path):
     assert sae_sizes(config) == {"huge": d_sae}
 
 
-def _anonymous_rss() -> int:
-    """Bytes of this process's memory not backed by a file (Linux)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no RssAnon in /proc/self/status")
-
-
-def _peak_anonymous_growth(work: Callable[[], object]) -> tuple[object, int]:
-    """What work returns, and the most anonymous memory it added while it ran (sampled)."""
-    baseline, peak, done = _anonymous_rss(), [0], threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], _anonymous_rss() - baseline)
-            time.sleep(0.001)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    try:
-        result = work()
-    finally:
-        done.set()
-        sampler.join()
-    return result, peak[0]
-
-
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
 def test_decoder_norms_stream_the_decoder_instead_of_loading_it(tmp_path):
     d_in, d_sae = 4096, 32768  # a bfloat16 decoder: 256 MiB on disk, 512 MiB as float32
@@ -767,8 +739,8 @@ def test_decoder_norms_stream_the_decoder_instead_of_loading_it(tmp_path):
     shapes = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
     write_sparse_safetensors(folder / "sae_weights.safetensors", shapes, dtype="BF16")
     # The sampler sees a whole-decoder computation (what the server did before streaming).
-    _, whole = _peak_anonymous_growth(lambda: load_sae(folder).W_dec.float().norm(dim=1))
+    _, whole = peak_anonymous_growth(lambda: load_sae(folder).W_dec.float().norm(dim=1))
     assert whole > 400 * 2**20, f"the sampler saw only {whole / 2**20:.0f} MiB"
-    norms, streamed = _peak_anonymous_growth(lambda: decoder_norms(folder))
+    norms, streamed = peak_anonymous_growth(lambda: decoder_norms(folder))
     assert norms.shape == (d_sae,) and not norms.any()  # the file's data is all zeros
     assert streamed < 128 * 2**20, f"{streamed / 2**20:.0f} MiB of anonymous memory"
