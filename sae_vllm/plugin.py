@@ -10,8 +10,9 @@ _registered = False
 
 
 def register() -> None:
-    """Install the hooks (idempotent). They stay inert unless the engine's additional_config
-    has a "sae_steering" entry."""
+    """Install the hooks (idempotent). The engine's stay inert unless its additional_config has
+    a "sae_steering" entry; in a process that runs vLLM's OpenAI layer, the `steering` field
+    and the SAE routes are added (a server with no SAEs answers a steered request with 400)."""
     global _registered
     if _registered:
         return
@@ -24,4 +25,8 @@ def register() -> None:
     vllm.patch_request_intake(intake.check_params, intake.salt_request)
     vllm.patch_worker(worker.after_load_model, worker.after_update_states, worker.before_forward)
     vllm.add_worker_method("sae_steering_stats", worker.stats)
+    if vllm.runs_openai_frontend():  # `vllm serve` and `vllm run-batch` learn the steering field
+        from .server import app
+
+        app.install()
     _registered = True

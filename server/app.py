@@ -2,13 +2,36 @@
 
 from __future__ import annotations
 
+import argparse
+import logging
+from typing import Any
+
 from fastapi import FastAPI
+
+from sae_vllm.config import SteeringConfig, steering_config_from
+from sae_vllm.spec import SpecLimits
 
 from . import vllm_app
 from .registry import SAERegistry
 from .routes import REGISTRY_STATE, router
 from .steering import SteeringGate
 from .steering_elsewhere import RefuseSteeringElsewhere
+
+logger = logging.getLogger("sae_vllm.server")
+
+# `sae-vllm serve` checks its SAEs before the engine starts and leaves the result on its args,
+# so the app does not read them a second time; `vllm serve` has no such step.
+PREPARED_STATE_ARG = "_sae_vllm_prepared_state"
+
+
+def steering_gate(config: SteeringConfig | None, registry: SAERegistry) -> SteeringGate:
+    """The gate that admits specs against the registry's SAEs, within the config's limits."""
+    if config is not None:  # warm the plugin's own size cache (it re-checks specs in this process)
+        from sae_vllm.engine.sae_sizes import sae_sizes
+
+        sae_sizes(config)
+    limits = config.limits if config is not None else SpecLimits()
+    return SteeringGate(registry.sizes(), limits)
 
 
 def customize(app: FastAPI, registry: SAERegistry, gate: SteeringGate) -> None:
@@ -22,3 +45,27 @@ def customize(app: FastAPI, registry: SAERegistry, gate: SteeringGate) -> None:
     else:
         # vLLM has already built the middleware stack (add_middleware would refuse); wrap it.
         app.middleware_stack = RefuseSteeringElsewhere(app.middleware_stack, steered_paths)
+
+
+def _customize_built_app(app: FastAPI, args: argparse.Namespace, model_config: Any) -> None:
+    state = getattr(args, PREPARED_STATE_ARG, None)
+    if state is None:  # `vllm serve`: the engine has started with this config already
+        config = steering_config_from(getattr(args, "additional_config", None))
+        registry = SAERegistry.load(config)
+        if model_config is not None:
+            registry.check_model(
+                model_config.get_hidden_size(), model_config.get_total_num_hidden_layers()
+            )
+        state = (registry, steering_gate(config, registry))
+        served = ", ".join(entry.id for entry in config.saes) if config else "none configured"
+        logger.info("sae-vllm: the steering API is on (SAEs: %s)", served)
+    customize(app, *state)
+
+
+def install() -> None:
+    """Teach vLLM's OpenAI layer in this process the `steering` field: every app its API
+    server builds gets the steering routes and checks, and its own request models hand the
+    field to the engine instead of dropping it."""
+    vllm_app.carry_steering_extra_field()
+    vllm_app.install_steered_beam_search()
+    vllm_app.customize_every_app(_customize_built_app)

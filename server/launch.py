@@ -11,7 +11,6 @@ from typing import Any
 from .errors import StartupError
 from .options import add_steering_options, steering_additional_config
 from .registry import SAERegistry
-from .steering import SteeringGate
 
 logger = logging.getLogger("sae_vllm.server")
 
@@ -48,10 +47,11 @@ def _toy_sae_entry(toy: Any) -> dict[str, Any]:
     return entry
 
 
-def prepare(args: argparse.Namespace) -> tuple[SAERegistry, SteeringGate]:
+def prepare(args: argparse.Namespace) -> None:
     """Resolve the model and SAEs, merge the steering config into args.additional_config and
-    check everything that can be checked before the engine starts."""
-    from . import vllm_app
+    check everything that can be checked before the engine starts; the SAE registry and the
+    steering gate are left on args for the app."""
+    from . import app, vllm_app
 
     vllm_app.finish_args(args)
     saes = list(args.sae)
@@ -67,23 +67,15 @@ def prepare(args: argparse.Namespace) -> tuple[SAERegistry, SteeringGate]:
     args.additional_config, config = steering_additional_config(
         args.additional_config, saes, args.sae_labels, args.max_edits
     )
-    registry = SAERegistry.load(config)
     if config is None:
         logger.warning("sae-vllm serve: no SAE configured; requests cannot steer")
+    registry = SAERegistry.load(config)
     try:
         hidden_size, num_layers = vllm_app.model_shape(args)
     except Exception as exc:  # vLLM's own message for an unusable model
         raise StartupError(f"model {args.model}: {exc}") from None
     registry.check_model(hidden_size, num_layers)
-    from sae_vllm.spec import SpecLimits
-
-    if config is not None:  # warm the plugin's own size cache (it re-checks specs in this process)
-        from sae_vllm.engine.sae_sizes import sae_sizes
-
-        sae_sizes(config)
-
-    limits = config.limits if config is not None else SpecLimits()
-    return registry, SteeringGate(registry.sizes(), limits)
+    setattr(args, app.PREPARED_STATE_ARG, (registry, app.steering_gate(config, registry)))
 
 
 def _line(exc: BaseException) -> str:
@@ -101,12 +93,13 @@ def serve(argv: list[str]) -> int:
         parser = vllm_app.make_parser(PROG, DESCRIPTION)
         add_steering_options(parser)
         args = parser.parse_args(argv)
-        registry, gate = prepare(args)
+        prepare(args)
     except (StartupError, ValueError, TypeError, RuntimeError) as exc:
         print(f"{PROG}: error: {_line(exc)}", file=sys.stderr)
         return 1
     try:
-        vllm_app.run(args, lambda fastapi_app: app.customize(fastapi_app, registry, gate))
+        app.install()
+        vllm_app.run(args)
     except KeyboardInterrupt:
         return 0
     except Exception as exc:

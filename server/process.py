@@ -1,4 +1,5 @@
-"""Run `sae-vllm serve` as a child process on a free port, and wait until it answers."""
+"""Run `sae-vllm serve` (or another OpenAI server command) as a child process on a free port,
+and wait until it answers."""
 
 from __future__ import annotations
 
@@ -11,8 +12,11 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
+
+SAE_VLLM_SERVE = (sys.executable, "-m", "sae_vllm.cli", "serve")
 
 
 def free_port() -> int:
@@ -22,7 +26,8 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """A `sae-vllm serve ARGS...` child process; its output goes to `log_path`."""
+    """A `sae-vllm serve ARGS...` child process (or `launcher ARGS...`, a command that takes
+    --host and --port as vLLM's server does); its output goes to `log_path`."""
 
     def __init__(
         self,
@@ -30,7 +35,10 @@ class ServerProcess:
         log_path: str | Path,
         env: dict[str, str] | None = None,
         host: str = "127.0.0.1",
+        launcher: Sequence[str] = SAE_VLLM_SERVE,
     ):
+        self.launcher = tuple(launcher)
+        self.name = "sae-vllm serve" if self.launcher == SAE_VLLM_SERVE else "the server"
         self.args = list(args)
         self.log_path = Path(log_path)
         self.env = {**os.environ, **(env or {})}
@@ -51,7 +59,7 @@ class ServerProcess:
     def start(self, timeout: float = 600.0) -> ServerProcess:
         """Start the server and wait until /health answers 200; raises with the log's tail
         when the process exits or the timeout passes first."""
-        command = [sys.executable, "-m", "sae_vllm.cli", "serve", *self.args]
+        command = [*self.launcher, *self.args]
         command += ["--host", self.host, "--port", str(self.port)]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("wb") as log:
@@ -63,7 +71,7 @@ class ServerProcess:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(
-                    f"sae-vllm serve exited with {self.process.returncode}:\n{self.log_tail()}"
+                    f"{self.name} exited with {self.process.returncode}:\n{self.log_tail()}"
                 )
             try:
                 with urllib.request.urlopen(f"{self.base_url}/health", timeout=5) as response:
@@ -73,7 +81,7 @@ class ServerProcess:
                 pass
             time.sleep(1.0)
         self.stop()
-        raise TimeoutError(f"sae-vllm serve did not answer in {timeout:.0f} s:\n{self.log_tail()}")
+        raise TimeoutError(f"{self.name} did not answer in {timeout:.0f} s:\n{self.log_tail()}")
 
     def stop(self, timeout: float = 60.0) -> None:
         """SIGTERM the server (it shuts its engine down), then SIGKILL its process group."""

