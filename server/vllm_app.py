@@ -1,6 +1,6 @@
 """Every touch of vLLM 0.32's OpenAI-server internals is here, so a vLLM bump changes one file."""
 
-# What it uses: vLLM's serve arg parser and checks; `run_server` (in-process, one API server);
+# What it uses: vLLM's serve arg parser and checks; `vllm serve`'s command (`ServeSubcommand.cmd`);
 # `build_app` (wrapped in its module, so every app vLLM's API server builds in this process is
 # customised: `sae-vllm serve`, and `vllm serve` with this package installed); the completion,
 # chat and responses request models (subclassed with a typed `steering` field, and a
@@ -27,7 +27,7 @@ from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionReque
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
 
-from sae_vllm.config import EXTRA_ARGS_KEY, GENERATION_START_KEY
+from sae_vllm.config import BEAM_STEERING_ATTR, EXTRA_ARGS_KEY, GENERATION_START_KEY
 from sae_vllm.spec import SteeringSpec
 
 from .steering import Rejection, SteeringGate
@@ -40,9 +40,6 @@ STEERING_DOC = (
     '{"edits": [{"sae": "res12", "feature": 1234, "op": "set", "value": 8.0}], '
     '"apply_to": "generated"}. SAE ids and sizes: GET /v1/saes.'
 )
-
-
-BEAM_STEERING_ATTR = "sae_steering"  # set on the BeamSearchParams of a steered request
 
 
 def _with_steering(params: Any, spec: dict | None) -> Any:
@@ -240,17 +237,20 @@ def set_memory_default(args: argparse.Namespace, kv_cache_bytes: int | None = No
 
 
 def finish_args(args: argparse.Namespace) -> None:
-    """What `vllm serve` does between parsing and serving; refuses the multi-process modes."""
+    """What `vllm serve` does between parsing and serving; refuses the frontends that would
+    not see the steering field (gRPC, the Rust frontend)."""
+    import vllm.envs as envs
     from vllm.entrypoints.launchers.cli_args import validate_parsed_serve_args
     from vllm.logger import configure_logging_from_args
 
     if args.model_tag is not None:
         args.model = args.model_tag
-    if args.headless or getattr(args, "grpc", False):
-        raise ValueError("--headless and --grpc are not supported by sae-vllm serve")
-    if args.api_server_count not in (None, 1):
-        raise ValueError("sae-vllm serve runs one API server; drop --api-server-count")
-    args.api_server_count = None
+    if getattr(args, "grpc", False):
+        raise ValueError("--grpc is not supported by sae-vllm serve (its requests cannot steer)")
+    if envs.VLLM_USE_RUST_FRONTEND:
+        raise ValueError(
+            "VLLM_USE_RUST_FRONTEND is not supported by sae-vllm serve (its requests cannot steer)"
+        )
     configure_logging_from_args(args)
     validate_parsed_serve_args(args)
 
@@ -288,11 +288,11 @@ def customize_every_app(customize: APIServerCustomizer) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    """Start the engine and serve vLLM's app (customised through `customize_every_app`)."""
-    import uvloop
-    from vllm.entrypoints.launchers.api_server import entry
+    """Serve as `vllm serve` does (API server processes, headless engines, data parallel load
+    balancing); each API server's app is customised through `customize_every_app`."""
+    from vllm.entrypoints.cli.serve import ServeSubcommand
 
-    uvloop.run(entry.run_server(args))
+    ServeSubcommand.cmd(args)
 
 
 # --- the app --------------------------------------------------------------------------------

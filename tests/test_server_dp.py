@@ -1,5 +1,6 @@
-"""Data parallelism: `--data-parallel-size 2` runs two engine cores behind one API server; a
-steered request is steered whichever engine serves it, and an unsteered one is not touched."""
+"""Data parallelism: `--data-parallel-size 2` runs two engine cores and, as `vllm serve` does by
+default, two API server processes; a steered request is steered whichever engine and API
+server serve it, and an unsteered one is not touched."""
 
 from __future__ import annotations
 

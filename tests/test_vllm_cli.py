@@ -7,6 +7,7 @@ find its own version), the real engine and, for the server, the official openai 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from hf_reference import Edit, HFReference
 
@@ -57,7 +59,8 @@ def reference(artifacts) -> dict:
 def server(artifacts):
     from sae_vllm.server.process import ServerProcess
 
-    args = ["serve", str(artifacts["model"]), *ENGINE_ARGS]
+    # Two API server processes: each must build its own steering app from the config.
+    args = ["serve", str(artifacts["model"]), *ENGINE_ARGS, "--api-server-count", "2"]
     args += ["--additional-config", artifacts["additional_config"]]
     process = ServerProcess(args, artifacts["root"] / "server.log", launcher=VLLM_CLI)
     process.start()
@@ -81,6 +84,36 @@ def _complete(client, steering: dict | None = None) -> list[int]:
 def test_vllm_serve_steers_the_steering_field(client, reference):
     assert _complete(client, STEERING) == reference["steered"]
     assert _complete(client) == reference["plain"]
+
+
+def test_both_api_servers_steer(server, reference):
+    # A connection each, all at once, so that both API server processes take some.
+    async def complete(steered: bool) -> list[int]:
+        body = {"model": MODEL, "prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0,
+                "return_token_ids": True} | ({"steering": STEERING} if steered else {})  # fmt: skip
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=120) as fresh:
+            response = await fresh.post("/v1/completions", json=body)
+        return response.json()["choices"][0]["token_ids"]
+
+    async def burst() -> list[list[int]]:
+        return await asyncio.gather(*(complete(i % 2 == 1) for i in range(16)))
+
+    before = _steered_count(server.base_url)
+    outputs = asyncio.run(burst())
+    assert outputs[1::2] == [reference["steered"]] * 8
+    assert outputs[0::2] == [reference["plain"]] * 8
+    assert _steered_count(server.base_url) - before == 8  # summed over both processes
+
+
+def _steered_count(base_url: str) -> float:
+    text = httpx.get(base_url + "/metrics").text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "sae_steering_steered_requests_total"
+        and sample.labels.get("endpoint") == "completions"
+    )
 
 
 def test_vllm_serve_steers_beam_search(client):

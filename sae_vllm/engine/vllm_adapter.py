@@ -18,6 +18,7 @@ logger = logging.getLogger("sae_vllm")
 
 SUPPORTED_VLLM = "0.32."
 RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
+RUST_FRONTEND_ENV = "VLLM_USE_RUST_FRONTEND"
 # Imported by every process that runs vLLM's OpenAI layer (`vllm serve`, `vllm run-batch`,
 # `python -m vllm.entrypoints.openai.api_server`) before it loads plugins; never by engines.
 OPENAI_FRONTEND_MODULE = "vllm.entrypoints.launchers.api_server.entry"
@@ -33,9 +34,23 @@ def check_vllm_version() -> None:
         )
 
 
+def runs_offline_llm() -> bool:
+    """Whether this process has vLLM's offline `LLM` class (it loads plugins in its __init__)."""
+    return "vllm.entrypoints.llm" in sys.modules
+
+
 def runs_openai_frontend() -> bool:
     """Whether this process runs vLLM's OpenAI server or batch runner."""
     return OPENAI_FRONTEND_MODULE in sys.modules
+
+
+def check_frontend_carries_steering() -> None:
+    """Refuse vLLM's Rust frontend: it parses requests itself and would drop `steering`."""
+    if os.environ.get(RUST_FRONTEND_ENV, "0").strip() not in ("", "0"):
+        raise RuntimeError(
+            f"sae-vllm: {RUST_FRONTEND_ENV} is set, and vLLM's Rust frontend drops the "
+            f"`steering` field; unset it to serve steering"
+        )
 
 
 def prefer_v1_runner() -> None:

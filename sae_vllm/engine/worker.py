@@ -153,6 +153,7 @@ def after_load_model(runner: Any) -> None:
     config = steering_config_from(runner.vllm_config.additional_config)
     if config is None:
         return
+    vllm.check_frontend_carries_steering()
     setattr(runner, _STATE_ATTR, WorkerSteering(config, runner))
 
 
