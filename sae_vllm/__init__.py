@@ -10,6 +10,7 @@ from typing import Any
 _EXPORTS = {
     "SAE": "sae",
     "SAEFormatError": "sae",
+    "decoder_norms": "sae",
     "inspect_sae": "sae",
     "load_sae": "sae",
     "SAEEntry": "config",
@@ -25,6 +26,7 @@ _EXPORTS = {
     "parse_spec": "spec",
     "resolve_spec": "spec",
     "steering_config": "offline",
+    "steering_beam_params": "offline",
     "steering_params": "offline",
 }
 

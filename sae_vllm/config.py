@@ -13,6 +13,8 @@ EXTRA_ARGS_KEY = "sae_steering"
 # Internal: the position of a request's first generated token, when it is not the end of its
 # prompt (set by the server for each step of a steered beam search).
 GENERATION_START_KEY = "sae_steering_generation_start"
+# The attribute that carries a (resolved) spec on vLLM's BeamSearchParams, online and offline.
+BEAM_STEERING_ATTR = "sae_steering"
 
 
 class SAEEntry(BaseModel):

@@ -1,11 +1,18 @@
-"""Offline entry: build vLLM SamplingParams and engine config for steered `LLM.generate` calls."""
+"""Offline entry: the engine config, and the SamplingParams / BeamSearchParams of steered
+`LLM.generate` and `LLM.beam_search` calls."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
 
-from .config import CONFIG_KEY, EXTRA_ARGS_KEY, SteeringConfig, with_local_sae_paths
+from .config import (
+    BEAM_STEERING_ATTR,
+    CONFIG_KEY,
+    EXTRA_ARGS_KEY,
+    SteeringConfig,
+    with_local_sae_paths,
+)
 from .spec import SteeringSpec, parse_spec, resolve_spec
 
 
@@ -15,6 +22,19 @@ def steering_config(saes: list[Mapping[str, Any]], **options: Any) -> dict[str, 
     An `hf://OWNER/REPO[@REVISION]/PATH` path is fetched here and replaced by its local copy."""
     config = with_local_sae_paths(SteeringConfig.model_validate({"saes": list(saes), **options}))
     return {CONFIG_KEY: config.model_dump(mode="json", exclude_none=True)}
+
+
+def _validated(
+    spec: SteeringSpec | Mapping[str, Any] | str,
+    config: SteeringConfig | Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    if config is None:
+        return parse_spec(spec).model_dump(mode="json")
+    from .engine.sae_sizes import sae_sizes
+
+    if isinstance(config, Mapping):
+        config = SteeringConfig.model_validate(config.get(CONFIG_KEY, config))
+    return resolve_spec(spec, sae_sizes(config), config.limits).model_dump(mode="json")
 
 
 def steering_params(
@@ -30,14 +50,22 @@ def steering_params(
     run when the request is submitted. Raises SteeringSpecError on a bad spec."""
     from vllm import SamplingParams
 
-    if config is None:
-        resolved = parse_spec(spec)
-    else:
-        from .engine.sae_sizes import sae_sizes
-
-        if isinstance(config, Mapping):
-            config = SteeringConfig.model_validate(config.get(CONFIG_KEY, config))
-        resolved = resolve_spec(spec, sae_sizes(config), config.limits)
     extra_args = dict(sampling_kwargs.pop("extra_args", None) or {})
-    extra_args[EXTRA_ARGS_KEY] = resolved.model_dump(mode="json")
+    extra_args[EXTRA_ARGS_KEY] = _validated(spec, config)
     return SamplingParams(extra_args=extra_args, **sampling_kwargs)
+
+
+def steering_beam_params(
+    spec: SteeringSpec | Mapping[str, Any] | str,
+    *,
+    config: SteeringConfig | Mapping[str, Any] | None = None,
+    **beam_kwargs: Any,
+):
+    """BeamSearchParams carrying a validated steering spec, for `LLM.beam_search`: every beam
+    step is steered, the tokens generated so far staying in the spec's scope as generated.
+    `config` and errors as in `steering_params`."""
+    from vllm.sampling_params import BeamSearchParams
+
+    params = BeamSearchParams(**beam_kwargs)
+    setattr(params, BEAM_STEERING_ATTR, _validated(spec, config))  # it keeps a __dict__
+    return params

@@ -25,6 +25,10 @@ def register() -> None:
     vllm.patch_request_intake(intake.check_params, intake.salt_request)
     vllm.patch_worker(worker.after_load_model, worker.after_update_states, worker.before_forward)
     vllm.add_worker_method("sae_steering_stats", worker.stats)
+    if vllm.runs_offline_llm():  # LLM.beam_search with steering_beam_params
+        from . import offline_beam_search
+
+        offline_beam_search.install()
     if vllm.runs_openai_frontend():  # `vllm serve` and `vllm run-batch` learn the steering field
         from .server import app
 

@@ -223,6 +223,44 @@ def test_a_generation_start_continues_a_steered_generation(llm, artifacts):
     np.testing.assert_allclose(continued_logprobs, logprobs[k:], atol=1e-4)
 
 
+def test_offline_beam_search_is_steered_in_every_scope(llm, artifacts):
+    # LLM.beam_search runs each step as a new request (prompt + tokens so far). With
+    # steering_beam_params every step is steered and scoped from the original prompt's end, so
+    # a width-1 beam search must equal steered greedy decoding. Prompts of two lengths, two
+    # of one length, in one call (they are searched in groups of equal length).
+    from vllm import SamplingParams
+    from vllm.sampling_params import BeamSearchParams
+
+    from sae_vllm import steering_beam_params
+
+    prompts = [PROMPTS[0], PROMPTS[1], [1, 18, 43, 98, 8]]
+    edits = [("relu", 5, "set", 6.0), ("topk", 9, "add", 4.0)]
+    config = artifacts.additional_config()
+
+    def beams(params) -> list[list[list[int]]]:
+        outputs = llm.beam_search([{"prompt_token_ids": p} for p in prompts], params)
+        return [
+            [seq.tokens[len(p) :] for seq in out.sequences]
+            for p, out in zip(prompts, outputs, strict=True)
+        ]
+
+    plain = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
+    unsteered, _ = greedy(llm, prompts, [plain] * 3)
+    for apply_to in ("generated", "prompt", "all"):
+        params = steered_params(artifacts, edits, apply_to, max_tokens=MAX_TOKENS)
+        expected, _ = greedy(llm, prompts, [params] * 3)
+        assert expected != unsteered
+        spec = params.extra_args["sae_steering"]
+        width_1 = beams(steering_beam_params(spec, config=config, beam_width=1,
+                                             max_tokens=MAX_TOKENS))  # fmt: skip
+        assert width_1 == [[tokens] for tokens in expected], apply_to
+    assert beams(BeamSearchParams(beam_width=1, max_tokens=MAX_TOKENS)) == [
+        [tokens] for tokens in unsteered
+    ]
+    wide = steering_beam_params(spec, config=config, beam_width=3, max_tokens=MAX_TOKENS)
+    assert beams(wide) != beams(BeamSearchParams(beam_width=3, max_tokens=MAX_TOKENS))
+
+
 def test_bad_spec_fails_before_the_engine_and_engine_keeps_serving(llm, artifacts, baseline):
     from vllm import SamplingParams
 

@@ -1,0 +1,24 @@
+"""The package's public names: each export resolves, and every name the README uses exists."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import sae_vllm
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_every_export_resolves():
+    for name in sae_vllm.__all__:
+        assert getattr(sae_vllm, name) is not None, name
+
+
+def test_every_name_the_readme_uses_is_exported():
+    text = README.read_text()
+    used = set(re.findall(r"sae_vllm\.([A-Za-z_]\w*)\(", text))
+    for imported in re.findall(r"from sae_vllm import ([\w, ]+)", text):
+        used.update(name.strip() for name in imported.split(","))
+    assert {"decoder_norms", "steering_params", "steering_config"} <= used
+    assert used <= set(sae_vllm.__all__), used - set(sae_vllm.__all__)
