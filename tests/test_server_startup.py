@@ -121,6 +121,20 @@ def test_the_command_exits_1_without_a_traceback(paths, case):
     assert last == f"sae-vllm serve: error: {expected.format(**fill)}"
 
 
+def test_frontends_that_cannot_carry_steering_are_refused(paths, serve_in_process, monkeypatch):
+    model, sae = str(paths["model"]), f"s={paths['sae']}"
+    code, stderr = serve_in_process(model, "--sae", sae, "--grpc")
+    assert code == 1
+    assert stderr.strip().splitlines()[-1] == (
+        "sae-vllm serve: error: --grpc is not supported by sae-vllm serve "
+        "(its requests cannot steer)"
+    )
+    monkeypatch.setenv("VLLM_USE_RUST_FRONTEND", "1")
+    code, stderr = serve_in_process(model, "--sae", sae)
+    assert code == 1
+    assert "VLLM_USE_RUST_FRONTEND is not supported" in stderr.strip().splitlines()[-1]
+
+
 def test_malformed_sae_option_is_a_usage_error(paths, serve_in_process, capsys):
     with pytest.raises(SystemExit) as info:
         serve_in_process(str(paths["model"]), "--sae", "no-equals-sign")
