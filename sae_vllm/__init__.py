@@ -5,6 +5,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+# Under vLLM's logger, so the plugin's messages go wherever vLLM sends its own, in its format
+# and at its level (VLLM_LOGGING_LEVEL); vLLM configures only the "vllm" logger tree.
+LOGGER_NAME = "vllm.sae_vllm"
+
 # Exports resolve lazily so `import sae_vllm.kernels` needs only torch and triton (GPU box),
 # and the offline helpers import vllm only when used.
 _EXPORTS = {

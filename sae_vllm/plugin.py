@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 
-logger = logging.getLogger("sae_vllm")
+from . import LOGGER_NAME
+
+logger = logging.getLogger(LOGGER_NAME)
 
 _registered = False
 

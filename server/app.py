@@ -8,6 +8,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from sae_vllm import LOGGER_NAME
 from sae_vllm.config import SteeringConfig, steering_config_from
 from sae_vllm.spec import SpecLimits
 
@@ -17,7 +18,7 @@ from .routes import REGISTRY_STATE, router
 from .steering import SteeringGate
 from .steering_elsewhere import RefuseSteeringElsewhere
 
-logger = logging.getLogger("sae_vllm.server")
+logger = logging.getLogger(LOGGER_NAME + ".server")
 
 # `sae-vllm serve` checks its SAEs before the engine starts and leaves the result on its args,
 # so the app does not read them a second time; `vllm serve` has no such step.
@@ -57,8 +58,8 @@ def _customize_built_app(app: FastAPI, args: argparse.Namespace, model_config: A
                 model_config.get_hidden_size(), model_config.get_total_num_hidden_layers()
             )
         state = (registry, steering_gate(config, registry))
-        served = ", ".join(entry.id for entry in config.saes) if config else "none configured"
-        logger.info("sae-vllm: the steering API is on (SAEs: %s)", served)
+    served = ", ".join(state[0].sizes()) or "none configured"
+    logger.info("sae-vllm: the steering API is on (SAEs: %s)", served)
     customize(app, *state)
 
 

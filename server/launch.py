@@ -8,11 +8,13 @@ import logging
 import sys
 from typing import Any
 
+from sae_vllm import LOGGER_NAME
+
 from .errors import StartupError
 from .options import add_steering_options, steering_additional_config
 from .registry import SAERegistry
 
-logger = logging.getLogger("sae_vllm.server")
+logger = logging.getLogger(LOGGER_NAME + ".server")
 
 PROG = "sae-vllm serve"
 DESCRIPTION = (

@@ -41,6 +41,10 @@ def test_serves_the_embedded_model_and_sae(server, client, toy):
     assert len(saes) == 1
     assert saes[0]["id"] == toy.sae_id and saes[0]["layer"] == toy.layer
     assert saes[0]["has_labels"] is True
+    log = server.log_path.read_text(errors="replace")  # the operator sees what is steered
+    assert f"sae-vllm: SAE '{toy.sae_id}' (relu, d_sae" in log
+    assert f"steers the residual stream after layer {toy.layer}" in log
+    assert f"sae-vllm: the steering API is on (SAEs: {toy.sae_id})" in log
 
 
 def test_topic_features_carry_their_labels(server, toy):

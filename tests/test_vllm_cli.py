@@ -161,6 +161,13 @@ def test_vllm_serve_has_the_sae_routes(server):
     assert "steering" in schema["SteeredCompletionRequest"]["properties"]
 
 
+def test_the_log_says_what_is_steered(server):
+    # The plugin logs under vLLM's logger, so its lines reach vLLM's log at INFO.
+    log = server.log_path.read_text(errors="replace")
+    assert "sae-vllm: SAE 'res' (relu, d_sae 256) steers the residual stream after layer 1" in log
+    assert log.count("sae-vllm: the steering API is on (SAEs: res)") == 2  # one per API server
+
+
 def test_vllm_run_batch_steers_chat_lines(artifacts, reference):
     def line(custom_id: str, steering: dict | None) -> dict:
         body = {

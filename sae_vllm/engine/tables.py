@@ -8,11 +8,12 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from .. import LOGGER_NAME
 from ..kernels import OP_CODES
 from ..spec import ApplyTo, SteeringSpec
 from .staging import StagedTensor
 
-logger = logging.getLogger("sae_vllm")
+logger = logging.getLogger(LOGGER_NAME)
 
 NO_ROW = -1
 _SCOPE_CODES = {ApplyTo.GENERATED: 0, ApplyTo.ALL: 1, ApplyTo.PROMPT: 2}

@@ -14,7 +14,9 @@ import numpy as np
 import torch
 from torch import nn
 
-logger = logging.getLogger("sae_vllm")
+from .. import LOGGER_NAME
+
+logger = logging.getLogger(LOGGER_NAME)
 
 SUPPORTED_VLLM = "0.32."
 RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"

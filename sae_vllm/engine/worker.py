@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import LOGGER_NAME
 from ..config import EXTRA_ARGS_KEY, SteeringConfig, steering_config_from
 from ..kernels import prepare_weights, warm_up_cpu_path
 from ..sae import SAEFormatError, load_sae
@@ -17,7 +18,7 @@ from .intake import generation_start_of
 from .steered_layer import SAESteering, steer_layer
 from .tables import SteeringTables
 
-logger = logging.getLogger("sae_vllm")
+logger = logging.getLogger(LOGGER_NAME)
 
 _STATE_ATTR = "_sae_steering_state"
 
