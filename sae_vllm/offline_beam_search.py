@@ -13,6 +13,7 @@ import inspect
 from typing import Any
 
 from .config import BEAM_STEERING_ATTR, EXTRA_ARGS_KEY, GENERATION_START_KEY
+from .engine.vllm_adapter import with_extra_args
 
 
 class _SteeringLLM:
@@ -26,9 +27,7 @@ class _SteeringLLM:
         steered = {}  # one steered copy per distinct params object (vLLM shares one per step)
         for p in params:
             if id(p) not in steered:
-                copy = p.clone()
-                copy.extra_args = {**(p.extra_args or {}), **self._step_args}
-                steered[id(p)] = copy
+                steered[id(p)] = with_extra_args(p, self._step_args)
         steered_params = [steered[id(p)] for p in params]
         return self._llm._render_and_run_requests(prompts, steered_params, *args, **kwargs)
 

@@ -38,7 +38,6 @@ def steering_gate(config: SteeringConfig | None, registry: SAERegistry) -> Steer
 def customize(app: FastAPI, registry: SAERegistry, gate: SteeringGate) -> None:
     setattr(app.state, REGISTRY_STATE, registry)
     vllm_app.install_steering_field(app, gate)
-    vllm_app.install_steered_beam_search()
     app.include_router(router)
     steered_paths = tuple(vllm_app.STEERED_ROUTES)
     if app.middleware_stack is None:

@@ -28,9 +28,10 @@ from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
 
 from sae_vllm.config import BEAM_STEERING_ATTR, EXTRA_ARGS_KEY, GENERATION_START_KEY
+from sae_vllm.engine.vllm_adapter import with_extra_args
 from sae_vllm.spec import SteeringSpec
 
-from .steering import Rejection, SteeringGate
+from .steering import STEERING_FIELD, Rejection, SteeringGate
 
 SUPPORTED_VLLM = "0.32."
 _MEMORY_DEFAULT = "_sae_vllm_gpu_memory_utilization_default"
@@ -97,9 +98,6 @@ class SteeredResponsesRequest(ResponsesRequest):
         return _with_steering(super().to_sampling_params(*args, **kwargs), self._sae_steering)
 
 
-STEERING_FIELD = "steering"
-
-
 def _carrying_extra_steering(original: Callable, attach: Callable[[Any, dict | None], Any]):
     @functools.wraps(original)
     def to_params(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -145,8 +143,7 @@ class _SteeringEngineClient:
         self._extra_args = extra_args
 
     def generate(self, prompt: Any, sampling_params: Any, *args: Any, **kwargs: Any) -> Any:
-        params = sampling_params.clone()
-        params.extra_args = {**(params.extra_args or {}), **self._extra_args}
+        params = with_extra_args(sampling_params, self._extra_args)
         return self._client.generate(prompt, params, *args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:

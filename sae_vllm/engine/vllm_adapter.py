@@ -107,6 +107,13 @@ def patch_request_intake(
     _wrap_once(EngineCore, "preprocess_add_request", make_preprocess)
 
 
+def with_extra_args(params: Any, extra_args: dict[str, Any]) -> Any:
+    """A copy of SamplingParams with `extra_args` added to its own."""
+    copy = params.clone()
+    copy.extra_args = {**(params.extra_args or {}), **extra_args}
+    return copy
+
+
 def extra_args_of(params: Any) -> dict | None:
     """The `extra_args` dict of SamplingParams (None for pooling params or when absent)."""
     return getattr(params, "extra_args", None)

@@ -12,7 +12,7 @@ from ..config import EXTRA_ARGS_KEY, SteeringConfig, steering_config_from
 from ..kernels import prepare_weights, warm_up_cpu_path
 from ..sae import SAEFormatError, load_sae
 from ..sae.sites import NotALayerOutputError, residual_layer
-from ..spec import SteeringSpec, SteeringSpecError, resolve_spec
+from ..spec import SteeringSpec, resolve_spec
 from . import vllm_adapter as vllm
 from .intake import generation_start_of
 from .steered_layer import SAESteering, steer_layer
@@ -126,7 +126,7 @@ class WorkerSteering:
         try:
             spec = resolve_spec(data, self.sae_sizes, self.config.limits)
             return spec, generation_start_of(extra_args)
-        except (SteeringSpecError, ValueError) as exc:
+        except ValueError as exc:  # a SteeringSpecError or a bad generation start
             # The engine core rejects bad specs before they get here; this is the last guard.
             logger.error(
                 "sae-vllm: request %s has an invalid steering spec, not steered: %s", req_id, exc
