@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
+from server_metrics import metric_samples
 
 pytestmark = pytest.mark.server
 
@@ -130,15 +130,6 @@ def stream_chat(client, messages: list, steering: dict | None = None) -> str:
         extra_body=extra,
     )  # fmt: skip
     return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-
-
-def metric_samples(http) -> dict[tuple[str, tuple], float]:
-    text = http.get("/metrics").text
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
 
 
 # --- generation -----------------------------------------------------------------------------

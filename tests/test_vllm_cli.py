@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
+from server_metrics import metric_samples
 
 from hf_reference import Edit, HFReference
 
@@ -106,13 +106,13 @@ def test_both_api_servers_steer(server, reference):
 
 
 def _steered_count(base_url: str) -> float:
-    text = httpx.get(base_url + "/metrics").text
+    with httpx.Client(base_url=base_url) as http:
+        samples = metric_samples(http)
     return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == "sae_steering_steered_requests_total"
-        and sample.labels.get("endpoint") == "completions"
+        value
+        for (name, labels), value in samples.items()
+        if name == "sae_steering_steered_requests_total"
+        and dict(labels).get("endpoint") == "completions"
     )
 
 
