@@ -64,8 +64,10 @@ def _customize_built_app(app: FastAPI, args: argparse.Namespace, model_config: A
 
 def install() -> None:
     """Teach vLLM's OpenAI layer in this process the `steering` field: every app its API
-    server builds gets the steering routes and checks, and its own request models hand the
-    field to the engine instead of dropping it."""
+    server builds gets the steering routes and checks, its own request models hand the field
+    to the engine instead of dropping it, and `vllm run-batch` fails lines that carry it to
+    other routes."""
     vllm_app.carry_steering_extra_field()
+    vllm_app.refuse_steering_on_other_batch_lines()
     vllm_app.install_steered_beam_search()
     vllm_app.customize_every_app(_customize_built_app)

@@ -7,9 +7,10 @@
 # `to_sampling_params` that puts the resolved spec into SamplingParams.extra_args; vLLM's own
 # models also carry an untyped `steering` extra field, for `vllm run-batch`); their POST routes
 # (rebuilt around the subclasses, so FastAPI parses and documents the field and vLLM's own
-# handler runs); and the online beam search (`BeamSearchOnlineMixin.beam_search`, wrapped so
-# that each beam step's request carries the spec: vLLM builds those SamplingParams itself,
-# without extra_args).
+# handler runs); run-batch's `handle_endpoint_request` (wrapped, so that lines to other routes
+# carrying `steering` fail); and the online beam search (`BeamSearchOnlineMixin.beam_search`,
+# wrapped so that each beam step's request carries the spec: vLLM builds those SamplingParams
+# itself, without extra_args).
 
 from __future__ import annotations
 
@@ -122,6 +123,30 @@ def carry_steering_extra_field() -> None:
             original = getattr(model, name, None)
             if original is not None and not getattr(original, "_sae_vllm_wrapped", False):
                 setattr(model, name, _carrying_extra_steering(original, attach))
+
+
+BATCH_STEERED_ROUTE = "/v1/chat/completions"  # the one generative text route run-batch has
+
+
+def refuse_steering_on_other_batch_lines() -> None:
+    """In `vllm run-batch`, fail a line that carries `steering` to a route that cannot apply it
+    (embeddings, score, rerank, audio) with a 400 error line, instead of running it unsteered."""
+    from vllm.entrypoints.launchers import run_batch
+
+    original = run_batch.handle_endpoint_request
+    if getattr(original, "_sae_vllm_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def handle_endpoint_request(request: Any, *args: Any, **kwargs: Any) -> Any:
+        extra = getattr(request.body, "model_extra", None) or {}
+        if STEERING_FIELD in extra and request.url != BATCH_STEERED_ROUTE:
+            message = f"steering: not supported on {request.url} (use {BATCH_STEERED_ROUTE})"
+            return run_batch.make_async_error_request_output(request, error_msg=message)
+        return original(request, *args, **kwargs)
+
+    handle_endpoint_request._sae_vllm_wrapped = True  # type: ignore[attr-defined]
+    run_batch.handle_endpoint_request = handle_endpoint_request
 
 
 # path -> (request model, metrics endpoint label)

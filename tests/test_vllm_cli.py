@@ -168,7 +168,7 @@ def test_the_log_says_what_is_steered(server):
     assert log.count("sae-vllm: the steering API is on (SAEs: res)") == 2  # one per API server
 
 
-def test_vllm_run_batch_steers_chat_lines(artifacts, reference):
+def test_vllm_run_batch_steers_chat_lines_and_refuses_steering_elsewhere(artifacts, reference):
     def line(custom_id: str, steering: dict | None) -> dict:
         body = {
             "model": MODEL, "messages": [{"role": "user", "content": "w1 w17 w42"}],
@@ -183,6 +183,14 @@ def test_vllm_run_batch_steers_chat_lines(artifacts, reference):
     batch_in = artifacts["root"] / "batch_in.jsonl"
     batch_out = artifacts["root"] / "batch_out.jsonl"
     lines = [line("plain", None), line("steered", STEERING), line("bad", bad)]
+    # A route run-batch cannot steer fails its line with a steering error, whatever the model
+    # serves; vLLM would otherwise drop the field and, on a pooling model, answer unsteered.
+    for route, body in (
+        ("/v1/embeddings", {"input": "w1"}),
+        ("/score", {"queries": "w1", "documents": "w2"}),
+    ):
+        body |= {"model": MODEL, "steering": STEERING}
+        lines.append({"custom_id": route, "method": "POST", "url": route, "body": body})
     batch_in.write_text("".join(json.dumps(x) + "\n" for x in lines))
     command = [*VLLM_CLI, "run-batch", "-i", str(batch_in), "-o", str(batch_out)]
     command += ["--model", str(artifacts["model"]), *ENGINE_ARGS]
@@ -201,3 +209,7 @@ def test_vllm_run_batch_steers_chat_lines(artifacts, reference):
     assert steered_ids != results["plain"]["response"]["body"]["choices"][0]["token_ids"]
     assert results["bad"]["response"]["status_code"] == 400
     assert "out of range" in results["bad"]["error"]["error"]["message"]
+    for route in ("/v1/embeddings", "/score"):
+        assert results[route]["response"]["status_code"] == 400
+        expected = f"steering: not supported on {route} (use /v1/chat/completions)"
+        assert results[route]["error"] == expected
