@@ -1,7 +1,9 @@
-"""Refuse a `steering` field on routes that cannot apply it, so it is never silently ignored.
+"""Refuse a `steering` field where it cannot apply, so it is never silently ignored: on routes
+other than the steered ones, and as a query parameter on any route.
 
 vLLM's request models accept unknown fields, so without this a steered request sent to, say,
-/v1/chat/completions/batch would come back unsteered with a 200."""
+/v1/chat/completions/batch would come back unsteered with a 200; so would one whose spec went
+into the URL (`extra_query` in the openai client) instead of the body."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import json
 from collections.abc import Awaitable, Callable, Collection
 from http import HTTPStatus
 from typing import Any
+from urllib.parse import parse_qs
 
 from . import metrics, rejections
 from .errors import error_response
@@ -21,33 +24,36 @@ Send = Callable[[Message], Awaitable[None]]
 
 class RefuseSteeringElsewhere:
     """ASGI middleware: a POST body with a top-level `steering` field on any path other than
-    the steered ones gets an OpenAI-style 400."""
+    the steered ones, and a `steering` query parameter on any path, get an OpenAI-style 400."""
 
     def __init__(self, app: Callable, steered_paths: Collection[str]):
         self.app = app
         self.steered_paths = frozenset(steered_paths)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            scope["type"] != "http"
-            or scope["method"] != "POST"
-            or scope["path"] in self.steered_paths
-        ):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if _query_names_steering(scope.get("query_string", b"")):
+            message = "steering: send it in the JSON request body, not as a query parameter"
+            await _refuse(message, rejections.NOT_IN_BODY, scope, receive, send)
+            return
+        if scope["method"] != "POST" or scope["path"] in self.steered_paths:
             await self.app(scope, receive, send)
             return
         body, replay = await _buffer(receive)
         if b'"steering"' in body and _names_steering(body):
             supported = " and ".join(sorted(self.steered_paths))
-            metrics.record_rejected(rejections.UNSUPPORTED_ROUTE)
-            response = error_response(
-                HTTPStatus.BAD_REQUEST,
-                f"steering: not supported on {scope['path']} (use {supported})",
-                param="steering",
-                reason=rejections.UNSUPPORTED_ROUTE,
-            )
-            await response(scope, receive, send)
+            message = f"steering: not supported on {scope['path']} (use {supported})"
+            await _refuse(message, rejections.UNSUPPORTED_ROUTE, scope, receive, send)
             return
         await self.app(scope, replay, send)
+
+
+async def _refuse(message: str, reason: str, scope: Scope, receive: Receive, send: Send) -> None:
+    metrics.record_rejected(reason)
+    response = error_response(HTTPStatus.BAD_REQUEST, message, param="steering", reason=reason)
+    await response(scope, receive, send)
 
 
 async def _buffer(receive: Receive) -> tuple[bytes, Receive]:
@@ -69,6 +75,10 @@ async def _buffer(receive: Receive) -> tuple[bytes, Receive]:
         return await receive()
 
     return body, replay
+
+
+def _query_names_steering(query_string: bytes) -> bool:
+    return b"steering" in query_string and "steering" in parse_qs(query_string.decode("latin-1"))
 
 
 def _names_steering(body: bytes) -> bool:

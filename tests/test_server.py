@@ -432,6 +432,19 @@ def test_steering_on_a_route_that_cannot_apply_it_is_refused(http, path):
     assert error["reason"] == "unsupported_route"
 
 
+def test_steering_in_the_query_string_is_refused(client, http):
+    # The openai client's `extra_query` puts it in the URL, where every route would ignore it.
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(
+            model=MODEL, prompt="hi", max_tokens=2, extra_query={"steering": json.dumps(STRONG)}
+        )
+    assert info.value.body["reason"] == "not_in_body"
+    assert "JSON request body" in info.value.body["message"]
+    response = http.get("/v1/models", params={"steering": "x"})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "steering"
+    assert http.get("/v1/models", params={"not_steering": "x"}).status_code == 200
+
+
 PROMPT_ONLY = {"edits": [{"sae": "res1", "feature": 3, "op": "set", "value": 8.0}],
                "apply_to": "prompt"}  # fmt: skip
 
