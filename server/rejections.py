@@ -9,12 +9,12 @@ from sae_vllm.spec import SpecErrorReason
 CONFLICT = "conflict"  # a spec given both as `steering` and in vllm_xargs
 STEERING_DISABLED = "steering_disabled"  # the server has no SAEs
 UNSUPPORTED_ROUTE = "unsupported_route"  # `steering` sent to a route that cannot apply it
-NOT_IN_BODY = "not_in_body"  # `steering` sent as a query parameter (ignored by every route)
+MISPLACED = "misplaced"  # `steering` where no route reads it: the query string, `extra_body`
 
 REASONS = (
     *(reason.value for reason in SpecErrorReason),
     CONFLICT,
     STEERING_DISABLED,
     UNSUPPORTED_ROUTE,
-    NOT_IN_BODY,
+    MISPLACED,
 )

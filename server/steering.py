@@ -38,12 +38,23 @@ class SteeringGate:
         self.sae_sizes = dict(sae_sizes)
         self.limits = limits
 
-    def admit(self, endpoint: str, steering: Any, xargs_spec: Any = None) -> dict | None:
+    def admit(
+        self, endpoint: str, steering: Any, xargs_spec: Any = None, extra_body: Any = None
+    ) -> dict | None:
         """The resolved spec to hand the engine (None when unsteered); raises Rejection.
 
         `steering` is the raw body field; `xargs_spec` a spec passed the low-level way, as
-        `vllm_xargs["sae_steering"]`."""
+        `vllm_xargs["sae_steering"]`; `extra_body` the body's own `extra_body` field, if any
+        (no route reads it: a client that writes the openai client's keyword argument into the
+        JSON by hand has nested its spec where it would be ignored)."""
         try:
+            if isinstance(extra_body, dict) and STEERING_FIELD in extra_body:
+                raise Rejection(
+                    rejections.MISPLACED,
+                    f"extra_body.{STEERING_FIELD}",
+                    f"extra_body.{STEERING_FIELD}: put `{STEERING_FIELD}` at the top level of the "
+                    "JSON body (the openai client's extra_body argument does that)",
+                )
             spec = self._resolve(steering, xargs_spec)
         except Rejection as rejection:
             metrics.record_rejected(rejection.reason)

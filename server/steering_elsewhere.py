@@ -35,8 +35,8 @@ class RefuseSteeringElsewhere:
             await self.app(scope, receive, send)
             return
         if _query_names_steering(scope.get("query_string", b"")):
-            message = "steering: send it in the JSON request body, not as a query parameter"
-            await _refuse(message, rejections.NOT_IN_BODY, scope, receive, send)
+            message = "steering: send it at the top level of the JSON body, not in the query"
+            await _refuse(message, rejections.MISPLACED, scope, receive, send)
             return
         if scope["method"] != "POST" or scope["path"] in self.steered_paths:
             await self.app(scope, receive, send)

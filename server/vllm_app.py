@@ -324,7 +324,8 @@ def _steered_endpoint(original: Callable, model: type, label: str, gate: Steerin
     async def endpoint(request: Any, raw_request: Request) -> Any:
         xargs_spec = (request.vllm_xargs or {}).get(EXTRA_ARGS_KEY)
         try:
-            request._sae_steering = gate.admit(label, request.steering, xargs_spec)
+            extra_body = (request.model_extra or {}).get("extra_body")
+            request._sae_steering = gate.admit(label, request.steering, xargs_spec, extra_body)
         except Rejection as rejection:
             return rejection.response
         if xargs_spec is not None:  # the resolved spec replaces it in to_sampling_params

@@ -438,11 +438,34 @@ def test_steering_in_the_query_string_is_refused(client, http):
         client.completions.create(
             model=MODEL, prompt="hi", max_tokens=2, extra_query={"steering": json.dumps(STRONG)}
         )
-    assert info.value.body["reason"] == "not_in_body"
-    assert "JSON request body" in info.value.body["message"]
+    assert info.value.body["reason"] == "misplaced"
+    assert "top level of the JSON body" in info.value.body["message"]
     response = http.get("/v1/models", params={"steering": "x"})
     assert response.status_code == 400 and response.json()["error"]["param"] == "steering"
     assert http.get("/v1/models", params={"not_steering": "x"}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        ("/v1/completions", {"prompt": "hi", "max_tokens": 2}),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+        ),
+        ("/v1/responses", {"input": "hi", "max_output_tokens": 2}),
+    ],
+)
+def test_steering_nested_in_a_literal_extra_body_is_refused(http, path, body):
+    # The openai client's extra_body argument merges into the body; written by hand as a field,
+    # vLLM would ignore it and answer unsteered.
+    body = body | {"model": MODEL}
+    response = http.post(path, json=body | {"extra_body": {"steering": STRONG}})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["reason"], error["param"]) == ("misplaced", "extra_body.steering")
+    plain = http.post(path, json=body | {"extra_body": {"top_k": 1}})
+    assert plain.status_code == 200, plain.text
 
 
 PROMPT_ONLY = {"edits": [{"sae": "res1", "feature": 3, "op": "set", "value": 8.0}],
