@@ -48,14 +48,7 @@ class SteeringGate:
         (no route reads it: a client that writes the openai client's keyword argument into the
         JSON by hand has nested its spec where it would be ignored)."""
         try:
-            if isinstance(extra_body, dict) and STEERING_FIELD in extra_body:
-                raise Rejection(
-                    rejections.MISPLACED,
-                    f"extra_body.{STEERING_FIELD}",
-                    f"extra_body.{STEERING_FIELD}: put `{STEERING_FIELD}` at the top level of the "
-                    "JSON body (the openai client's extra_body argument does that)",
-                )
-            spec = self._resolve(steering, xargs_spec)
+            spec = self._resolve(steering, xargs_spec, extra_body)
         except Rejection as rejection:
             metrics.record_rejected(rejection.reason)
             raise
@@ -65,7 +58,15 @@ class SteeringGate:
         metrics.record_steered(endpoint, len(spec["edits"]))
         return spec
 
-    def _resolve(self, steering: Any, xargs_spec: Any) -> dict | None:
+    def _resolve(self, steering: Any, xargs_spec: Any, extra_body: Any) -> dict | None:
+        if isinstance(extra_body, dict) and STEERING_FIELD in extra_body:
+            nested = f"extra_body.{STEERING_FIELD}"
+            raise Rejection(
+                rejections.MISPLACED,
+                nested,
+                f"{nested}: put `{STEERING_FIELD}` at the top level of the JSON body "
+                "(the openai client's extra_body argument does that)",
+            )
         field, raw = STEERING_FIELD, steering
         if xargs_spec is not None:
             if steering is not None:

@@ -15,11 +15,15 @@ from urllib.parse import parse_qs
 
 from . import metrics, rejections
 from .errors import error_response
+from .steering import STEERING_FIELD
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
+
+_FIELD_BYTES = STEERING_FIELD.encode()
+_QUOTED_FIELD_BYTES = b'"' + _FIELD_BYTES + b'"'
 
 
 class RefuseSteeringElsewhere:
@@ -35,16 +39,18 @@ class RefuseSteeringElsewhere:
             await self.app(scope, receive, send)
             return
         if _query_names_steering(scope.get("query_string", b"")):
-            message = "steering: send it at the top level of the JSON body, not in the query"
+            message = (
+                f"{STEERING_FIELD}: send it at the top level of the JSON body, not in the query"
+            )
             await _refuse(message, rejections.MISPLACED, scope, receive, send)
             return
         if scope["method"] != "POST" or scope["path"] in self.steered_paths:
             await self.app(scope, receive, send)
             return
         body, replay = await _buffer(receive)
-        if b'"steering"' in body and _names_steering(body):
+        if _names_steering(body):
             supported = " and ".join(sorted(self.steered_paths))
-            message = f"steering: not supported on {scope['path']} (use {supported})"
+            message = f"{STEERING_FIELD}: not supported on {scope['path']} (use {supported})"
             await _refuse(message, rejections.UNSUPPORTED_ROUTE, scope, receive, send)
             return
         await self.app(scope, replay, send)
@@ -52,7 +58,7 @@ class RefuseSteeringElsewhere:
 
 async def _refuse(message: str, reason: str, scope: Scope, receive: Receive, send: Send) -> None:
     metrics.record_rejected(reason)
-    response = error_response(HTTPStatus.BAD_REQUEST, message, param="steering", reason=reason)
+    response = error_response(HTTPStatus.BAD_REQUEST, message, param=STEERING_FIELD, reason=reason)
     await response(scope, receive, send)
 
 
@@ -78,12 +84,16 @@ async def _buffer(receive: Receive) -> tuple[bytes, Receive]:
 
 
 def _query_names_steering(query_string: bytes) -> bool:
-    return b"steering" in query_string and "steering" in parse_qs(query_string.decode("latin-1"))
+    if _FIELD_BYTES not in query_string:  # the usual case: no parsing
+        return False
+    return STEERING_FIELD in parse_qs(query_string.decode("latin-1"))
 
 
 def _names_steering(body: bytes) -> bool:
+    if _QUOTED_FIELD_BYTES not in body:  # the usual case: no parsing
+        return False
     try:
         data = json.loads(body)
     except ValueError:
         return False
-    return isinstance(data, dict) and "steering" in data
+    return isinstance(data, dict) and STEERING_FIELD in data
