@@ -68,6 +68,6 @@ def install() -> None:
     to the engine instead of dropping it, and `vllm run-batch` fails lines that carry it to
     other routes."""
     vllm_app.carry_steering_extra_field()
-    vllm_app.refuse_steering_on_other_batch_lines()
+    vllm_app.refuse_misplaced_steering_in_batch_lines()
     vllm_app.install_steered_beam_search()
     vllm_app.customize_every_app(_customize_built_app)

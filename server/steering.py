@@ -31,6 +31,25 @@ def _join(field: str, path: str) -> str:
     return f"{field}.{path}" if path else field
 
 
+def check_placement(steering: Any, xargs_spec: Any, extra_body: Any) -> None:
+    """Refuse a spec nested where no route reads it (a literal `extra_body` field) or given
+    twice (`steering` and `vllm_xargs`); the engine validates its contents later."""
+    if isinstance(extra_body, dict) and STEERING_FIELD in extra_body:
+        nested = f"extra_body.{STEERING_FIELD}"
+        raise Rejection(
+            rejections.MISPLACED,
+            nested,
+            f"{nested}: put `{STEERING_FIELD}` at the top level of the JSON body "
+            "(the openai client's extra_body argument does that)",
+        )
+    if xargs_spec is not None and steering is not None:
+        raise Rejection(
+            rejections.CONFLICT,
+            XARGS_FIELD,
+            f"{XARGS_FIELD}: give the steering spec once, in `steering`",
+        )
+
+
 class SteeringGate:
     """Admits a request's steering (resolved against the registered SAEs) or refuses it."""
 
@@ -59,23 +78,8 @@ class SteeringGate:
         return spec
 
     def _resolve(self, steering: Any, xargs_spec: Any, extra_body: Any) -> dict | None:
-        if isinstance(extra_body, dict) and STEERING_FIELD in extra_body:
-            nested = f"extra_body.{STEERING_FIELD}"
-            raise Rejection(
-                rejections.MISPLACED,
-                nested,
-                f"{nested}: put `{STEERING_FIELD}` at the top level of the JSON body "
-                "(the openai client's extra_body argument does that)",
-            )
-        field, raw = STEERING_FIELD, steering
-        if xargs_spec is not None:
-            if steering is not None:
-                raise Rejection(
-                    rejections.CONFLICT,
-                    XARGS_FIELD,
-                    f"{XARGS_FIELD}: give the steering spec once, in `steering`",
-                )
-            field, raw = XARGS_FIELD, xargs_spec
+        check_placement(steering, xargs_spec, extra_body)
+        field, raw = (STEERING_FIELD, steering) if xargs_spec is None else (XARGS_FIELD, xargs_spec)
         if raw is None:
             return None
         if not self.sae_sizes:

@@ -7,10 +7,10 @@
 # `to_sampling_params` that puts the resolved spec into SamplingParams.extra_args; vLLM's own
 # models also carry an untyped `steering` extra field, for `vllm run-batch`); their POST routes
 # (rebuilt around the subclasses, so FastAPI parses and documents the field and vLLM's own
-# handler runs); run-batch's `handle_endpoint_request` (wrapped, so that lines to other routes
-# carrying `steering` fail); and the online beam search (`BeamSearchOnlineMixin.beam_search`,
-# wrapped so that each beam step's request carries the spec: vLLM builds those SamplingParams
-# itself, without extra_args).
+# handler runs); run-batch's `handle_endpoint_request` (wrapped, so that lines carrying
+# `steering` to other routes, nested in `extra_body`, or twice, fail); and the online beam
+# search (`BeamSearchOnlineMixin.beam_search`, wrapped so that each beam step's request carries
+# the spec: vLLM builds those SamplingParams itself, without extra_args).
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from sae_vllm.config import BEAM_STEERING_ATTR, EXTRA_ARGS_KEY, GENERATION_START
 from sae_vllm.engine.vllm_adapter import with_extra_args
 from sae_vllm.spec import SteeringSpec
 
-from .steering import STEERING_FIELD, Rejection, SteeringGate
+from .steering import STEERING_FIELD, Rejection, SteeringGate, check_placement
 
 SUPPORTED_VLLM = "0.32."
 _MEMORY_DEFAULT = "_sae_vllm_gpu_memory_utilization_default"
@@ -128,9 +128,23 @@ def carry_steering_extra_field() -> None:
 BATCH_STEERED_ROUTE = "/v1/chat/completions"  # the one generative text route run-batch has
 
 
-def refuse_steering_on_other_batch_lines() -> None:
-    """In `vllm run-batch`, fail a line that carries `steering` to a route that cannot apply it
-    (embeddings, score, rerank, audio) with a 400 error line, instead of running it unsteered."""
+def _batch_line_problem(request: Any) -> str | None:
+    """Why a run-batch line's steering cannot apply as sent, or None."""
+    extra = getattr(request.body, "model_extra", None) or {}
+    if STEERING_FIELD in extra and request.url != BATCH_STEERED_ROUTE:
+        return f"steering: not supported on {request.url} (use {BATCH_STEERED_ROUTE})"
+    xargs_spec = (getattr(request.body, "vllm_xargs", None) or {}).get(EXTRA_ARGS_KEY)
+    try:
+        check_placement(extra.get(STEERING_FIELD), xargs_spec, extra.get("extra_body"))
+    except Rejection as rejection:
+        return str(rejection)
+    return None
+
+
+def refuse_misplaced_steering_in_batch_lines() -> None:
+    """In `vllm run-batch`, fail with a 400 error line, instead of running unsteered, a line
+    that carries `steering` to a route that cannot apply it (embeddings, score, rerank, audio),
+    nests it in a literal `extra_body` field, or gives it twice."""
     from vllm.entrypoints.launchers import run_batch
 
     original = run_batch.handle_endpoint_request
@@ -139,10 +153,9 @@ def refuse_steering_on_other_batch_lines() -> None:
 
     @functools.wraps(original)
     def handle_endpoint_request(request: Any, *args: Any, **kwargs: Any) -> Any:
-        extra = getattr(request.body, "model_extra", None) or {}
-        if STEERING_FIELD in extra and request.url != BATCH_STEERED_ROUTE:
-            message = f"steering: not supported on {request.url} (use {BATCH_STEERED_ROUTE})"
-            return run_batch.make_async_error_request_output(request, error_msg=message)
+        problem = _batch_line_problem(request)
+        if problem is not None:
+            return run_batch.make_async_error_request_output(request, error_msg=problem)
         return original(request, *args, **kwargs)
 
     handle_endpoint_request._sae_vllm_wrapped = True  # type: ignore[attr-defined]

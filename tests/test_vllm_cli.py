@@ -168,7 +168,7 @@ def test_the_log_says_what_is_steered(server):
     assert log.count("sae-vllm: the steering API is on (SAEs: res)") == 2  # one per API server
 
 
-def test_vllm_run_batch_steers_chat_lines_and_refuses_steering_elsewhere(artifacts, reference):
+def test_vllm_run_batch_steers_chat_lines_and_refuses_misplaced_steering(artifacts, reference):
     def line(custom_id: str, steering: dict | None) -> dict:
         body = {
             "model": MODEL, "messages": [{"role": "user", "content": "w1 w17 w42"}],
@@ -183,6 +183,11 @@ def test_vllm_run_batch_steers_chat_lines_and_refuses_steering_elsewhere(artifac
     batch_in = artifacts["root"] / "batch_in.jsonl"
     batch_out = artifacts["root"] / "batch_out.jsonl"
     lines = [line("plain", None), line("steered", STEERING), line("bad", bad)]
+    # Nested in a literal extra_body, or given twice, the spec would be dropped or overridden.
+    nested, twice = line("nested", None), line("twice", STEERING)
+    nested["body"]["extra_body"] = {"steering": STEERING}
+    twice["body"]["vllm_xargs"] = {"sae_steering": json.dumps(STEERING)}
+    lines += [nested, twice]
     # A route run-batch cannot steer fails its line with a steering error, whatever the model
     # serves; vLLM would otherwise drop the field and, on a pooling model, answer unsteered.
     for route, body in (
@@ -209,6 +214,12 @@ def test_vllm_run_batch_steers_chat_lines_and_refuses_steering_elsewhere(artifac
     assert steered_ids != results["plain"]["response"]["body"]["choices"][0]["token_ids"]
     assert results["bad"]["response"]["status_code"] == 400
     assert "out of range" in results["bad"]["error"]["error"]["message"]
+    for custom_id, message in (
+        ("nested", "extra_body.steering: put `steering` at the top level of the JSON body"),
+        ("twice", "vllm_xargs.sae_steering: give the steering spec once, in `steering`"),
+    ):
+        assert results[custom_id]["response"]["status_code"] == 400
+        assert results[custom_id]["error"].startswith(message), results[custom_id]["error"]
     for route in ("/v1/embeddings", "/score"):
         assert results[route]["response"]["status_code"] == 400
         expected = f"steering: not supported on {route} (use /v1/chat/completions)"
