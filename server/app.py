@@ -35,16 +35,25 @@ def steering_gate(config: SteeringConfig | None, registry: SAERegistry) -> Steer
     return SteeringGate(registry.sizes(), limits)
 
 
-def customize(app: FastAPI, registry: SAERegistry, gate: SteeringGate) -> None:
+def customize(app: FastAPI, registry: SAERegistry, gate: SteeringGate) -> bool:
+    """Add the steering field, the SAE routes and the refusals to vLLM's app; returns whether
+    it steers (False for a model that does not generate, whose app has no generation routes)."""
     setattr(app.state, REGISTRY_STATE, registry)
-    vllm_app.install_steering_field(app, gate)
+    steered_paths = vllm_app.install_steering_field(app, gate)
+    self_checked = (
+        (vllm_app.INVOCATIONS_PATH,) if vllm_app.serves_sagemaker_invocations(app) else ()
+    )
     app.include_router(router)
-    steered_paths = tuple(vllm_app.STEERED_ROUTES)
     if app.middleware_stack is None:
-        app.add_middleware(RefuseSteeringElsewhere, steered_paths=steered_paths)
+        app.add_middleware(
+            RefuseSteeringElsewhere, steered_paths=steered_paths, self_checked_paths=self_checked
+        )
     else:
         # vLLM has already built the middleware stack (add_middleware would refuse); wrap it.
-        app.middleware_stack = RefuseSteeringElsewhere(app.middleware_stack, steered_paths)
+        app.middleware_stack = RefuseSteeringElsewhere(
+            app.middleware_stack, steered_paths, self_checked
+        )
+    return bool(steered_paths)
 
 
 def _customize_built_app(app: FastAPI, args: argparse.Namespace, model_config: Any) -> None:
@@ -58,16 +67,19 @@ def _customize_built_app(app: FastAPI, args: argparse.Namespace, model_config: A
             )
         state = (registry, steering_gate(config, registry))
     served = ", ".join(state[0].sizes()) or "none configured"
-    logger.info("sae-vllm: the steering API is on (SAEs: %s)", served)
-    customize(app, *state)
+    if customize(app, *state):
+        logger.info("sae-vllm: the steering API is on (SAEs: %s)", served)
+    else:
+        logger.info("sae-vllm: the model does not generate; steering is refused (SAEs: %s)", served)
 
 
 def install() -> None:
     """Teach vLLM's OpenAI layer in this process the `steering` field: every app its API
-    server builds gets the steering routes and checks, its own request models hand the field
-    to the engine instead of dropping it, and `vllm run-batch` fails lines that carry it to
-    other routes."""
+    server builds gets the steering routes and checks (SageMaker's /invocations included), its
+    own request models hand the field to the engine instead of dropping it, and `vllm
+    run-batch` fails lines that carry it where it cannot apply."""
     vllm_app.carry_steering_extra_field()
     vllm_app.refuse_misplaced_steering_in_batch_lines()
     vllm_app.install_steered_beam_search()
+    vllm_app.steer_sagemaker_invocations()
     vllm_app.customize_every_app(_customize_built_app)

@@ -1,4 +1,4 @@
-"""Error values of the server: OpenAI-style error responses and the one-line startup error."""
+"""Error values of the server: OpenAI- or Anthropic-style error responses, the startup error."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ from http import HTTPStatus
 
 from fastapi.responses import JSONResponse
 
-from .protocol import ErrorInfo, ErrorResponse
+from .protocol import AnthropicErrorInfo, AnthropicErrorResponse, ErrorInfo, ErrorResponse
 
 INVALID_REQUEST = "invalid_request_error"
+ANTHROPIC_PREFIX = "/v1/messages"  # vLLM answers these routes in Anthropic's error shape
 
 
 class StartupError(Exception):
@@ -28,3 +29,14 @@ def error_response(
     body = ErrorResponse(error=info)
     leave_out = {"error": {"reason"}} if reason is None else None
     return JSONResponse(body.model_dump(exclude=leave_out), status_code=status)
+
+
+def error_response_for(
+    path: str, status: HTTPStatus, message: str, param: str | None, reason: str
+) -> JSONResponse:
+    """A client error in the shape the route's clients parse: Anthropic's on /v1/messages and
+    below (`{"type": "error", "error": {type, message, param, reason}}`), OpenAI's elsewhere."""
+    if path == ANTHROPIC_PREFIX or path.startswith(ANTHROPIC_PREFIX + "/"):
+        info = AnthropicErrorInfo(type=INVALID_REQUEST, message=message, param=param, reason=reason)
+        return JSONResponse(AnthropicErrorResponse(error=info).model_dump(), status_code=status)
+    return error_response(status, message, param, reason)

@@ -1,4 +1,4 @@
-"""Wire formats of the server's own responses: OpenAI-style errors and the SAE routes."""
+"""Wire formats of the server's own responses: OpenAI- and Anthropic-style errors, SAE routes."""
 
 from __future__ import annotations
 
@@ -25,6 +25,22 @@ class ErrorResponse(BaseModel):
     """An OpenAI-style error response body."""
 
     error: ErrorInfo
+
+
+class AnthropicErrorInfo(BaseModel):
+    """The `error` object of an Anthropic-style error response (the /v1/messages routes)."""
+
+    type: str
+    message: str
+    param: str | None = None
+    reason: str | None = Field(default=None, description="As in `ErrorInfo.reason`.")
+
+
+class AnthropicErrorResponse(BaseModel):
+    """An Anthropic-style error response body."""
+
+    type: Literal["error"] = "error"
+    error: AnthropicErrorInfo
 
 
 class SAEInfo(BaseModel):

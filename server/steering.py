@@ -12,19 +12,23 @@ from sae_vllm.config import EXTRA_ARGS_KEY
 from sae_vllm.spec import SpecLimits, SteeringSpecError, resolve_spec
 
 from . import metrics, rejections
-from .errors import error_response
+from .errors import error_response_for
 
 STEERING_FIELD = "steering"
 XARGS_FIELD = f"vllm_xargs.{EXTRA_ARGS_KEY}"
 
 
 class Rejection(Exception):
-    """A request refused before it reached the engine; `response` is what the client gets."""
+    """A request refused before it reached the engine (a 400 naming the field and the reason)."""
 
     def __init__(self, reason: str, param: str, message: str):
         super().__init__(message)
         self.reason = reason
-        self.response: JSONResponse = error_response(HTTPStatus.BAD_REQUEST, message, param, reason)
+        self.param = param
+
+    def response_for(self, path: str) -> JSONResponse:
+        """What the client of the route at `path` gets."""
+        return error_response_for(path, HTTPStatus.BAD_REQUEST, str(self), self.param, self.reason)
 
 
 def _join(field: str, path: str) -> str:

@@ -14,7 +14,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from . import metrics, rejections
-from .errors import error_response
+from .errors import error_response_for
 from .steering import STEERING_FIELD
 
 Scope = dict[str, Any]
@@ -28,11 +28,24 @@ _QUOTED_FIELD_BYTES = b'"' + _FIELD_BYTES + b'"'
 
 class RefuseSteeringElsewhere:
     """ASGI middleware: a POST body with a top-level `steering` field on any path other than
-    the steered ones, and a `steering` query parameter on any path, get an OpenAI-style 400."""
+    the steered ones, and a `steering` query parameter on any path, get a 400.
 
-    def __init__(self, app: Callable, steered_paths: Collection[str]):
+    `steered_paths` are the routes that apply the field (named in the refusal); the routes in
+    `self_checked_paths` admit or refuse it themselves, so their bodies pass too."""
+
+    def __init__(
+        self,
+        app: Callable,
+        steered_paths: Collection[str],
+        self_checked_paths: Collection[str] = (),
+    ):
         self.app = app
-        self.steered_paths = frozenset(steered_paths)
+        self.passed_paths = frozenset(steered_paths) | frozenset(self_checked_paths)
+        self.instead = (
+            f"use {', '.join(sorted(steered_paths))}"
+            if steered_paths
+            else "this server's model does not generate text"
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -44,13 +57,12 @@ class RefuseSteeringElsewhere:
             )
             await _refuse(message, rejections.MISPLACED, scope, receive, send)
             return
-        if scope["method"] != "POST" or scope["path"] in self.steered_paths:
+        if scope["method"] != "POST" or scope["path"] in self.passed_paths:
             await self.app(scope, receive, send)
             return
         body, replay = await _buffer(receive)
         if _names_steering(body):
-            supported = " and ".join(sorted(self.steered_paths))
-            message = f"{STEERING_FIELD}: not supported on {scope['path']} (use {supported})"
+            message = f"{STEERING_FIELD}: not supported on {scope['path']} ({self.instead})"
             await _refuse(message, rejections.UNSUPPORTED_ROUTE, scope, receive, send)
             return
         await self.app(scope, replay, send)
@@ -58,7 +70,9 @@ class RefuseSteeringElsewhere:
 
 async def _refuse(message: str, reason: str, scope: Scope, receive: Receive, send: Send) -> None:
     metrics.record_rejected(reason)
-    response = error_response(HTTPStatus.BAD_REQUEST, message, param=STEERING_FIELD, reason=reason)
+    response = error_response_for(
+        scope["path"], HTTPStatus.BAD_REQUEST, message, param=STEERING_FIELD, reason=reason
+    )
     await response(scope, receive, send)
 
 

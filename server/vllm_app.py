@@ -5,9 +5,13 @@
 # customised: `sae-vllm serve`, and `vllm serve` with this package installed); the completion,
 # chat and responses request models (subclassed with a typed `steering` field, and a
 # `to_sampling_params` that puts the resolved spec into SamplingParams.extra_args; vLLM's own
-# models also carry an untyped `steering` extra field, for `vllm run-batch`); their POST routes
+# models also carry an untyped `steering` extra field, for `vllm run-batch`); the Anthropic
+# Messages request model (subclassed likewise; the spec rides in its `vllm_xargs`, which vLLM
+# copies into the chat request it converts it to); their POST routes
 # (rebuilt around the subclasses, so FastAPI parses and documents the field and vLLM's own
-# handler runs); run-batch's `handle_endpoint_request` (wrapped, so that lines carrying
+# handler runs); SageMaker's `/invocations` table of body types and endpoints (the same
+# steered models and endpoints for completion and chat bodies; the others refuse `steering`);
+# run-batch's `handle_endpoint_request` (wrapped, so that lines carrying
 # `steering` to other routes, nested in `extra_body`, or twice, fail); and the online beam
 # search (`BeamSearchOnlineMixin.beam_search`, wrapped so that each beam step's request carries
 # the spec: vLLM builds those SamplingParams itself, without extra_args).
@@ -17,13 +21,15 @@ from __future__ import annotations
 import argparse
 import functools
 import inspect
+import json
 import os
 from collections.abc import Callable
 from typing import Any, ClassVar
 
 from fastapi import FastAPI, Request
 from fastapi.routing import APIRoute
-from pydantic import Field, PrivateAttr, SkipValidation
+from pydantic import ConfigDict, Field, PrivateAttr, SkipValidation
+from vllm.entrypoints.anthropic.protocol import AnthropicMessagesRequest
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
@@ -32,6 +38,7 @@ from sae_vllm.config import BEAM_STEERING_ATTR, EXTRA_ARGS_KEY, GENERATION_START
 from sae_vllm.engine.vllm_adapter import with_extra_args
 from sae_vllm.spec import SteeringSpec
 
+from . import metrics, rejections
 from .steering import STEERING_FIELD, Rejection, SteeringGate, check_placement
 
 SUPPORTED_VLLM = "0.32."
@@ -56,6 +63,13 @@ def _beam_with_steering(params: Any, spec: dict | None) -> Any:
     return params
 
 
+def _without_xargs_spec(xargs: dict | None) -> dict | None:
+    """vllm_xargs less the low-level spec key (the gate's resolved spec takes its place)."""
+    if not xargs or EXTRA_ARGS_KEY not in xargs:
+        return xargs
+    return {k: v for k, v in xargs.items() if k != EXTRA_ARGS_KEY}
+
+
 class SteeredCompletionRequest(CompletionRequest):
     """vLLM's completion request plus the `steering` field."""
 
@@ -64,6 +78,10 @@ class SteeredCompletionRequest(CompletionRequest):
     # typed so that /openapi.json documents it.
     steering: SkipValidation[SteeringSpec | None] = Field(default=None, description=STEERING_DOC)
     _sae_steering: dict | None = PrivateAttr(default=None)
+
+    def carry_steering(self, spec: dict | None) -> None:
+        self.vllm_xargs = _without_xargs_spec(self.vllm_xargs)
+        self._sae_steering = spec
 
     def to_sampling_params(self, *args: Any, **kwargs: Any) -> Any:
         return _with_steering(super().to_sampling_params(*args, **kwargs), self._sae_steering)
@@ -80,6 +98,10 @@ class SteeredChatCompletionRequest(ChatCompletionRequest):
     steering: SkipValidation[SteeringSpec | None] = Field(default=None, description=STEERING_DOC)
     _sae_steering: dict | None = PrivateAttr(default=None)
 
+    def carry_steering(self, spec: dict | None) -> None:
+        self.vllm_xargs = _without_xargs_spec(self.vllm_xargs)
+        self._sae_steering = spec
+
     def to_sampling_params(self, *args: Any, **kwargs: Any) -> Any:
         return _with_steering(super().to_sampling_params(*args, **kwargs), self._sae_steering)
 
@@ -95,8 +117,27 @@ class SteeredResponsesRequest(ResponsesRequest):
     steering: SkipValidation[SteeringSpec | None] = Field(default=None, description=STEERING_DOC)
     _sae_steering: dict | None = PrivateAttr(default=None)
 
+    def carry_steering(self, spec: dict | None) -> None:
+        self.vllm_xargs = _without_xargs_spec(self.vllm_xargs)
+        self._sae_steering = spec
+
     def to_sampling_params(self, *args: Any, **kwargs: Any) -> Any:
         return _with_steering(super().to_sampling_params(*args, **kwargs), self._sae_steering)
+
+
+class SteeredMessagesRequest(AnthropicMessagesRequest):
+    """vLLM's Anthropic Messages request plus the `steering` field."""
+
+    # Unknown fields are kept (vLLM's model drops them), so the gate sees a nested extra_body.
+    model_config = ConfigDict(extra="allow")
+    steering: SkipValidation[SteeringSpec | None] = Field(default=None, description=STEERING_DOC)
+
+    def carry_steering(self, spec: dict | None) -> None:
+        # vLLM turns this request into a chat request, carrying vllm_xargs (string values) over.
+        xargs = _without_xargs_spec(self.vllm_xargs) or {}
+        if spec is not None:
+            xargs = {**xargs, EXTRA_ARGS_KEY: json.dumps(spec)}
+        self.vllm_xargs = xargs or None
 
 
 def _carrying_extra_steering(original: Callable, attach: Callable[[Any, dict | None], Any]):
@@ -167,6 +208,7 @@ STEERED_ROUTES: dict[str, tuple[type, str]] = {
     "/v1/completions": (SteeredCompletionRequest, "completions"),
     "/v1/chat/completions": (SteeredChatCompletionRequest, "chat.completions"),
     "/v1/responses": (SteeredResponsesRequest, "responses"),
+    "/v1/messages": (SteeredMessagesRequest, "messages"),
 }
 
 
@@ -227,6 +269,66 @@ def install_steered_beam_search() -> None:
 
     beam_search._sae_vllm_wrapped = True  # type: ignore[attr-defined]
     BeamSearchOnlineMixin.beam_search = beam_search  # type: ignore[method-assign]
+
+
+# --- SageMaker /invocations ----------------------------------------------------------------
+
+INVOCATIONS_PATH = "/invocations"
+_STEERED_MODEL_OF = {
+    CompletionRequest: SteeredCompletionRequest,
+    ChatCompletionRequest: SteeredChatCompletionRequest,
+}
+
+
+def _refusing_steering(original: Callable) -> Callable:
+    async def endpoint(request: Any, raw_request: Request) -> Any:
+        if STEERING_FIELD in (getattr(request, "model_extra", None) or {}):
+            kind = type(request).__name__
+            message = f"steering: not supported on {INVOCATIONS_PATH} for a {kind} body"
+            rejection = Rejection(rejections.UNSUPPORTED_ROUTE, STEERING_FIELD, message)
+            metrics.record_rejected(rejection.reason)
+            return rejection.response_for(raw_request.url.path)
+        return await original(request, raw_request)
+
+    return endpoint
+
+
+def _steered_invocation_types(types: list) -> list:
+    """SageMaker's (request model, (handler getter, endpoint)) table with completion and chat
+    bodies parsed by the steered models and admitted by the gate, and every other body (the
+    pooling ones) refused when it carries `steering`."""
+    steered = []
+    for request_type, (get_handler, endpoint) in types:
+        model = _STEERED_MODEL_OF.get(request_type)
+        if model is None:
+            steered.append((request_type, (get_handler, _refusing_steering(endpoint))))
+        else:
+            label = next(label for m, label in STEERED_ROUTES.values() if m is model)
+            steered.append((model, (get_handler, _steered_endpoint(endpoint, model, label))))
+    return steered
+
+
+def steer_sagemaker_invocations() -> None:
+    """Make SageMaker's `/invocations`, which dispatches on the body's shape to the generation
+    and pooling endpoints, steer completion and chat bodies like their own routes do."""
+    from vllm.entrypoints.serve.sagemaker import api_router as sagemaker
+
+    for name in ("get_generate_invocation_types", "get_pooling_invocation_types"):
+        original = getattr(sagemaker, name)
+        if getattr(original, "_sae_vllm_wrapped", False):
+            continue
+
+        def invocation_types(*args: Any, _original: Callable = original, **kwargs: Any) -> list:
+            return _steered_invocation_types(_original(*args, **kwargs))
+
+        invocation_types._sae_vllm_wrapped = True  # type: ignore[attr-defined]
+        setattr(sagemaker, name, invocation_types)
+
+
+def serves_sagemaker_invocations(app: FastAPI) -> bool:
+    return any(
+        isinstance(route, APIRoute) and route.path == INVOCATIONS_PATH for route in app.routes
+    )
 
 
 # --- command line ---------------------------------------------------------------------------
@@ -333,18 +435,19 @@ def run(args: argparse.Namespace) -> None:
 # --- the app --------------------------------------------------------------------------------
 
 
-def _steered_endpoint(original: Callable, model: type, label: str, gate: SteeringGate):
+GATE_STATE = "sae_steering_gate"  # the app's SteeringGate, on app.state
+
+
+def _steered_endpoint(original: Callable, model: type, label: str):
     async def endpoint(request: Any, raw_request: Request) -> Any:
+        gate: SteeringGate = getattr(raw_request.app.state, GATE_STATE)
         xargs_spec = (request.vllm_xargs or {}).get(EXTRA_ARGS_KEY)
+        extra_body = (request.model_extra or {}).get("extra_body")
         try:
-            extra_body = (request.model_extra or {}).get("extra_body")
-            request._sae_steering = gate.admit(label, request.steering, xargs_spec, extra_body)
+            spec = gate.admit(label, request.steering, xargs_spec, extra_body)
         except Rejection as rejection:
-            return rejection.response
-        if xargs_spec is not None:  # the resolved spec replaces it in to_sampling_params
-            request.vllm_xargs = {
-                k: v for k, v in request.vllm_xargs.items() if k != EXTRA_ARGS_KEY
-            }
+            return rejection.response_for(raw_request.url.path)
+        request.carry_steering(spec)
         return await original(request, raw_request)
 
     endpoint.__name__ = original.__name__
@@ -360,9 +463,13 @@ def _steered_endpoint(original: Callable, model: type, label: str, gate: Steerin
     return endpoint
 
 
-def install_steering_field(app: FastAPI, gate: SteeringGate) -> None:
-    """Rebuild vLLM's completion and chat routes around the steered request models: FastAPI
-    parses and documents `steering`, the gate admits or refuses it, vLLM's handler runs."""
+def install_steering_field(app: FastAPI, gate: SteeringGate) -> frozenset[str]:
+    """Rebuild vLLM's generation routes around the steered request models: FastAPI
+    parses and documents `steering`, the gate admits or refuses it, vLLM's handler runs.
+
+    Returns the paths rebuilt: all of STEERED_ROUTES, or none when the model does not generate
+    (vLLM serves pooling models without them); some but not all means vLLM changed."""
+    setattr(app.state, GATE_STATE, gate)
     found: set[str] = set()
     routes = app.router.routes
     for index, route in enumerate(list(routes)):
@@ -373,7 +480,7 @@ def install_steering_field(app: FastAPI, gate: SteeringGate) -> None:
         model, label = STEERED_ROUTES[route.path]
         app.router.add_api_route(
             route.path,
-            _steered_endpoint(route.endpoint, model, label, gate),
+            _steered_endpoint(route.endpoint, model, label),
             methods=sorted(route.methods),
             dependencies=route.dependencies,
             responses=route.responses,
@@ -387,6 +494,7 @@ def install_steering_field(app: FastAPI, gate: SteeringGate) -> None:
         routes[index] = routes.pop()
         found.add(route.path)
     missing = set(STEERED_ROUTES) - found
-    if missing:
+    if found and missing:
         raise RuntimeError(f"vLLM's app has no POST route for {', '.join(sorted(missing))}")
     app.openapi_schema = None
+    return frozenset(found)

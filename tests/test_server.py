@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -87,6 +88,12 @@ def server(artifacts):
 @pytest.fixture(scope="module")
 def client(server) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key=API_KEY, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def anthropic_client(server) -> anthropic.Anthropic:
+    # auth_token sends `Authorization: Bearer`, the header vLLM's --api-key checks.
+    return anthropic.Anthropic(base_url=server.base_url, auth_token=API_KEY, max_retries=0)
 
 
 @pytest.fixture(scope="module")
@@ -203,6 +210,78 @@ def test_responses_api_is_steered_like_chat(client):
         assert by_responses == by_chat
         assert by_chat[1] != by_chat[0]
         assert stream_respond(client, messages, STRONG) == by_chat[1]
+
+
+def message(anthropic_client, messages: list, steering: dict | None = None) -> str:
+    # This anthropic SDK has no `temperature` argument; vLLM's Messages route still reads it.
+    extra = {"temperature": 0} | ({"steering": steering} if steering is not None else {})
+    response = anthropic_client.messages.create(
+        model=MODEL, messages=messages, max_tokens=MAX_TOKENS, extra_body=extra
+    )
+    return "".join(block.text for block in response.content if block.type == "text")
+
+
+def stream_message(anthropic_client, messages: list, steering: dict) -> str:
+    with anthropic_client.messages.stream(
+        model=MODEL, messages=messages, max_tokens=MAX_TOKENS,
+        extra_body={"temperature": 0, "steering": steering},
+    ) as stream:  # fmt: skip
+        return "".join(stream.text_stream)
+
+
+def test_anthropic_messages_are_steered_like_chat(client, anthropic_client, http):
+    # vLLM converts a Messages request into a chat request: each spec must give chat's text.
+    steered = ("sae_steering_steered_requests_total", (("endpoint", "messages"),))
+    before = metric_samples(http).get(steered, 0.0)
+    for messages in CHATS:
+        by_chat = [chat(client, messages, steering) for steering in (None, STRONG, MIXED)]
+        by_messages = [message(anthropic_client, messages, s) for s in (None, STRONG, MIXED)]
+        assert by_messages == by_chat
+        assert by_chat[1] != by_chat[0]
+        assert stream_message(anthropic_client, messages, STRONG) == by_chat[1]
+    assert metric_samples(http)[steered] - before == 3 * len(CHATS)
+
+
+def test_bad_steering_on_anthropic_messages_raises_in_the_anthropic_client(anthropic_client):
+    with pytest.raises(anthropic.BadRequestError) as info:
+        message(anthropic_client, CHATS[0], {"edits": [_edit(feature=D_SAE)]})
+    assert info.value.status_code == 400
+    assert info.value.body["type"] == "error"
+    error = info.value.body["error"]
+    assert (error["type"], error["reason"]) == ("invalid_request_error", "feature_out_of_range")
+    assert error["param"] == "steering.edits[0].feature"
+    assert f"out of range for SAE 'res1' (d_sae {D_SAE})" in error["message"]
+    with pytest.raises(anthropic.BadRequestError) as info:  # count_tokens cannot apply it
+        anthropic_client.messages.count_tokens(
+            model=MODEL, messages=CHATS[0], extra_body={"steering": STRONG}
+        )
+    assert info.value.body["error"]["reason"] == "unsupported_route"
+
+
+def invoke(http, body: dict, steering: dict | None) -> dict:
+    body = {"model": MODEL, "max_tokens": MAX_TOKENS, "temperature": 0} | body
+    response = http.post("/invocations", json=body | ({"steering": steering} if steering else {}))
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_sagemaker_invocations_steer_completion_and_chat_bodies(client, http):
+    # SageMaker's /invocations dispatches on the body's shape to the completion or chat handler.
+    for steering in (None, STRONG, MIXED):
+        invoked = invoke(http, {"prompt": PROMPTS[0]}, steering)["choices"][0]["text"]
+        assert invoked == complete(client, PROMPTS[0], steering)
+        invoked = invoke(http, {"messages": CHATS[0]}, steering)["choices"][0]["message"]
+        assert invoked["content"] == chat(client, CHATS[0], steering)
+    assert complete(client, PROMPTS[0], STRONG) != complete(client, PROMPTS[0])
+    assert chat(client, CHATS[0], STRONG) != chat(client, CHATS[0])
+    bad = {"model": MODEL, "messages": CHATS[0], "max_tokens": 2}
+    response = http.post("/invocations", json=bad | _steer(_edit(feature=D_SAE)))
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "steering.edits[0].feature"
+    assert error["reason"] == "feature_out_of_range"
+    response = http.post("/invocations", json=bad | {"extra_body": {"steering": STRONG}})
+    assert response.json()["error"]["reason"] == "misplaced"
 
 
 def test_vllm_features_work_with_steering(client):
@@ -454,6 +533,7 @@ def test_steering_in_the_query_string_is_refused(client, http):
             {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
         ),
         ("/v1/responses", {"input": "hi", "max_output_tokens": 2}),
+        ("/v1/messages", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
     ],
 )
 def test_steering_nested_in_a_literal_extra_body_is_refused(http, path, body):
@@ -659,7 +739,7 @@ def test_api_key_is_enforced_on_generation(server):
 
 def test_openapi_documents_steering(server):
     schema = httpx.get(server.base_url + "/openapi.json").json()
-    for path in ("/v1/completions", "/v1/chat/completions", "/v1/responses"):
+    for path in ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/messages"):
         ref = schema["paths"][path]["post"]["requestBody"]["content"]["application/json"]
         model = ref["schema"]["$ref"].rsplit("/", 1)[-1]
         steering = schema["components"]["schemas"][model]["properties"]["steering"]

@@ -258,12 +258,32 @@ REJECTED = [
 def test_gate_rejects_with_field_and_reason(steering, param, reason):
     with pytest.raises(Rejection) as info:
         GATE.admit("completions", steering)
-    body = json.loads(info.value.response.body)
-    assert info.value.response.status_code == 400
+    response = info.value.response_for("/v1/completions")
+    body = json.loads(response.body)
+    assert response.status_code == 400
     assert info.value.reason == reason
     assert body["error"]["param"] == param
     assert body["error"]["type"] == "invalid_request_error" and body["error"]["code"] == 400
     assert body["error"]["message"].startswith(param)
+
+
+def test_a_rejection_answers_in_the_shape_of_the_route():
+    with pytest.raises(Rejection) as info:
+        GATE.admit("messages", {"edits": [edit(feature=16)]})
+    openai_style = json.loads(info.value.response_for("/v1/chat/completions").body)
+    assert set(openai_style) == {"error"} and openai_style["error"]["code"] == 400
+    for path in ("/v1/messages", "/v1/messages/count_tokens"):
+        response = info.value.response_for(path)
+        body = json.loads(response.body)
+        assert response.status_code == 400
+        assert body["type"] == "error"
+        assert body["error"] == {
+            "type": "invalid_request_error",
+            "message": openai_style["error"]["message"],
+            "param": "steering.edits[0].feature",
+            "reason": "feature_out_of_range",
+        }
+    assert "code" in json.loads(info.value.response_for("/v1/messagesx").body)["error"]
 
 
 def test_gate_admits_and_resolves():
@@ -279,7 +299,7 @@ def test_gate_refuses_two_specs_and_steering_without_saes():
     with pytest.raises(Rejection) as info:
         GATE.admit("completions", {"edits": [edit()]}, {"edits": [edit()]})
     assert info.value.reason == rejections.CONFLICT
-    assert json.loads(info.value.response.body)["error"]["param"] == "vllm_xargs.sae_steering"
+    assert info.value.param == "vllm_xargs.sae_steering"
     with pytest.raises(Rejection) as info:
         SteeringGate({}, SpecLimits()).admit("completions", {"edits": [edit()]})
     assert info.value.reason == rejections.STEERING_DISABLED

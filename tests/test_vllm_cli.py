@@ -152,6 +152,44 @@ def test_vllm_serve_refuses_steering_on_other_routes(server):
     assert response.json()["error"]["reason"] == "unsupported_route"
 
 
+def test_vllm_serve_of_a_model_that_does_not_generate_still_serves(artifacts):
+    # With sae-vllm installed, every `vllm serve` in the environment loads the plugin: an
+    # embedding model (no generation routes to steer) must still serve, refusing `steering`.
+    from sae_vllm.server.process import ServerProcess
+
+    args = ["serve", str(artifacts["model"]), *ENGINE_ARGS, "--runner", "pooling"]
+    args += ["--convert", "embed", "--additional-config", artifacts["additional_config"]]
+    process = ServerProcess(args, artifacts["root"] / "pooling.log", launcher=VLLM_CLI)
+    process.start()
+    try:
+        body = {"model": MODEL, "input": "w1 w17"}
+        plain = httpx.post(f"{process.base_url}/v1/embeddings", json=body, timeout=60)
+        assert plain.status_code == 200, plain.text
+        assert len(plain.json()["data"][0]["embedding"]) > 0
+        steered = httpx.post(
+            f"{process.base_url}/v1/embeddings", json=body | {"steering": STEERING}, timeout=60
+        )
+        assert steered.status_code == 400
+        error = steered.json()["error"]
+        assert error["reason"] == "unsupported_route"
+        assert "this server's model does not generate text" in error["message"]
+        # SageMaker's /invocations hands an `input` body to the embedding handler.
+        invocation = httpx.post(f"{process.base_url}/invocations", json=body, timeout=60)
+        assert invocation.json()["data"][0]["embedding"] == plain.json()["data"][0]["embedding"]
+        steered = httpx.post(
+            f"{process.base_url}/invocations", json=body | {"steering": STEERING}, timeout=60
+        )
+        assert steered.status_code == 400, steered.text
+        error = steered.json()["error"]
+        assert (error["reason"], error["param"]) == ("unsupported_route", "steering")
+        assert error["message"].startswith("steering: not supported on /invocations for a ")
+    finally:
+        process.stop()
+    assert "sae-vllm: the model does not generate; steering is refused (SAEs: res)" in (
+        artifacts["root"] / "pooling.log"
+    ).read_text(errors="replace")
+
+
 def test_vllm_serve_has_the_sae_routes(server):
     listing = httpx.get(f"{server.base_url}/v1/saes").json()["data"]
     assert [(s["id"], s["layer"], s["d_sae"]) for s in listing] == [("res", 1, D_SAE)]
