@@ -70,7 +70,20 @@ def _without_xargs_spec(xargs: dict | None) -> dict | None:
     return {k: v for k, v in xargs.items() if k != EXTRA_ARGS_KEY}
 
 
-class SteeredCompletionRequest(CompletionRequest):
+class _SpecCarriedToSamplingParams:
+    """For vLLM's OpenAI request models: the gate's resolved spec, kept in the model's private
+    `_sae_steering` (declared by each model), goes into the SamplingParams it builds."""
+
+    def carry_steering(self, spec: dict | None) -> None:
+        self.vllm_xargs = _without_xargs_spec(self.vllm_xargs)
+        self._sae_steering = spec
+
+    def to_sampling_params(self, *args: Any, **kwargs: Any) -> Any:
+        params = super().to_sampling_params(*args, **kwargs)  # type: ignore[misc]
+        return _with_steering(params, self._sae_steering)
+
+
+class SteeredCompletionRequest(_SpecCarriedToSamplingParams, CompletionRequest):
     """vLLM's completion request plus the `steering` field."""
 
     field_names: ClassVar[set[str] | None] = None  # vLLM caches known field names per class
@@ -79,50 +92,29 @@ class SteeredCompletionRequest(CompletionRequest):
     steering: SkipValidation[SteeringSpec | None] = Field(default=None, description=STEERING_DOC)
     _sae_steering: dict | None = PrivateAttr(default=None)
 
-    def carry_steering(self, spec: dict | None) -> None:
-        self.vllm_xargs = _without_xargs_spec(self.vllm_xargs)
-        self._sae_steering = spec
-
-    def to_sampling_params(self, *args: Any, **kwargs: Any) -> Any:
-        return _with_steering(super().to_sampling_params(*args, **kwargs), self._sae_steering)
-
     def to_beam_search_params(self, *args: Any, **kwargs: Any) -> Any:
         params = super().to_beam_search_params(*args, **kwargs)
         return _beam_with_steering(params, self._sae_steering)
 
 
-class SteeredChatCompletionRequest(ChatCompletionRequest):
+class SteeredChatCompletionRequest(_SpecCarriedToSamplingParams, ChatCompletionRequest):
     """vLLM's chat completion request plus the `steering` field."""
 
     field_names: ClassVar[set[str] | None] = None
     steering: SkipValidation[SteeringSpec | None] = Field(default=None, description=STEERING_DOC)
     _sae_steering: dict | None = PrivateAttr(default=None)
 
-    def carry_steering(self, spec: dict | None) -> None:
-        self.vllm_xargs = _without_xargs_spec(self.vllm_xargs)
-        self._sae_steering = spec
-
-    def to_sampling_params(self, *args: Any, **kwargs: Any) -> Any:
-        return _with_steering(super().to_sampling_params(*args, **kwargs), self._sae_steering)
-
     def to_beam_search_params(self, *args: Any, **kwargs: Any) -> Any:
         params = super().to_beam_search_params(*args, **kwargs)
         return _beam_with_steering(params, self._sae_steering)
 
 
-class SteeredResponsesRequest(ResponsesRequest):
+class SteeredResponsesRequest(_SpecCarriedToSamplingParams, ResponsesRequest):
     """vLLM's Responses API request plus the `steering` field."""
 
     field_names: ClassVar[set[str] | None] = None
     steering: SkipValidation[SteeringSpec | None] = Field(default=None, description=STEERING_DOC)
     _sae_steering: dict | None = PrivateAttr(default=None)
-
-    def carry_steering(self, spec: dict | None) -> None:
-        self.vllm_xargs = _without_xargs_spec(self.vllm_xargs)
-        self._sae_steering = spec
-
-    def to_sampling_params(self, *args: Any, **kwargs: Any) -> Any:
-        return _with_steering(super().to_sampling_params(*args, **kwargs), self._sae_steering)
 
 
 class SteeredMessagesRequest(AnthropicMessagesRequest):
@@ -274,9 +266,10 @@ def install_steered_beam_search() -> None:
 # --- SageMaker /invocations ----------------------------------------------------------------
 
 INVOCATIONS_PATH = "/invocations"
-_STEERED_MODEL_OF = {
-    CompletionRequest: SteeredCompletionRequest,
-    ChatCompletionRequest: SteeredChatCompletionRequest,
+# vLLM's body model -> (steered model, metrics label), as on the body's own route
+_STEERED_INVOCATIONS = {
+    CompletionRequest: STEERED_ROUTES["/v1/completions"],
+    ChatCompletionRequest: STEERED_ROUTES["/v1/chat/completions"],
 }
 
 
@@ -299,12 +292,11 @@ def _steered_invocation_types(types: list) -> list:
     pooling ones) refused when it carries `steering`."""
     steered = []
     for request_type, (get_handler, endpoint) in types:
-        model = _STEERED_MODEL_OF.get(request_type)
-        if model is None:
-            steered.append((request_type, (get_handler, _refusing_steering(endpoint))))
-        else:
-            label = next(label for m, label in STEERED_ROUTES.values() if m is model)
+        if request_type in _STEERED_INVOCATIONS:
+            model, label = _STEERED_INVOCATIONS[request_type]
             steered.append((model, (get_handler, _steered_endpoint(endpoint, model, label))))
+        else:
+            steered.append((request_type, (get_handler, _refusing_steering(endpoint))))
     return steered
 
 

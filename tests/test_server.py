@@ -6,10 +6,12 @@ is the offline reference: vLLM's LLM with the same engine config (see `offline_r
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import math
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import anthropic
@@ -202,14 +204,22 @@ def stream_respond(client, messages: list, steering: dict | None = None) -> str:
     return "".join(e.delta for e in events if e.type == "response.output_text.delta")
 
 
+def assert_steered_like_chat(client, send: Callable, stream: Callable) -> None:
+    """For each chat, `send(messages, spec)` gives the chat route's text for every spec, and
+    `stream(messages, STRONG)` its steered text; steering changes that text."""
+    specs = (None, STRONG, MIXED)
+    for messages in CHATS:
+        by_chat = [chat(client, messages, steering) for steering in specs]
+        assert [send(messages, steering) for steering in specs] == by_chat
+        assert by_chat[1] != by_chat[0]
+        assert stream(messages, STRONG) == by_chat[1]
+
+
 def test_responses_api_is_steered_like_chat(client):
     # The Responses API renders the same chat template: each spec must give chat's text.
-    for messages in CHATS:
-        by_chat = [chat(client, messages, steering) for steering in (None, STRONG, MIXED)]
-        by_responses = [respond(client, messages, steering) for steering in (None, STRONG, MIXED)]
-        assert by_responses == by_chat
-        assert by_chat[1] != by_chat[0]
-        assert stream_respond(client, messages, STRONG) == by_chat[1]
+    assert_steered_like_chat(
+        client, functools.partial(respond, client), functools.partial(stream_respond, client)
+    )
 
 
 def message(anthropic_client, messages: list, steering: dict | None = None) -> str:
@@ -233,12 +243,11 @@ def test_anthropic_messages_are_steered_like_chat(client, anthropic_client, http
     # vLLM converts a Messages request into a chat request: each spec must give chat's text.
     steered = ("sae_steering_steered_requests_total", (("endpoint", "messages"),))
     before = metric_samples(http).get(steered, 0.0)
-    for messages in CHATS:
-        by_chat = [chat(client, messages, steering) for steering in (None, STRONG, MIXED)]
-        by_messages = [message(anthropic_client, messages, s) for s in (None, STRONG, MIXED)]
-        assert by_messages == by_chat
-        assert by_chat[1] != by_chat[0]
-        assert stream_message(anthropic_client, messages, STRONG) == by_chat[1]
+    assert_steered_like_chat(
+        client,
+        functools.partial(message, anthropic_client),
+        functools.partial(stream_message, anthropic_client),
+    )
     assert metric_samples(http)[steered] - before == 3 * len(CHATS)
 
 
