@@ -70,6 +70,20 @@ class HFReference:
             tokens.append(int(lp.argmax()))
         return tokens[len(prompt) :], logprobs
 
+    def prompt_logprobs(
+        self, prompt: list[int], edits: Sequence[Edit], apply_to: str
+    ) -> np.ndarray:
+        """Log-probability of each prompt token after the first, given the tokens before it."""
+        handles = self._hooks(len(prompt), len(prompt), edits, apply_to)
+        try:
+            with torch.no_grad():
+                logits = self.model(torch.tensor([prompt])).logits[0, :-1]
+        finally:
+            for handle in handles:
+                handle.remove()
+        logprobs = torch.log_softmax(logits, -1).numpy()
+        return logprobs[np.arange(len(prompt) - 1), prompt[1:]]
+
     def _hooks(self, prompt_len: int, seq_len: int, edits: Sequence[Edit], apply_to: str):
         positions = np.arange(seq_len)
         lo = prompt_len - 1 if apply_to == "generated" else 0

@@ -118,6 +118,37 @@ def test_steered_greedy_decoding_matches_float64_reference(
             assert lp == pytest.approx(ref[tid], abs=2e-3)
 
 
+def test_prompt_logprobs_score_the_prompt_under_steering(llm, artifacts, reference):
+    """prompt_logprobs (scoring a text) see the prompt steered where the scope covers it: the
+    float64 reference for "all" and "prompt", unsteered for "generated" (its first steered
+    position, the last prompt token, predicts no prompt token). One batch, unsteered first."""
+    from vllm import SamplingParams
+
+    prompt = PROMPTS[2]
+    edit = ("relu", 3, "set", 20.0)
+    scopes = ["all", "prompt", "generated"]
+    params = [SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=0)] + [
+        steered_params(artifacts, [edit], scope, max_tokens=2, prompt_logprobs=0)
+        for scope in scopes
+    ]
+    outputs = llm.generate([{"prompt_token_ids": prompt}] * len(params), params, use_tqdm=False)
+    scored = [
+        np.array(
+            [step[t].logprob for step, t in zip(o.prompt_logprobs[1:], prompt[1:], strict=True)]
+        )
+        for o in outputs
+    ]
+    unsteered, *steered = scored
+    np.testing.assert_allclose(unsteered, reference.prompt_logprobs(prompt, [], "all"), atol=2e-3)
+    for scope, got in zip(scopes, steered, strict=True):
+        want = reference.prompt_logprobs(
+            prompt, [Edit(artifacts.saes["relu"], 3, "set", 20.0)], scope
+        )
+        np.testing.assert_allclose(got, want, atol=2e-3, err_msg=scope)
+    assert np.abs(steered[0] - unsteered).max() > 0.5
+    assert np.array_equal(steered[2], unsteered)
+
+
 def test_compile_cache_of_an_engine_without_the_plugin_is_not_reused(
     llm, artifacts, mode, compile_cache
 ):
