@@ -43,12 +43,16 @@ def steered_residual(h: np.ndarray, edits: Sequence[Edit]) -> np.ndarray:
 
 
 class HFReference:
-    """Greedy decoding of the tiny model in float64 with steering hooks on resid_post."""
+    """Greedy decoding of a tiny model in float64 with steering hooks on resid_post."""
 
     def __init__(self, model_dir):
-        from transformers import LlamaForCausalLM
+        from transformers import AutoModelForCausalLM
 
-        self.model = LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float64).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=torch.float64, attn_implementation="eager"
+        ).eval()
+        inner = getattr(self.model, "model", None) or self.model.transformer
+        self.layers = inner.layers if hasattr(inner, "layers") else inner.h
 
     def greedy(
         self, prompt: list[int], max_tokens: int, edits: Sequence[Edit], apply_to: str = "generated"
@@ -101,5 +105,5 @@ class HFReference:
                 new = torch.from_numpy(steered).unsqueeze(0)
                 return (new, *output[1:]) if isinstance(output, tuple) else new
 
-            handles.append(self.model.model.layers[layer].register_forward_hook(hook))
+            handles.append(self.layers[layer].register_forward_hook(hook))
         return handles

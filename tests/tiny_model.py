@@ -16,29 +16,59 @@ VOCAB = 384
 WORDS = [f"w{i}" for i in range(VOCAB - 4)]
 
 
+def _tiny_config(family: str):
+    """A 4-layer config of `family` at hidden 128 that vLLM and HF both load."""
+    import transformers
+
+    shared = {"vocab_size": VOCAB, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+    decoder = shared | {
+        "hidden_size": HIDDEN,
+        "intermediate_size": 256,
+        "num_hidden_layers": LAYERS,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "head_dim": 64,
+        "max_position_embeddings": 512,
+        "tie_word_embeddings": False,
+    }
+    gemma = {"sliding_window": 4096, "query_pre_attn_scalar": 64, "tie_word_embeddings": True}
+    configs = {
+        "llama": lambda: transformers.LlamaConfig(**decoder),
+        "qwen3": lambda: transformers.Qwen3Config(**decoder),
+        "gemma2": lambda: transformers.Gemma2Config(**decoder | gemma),
+        "gemma3": lambda: transformers.Gemma3TextConfig(**decoder | gemma),
+        "gpt2": lambda: transformers.GPT2Config(
+            **shared, n_embd=HIDDEN, n_layer=LAYERS, n_head=2, n_positions=512, n_inner=256
+        ),
+    }
+    return configs[family]()
+
+
+CAUSAL_LM_CLASSES = {
+    "llama": "LlamaForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3": "Gemma3ForCausalLM",
+    "gpt2": "GPT2LMHeadModel",
+}
+
+
 def build_tiny_llama(directory: Path, seed: int = 0) -> Path:
     """A 4-layer Llama (hidden 128, head_dim 64) with a word-level tokenizer."""
+    return build_tiny_model(directory, "llama", seed)
+
+
+def build_tiny_model(directory: Path, family: str, seed: int = 0) -> Path:
+    """A 4-layer random-weight model of `family` (hidden 128) with a word-level tokenizer."""
+    import transformers
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     directory.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        intermediate_size=256,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        head_dim=64,
-        max_position_embeddings=512,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-        tie_word_embeddings=False,
-        torch_dtype="float32",
-    )
-    model = LlamaForCausalLM(config)
+    config = _tiny_config(family)
+    config.torch_dtype = "float32"
+    model = getattr(transformers, CAUSAL_LM_CLASSES[family])(config)
     with torch.no_grad():  # larger weights than the default init make greedy decoding varied
         for param in model.parameters():
             if param.dim() == 2:
