@@ -78,15 +78,29 @@ class HFReference:
         self, prompt: list[int], edits: Sequence[Edit], apply_to: str
     ) -> np.ndarray:
         """Log-probability of each prompt token after the first, given the tokens before it."""
-        handles = self._hooks(len(prompt), len(prompt), edits, apply_to)
+        logprobs = self._position_logprobs(prompt, len(prompt), edits, apply_to)[:-1]
+        return logprobs[np.arange(len(prompt) - 1), prompt[1:]]
+
+    def forced_logprobs(
+        self, prompt: list[int], generated: list[int], edits: Sequence[Edit], apply_to: str
+    ) -> np.ndarray:
+        """Log-probability of each generated token given the prompt and the tokens before it
+        (teacher-forced: comparable to a less precise engine even after a near-tie flips)."""
+        logprobs = self._position_logprobs(prompt + generated, len(prompt), edits, apply_to)
+        return logprobs[np.arange(len(prompt) - 1, len(prompt) - 1 + len(generated)), generated]
+
+    def _position_logprobs(
+        self, tokens: list[int], prompt_len: int, edits: Sequence[Edit], apply_to: str
+    ) -> np.ndarray:
+        """Log-softmax at every position of one causal pass (scopes are per position)."""
+        handles = self._hooks(prompt_len, len(tokens), edits, apply_to)
         try:
             with torch.no_grad():
-                logits = self.model(torch.tensor([prompt])).logits[0, :-1]
+                logits = self.model(torch.tensor([tokens])).logits[0]
         finally:
             for handle in handles:
                 handle.remove()
-        logprobs = torch.log_softmax(logits, -1).numpy()
-        return logprobs[np.arange(len(prompt) - 1), prompt[1:]]
+        return torch.log_softmax(logits, -1).numpy()
 
     def _hooks(self, prompt_len: int, seq_len: int, edits: Sequence[Edit], apply_to: str):
         positions = np.arange(seq_len)

