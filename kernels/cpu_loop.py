@@ -55,11 +55,14 @@ def steer_tokens(
     row_op: np.ndarray,
     tok_row: np.ndarray,
     tok_scope: np.ndarray,
-    bf16: bool,
+    hidden_bf16: bool,
+    residual_bf16: bool,
+    weights_bf16: bool,
 ) -> None:
     """hidden[t] += sum over t's edit slots of (a' - a) * W_dec[f], for every token t with a
     row in range and in scope; a = the feature's activation of hidden[t] (+ residual[t]).
-    Activations and weights are float32, or all bfloat16 bit patterns when bf16."""
+    hidden, residual and the weights (enc_t, W_dec) are each float32, or bfloat16 bit patterns
+    where their flag says so."""
     d_sae, d_in = enc_t.shape
     n_rows, n_slots = row_feat.shape
     bits = np.empty(d_in, dtype=np.uint32)
@@ -71,10 +74,10 @@ def steer_tokens(
         r = tok_row[t]
         if r < 0 or r >= n_rows or not tok_scope[t]:
             continue
-        load_row(hidden, t, bf16, bits, scratch)
+        load_row(hidden, t, hidden_bf16, bits, scratch)
         base[:] = scratch
         if has_residual:
-            load_row(residual, t, bf16, bits, scratch)
+            load_row(residual, t, residual_bf16, bits, scratch)
             h[:] = base + scratch
         else:
             h[:] = base
@@ -84,7 +87,7 @@ def steer_tokens(
             f = row_feat[r, s]
             if f < 0 or f >= d_sae:
                 continue
-            load_row(enc_t, f, bf16, bits, scratch)
+            load_row(enc_t, f, weights_bf16, bits, scratch)
             z = np.float32(0.0)
             for i in range(d_in):
                 z += scratch[i] * h[i]
@@ -106,10 +109,10 @@ def steer_tokens(
             else:
                 continue
             coef = np.float32(edited - a)
-            load_row(W_dec, f, bf16, bits, scratch)
+            load_row(W_dec, f, weights_bf16, bits, scratch)
             for i in range(d_in):
                 delta[i] += coef * scratch[i]
             changed = True
         if changed:
             base += delta
-            store_row(hidden, t, bf16, base)
+            store_row(hidden, t, hidden_bf16, base)

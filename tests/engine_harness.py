@@ -87,10 +87,13 @@ def steered_params(artifacts: Artifacts, edits, apply_to: str, **sampling):
     return steering_params(spec, config=artifacts.additional_config(), **sampling)
 
 
-def baseline_outputs(artifacts: Artifacts, max_tokens: int, enforce_eager: bool = True) -> dict:
+def baseline_outputs(
+    artifacts: Artifacts, max_tokens: int, enforce_eager: bool = True, dtype: str = "float32"
+) -> dict:
     """Greedy tokens and top-5 logprobs of PROMPTS from vLLM with no plugin loaded."""
     env = os.environ | ENGINE_ENV | {"VLLM_PLUGINS": "none"}
-    args = [str(artifacts.model_dir), str(max_tokens), "eager" if enforce_eager else "compiled"]
+    mode = "eager" if enforce_eager else "compiled"
+    args = [str(artifacts.model_dir), str(max_tokens), mode, dtype]
     result = subprocess.run(
         [sys.executable, __file__, *args],
         env=env,
@@ -109,10 +112,10 @@ def baseline_outputs(artifacts: Artifacts, max_tokens: int, enforce_eager: bool 
     return data
 
 
-def _run_baseline(model_dir: str, max_tokens: int, mode: str) -> None:
+def _run_baseline(model_dir: str, max_tokens: int, mode: str, dtype: str) -> None:
     from vllm import LLM, SamplingParams
 
-    llm = LLM(**engine_kwargs(Path(model_dir), enforce_eager=mode == "eager"))
+    llm = LLM(**engine_kwargs(Path(model_dir), enforce_eager=mode == "eager", dtype=dtype))
     params = SamplingParams(temperature=0, max_tokens=max_tokens, logprobs=5)
     outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
     print(
@@ -133,4 +136,4 @@ def _run_baseline(model_dir: str, max_tokens: int, mode: str) -> None:
 
 
 if __name__ == "__main__":
-    _run_baseline(sys.argv[1], int(sys.argv[2]), sys.argv[3])
+    _run_baseline(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4])

@@ -87,12 +87,14 @@ class SteeredStack(nn.Module):
             out = layer(hidden, position_embeddings=rotary, position_ids=positions)
             hidden = out[0] if isinstance(out, tuple) else out
             if index == self.sae_layer:
-                hidden = hidden.contiguous()
+                # As the engine's steered layer does: steer a float32 working copy.
+                working = hidden.float().contiguous()
                 torch.ops.sae_vllm.steer_(
-                    hidden.view(-1, hidden.shape[-1]), None, self.enc_t, self.b_enc,
+                    working.view(-1, working.shape[-1]), None, self.enc_t, self.b_enc,
                     self.threshold, self.W_dec, self.row_feat, self.row_val, self.row_op,
                     self.tok_row, self.tok_scope, self.topk_k,
                 )  # fmt: skip
+                hidden = working.to(hidden.dtype)
         return hidden
 
 

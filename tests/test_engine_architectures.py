@@ -14,7 +14,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine_harness import PROMPTS, SAE_LAYERS, Artifacts, make_llm, steered_params
+from engine_harness import (
+    PROMPTS,
+    SAE_LAYERS,
+    Artifacts,
+    baseline_outputs,
+    make_llm,
+    steered_params,
+)
 from hf_reference import Edit, HFReference
 from tiny_model import build_tiny_model, write_random_sae
 
@@ -60,12 +67,39 @@ def chosen_logprobs(completion) -> np.ndarray:
     )
 
 
-def test_steering_equals_the_float64_reference(artifacts, family):
+@pytest.fixture(scope="module")
+def llm(artifacts, family):
+    dtype, eager = FAMILIES[family]
+    engine = make_llm(artifacts, dtype=dtype, enforce_eager=eager)
+    yield engine
+    del engine
+
+
+@pytest.mark.parametrize("family", ["gemma2"], indirect=True)
+def test_unsteered_bfloat16_compiled_gemma2_is_bit_identical_to_vllm_without_the_plugin(
+    llm, artifacts, family
+):
+    """Inductor fuses Gemma 2's post-norm into the next layer's add without rounding to
+    bfloat16 in between; the steered layer must not break that fusion for unsteered requests."""
     from vllm import SamplingParams
 
     dtype, eager = FAMILIES[family]
+    baseline = baseline_outputs(artifacts, MAX_TOKENS, enforce_eager=eager, dtype=dtype)
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, logprobs=5)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
+    assert [list(o.outputs[0].token_ids) for o in outputs] == baseline["tokens"]
+    logprobs = [
+        [{t: lp.logprob for t, lp in step.items()} for step in o.outputs[0].logprobs]
+        for o in outputs
+    ]
+    assert logprobs == baseline["logprobs"]
+
+
+def test_steering_equals_the_float64_reference(llm, artifacts, family):
+    from vllm import SamplingParams
+
+    dtype, _ = FAMILIES[family]
     tolerance = TOLERANCE[dtype]
-    llm = make_llm(artifacts, dtype=dtype, enforce_eager=eager)
     reference = HFReference(artifacts.model_dir)
     prompts = [PROMPTS[1], PROMPTS[2][:120]]
     cases = [([], None), *STEERED]
@@ -102,4 +136,3 @@ def test_steering_equals_the_float64_reference(artifacts, family):
                 moved = list(completion.token_ids) != list(unsteered.token_ids)
                 shift = np.abs(got - chosen_logprobs(unsteered)).max()
                 assert moved or shift > 2 * tolerance, label
-    del llm

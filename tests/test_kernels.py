@@ -398,6 +398,25 @@ def test_matches_oracle(runner: Runner, arch: str, dtype: torch.dtype, residual:
     assert changed.sum() >= 3, "the case must actually steer several tokens"
 
 
+@pytest.mark.parametrize("model_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_float32_working_copy_of_a_low_precision_model(
+    runner: Runner, arch: str, model_dtype: torch.dtype
+):
+    """The steered layer of a bf16/fp16 model hands the op a float32 copy of its output, with
+    the residual and the weights in the model's dtype: the result is the oracle's, in float32."""
+    case = make_case(4, arch, model_dtype)
+    case.hidden_buf = case.hidden_buf.float()
+    if model_dtype == torch.bfloat16:
+        weights = (case.weights.enc_t, case.weights.W_dec)
+        assert cpu_decode_module.compiled_path_applies(case.hidden, case.residual, *weights)
+    got = run_case(case, runner)
+    assert got.dtype == torch.float32
+    assert_matches_oracle(case, got, oracle(case))
+    changed = (got.double().numpy() != case.hidden.double().numpy()).any(axis=1)
+    assert changed.sum() >= 3, "the case must actually steer several tokens"
+
+
 def test_topk_case_needs_membership():
     """The TopK cases above include edited features with pre > 0 outside the top k, where
     relu(pre) alone would be the wrong activation, and features inside it."""

@@ -145,6 +145,24 @@ def test_triton_matches_reference(sae_shape, arch, n_tok, n_slots):
     assert torch.equal(got[unsteered].view(torch.int16), inputs.hidden[unsteered].view(torch.int16))
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_float32_working_copy_of_a_bfloat16_layer(sae_shape, arch):
+    """As the engine calls it for a bf16 model: hidden is a float32 copy, the residual and the
+    weights bf16; unsteered rows stay bit-identical."""
+    d_in, d_sae = sae_shape
+    weights = make_weights(arch, d_in, d_sae, torch.bfloat16)
+    inputs = make_inputs(weights, 64, 8, residual=True, seed=5)
+    hidden = inputs.hidden.float()
+    want = reference(inputs, hidden)
+    got = hidden.clone()
+    torch.ops.sae_vllm.steer_(*inputs.args(got))
+    torch.cuda.synchronize()
+    torch.testing.assert_close(got, want, rtol=2.0**-9, atol=1e-2)
+    assert not torch.equal(got, hidden), "nothing was steered"
+    unsteered = ~steered_mask(inputs, 64)
+    assert torch.equal(got[unsteered].view(torch.int32), hidden[unsteered].view(torch.int32))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_other_dtypes_and_single_tensor_layers(dtype):
     weights = make_weights("topk", 2048, 8192, dtype)

@@ -69,9 +69,18 @@ def _steered_class(base: type[nn.Module]) -> type[nn.Module]:
                 residual = output[1] if len(output) > 1 else None
             else:
                 hidden, residual = output, None
+            # A low-precision output is steered in a float32 copy. Inductor fuses a layer's
+            # last pointwise ops (Gemma 2's post-norm) into the next layer's residual add and
+            # drops the bfloat16 round trip between them; an op given the output itself would
+            # make inductor store it rounded, and unsteered requests would no longer match
+            # vLLM without the plugin. The copy holds the unrounded value instead.
+            working = hidden if hidden.dtype == torch.float32 else hidden.float()
             for steering in self.sae_steering:
-                steering(hidden, residual)
-            return output
+                steering(working, residual)
+            if working is hidden:
+                return output
+            steered = working.to(hidden.dtype)
+            return (steered, *output[1:]) if isinstance(output, tuple) else steered
 
     SteeredLayer.__name__ = SteeredLayer.__qualname__ = f"SAESteered{base.__name__}"
     _steered_classes[base] = SteeredLayer
