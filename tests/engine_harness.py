@@ -12,6 +12,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from tiny_model import RawSAE, build_tiny_llama, write_random_sae
 
 PROMPTS: list[list[int]] = [
@@ -112,27 +114,34 @@ def baseline_outputs(
     return data
 
 
-def _run_baseline(model_dir: str, max_tokens: int, mode: str, dtype: str) -> None:
-    from vllm import LLM, SamplingParams
+def unsteered_outputs(llm, max_tokens: int) -> dict:
+    """Greedy tokens and top-5 logprobs of PROMPTS, in one batch: what `baseline_outputs`
+    compares an engine with the plugin against."""
+    from vllm import SamplingParams
 
-    llm = LLM(**engine_kwargs(Path(model_dir), enforce_eager=mode == "eager", dtype=dtype))
     params = SamplingParams(temperature=0, max_tokens=max_tokens, logprobs=5)
     outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
-    print(
-        _MARKER
-        + json.dumps(
-            {
-                "tokens": [list(o.outputs[0].token_ids) for o in outputs],
-                "logprobs": [
-                    [
-                        {str(t): lp.logprob for t, lp in step.items()}
-                        for step in o.outputs[0].logprobs
-                    ]
-                    for o in outputs
-                ],
-            }
-        )
+    return {
+        "tokens": [list(o.outputs[0].token_ids) for o in outputs],
+        "logprobs": [
+            [{t: lp.logprob for t, lp in step.items()} for step in o.outputs[0].logprobs]
+            for o in outputs
+        ],
+    }
+
+
+def chosen_logprobs(completion) -> np.ndarray:
+    """Log-probability of each token a completion (one of a RequestOutput's outputs) chose."""
+    return np.array(
+        [step[t].logprob for step, t in zip(completion.logprobs, completion.token_ids, strict=True)]
     )
+
+
+def _run_baseline(model_dir: str, max_tokens: int, mode: str, dtype: str) -> None:
+    from vllm import LLM
+
+    llm = LLM(**engine_kwargs(Path(model_dir), enforce_eager=mode == "eager", dtype=dtype))
+    print(_MARKER + json.dumps(unsteered_outputs(llm, max_tokens)))  # int keys become strings
 
 
 if __name__ == "__main__":

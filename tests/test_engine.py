@@ -13,9 +13,11 @@ from engine_harness import (
     ENGINE_MODES,
     PROMPTS,
     baseline_outputs,
+    chosen_logprobs,
     make_llm,
     steered_params,
     tiny_artifacts,
+    unsteered_outputs,
 )
 from hf_reference import Edit, HFReference
 
@@ -72,16 +74,7 @@ def greedy(llm, prompts, params_list):
 
 
 def test_unsteered_tokens_and_logprobs_identical_to_vllm_without_plugin(llm, baseline):
-    from vllm import SamplingParams
-
-    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, logprobs=5)
-    tokens, outputs = greedy(llm, PROMPTS, [params] * len(PROMPTS))
-    assert tokens == baseline["tokens"]
-    logprobs = [
-        [{tid: lp.logprob for tid, lp in step.items()} for step in o.outputs[0].logprobs]
-        for o in outputs
-    ]
-    assert logprobs == baseline["logprobs"]
+    assert unsteered_outputs(llm, MAX_TOKENS) == baseline
 
 
 CASES = [
@@ -126,6 +119,7 @@ def test_prompt_logprobs_score_the_prompt_under_steering(llm, artifacts, referen
 
     prompt = PROMPTS[2]
     edit = ("relu", 3, "set", 20.0)
+    oracle_edits = [Edit(artifacts.saes[edit[0]], *edit[1:])]
     scopes = ["all", "prompt", "generated"]
     params = [SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=0)] + [
         steered_params(artifacts, [edit], scope, max_tokens=2, prompt_logprobs=0)
@@ -141,9 +135,7 @@ def test_prompt_logprobs_score_the_prompt_under_steering(llm, artifacts, referen
     unsteered, *steered = scored
     np.testing.assert_allclose(unsteered, reference.prompt_logprobs(prompt, [], "all"), atol=2e-3)
     for scope, got in zip(scopes, steered, strict=True):
-        want = reference.prompt_logprobs(
-            prompt, [Edit(artifacts.saes["relu"], 3, "set", 20.0)], scope
-        )
+        want = reference.prompt_logprobs(prompt, oracle_edits, scope)
         np.testing.assert_allclose(got, want, atol=2e-3, err_msg=scope)
     assert np.abs(steered[0] - unsteered).max() > 0.5
     assert np.array_equal(steered[2], unsteered)
@@ -237,10 +229,7 @@ def test_a_generation_start_continues_a_steered_generation(llm, artifacts):
             extra_args=extra_args or None,
         )  # fmt: skip
         output = greedy(llm, [tokens], [params])[1][0].outputs[0]
-        chosen = [
-            step[t].logprob for step, t in zip(output.logprobs, output.token_ids, strict=True)
-        ]
-        return list(output.token_ids), np.array(chosen)
+        return list(output.token_ids), chosen_logprobs(output)
 
     tokens, logprobs = run(prompt, total)
     assert llm.reset_prefix_cache()  # so the blocks cached next are the plain request's

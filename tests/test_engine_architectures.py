@@ -19,8 +19,10 @@ from engine_harness import (
     SAE_LAYERS,
     Artifacts,
     baseline_outputs,
+    chosen_logprobs,
     make_llm,
     steered_params,
+    unsteered_outputs,
 )
 from hf_reference import Edit, HFReference
 from tiny_model import build_tiny_model, write_random_sae
@@ -61,12 +63,6 @@ def artifacts(tmp_path_factory, family):
     return Artifacts(model_dir, sae_dirs, saes)
 
 
-def chosen_logprobs(completion) -> np.ndarray:
-    return np.array(
-        [step[t].logprob for step, t in zip(completion.logprobs, completion.token_ids, strict=True)]
-    )
-
-
 @pytest.fixture(scope="module")
 def llm(artifacts, family):
     dtype, eager = FAMILIES[family]
@@ -81,18 +77,9 @@ def test_unsteered_bfloat16_compiled_gemma2_is_bit_identical_to_vllm_without_the
 ):
     """Inductor fuses Gemma 2's post-norm into the next layer's add without rounding to
     bfloat16 in between; the steered layer must not break that fusion for unsteered requests."""
-    from vllm import SamplingParams
-
     dtype, eager = FAMILIES[family]
     baseline = baseline_outputs(artifacts, MAX_TOKENS, enforce_eager=eager, dtype=dtype)
-    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, logprobs=5)
-    outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
-    assert [list(o.outputs[0].token_ids) for o in outputs] == baseline["tokens"]
-    logprobs = [
-        [{t: lp.logprob for t, lp in step.items()} for step in o.outputs[0].logprobs]
-        for o in outputs
-    ]
-    assert logprobs == baseline["logprobs"]
+    assert unsteered_outputs(llm, MAX_TOKENS) == baseline
 
 
 def test_steering_equals_the_float64_reference(llm, artifacts, family):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine_harness import PROMPTS, make_llm, steered_params, tiny_artifacts
+from engine_harness import PROMPTS, chosen_logprobs, make_llm, steered_params, tiny_artifacts
 from hf_reference import Edit, HFReference
 
 pytestmark = pytest.mark.engine
@@ -23,6 +23,11 @@ SCOPES = ["generated", "all", "prompt"]
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory):
     return tiny_artifacts(tmp_path_factory.mktemp("prompt-embeds"))
+
+
+@pytest.fixture(scope="module")
+def reference(artifacts):
+    return HFReference(artifacts.model_dir)
 
 
 @pytest.fixture(scope="module")
@@ -39,19 +44,11 @@ def token_embeddings(artifacts, prompt: list[int]) -> torch.Tensor:
     return table[torch.tensor(prompt)]
 
 
-def chosen_logprobs(output) -> np.ndarray:
-    completion = output.outputs[0]
-    return np.array(
-        [step[t].logprob for step, t in zip(completion.logprobs, completion.token_ids, strict=True)]
-    )
-
-
 @pytest.mark.parametrize("prompt", [PROMPTS[0], PROMPTS[2]], ids=["5-tokens", "200-tokens"])
-def test_prompt_embeddings_are_steered_like_token_ids(llm, artifacts, prompt):
+def test_prompt_embeddings_are_steered_like_token_ids(llm, artifacts, reference, prompt):
     from vllm import SamplingParams
 
     sae, feature, op, value = EDIT
-    reference = HFReference(artifacts.model_dir)
     unsteered = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, logprobs=0)
     params = [unsteered] + [
         steered_params(artifacts, [EDIT], scope, max_tokens=MAX_TOKENS, logprobs=0)
@@ -71,10 +68,13 @@ def test_prompt_embeddings_are_steered_like_token_ids(llm, artifacts, prompt):
         assert list(from_embeds.outputs[0].token_ids) == want, scope
         assert list(from_ids.outputs[0].token_ids) == want, scope
         np.testing.assert_allclose(
-            chosen_logprobs(from_embeds), chosen_logprobs(from_ids), atol=1e-5, err_msg=str(scope)
+            chosen_logprobs(from_embeds.outputs[0]),
+            chosen_logprobs(from_ids.outputs[0]),
+            atol=1e-5,
+            err_msg=str(scope),
         )
-    unsteered_logprobs = chosen_logprobs(pairs[0][0])
+    unsteered_logprobs = chosen_logprobs(pairs[0][0].outputs[0])
     for scope, (from_embeds, _) in zip(SCOPES, pairs[1:], strict=True):
-        steered = chosen_logprobs(from_embeds)
+        steered = chosen_logprobs(from_embeds.outputs[0])
         changed = list(from_embeds.outputs[0].token_ids) != list(pairs[0][0].outputs[0].token_ids)
         assert changed or np.abs(steered - unsteered_logprobs).max() > 1e-2, scope
