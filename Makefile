@@ -25,7 +25,7 @@ endif
 
 test: setup
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 serve: setup
 	$(VENV)/bin/sae-vllm serve

