@@ -43,6 +43,7 @@ FAMILIES = {  # family: (dtype, eager)
     "paligemma2": ("float32", True),
 }
 MULTIMODAL = {"paligemma2": "gemma2"}  # family: the family of its language model
+LANGUAGE_MODEL_DIR = "text"  # beside a multimodal model's folder: its language model alone
 TOLERANCE = {"float32": 2e-3, "bfloat16": 0.1}  # on log-probabilities
 SAES = ("relu", "jumprelu")
 STEERED = [
@@ -62,7 +63,7 @@ def family(request):
 def artifacts(tmp_path_factory, family):
     root = tmp_path_factory.mktemp(family)
     if family in MULTIMODAL:
-        text_dir = build_tiny_model(root / "text", MULTIMODAL[family])
+        text_dir = build_tiny_model(root / LANGUAGE_MODEL_DIR, MULTIMODAL[family])
         model_dir = build_tiny_paligemma2(root / "model", text_dir)
     else:
         model_dir = build_tiny_model(root / "model", family)
@@ -85,7 +86,9 @@ def llm(artifacts, family):
 
 def reference_dir(artifacts: Artifacts, family: str) -> Path:
     """The HF model the float64 reference runs: for a multimodal model, its language model."""
-    return artifacts.model_dir.parent / "text" if family in MULTIMODAL else artifacts.model_dir
+    if family in MULTIMODAL:
+        return artifacts.model_dir.parent / LANGUAGE_MODEL_DIR
+    return artifacts.model_dir
 
 
 @pytest.mark.parametrize("family", ["gemma2"], indirect=True)

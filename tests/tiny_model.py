@@ -104,7 +104,8 @@ def build_tiny_paligemma2(directory: Path, text_dir: Path) -> Path:
     model.model.language_model.load_state_dict(text.model.state_dict())
     model.lm_head.weight = model.model.language_model.embed_tokens.weight
     model.save_pretrained(directory, safe_serialization=True)
-    image_processor = transformers.SiglipImageProcessor(size={"height": 28, "width": 28})
+    side = vision.image_size
+    image_processor = transformers.SiglipImageProcessor(size={"height": side, "width": side})
     image_processor.image_seq_length = (vision.image_size // vision.patch_size) ** 2
     tokenizer = _word_tokenizer(
         {"\n": VOCAB - 2, "<image>": VOCAB - 1}, extra_special_tokens={"image_token": "<image>"}

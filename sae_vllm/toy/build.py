@@ -127,17 +127,15 @@ def ensure_built(progress: bool = True, quick: bool = False) -> ToyArtifacts:
 
 @contextmanager
 def _build_lock(final: Path, say: Progress):
-    """Holds an exclusive lock on `final`'s lock file, saying so when it has to wait."""
+    """Holds an exclusive lock on `final`'s lock file, saying so when it has to wait; closing
+    the file releases it."""
     with open(final.parent / f".{final.name}.lock", "w") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             say.say(f"waiting for another process that is building {final}")
             fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        yield
 
 
 def _build_into_place(final: Path, quick: bool, progress: bool) -> None:
