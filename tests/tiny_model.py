@@ -37,6 +37,12 @@ def _tiny_config(family: str):
         "qwen3": lambda: transformers.Qwen3Config(**decoder),
         "gemma2": lambda: transformers.Gemma2Config(**decoder | gemma),
         "gemma3": lambda: transformers.Gemma3TextConfig(**decoder | gemma),
+        "qwen3_moe": lambda: transformers.Qwen3MoeConfig(
+            **decoder, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64
+        ),
+        "mixtral": lambda: transformers.MixtralConfig(
+            **decoder, num_local_experts=4, num_experts_per_tok=2
+        ),
         "gpt2": lambda: transformers.GPT2Config(
             **shared, n_embd=HIDDEN, n_layer=LAYERS, n_head=2, n_positions=512, n_inner=256
         ),
@@ -50,6 +56,8 @@ CAUSAL_LM_CLASSES = {
     "gemma2": "Gemma2ForCausalLM",
     "gemma3": "Gemma3ForCausalLM",
     "gpt2": "GPT2LMHeadModel",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "mixtral": "MixtralForCausalLM",
 }
 
 

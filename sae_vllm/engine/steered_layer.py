@@ -57,6 +57,10 @@ class SAESteering(nn.Module):
 _steered_classes: dict[type, type] = {}
 
 
+def _float32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float32 else t.float()
+
+
 def _steered_class(base: type[nn.Module]) -> type[nn.Module]:
     if base in _steered_classes:
         return _steered_classes[base]
@@ -69,14 +73,17 @@ def _steered_class(base: type[nn.Module]) -> type[nn.Module]:
                 residual = output[1] if len(output) > 1 else None
             else:
                 hidden, residual = output, None
-            # A low-precision output is steered in a float32 copy. Inductor fuses a layer's
-            # last pointwise ops (Gemma 2's post-norm) into the next layer's residual add and
-            # drops the bfloat16 round trip between them; an op given the output itself would
-            # make inductor store it rounded, and unsteered requests would no longer match
-            # vLLM without the plugin. The copy holds the unrounded value instead.
-            working = hidden if hidden.dtype == torch.float32 else hidden.float()
+            # A low-precision output is steered in a float32 copy, and the op reads the
+            # residual through a float32 copy too. Inductor fuses a layer's last pointwise ops
+            # (Gemma 2's post-norm, the residual add of vLLM's RMSNorm) into the next layer
+            # and drops the bfloat16 round trip between them; an op given a bfloat16 tensor
+            # would make inductor store it rounded, the next layer would read the rounded
+            # value, and unsteered requests would no longer match vLLM without the plugin.
+            # The copies hold the unrounded values instead.
+            working = _float32(hidden)
+            residual_read = None if residual is None else _float32(residual)
             for steering in self.sae_steering:
-                steering(working, residual)
+                steering(working, residual_read)
             if working is hidden:
                 return output
             steered = working.to(hidden.dtype)
