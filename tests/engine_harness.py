@@ -5,6 +5,7 @@ vLLM loads no general plugins there)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -107,6 +108,7 @@ def baseline_running(
             [sys.executable, __file__, *args], env=env, stdout=stdout, stderr=stderr, text=True
         )
 
+        @functools.cache
         def result() -> dict:
             returncode = process.wait(timeout=600)
             stdout.seek(0)
@@ -128,16 +130,8 @@ def baseline_running(
                 process.wait()
 
 
-def baseline_outputs(
-    artifacts: Artifacts, max_tokens: int, enforce_eager: bool = True, dtype: str = "float32"
-) -> dict:
-    """Greedy tokens and top-5 logprobs of PROMPTS from vLLM with no plugin loaded."""
-    with baseline_running(artifacts, max_tokens, enforce_eager, dtype) as result:
-        return result()
-
-
 def unsteered_outputs(llm, max_tokens: int) -> dict:
-    """Greedy tokens and top-5 logprobs of PROMPTS, in one batch: what `baseline_outputs`
+    """Greedy tokens and top-5 logprobs of PROMPTS, in one batch: what `baseline_running`
     compares an engine with the plugin against."""
     from vllm import SamplingParams
 

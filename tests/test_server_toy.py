@@ -12,12 +12,6 @@ SAMPLES = 16
 
 
 @pytest.fixture(scope="module")
-def toy():
-    build = pytest.importorskip("sae_vllm.toy.build")
-    return build.ensure_built()
-
-
-@pytest.fixture(scope="module")
 def server(toy, tmp_path_factory):
     from sae_vllm.server.process import ServerProcess
 

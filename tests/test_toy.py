@@ -32,11 +32,6 @@ from sae_vllm.toy.topic_injection import Intervention
 
 
 @pytest.fixture(scope="module")
-def toy() -> ToyArtifacts:
-    return ensure_built(progress=True)
-
-
-@pytest.fixture(scope="module")
 def hf_model(toy: ToyArtifacts):
     from transformers import AutoModelForCausalLM
 

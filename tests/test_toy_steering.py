@@ -13,13 +13,6 @@ MAX_TOKENS = 12
 
 
 @pytest.fixture(scope="module")
-def toy():
-    from sae_vllm.toy.build import ensure_built
-
-    return ensure_built(progress=False)
-
-
-@pytest.fixture(scope="module")
 def engine(toy):
     from sae_vllm.toy.demo import start_engine
 

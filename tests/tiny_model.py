@@ -40,9 +40,6 @@ def _tiny_config(family: str):
         "qwen3_moe": lambda: transformers.Qwen3MoeConfig(
             **decoder, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64
         ),
-        "mixtral": lambda: transformers.MixtralConfig(
-            **decoder, num_local_experts=4, num_experts_per_tok=2
-        ),
         "gpt2": lambda: transformers.GPT2Config(
             **shared, n_embd=HIDDEN, n_layer=LAYERS, n_head=2, n_positions=512, n_inner=256
         ),
@@ -57,7 +54,6 @@ CAUSAL_LM_CLASSES = {
     "gemma3": "Gemma3ForCausalLM",
     "gpt2": "GPT2LMHeadModel",
     "qwen3_moe": "Qwen3MoeForCausalLM",
-    "mixtral": "MixtralForCausalLM",
 }
 
 
