@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -105,7 +106,12 @@ def baseline_running(
     # Files, not pipes: vLLM logs enough to fill a pipe that nobody reads until it ends.
     with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
         process = subprocess.Popen(
-            [sys.executable, __file__, *args], env=env, stdout=stdout, stderr=stderr, text=True
+            [sys.executable, __file__, *args],
+            env=env,
+            stdout=stdout,
+            stderr=stderr,
+            text=True,
+            start_new_session=True,  # one process group with the engine processes it starts
         )
 
         @functools.cache
@@ -126,7 +132,7 @@ def baseline_running(
             yield result
         finally:
             if process.poll() is None:  # the caller failed before reading it
-                process.kill()
+                os.killpg(process.pid, signal.SIGKILL)  # its engine processes too
                 process.wait()
 
 
