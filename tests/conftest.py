@@ -1,5 +1,5 @@
-"""Test-session setup: make the tests' helper modules importable, order the tests, and the
-embedded toy as a fixture, whose build starts early when collected tests use it."""
+"""Test-session setup: make the tests' helper modules importable, order the tests, provide the
+embedded toy as a fixture and start building it early when collected tests use it."""
 
 import signal
 import subprocess

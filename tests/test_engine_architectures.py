@@ -45,7 +45,9 @@ FAMILIES = {  # family: (dtype, eager)
     "paligemma2": ("float32", True),
     "qwen3_moe": ("bfloat16", False),
 }
-SERVED_AS_IS = [f for f, (dtype, eager) in FAMILIES.items() if dtype == "bfloat16" and not eager]
+BFLOAT16_COMPILED = [
+    f for f, (dtype, eager) in FAMILIES.items() if (dtype, eager) == ("bfloat16", False)
+]
 MULTIMODAL = {"paligemma2": "gemma2"}  # family: the family of its language model
 LANGUAGE_MODEL_DIR = "text"  # beside a multimodal model's folder: its language model alone
 TOLERANCE = {"float32": 2e-3, "bfloat16": 0.1}  # on log-probabilities
@@ -96,21 +98,21 @@ def reference_dir(artifacts: Artifacts, family: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def baseline(artifacts, family):
+def baseline_run(artifacts, family):
     """The no-plugin baseline engine, started before `llm` so that both build at once."""
     dtype, eager = FAMILIES[family]
     with baseline_running(artifacts, MAX_TOKENS, enforce_eager=eager, dtype=dtype) as result:
         yield result
 
 
-@pytest.mark.parametrize("family", SERVED_AS_IS, indirect=True)
+@pytest.mark.parametrize("family", BFLOAT16_COMPILED, indirect=True)
 def test_unsteered_bfloat16_compiled_is_bit_identical_to_vllm_without_the_plugin(
-    baseline, llm, family
+    baseline_run, llm, family
 ):
     """Inductor fuses the ops around a layer boundary (Gemma 2's post-norm, the residual add of
     vLLM's RMSNorm) without rounding to bfloat16 in between; the steered layers must not make
     it round there for unsteered requests."""
-    assert unsteered_outputs(llm, MAX_TOKENS) == baseline()
+    assert unsteered_outputs(llm, MAX_TOKENS) == baseline_run()
 
 
 def test_steering_equals_the_float64_reference(llm, artifacts, family):
