@@ -15,6 +15,10 @@ from . import metrics, rejections
 from .errors import error_response_for
 
 STEERING_FIELD = "steering"
+# On every successful response of a steered route: what the server handed the engine, so a
+# client behind a proxy that drops unknown body fields can tell its spec never arrived.
+STEERING_HEADER = "X-SAE-Steering"
+STEERED, UNSTEERED = "steered", "unsteered"
 XARGS_FIELD = f"vllm_xargs.{EXTRA_ARGS_KEY}"
 
 

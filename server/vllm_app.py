@@ -26,7 +26,7 @@ import os
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.routing import APIRoute
 from pydantic import ConfigDict, Field, PrivateAttr, SkipValidation
 from vllm.entrypoints.anthropic.protocol import AnthropicMessagesRequest
@@ -39,7 +39,15 @@ from sae_vllm.engine.vllm_adapter import with_extra_args
 from sae_vllm.spec import SteeringSpec
 
 from . import metrics, rejections
-from .steering import STEERING_FIELD, Rejection, SteeringGate, check_placement
+from .steering import (
+    STEERED,
+    STEERING_FIELD,
+    STEERING_HEADER,
+    UNSTEERED,
+    Rejection,
+    SteeringGate,
+    check_placement,
+)
 
 SUPPORTED_VLLM = "0.32."
 _MEMORY_DEFAULT = "_sae_vllm_gpu_memory_utilization_default"
@@ -440,7 +448,10 @@ def _steered_endpoint(original: Callable, model: type, label: str):
         except Rejection as rejection:
             return rejection.response_for(raw_request.url.path)
         request.carry_steering(spec)
-        return await original(request, raw_request)
+        response = await original(request, raw_request)
+        if isinstance(response, Response) and response.status_code < 400:
+            response.headers[STEERING_HEADER] = UNSTEERED if spec is None else STEERED
+        return response
 
     endpoint.__name__ = original.__name__
     endpoint.__doc__ = original.__doc__

@@ -557,6 +557,46 @@ def test_steering_nested_in_a_literal_extra_body_is_refused(http, path, body):
     assert plain.status_code == 200, plain.text
 
 
+STEERED_BODIES = {
+    "/v1/completions": {"prompt": "hi", "max_tokens": 2},
+    "/v1/chat/completions": {"messages": CHATS[0], "max_tokens": 2},
+    "/v1/responses": {"input": "hi", "max_output_tokens": 2},
+    "/v1/messages": {"messages": CHATS[0], "max_tokens": 2},
+    "/invocations": {"messages": CHATS[0], "max_tokens": 2},
+}
+
+
+@pytest.mark.parametrize(
+    ("path", "stream"),
+    [(path, False) for path in STEERED_BODIES]
+    + [(path, True) for path in STEERED_BODIES if path != "/invocations"],  # it never streams
+)
+def test_responses_say_whether_the_engine_was_handed_a_spec(http, path, stream):
+    # A client behind a proxy that drops unknown body fields can tell its spec never arrived.
+    body = STEERED_BODIES[path] | {"model": MODEL} | ({"stream": True} if stream else {})
+    for steering, told in ((STRONG, "steered"), (None, "unsteered")):
+        sent = body | ({"steering": steering} if steering else {})
+        with http.stream("POST", path, json=sent) as response:
+            assert response.status_code == 200, response.read()
+            assert response.headers["x-sae-steering"] == told
+            assert response.read()
+    refused = http.post(path, json=body | _steer(_edit(feature=D_SAE)))
+    assert refused.status_code == 400 and "x-sae-steering" not in refused.headers
+
+
+def test_the_official_clients_read_the_steering_header(client, anthropic_client):
+    raw = client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=CHATS[0], max_tokens=2, extra_body={"steering": STRONG}
+    )
+    assert raw.headers["x-sae-steering"] == "steered" and raw.parse().choices
+    raw = client.completions.with_raw_response.create(model=MODEL, prompt="hi", max_tokens=2)
+    assert raw.headers["x-sae-steering"] == "unsteered"
+    raw = anthropic_client.messages.with_raw_response.create(
+        model=MODEL, messages=CHATS[0], max_tokens=2, extra_body={"steering": STRONG}
+    )
+    assert raw.headers["x-sae-steering"] == "steered"
+
+
 PROMPT_ONLY = {"edits": [{"sae": "res1", "feature": 3, "op": "set", "value": 8.0}],
                "apply_to": "prompt"}  # fmt: skip
 

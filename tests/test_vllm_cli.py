@@ -88,20 +88,20 @@ def test_vllm_serve_steers_the_steering_field(client, reference):
 
 def test_both_api_servers_steer(server, reference):
     # A connection each, all at once, so that both API server processes take some.
-    async def complete(steered: bool) -> list[int]:
+    async def complete(steered: bool) -> tuple[str, list[int]]:
         body = {"model": MODEL, "prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0,
                 "return_token_ids": True} | ({"steering": STEERING} if steered else {})  # fmt: skip
         async with httpx.AsyncClient(base_url=server.base_url, timeout=120) as fresh:
             response = await fresh.post("/v1/completions", json=body)
-        return response.json()["choices"][0]["token_ids"]
+        return response.headers["x-sae-steering"], response.json()["choices"][0]["token_ids"]
 
-    async def burst() -> list[list[int]]:
+    async def burst() -> list[tuple[str, list[int]]]:
         return await asyncio.gather(*(complete(i % 2 == 1) for i in range(16)))
 
     before = _steered_count(server.base_url)
     outputs = asyncio.run(burst())
-    assert outputs[1::2] == [reference["steered"]] * 8
-    assert outputs[0::2] == [reference["plain"]] * 8
+    assert outputs[1::2] == [("steered", reference["steered"])] * 8
+    assert outputs[0::2] == [("unsteered", reference["plain"])] * 8
     assert _steered_count(server.base_url) - before == 8  # summed over both processes
 
 

@@ -208,6 +208,14 @@ def runner_info(runner: Any) -> RunnerInfo:
             "sae-vllm hooks vLLM's V1 model runner, but the V2 runner is active; "
             f"start the engine with {RUNNER_ENV}=0"
         )
+    if runner.vllm_config.parallel_config.use_ubatching:
+        # The op indexes its per-token buffers from the step's first token; a microbatch's
+        # hidden states start mid-step, so its tokens would get other tokens' edits.
+        raise RuntimeError(
+            "sae-vllm cannot steer with microbatching (--enable-dbo or --ubatch-size > 1): "
+            "each microbatch would read the whole step's per-token steering rows from its "
+            "own first token; start the engine without it"
+        )
     model_config = runner.model_config
     return RunnerInfo(
         vllm_config=runner.vllm_config,
