@@ -11,6 +11,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -81,7 +82,9 @@ def server(artifacts):
         "--sae", f"res1={artifacts['sae1']}@1", "--sae", f"res2={artifacts['sae2']}",
         "--max-edits", str(MAX_EDITS), "--api-key", API_KEY, *engine_cli_args(),
     ]  # fmt: skip
-    process = ServerProcess(args, artifacts["root"] / "server.log")
+    # The response store lets the Responses API run requests in the background.
+    env = {"VLLM_ENABLE_RESPONSES_API_STORE": "1"}
+    process = ServerProcess(args, artifacts["root"] / "server.log", env=env)
     process.start()
     yield process
     process.stop()
@@ -220,6 +223,30 @@ def test_responses_api_is_steered_like_chat(client):
     assert_steered_like_chat(
         client, functools.partial(respond, client), functools.partial(stream_respond, client)
     )
+
+
+def respond_in_background(client, messages: list, steering: dict | None) -> str:
+    extra = {"steering": steering} if steering is not None else None
+    response = client.responses.create(
+        model=MODEL, input=messages, temperature=0, max_output_tokens=MAX_TOKENS,
+        background=True, store=True, extra_body=extra,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while response.status in ("queued", "in_progress") and time.monotonic() < deadline:
+        time.sleep(0.2)
+        response = client.responses.retrieve(response.id)
+    assert response.status in ("completed", "incomplete"), response  # incomplete: max tokens
+    return response.output_text
+
+
+def test_background_responses_are_steered(client):
+    # A background request runs after the route has answered; its steering must still apply.
+    for messages in CHATS:
+        for steering in (STRONG, None):
+            assert respond_in_background(client, messages, steering) == chat(
+                client, messages, steering
+            )
+    assert chat(client, CHATS[0], STRONG) != chat(client, CHATS[0])
 
 
 def message(anthropic_client, messages: list, steering: dict | None = None) -> str:
