@@ -1,9 +1,10 @@
 """Refuse a `steering` field where it cannot apply, so it is never silently ignored: on routes
-other than the steered ones, and as a query parameter on any route.
+other than the steered ones (in a JSON body or a form), and as a query parameter on any route.
 
 vLLM's request models accept unknown fields, so without this a steered request sent to, say,
 /v1/chat/completions/batch would come back unsteered with a 200; so would one whose spec went
-into the URL (`extra_query` in the openai client) instead of the body."""
+into the URL (`extra_query` in the openai client) instead of the body, or into the form of an
+audio upload (`/v1/audio/transcriptions` on a speech model with a steerable decoder)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,10 @@ from collections.abc import Awaitable, Callable, Collection
 from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qs
+
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
+from starlette.requests import Request
 
 from . import metrics, rejections
 from .errors import error_response_for
@@ -24,11 +29,12 @@ Send = Callable[[Message], Awaitable[None]]
 
 _FIELD_BYTES = STEERING_FIELD.encode()
 _QUOTED_FIELD_BYTES = b'"' + _FIELD_BYTES + b'"'
+_FORM_CONTENT_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 
 
 class RefuseSteeringElsewhere:
-    """ASGI middleware: a POST body with a top-level `steering` field on any path other than
-    the steered ones, and a `steering` query parameter on any path, get a 400.
+    """ASGI middleware: a POST body (JSON or form) with a top-level `steering` field on any
+    path other than the steered ones, and a `steering` query parameter on any path, get a 400.
 
     `steered_paths` are the routes that apply the field (named in the refusal); the routes in
     `self_checked_paths` admit or refuse it themselves, so their bodies pass too."""
@@ -61,7 +67,7 @@ class RefuseSteeringElsewhere:
             await self.app(scope, receive, send)
             return
         body, replay = await _buffer(receive)
-        if _names_steering(body):
+        if await _names_steering(scope, body):
             message = f"{STEERING_FIELD}: not supported on {scope['path']} ({self.instead})"
             await _refuse(message, rejections.UNSUPPORTED_ROUTE, scope, receive, send)
             return
@@ -103,11 +109,30 @@ def _query_names_steering(query_string: bytes) -> bool:
     return STEERING_FIELD in parse_qs(query_string.decode("latin-1"))
 
 
-def _names_steering(body: bytes) -> bool:
-    if _QUOTED_FIELD_BYTES not in body:  # the usual case: no parsing
+async def _names_steering(scope: Scope, body: bytes) -> bool:
+    if _FIELD_BYTES not in body:  # the usual case: no parsing
+        return False
+    content_type = dict(scope["headers"]).get(b"content-type", b"").decode("latin-1").lower()
+    if content_type.startswith(_FORM_CONTENT_TYPES):
+        return await _form_names_steering(scope, body)
+    if _QUOTED_FIELD_BYTES not in body:
         return False
     try:
         data = json.loads(body)
     except ValueError:
         return False
     return isinstance(data, dict) and STEERING_FIELD in data
+
+
+async def _form_names_steering(scope: Scope, body: bytes) -> bool:
+    async def receive() -> Message:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        form = await Request(scope, receive).form()
+    except (HTTPException, MultiPartException):  # malformed: the route answers as it would
+        return False
+    try:
+        return STEERING_FIELD in form
+    finally:
+        await form.close()

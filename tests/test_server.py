@@ -560,6 +560,21 @@ def test_steering_in_the_query_string_is_refused(client, http):
     assert http.get("/v1/models", params={"not_steering": "x"}).status_code == 200
 
 
+def test_steering_in_a_form_is_refused(http):
+    # Form routes (vLLM's audio uploads) never read `steering`; they would ignore the field.
+    path = "/v1/audio/transcriptions"
+    audio = {"file": ("clip.wav", b"RIFF\x00\x00\x00\x00WAVE", "audio/wav")}
+    steered = {"model": MODEL, "steering": json.dumps(STRONG)}
+    for files in (audio, None):  # multipart, then urlencoded
+        response = http.post(path, data=steered, files=files)
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert (error["param"], error["reason"]) == ("steering", "unsupported_route")
+    # The word alone is no field: the form reaches vLLM, which has no such route for this model.
+    plain = http.post(path, data={"model": MODEL, "prompt": "steering"}, files=audio)
+    assert plain.status_code == 404, plain.text
+
+
 @pytest.mark.parametrize(
     "path, body",
     [
