@@ -1,7 +1,7 @@
 """Shared engine-test setup: tiny model + SAEs, steered/unsteered engines, and a no-plugin baseline.
 
 Run as a script it prints the no-plugin baseline as JSON (it runs in its own process so that
-vLLM loads no general plugins there)."""
+vLLM loads none of the steering plugin there: only sae-vllm's AMX request, see AMX_ONLY)."""
 
 from __future__ import annotations
 

@@ -575,30 +575,7 @@ def test_steering_in_a_form_is_refused(http):
     assert plain.status_code == 404, plain.text
 
 
-@pytest.mark.parametrize(
-    "path, body",
-    [
-        ("/v1/completions", {"prompt": "hi", "max_tokens": 2}),
-        (
-            "/v1/chat/completions",
-            {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
-        ),
-        ("/v1/responses", {"input": "hi", "max_output_tokens": 2}),
-        ("/v1/messages", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
-    ],
-)
-def test_steering_nested_in_a_literal_extra_body_is_refused(http, path, body):
-    # The openai client's extra_body argument merges into the body; written by hand as a field,
-    # vLLM would ignore it and answer unsteered.
-    body = body | {"model": MODEL}
-    response = http.post(path, json=body | {"extra_body": {"steering": STRONG}})
-    assert response.status_code == 400, response.text
-    error = response.json()["error"]
-    assert (error["reason"], error["param"]) == ("misplaced", "extra_body.steering")
-    plain = http.post(path, json=body | {"extra_body": {"top_k": 1}})
-    assert plain.status_code == 200, plain.text
-
-
+# A small body for each route that steers (SageMaker's /invocations: a chat body).
 STEERED_BODIES = {
     "/v1/completions": {"prompt": "hi", "max_tokens": 2},
     "/v1/chat/completions": {"messages": CHATS[0], "max_tokens": 2},
@@ -606,6 +583,19 @@ STEERED_BODIES = {
     "/v1/messages": {"messages": CHATS[0], "max_tokens": 2},
     "/invocations": {"messages": CHATS[0], "max_tokens": 2},
 }
+
+
+@pytest.mark.parametrize("path", list(STEERED_BODIES))
+def test_steering_nested_in_a_literal_extra_body_is_refused(http, path):
+    # The openai client's extra_body argument merges into the body; written by hand as a field,
+    # vLLM would ignore it and answer unsteered.
+    body = STEERED_BODIES[path] | {"model": MODEL}
+    response = http.post(path, json=body | {"extra_body": {"steering": STRONG}})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["reason"], error["param"]) == ("misplaced", "extra_body.steering")
+    plain = http.post(path, json=body | {"extra_body": {"top_k": 1}})
+    assert plain.status_code == 200, plain.text
 
 
 @pytest.mark.parametrize(
