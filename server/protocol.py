@@ -43,6 +43,16 @@ class AnthropicErrorResponse(BaseModel):
     error: AnthropicErrorInfo
 
 
+class WebSocketErrorEvent(BaseModel):
+    """An error event on a websocket (vLLM's /v1/realtime shape: `{"type": "error", "error",
+    "code"}`), with the refused field as `param`; the connection stays open."""
+
+    type: Literal["error"] = "error"
+    error: str
+    code: str = Field(description="Why steering was refused, as in `ErrorInfo.reason`.")
+    param: str | None = None
+
+
 class SAEInfo(BaseModel):
     """One SAE the server steers with."""
 

@@ -1,10 +1,12 @@
 """Refuse a `steering` field where it cannot apply, so it is never silently ignored: on routes
-other than the steered ones (in a JSON body or a form), and as a query parameter on any route.
+other than the steered ones (in a JSON body or a form), in a websocket's messages, and as a
+query parameter on any route.
 
 vLLM's request models accept unknown fields, so without this a steered request sent to, say,
 /v1/chat/completions/batch would come back unsteered with a 200; so would one whose spec went
-into the URL (`extra_query` in the openai client) instead of the body, or into the form of an
-audio upload (`/v1/audio/transcriptions` on a speech model with a steerable decoder)."""
+into the URL (`extra_query` in the openai client) instead of the body, into the form of an
+audio upload (`/v1/audio/transcriptions` on a speech model with a steerable decoder), or into
+a `session.update` of vLLM's realtime transcription websocket (`/v1/realtime`)."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from starlette.requests import Request
 
 from . import metrics, rejections
 from .errors import error_response_for
+from .protocol import WebSocketErrorEvent
 from .steering import STEERING_FIELD
 
 Scope = dict[str, Any]
@@ -30,11 +33,16 @@ Send = Callable[[Message], Awaitable[None]]
 _FIELD_BYTES = STEERING_FIELD.encode()
 _QUOTED_FIELD_BYTES = b'"' + _FIELD_BYTES + b'"'
 _FORM_CONTENT_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+_DENIAL_EXTENSION = "websocket.http.response"  # ASGI: the server can answer a handshake with HTTP
+_POLICY_VIOLATION = 1008  # websocket close code
+_MAX_CLOSE_REASON_BYTES = 123  # websocket protocol limit
 
 
 class RefuseSteeringElsewhere:
     """ASGI middleware: a POST body (JSON or form) with a top-level `steering` field on any
-    path other than the steered ones, and a `steering` query parameter on any path, get a 400.
+    path other than the steered ones, and a `steering` query parameter on any path (websocket
+    handshakes included), get a 400; a websocket message (a JSON object) with a top-level
+    `steering` field is answered with an error event and not passed on.
 
     `steered_paths` are the routes that apply the field (named in the refusal); the routes in
     `self_checked_paths` admit or refuse it themselves, so their bodies pass too."""
@@ -54,6 +62,9 @@ class RefuseSteeringElsewhere:
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            await self._websocket(scope, receive, send)
+            return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -72,6 +83,52 @@ class RefuseSteeringElsewhere:
             await _refuse(message, rejections.UNSUPPORTED_ROUTE, scope, receive, send)
             return
         await self.app(scope, replay, send)
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if _query_names_steering(scope.get("query_string", b"")):
+            message = f"{STEERING_FIELD}: not supported in a websocket's query ({self.instead})"
+            await _deny_handshake(message, rejections.MISPLACED, scope, receive, send)
+            return
+        refusal = WebSocketErrorEvent(
+            error=f"{STEERING_FIELD}: not supported in messages of {scope['path']} "
+            f"({self.instead}); this message was not processed",
+            code=rejections.UNSUPPORTED_ROUTE,
+            param=STEERING_FIELD,
+        ).model_dump_json()
+
+        async def receive_unsteered() -> Message:
+            while True:
+                message = await receive()
+                if message["type"] != "websocket.receive" or not _message_names_steering(message):
+                    return message
+                metrics.record_rejected(rejections.UNSUPPORTED_ROUTE)
+                await send({"type": "websocket.send", "text": refusal})
+
+        await self.app(scope, receive_unsteered, send)
+
+
+async def _deny_handshake(
+    message: str, reason: str, scope: Scope, receive: Receive, send: Send
+) -> None:
+    """Refuse a websocket before it opens: a 400 with the error body where the server can send
+    one, else a policy-violation close with the message as its reason."""
+    await receive()  # websocket.connect
+    if _DENIAL_EXTENSION in scope.get("extensions", {}):
+        await _refuse(message, reason, scope, receive, send)
+        return
+    metrics.record_rejected(reason)
+    close_reason = message.encode()[:_MAX_CLOSE_REASON_BYTES].decode(errors="ignore")
+    await send({"type": "websocket.close", "code": _POLICY_VIOLATION, "reason": close_reason})
+
+
+def _message_names_steering(message: Message) -> bool:
+    data = message.get("text")
+    if data is None:
+        data = message.get("bytes") or b""
+    field = STEERING_FIELD if isinstance(data, str) else _FIELD_BYTES
+    if field not in data:  # the usual case (audio chunks among them): no parsing
+        return False
+    return _json_object_names_steering(data)
 
 
 async def _refuse(message: str, reason: str, scope: Scope, receive: Receive, send: Send) -> None:
@@ -117,8 +174,12 @@ async def _names_steering(scope: Scope, body: bytes) -> bool:
         return await _form_names_steering(scope, body)
     if _QUOTED_FIELD_BYTES not in body:
         return False
+    return _json_object_names_steering(body)
+
+
+def _json_object_names_steering(text: str | bytes) -> bool:
     try:
-        data = json.loads(body)
+        data = json.loads(text)
     except ValueError:
         return False
     return isinstance(data, dict) and STEERING_FIELD in data

@@ -14,12 +14,15 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import quote
 
 import anthropic
 import httpx
 import openai
 import pytest
+import websockets.sync.client
 from server_metrics import metric_samples
+from websockets.exceptions import InvalidStatus
 
 pytestmark = pytest.mark.server
 
@@ -558,6 +561,23 @@ def test_steering_in_the_query_string_is_refused(client, http):
     response = http.get("/v1/models", params={"steering": "x"})
     assert response.status_code == 400 and response.json()["error"]["param"] == "steering"
     assert http.get("/v1/models", params={"not_steering": "x"}).status_code == 200
+
+
+def test_steering_in_a_websocket_query_is_refused(server):
+    # vLLM's one websocket route (/v1/realtime, speech models) reads no steering from its URL.
+    # Its messages are checked in test_websocket_steering.py (this model has no such route).
+    url = server.base_url.replace("http", "ws", 1) + "/v1/realtime"
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    with pytest.raises(InvalidStatus) as steered:
+        websockets.sync.client.connect(
+            f"{url}?steering={quote(json.dumps(STRONG))}", additional_headers=auth
+        )
+    assert steered.value.response.status_code == 400
+    error = json.loads(steered.value.response.body)["error"]
+    assert (error["reason"], error["param"]) == ("misplaced", "steering")
+    with pytest.raises(InvalidStatus) as plain:
+        websockets.sync.client.connect(f"{url}?not_steering=1", additional_headers=auth)
+    assert plain.value.response.status_code == 403  # vLLM's answer: no such websocket route
 
 
 def test_steering_in_a_form_is_refused(http):
