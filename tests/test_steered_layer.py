@@ -55,10 +55,18 @@ def inputs(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_eager_steers_the_layer_output_in_place(dtype):
+def test_eager_steers_the_layer_output_in_place(dtype, monkeypatch):
     layer = steered_pair_layer(dtype)
     hidden, residual = inputs(dtype)
     plain_hidden, _ = PairLayer.forward(layer, hidden, residual)
+    returned_by_the_layer = []
+    base_forward = PairLayer.forward
+
+    def remember_output(self, *args):
+        returned_by_the_layer.append(base_forward(self, *args))
+        return returned_by_the_layer[-1]
+
+    monkeypatch.setattr(PairLayer, "forward", remember_output)
     out_hidden, _ = layer(hidden, residual)
     assert out_hidden.dtype == dtype
     steered = torch.zeros(TOKENS, dtype=torch.bool)
@@ -66,19 +74,7 @@ def test_eager_steers_the_layer_output_in_place(dtype):
     assert torch.equal(out_hidden[~steered], plain_hidden[~steered])
     assert (out_hidden[steered] != plain_hidden[steered]).any(dim=1).all()
     # In place: the op wrote into the tensor the layer itself returned, nothing was copied.
-    captured = {}
-    base_forward = PairLayer.forward
-
-    def remember_output(self, *args):
-        captured["output"] = base_forward(self, *args)
-        return captured["output"]
-
-    PairLayer.forward = remember_output
-    try:
-        again, _ = layer(hidden, residual)
-    finally:
-        PairLayer.forward = base_forward
-    assert again.data_ptr() == captured["output"][0].data_ptr()
+    assert out_hidden.data_ptr() == returned_by_the_layer[0][0].data_ptr()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
