@@ -87,15 +87,18 @@ def warm_up(dtype: torch.dtype) -> None:
     weights = torch.zeros(2, 4, dtype=dtype)
     slots, vector = torch.zeros(1, 1, dtype=torch.int32), torch.zeros(2)
     tokens = (torch.zeros(1, dtype=torch.int32), torch.ones(1, dtype=torch.bool))
-    for hidden_dtype in dict.fromkeys((dtype, torch.float32)):
-        hidden = torch.zeros(1, 4, dtype=hidden_dtype)
-        for residual in (None, torch.zeros(1, 4, dtype=dtype)):
-            if not compiled_path_applies(hidden, residual, weights):
-                return
-            try:
-                steer_compiled_(hidden, residual, weights, vector, vector, weights, slots,
-                                torch.zeros(1, 1), slots, *tokens)  # fmt: skip
-            except Exception as exc:  # numba's import or compile errors have no common base
-                NUMBA_AVAILABLE = False
-                logger.warning("sae-vllm: compiled CPU loop unavailable, using numpy (%s)", exc)
-                return
+    calls = [
+        (torch.zeros(1, 4, dtype=hidden_dtype), residual)
+        for hidden_dtype in dict.fromkeys((dtype, torch.float32))
+        for residual in (None, torch.zeros(1, 4, dtype=dtype))
+    ]
+    for hidden, residual in calls:
+        if not compiled_path_applies(hidden, residual, weights):
+            return
+        try:
+            steer_compiled_(hidden, residual, weights, vector, vector, weights, slots,
+                            torch.zeros(1, 1), slots, *tokens)  # fmt: skip
+        except Exception as exc:  # numba's import or compile errors have no common base class
+            NUMBA_AVAILABLE = False
+            logger.warning("sae-vllm: compiled CPU loop unavailable, using numpy (%s)", exc)
+            return

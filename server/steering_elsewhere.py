@@ -31,7 +31,8 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 _FIELD_BYTES = STEERING_FIELD.encode()
-_QUOTED_FIELD_BYTES = b'"' + _FIELD_BYTES + b'"'
+_QUOTED_FIELD = f'"{STEERING_FIELD}"'
+_QUOTED_FIELD_BYTES = _QUOTED_FIELD.encode()
 _FORM_CONTENT_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 _DENIAL_EXTENSION = "websocket.http.response"  # ASGI: the server can answer a handshake with HTTP
 _POLICY_VIOLATION = 1008  # websocket close code
@@ -122,13 +123,8 @@ async def _deny_handshake(
 
 
 def _message_names_steering(message: Message) -> bool:
-    data = message.get("text")
-    if data is None:
-        data = message.get("bytes") or b""
-    field = STEERING_FIELD if isinstance(data, str) else _FIELD_BYTES
-    if field not in data:  # the usual case (audio chunks among them): no parsing
-        return False
-    return _json_object_names_steering(data)
+    text = message.get("text")
+    return _json_object_names_steering(message.get("bytes") or b"" if text is None else text)
 
 
 async def _refuse(message: str, reason: str, scope: Scope, receive: Receive, send: Send) -> None:
@@ -172,12 +168,13 @@ async def _names_steering(scope: Scope, body: bytes) -> bool:
     content_type = dict(scope["headers"]).get(b"content-type", b"").decode("latin-1").lower()
     if content_type.startswith(_FORM_CONTENT_TYPES):
         return await _form_names_steering(scope, body)
-    if _QUOTED_FIELD_BYTES not in body:
-        return False
     return _json_object_names_steering(body)
 
 
 def _json_object_names_steering(text: str | bytes) -> bool:
+    quoted_field = _QUOTED_FIELD if isinstance(text, str) else _QUOTED_FIELD_BYTES
+    if quoted_field not in text:  # the usual case (audio chunks among them): no parsing
+        return False
     try:
         data = json.loads(text)
     except ValueError:

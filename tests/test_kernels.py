@@ -630,7 +630,9 @@ def test_warm_up_compiles_the_loop_for_eager_and_compiled_layers():
         "m.warm_up(torch.bfloat16); "
         "print(sorted({str(sig[0].dtype) for sig in m._loop().steer_tokens.signatures}))"
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split("\n")[-2] == "['float32', 'uint16']"  # uint16: bfloat16's bits
 

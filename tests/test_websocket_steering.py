@@ -96,34 +96,41 @@ def test_messages_that_only_mention_steering_pass(realtime):
     assert serving.models_checked == ["steering"]
 
 
+def run_middleware(app, query_string: bytes, frames: list[dict[str, Any]]) -> list[dict]:
+    """Drive the middleware in front of `app` through one websocket whose client sends
+    `frames`, without a server (and so without ASGI extensions); returns what it sent."""
+    incoming = iter(frames)
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return next(incoming)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "websocket", "path": "/v1/realtime", "query_string": query_string}
+    asyncio.run(RefuseSteeringElsewhere(app, STEERED_PATHS)(scope, receive, send))
+    return sent
+
+
 def test_binary_frames_are_checked_too():
     # vLLM's realtime handler reads text frames only (a binary one ends its loop), so this is
     # checked at the ASGI level: the app is handed only the frames without the field.
     steered = json.dumps({"type": "session.update", "steering": SPEC}).encode()
     plain = json.dumps({"type": "session.update", "model": "steering"}).encode()
-    frames = iter(
-        [
-            {"type": "websocket.connect"},
-            {"type": "websocket.receive", "bytes": steered},
-            {"type": "websocket.receive", "bytes": plain},
-            {"type": "websocket.disconnect", "code": 1000},
-        ]
-    )
     handed: list[dict[str, Any]] = []
-    sent: list[dict[str, Any]] = []
 
     async def app(scope, receive, send):
         while (message := await receive())["type"] != "websocket.disconnect":
             handed.append(message)
 
-    async def receive() -> dict[str, Any]:
-        return next(frames)
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    scope = {"type": "websocket", "path": "/v1/realtime", "query_string": b""}
-    asyncio.run(RefuseSteeringElsewhere(app, STEERED_PATHS)(scope, receive, send))
+    frames = [
+        {"type": "websocket.connect"},
+        {"type": "websocket.receive", "bytes": steered},
+        {"type": "websocket.receive", "bytes": plain},
+        {"type": "websocket.disconnect", "code": 1000},
+    ]
+    sent = run_middleware(app, b"", frames)
     assert [message.get("bytes") for message in handed] == [None, plain]
     assert len(sent) == 1 and json.loads(sent[0]["text"])["code"] == "unsupported_route"
 
@@ -147,16 +154,7 @@ def test_without_http_denial_the_handshake_is_closed_with_the_reason():
     async def never_called(scope, receive, send):
         raise AssertionError("the app was reached")
 
-    sent: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "websocket.connect"}
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    scope = {"type": "websocket", "path": "/v1/realtime", "query_string": b"steering=x"}
-    asyncio.run(RefuseSteeringElsewhere(never_called, STEERED_PATHS)(scope, receive, send))
+    sent = run_middleware(never_called, b"steering=x", [{"type": "websocket.connect"}])
     assert len(sent) == 1 and sent[0]["type"] == "websocket.close"
     assert sent[0]["code"] == 1008 and sent[0]["reason"].startswith("steering: not supported")
     assert len(sent[0]["reason"].encode()) <= 123
