@@ -4,7 +4,7 @@
 in a fresh process per measurement: `load_sae(path).W_dec.float().norm(dim=1)` (what the
 frontend did) against `inspect_sae(path)` + `decoder_norms(path)` (what it does), as wall time
 and peak anonymous memory (sampled every millisecond from /proc; Linux only). `--synthetic DIR`
-first writes three random SAEs at released shapes into DIR (about 3.4 GB)."""
+first writes four random SAEs at released shapes into DIR (about 4.6 GB)."""
 
 from __future__ import annotations
 
@@ -78,8 +78,9 @@ def measure(path: str, way: str) -> dict[str, Any]:
 
 
 def write_synthetic(folder: Path) -> list[Path]:
-    """Random SAEs at the shapes of three releases: a Goodfire .pth (bf16), a Llama Scope
-    folder (f32, dataset-norm fold) and a Gemma Scope npz (f32)."""
+    """Random SAEs at the shapes of four releases: a Goodfire .pth (bf16), a Llama Scope
+    folder (f32, dataset-norm fold), a Gemma Scope npz (f32) and a dictionary_learning folder
+    (f32, decoder-norm fold)."""
     import numpy as np
     import torch
     from safetensors.torch import save_file
@@ -131,7 +132,22 @@ def write_synthetic(folder: Path) -> list[Path]:
         b_dec=normal(d_in).numpy(),
         threshold=normal(d_sae).abs().numpy(),
     )
-    return [goodfire, llama_scope, gemma_scope / "params.npz"]
+    # SAEBench's Gemma 2 2B width: a ReLU AutoEncoder, whose decoder is normalised on load.
+    dictionary_learning = folder / "dictionary_learning" / "resid_post_layer_12" / "trainer_0"
+    dictionary_learning.mkdir(parents=True, exist_ok=True)
+    torch.save(
+        {
+            "encoder.weight": normal(d_sae, d_in),
+            "encoder.bias": normal(d_sae),
+            "decoder.weight": normal(d_in, d_sae),
+            "bias": normal(d_in),
+        },
+        dictionary_learning / "ae.pt",
+    )
+    trainer = {"dict_class": "AutoEncoder", "activation_dim": d_in, "dict_size": d_sae,
+               "layer": 12, "submodule_name": "resid_post_layer_12"}  # fmt: skip
+    (dictionary_learning / "config.json").write_text(json.dumps({"trainer": trainer}))
+    return [goodfire, llama_scope, gemma_scope / "params.npz", dictionary_learning]
 
 
 def _measure_in_subprocess(path: Path, way: str) -> dict[str, Any]:
@@ -143,7 +159,7 @@ def _measure_in_subprocess(path: Path, way: str) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench sae_reads", description=__doc__)
     parser.add_argument("paths", nargs="*", help="SAE files or folders")
-    parser.add_argument("--synthetic", type=Path, help="write three random SAEs here first")
+    parser.add_argument("--synthetic", type=Path, help="write four random SAEs here first")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", type=Path, help="write the results as JSON")
     parser.add_argument("--measure", nargs=2, help=argparse.SUPPRESS)

@@ -184,3 +184,38 @@ def write_llama_scope(folder: Path, arrays: dict[str, np.ndarray], hyperparams: 
     _write_json(folder / "hyperparams.json", hyperparams)
     _save_safetensors(folder / "checkpoints" / "final.safetensors", arrays)
     return folder
+
+
+def dictionary_learning_config(
+    dict_class: str, d_in: int, d_sae: int, layer: int | None, **trainer: Any
+) -> dict:
+    """config.json as dictionary_learning's trainSAE writes it: the trainer's config (with
+    `submodule_name` as its callers set it) and the activation buffer's."""
+    return {
+        "trainer": {
+            "dict_class": dict_class,
+            "activation_dim": d_in,
+            "dict_size": d_sae,
+            "layer": layer,
+            "lm_name": "org/tiny-model",
+            "submodule_name": None if layer is None else f"resid_post_layer_{layer}",
+            **trainer,
+        },
+        "buffer": {"d_submodule": d_in, "ctx_len": 128, "refresh_batch_size": 32},
+    }
+
+
+def write_dictionary_learning(
+    folder: Path, state: dict[str, np.ndarray | int | float], config: dict[str, Any]
+) -> Path:
+    """config.json + ae.pt, the module's state_dict saved with torch.save; plain numbers are
+    0-d buffers (k as int32, threshold as float32), as the classes register them."""
+    _write_json(folder / "config.json", config)
+
+    def tensor(value: np.ndarray | int | float) -> torch.Tensor:
+        if isinstance(value, np.ndarray):
+            return torch.from_numpy(value)
+        return torch.tensor(value, dtype=torch.int32 if isinstance(value, int) else torch.float32)
+
+    torch.save({name: tensor(value) for name, value in state.items()}, folder / "ae.pt")
+    return folder

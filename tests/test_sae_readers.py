@@ -27,12 +27,15 @@ from sae_vllm.sae import (
     inspect_sae,
     load_sae,
 )
+from sae_vllm.sae.sites import NotALayerOutputError, residual_layer
 from sae_writers import (
     MakesDirWhenUnpickled,
+    dictionary_learning_config,
     llama_scope_hyperparams,
     saelens_pre_v6_cfg,
     saelens_v6_cfg,
     sparsify_cfg,
+    write_dictionary_learning,
     write_gemma_scope,
     write_gemma_scope_2,
     write_goodfire,
@@ -437,6 +440,150 @@ def test_llama_scope(tmp_path):
     assert_math(sae, x, acts, (acts @ a["decoder.weight"].T + a["decoder.bias"]) / s)
 
 
+# ---- dictionary_learning ----------------------------------------------------------------------
+
+
+def linear_arrays(rng: np.random.Generator, b_dec_key: str) -> dict[str, np.ndarray]:
+    """nn.Linear encoder (with bias) and decoder (without) as the library's classes hold them;
+    decoder columns of unequal norm, so a decoder-norm fold would show."""
+    return {
+        "encoder.weight": normal(rng, D_SAE, D_IN, scale=0.25),
+        "encoder.bias": normal(rng, D_SAE, scale=0.3),
+        "decoder.weight": normal(rng, D_IN, D_SAE)
+        * rng.uniform(0.2, 3.0, D_SAE).astype(np.float32),
+        b_dec_key: normal(rng, D_IN, scale=0.5),
+    }
+
+
+def test_dictionary_learning_autoencoder_is_read_with_a_unit_norm_decoder(tmp_path):
+    rng = np.random.default_rng(20)
+    arrays = linear_arrays(rng, "bias")
+    config = dictionary_learning_config("AutoEncoder", D_IN, D_SAE, 3)
+    folder = write_dictionary_learning(tmp_path / "trainer_0", arrays, config)
+    sae = load_both(folder, "dictionary_learning")
+    assert (sae.architecture, sae.apply_b_dec_to_input) == ("relu", True)
+    assert (sae.layer, sae.hook_name) == (3, "blocks.3.hook_resid_post")
+    # AutoEncoder.from_pretrained divides each decoder column by its norm and multiplies the
+    # feature's encoder row and bias by it: same reconstruction, activations in those units.
+    a = {k: f64(v) for k, v in arrays.items()}
+    norms = np.linalg.norm(a["decoder.weight"], axis=0)
+    np.testing.assert_allclose(np.linalg.norm(sae.W_dec.double().numpy(), axis=1), 1, rtol=1e-6)
+    x = inputs(rng)
+    acts = relu((f64(x) - a["bias"]) @ a["encoder.weight"].T + a["encoder.bias"]) * norms
+    assert_math(sae, x, acts, acts @ (a["decoder.weight"] / norms).T + a["bias"])
+
+
+def test_dictionary_learning_jumprelu(tmp_path):
+    rng = np.random.default_rng(21)
+    arrays = saelens_arrays(rng, threshold=True)  # the same parameters, named alike
+    config = dictionary_learning_config("JumpReluAutoEncoder", D_IN, D_SAE, 2)
+    sae = load_both(
+        write_dictionary_learning(tmp_path / "sae", arrays, config), "dictionary_learning"
+    )
+    assert (sae.architecture, sae.apply_b_dec_to_input, sae.layer) == ("jumprelu", False, 2)
+    a = {k: f64(v) for k, v in arrays.items()}
+    x = inputs(rng)
+    pre = f64(x) @ a["W_enc"] + a["b_enc"]
+    acts = relu(pre * (pre > a["threshold"]))
+    assert ((pre > 0) & (acts == 0)).any()
+    assert_math(sae, x, acts, acts @ a["W_dec"] + a["b_dec"])
+
+
+@pytest.mark.parametrize("k_in_config", [True, False])
+def test_dictionary_learning_topk(tmp_path, k_in_config):
+    rng = np.random.default_rng(22)
+    # The threshold buffer is only read when encode is asked to (use_threshold=True).
+    arrays = {**linear_arrays(rng, "b_dec"), "k": 6, "threshold": 0.5}
+    extra = {"k": 6} if k_in_config else {}
+    config = dictionary_learning_config("AutoEncoderTopK", D_IN, D_SAE, 1, **extra)
+    sae = load_both(
+        write_dictionary_learning(tmp_path / "sae", arrays, config), "dictionary_learning"
+    )
+    assert (sae.architecture, sae.k, sae.apply_b_dec_to_input) == ("topk", 6, True)
+    a = {k: f64(v) for k, v in arrays.items() if isinstance(v, np.ndarray)}
+    x = inputs(rng)
+    acts = topk(relu((f64(x) - a["b_dec"]) @ a["encoder.weight"].T + a["encoder.bias"]), 6)
+    assert_math(sae, x, acts, acts @ a["decoder.weight"].T + a["b_dec"])
+
+
+@pytest.mark.parametrize("threshold", [0.4, -1.0])  # -1: never learned, a plain ReLU
+@pytest.mark.parametrize("dict_class", ["BatchTopKSAE", "MatryoshkaBatchTopKSAE"])
+def test_dictionary_learning_batch_topk_reads_as_its_scalar_threshold(
+    tmp_path, dict_class, threshold
+):
+    rng = np.random.default_rng(23)
+    if dict_class == "BatchTopKSAE":
+        arrays: dict = linear_arrays(rng, "b_dec")
+        W_enc, b_enc, W_dec = (
+            arrays["encoder.weight"].T,
+            arrays["encoder.bias"],
+            arrays["decoder.weight"].T,
+        )
+    else:
+        arrays = {**saelens_arrays(rng), "group_sizes": np.array([16, 48])}
+        W_enc, b_enc, W_dec = arrays["W_enc"], arrays["b_enc"], arrays["W_dec"]
+    arrays.update(k=4, threshold=threshold)
+    config = dictionary_learning_config(dict_class, D_IN, D_SAE, 4, k=4)
+    sae = load_both(
+        write_dictionary_learning(tmp_path / "sae", arrays, config), "dictionary_learning"
+    )
+    assert (sae.architecture, sae.k, sae.apply_b_dec_to_input) == ("jumprelu", None, True)
+    torch.testing.assert_close(sae.threshold, torch.full((D_SAE,), threshold))
+    # encode's default at inference (use_threshold=True): relu, then the scalar threshold.
+    x = inputs(rng)
+    post = relu((f64(x) - f64(arrays["b_dec"])) @ f64(W_enc) + f64(b_enc))
+    acts = post * (post > threshold)
+    assert_math(sae, x, acts, acts @ f64(W_dec) + f64(arrays["b_dec"]))
+
+
+@pytest.mark.parametrize(
+    ("folder", "layer", "submodule", "hook", "steers"),
+    [
+        ("trainer_0", 5, "resid_post_layer_5", "blocks.5.hook_resid_post", 5),
+        ("resid_post_layer_7/trainer_1", 7, None, "blocks.7.hook_resid_post", 7),
+        ("trainer_0", 2, None, "blocks.2.hook_resid_post", 2),  # SAELens' assumption
+        ("resid_out_layer3", None, None, "blocks.3.hook_resid_post", 3),  # early releases
+        ("trainer_0", 0, "resid_post_layer_0", "blocks.0.hook_resid_post", 0),
+        ("trainer_0", 0, "model.layers.0", "model.layers.0", 0),
+        ("trainer_0", 2, "mlp_out_layer_2", "blocks.2.hook_mlp_out", "hook_mlp_out"),
+        ("trainer_0", 2, "attn_out_layer_2", "blocks.2.hook_attn_out", "hook_attn_out"),
+        ("trainer_0", 2, "model.layers.2.mlp", "model.layers.2.mlp", "layers.2.mlp"),
+        ("embed", None, None, "hook_embed", "hook_embed"),
+    ],
+)
+def test_dictionary_learning_site_from_submodule_or_folder(
+    tmp_path, folder, layer, submodule, hook, steers
+):
+    config = dictionary_learning_config("AutoEncoder", D_IN, D_SAE, layer, submodule_name=submodule)
+    arrays = linear_arrays(np.random.default_rng(24), "bias")
+    sae = load_sae(write_dictionary_learning(tmp_path / folder, arrays, config))
+    assert sae.hook_name == hook
+    if isinstance(steers, int):
+        assert residual_layer(sae) == steers
+    else:  # a site other than a layer's output is refused, naming it
+        with pytest.raises(NotALayerOutputError, match=steers):
+            residual_layer(sae)
+
+
+def test_dictionary_learning_early_release_without_a_dict_class(tmp_path):
+    rng = np.random.default_rng(25)
+    arrays = linear_arrays(rng, "bias")
+    config = {"trainer": {"activation_dim": D_IN, "dict_size": D_SAE}, "buffer": {}}
+    sae = load_both(write_dictionary_learning(tmp_path / "resid_out_layer1", arrays, config),
+                    "dictionary_learning")  # fmt: skip
+    assert (sae.architecture, sae.layer) == ("relu", 1)
+
+
+def test_dictionary_learning_wins_detection_over_goodfire_for_its_folder_and_file(tmp_path):
+    arrays = linear_arrays(np.random.default_rng(26), "bias")
+    config = dictionary_learning_config("AutoEncoder", D_IN, D_SAE, 1)
+    folder = write_dictionary_learning(tmp_path / "sae", arrays, config)
+    assert detect_format(folder) == detect_format(folder / "ae.pt") == "dictionary_learning"
+    assert detect_format(folder / "config.json") == "dictionary_learning"
+    other = write_goodfire(folder / "Other-SAE-l1.pt", goodfire_arrays(np.random.default_rng(0)))
+    assert detect_format(other) == "goodfire"
+
+
 # ---- dtype, SAE.to, detection, import hygiene ------------------------------------------------
 
 
@@ -468,6 +615,7 @@ def test_detect_format_accepts_a_file_inside_a_folder_format(tmp_path):
         "sparsify",
         "goodfire",
         "llama_scope",
+        "dictionary_learning",
     }
 
 
@@ -589,6 +737,37 @@ def _goodfire_missing_key(tmp: Path):
     return write_goodfire(tmp / "sae.pth", arrays), None
 
 
+def _dictionary_learning(
+    tmp: Path, dict_class: str | None = "AutoEncoder", drop: str | None = None, **trainer
+):
+    rng = np.random.default_rng(0)
+    if dict_class in ("JumpReluAutoEncoder", None):
+        arrays: dict = {**saelens_arrays(rng), "threshold": np.ones(D_SAE, np.float32)}
+    else:
+        arrays = linear_arrays(rng, "bias" if dict_class == "AutoEncoder" else "b_dec")
+    if dict_class in ("AutoEncoderTopK", "BatchTopKSAE"):
+        arrays["threshold"] = 0.5
+    arrays.pop(drop, None)
+    config = dictionary_learning_config(str(dict_class), D_IN, D_SAE, 1, **trainer)
+    if dict_class is None:
+        del config["trainer"]["dict_class"]
+    return write_dictionary_learning(tmp / "sae", arrays, config), None
+
+
+def _dictionary_learning_without_trainer(tmp: Path):
+    folder = _dictionary_learning(tmp)[0]
+    (folder / "config.json").write_text('{"buffer": {}}')
+    return folder, None
+
+
+def _dictionary_learning_per_feature_threshold(tmp: Path):
+    folder = _dictionary_learning(tmp, "BatchTopKSAE", k=4)[0]
+    state = torch.load(folder / "ae.pt")
+    state["threshold"] = torch.ones(D_SAE)
+    torch.save(state, folder / "ae.pt")
+    return folder, None
+
+
 def _empty_folder(tmp: Path):
     (tmp / "empty").mkdir()
     return tmp / "empty", None
@@ -663,6 +842,35 @@ BAD_FILES: dict[str, tuple[Callable[[Path], tuple[Path, str | None]], str]] = {
     "corrupt json": (_corrupt("cfg.json"), "cannot read JSON"),
     "corrupt npz": (_corrupt_npz, "cannot read npz"),
     "ambiguous goodfire folder": (_goodfire_two_files, "expected one .pt/.pth file, found 2"),
+    "dictionary_learning gated": (
+        lambda t: _dictionary_learning(t, "GatedAutoEncoder"),
+        r"unsupported architecture \(gated",
+    ),
+    "dictionary_learning unknown class": (
+        lambda t: _dictionary_learning(t, "Banana"),
+        "dict_class 'Banana'",
+    ),
+    "dictionary_learning no class, not an AutoEncoder": (
+        lambda t: _dictionary_learning(t, None),
+        "missing 'trainer.dict_class'",
+    ),
+    "dictionary_learning without trainer": (_dictionary_learning_without_trainer, "'trainer'"),
+    "dictionary_learning missing key": (
+        lambda t: _dictionary_learning(t, drop="encoder.bias"),
+        "'encoder.bias'",
+    ),
+    "dictionary_learning d_sae differs from config": (
+        lambda t: _dictionary_learning(t, dict_size=128),
+        "d_sae is 128",
+    ),
+    "dictionary_learning topk without k": (
+        lambda t: _dictionary_learning(t, "AutoEncoderTopK"),
+        "without k",
+    ),
+    "dictionary_learning per-feature batch threshold": (
+        _dictionary_learning_per_feature_threshold,
+        "expected one number",
+    ),
 }
 
 

@@ -37,8 +37,10 @@ class RawSAE:
     names: dict[str, str] = field(default_factory=dict)
     transposed: frozenset[str] = frozenset()
     # Folds: the input was multiplied by input_scale in training; feature activations are
-    # multiplied by decoder_row_scale before decoding; TopK pre-activations are multiplied by
-    # the decoder row norms and activations divided by them before decoding.
+    # multiplied by decoder_row_scale before decoding; with rescale_by_decoder_norm (thresholdless
+    # SAEs only), pre-activations are multiplied by the decoder row norms and activations divided
+    # by them before decoding (SAELens' TopK rescale_acts_by_decoder_norm, and the unit-norm
+    # decoder dictionary_learning's AutoEncoder is loaded with).
     input_scale: float | None = None
     decoder_row_scale: torch.Tensor | None = None
     rescale_by_decoder_norm: bool = False

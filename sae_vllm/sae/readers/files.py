@@ -221,8 +221,9 @@ def read_torch_state(file: Path, *, mode: ReadMode = "load") -> dict[str, torch.
             ) from None
     if not isinstance(state, Mapping):
         raise SAEFormatError(f"{file}: expected a state dict, got {type(state).__name__}")
+    # Integer buffers (a TopK SAE's k) stay readable in "meta" mode: a few bytes each.
     return {
-        str(k): v.to("meta") if mode == "meta" else v
+        str(k): v.to("meta") if mode == "meta" and v.is_floating_point() else v
         for k, v in state.items()
         if isinstance(v, torch.Tensor)
     }

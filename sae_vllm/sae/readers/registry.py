@@ -11,7 +11,15 @@ import torch
 from ..errors import SAEFormatError
 from ..hub import local_sae_path
 from ..model import SAE
-from . import gemma_scope, gemma_scope_2, goodfire, llama_scope, saelens, sparsify
+from . import (
+    dictionary_learning,
+    gemma_scope,
+    gemma_scope_2,
+    goodfire,
+    llama_scope,
+    saelens,
+    sparsify,
+)
 from .build import RawSAE, build_sae
 from .build import decoder_norms as _decoder_norms
 from .files import ReadMode
@@ -23,6 +31,8 @@ _READERS: dict[str, ModuleType] = {
     "llama_scope": llama_scope,
     "gemma_scope_2": gemma_scope_2,
     "gemma_scope": gemma_scope,
+    # Before goodfire, which would claim its folder's one .pt file.
+    "dictionary_learning": dictionary_learning,
     "goodfire": goodfire,
 }
 FORMATS: tuple[str, ...] = tuple(_READERS)
@@ -40,7 +50,7 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     raise SAEFormatError(
         f"{path}: not a recognised SAE (expected cfg.json + sae_weights.safetensors, "
         "cfg.json + sae.safetensors, hyperparams.json + checkpoints/final.safetensors, "
-        "params.safetensors, params.npz or one .pt/.pth file)"
+        "params.safetensors, params.npz, config.json + ae.pt or one .pt/.pth file)"
     )
 
 

@@ -1,0 +1,177 @@
+"""dictionary_learning folders (config.json + ae.pt; SAEBench and andyrdt releases): ReLU,
+JumpReLU, TopK, and BatchTopK / Matryoshka read as JumpReLU with their scalar threshold."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import SAEFormatError
+from .build import RawSAE
+from .files import (
+    ReadMode,
+    folder_of,
+    positive_int,
+    read_json,
+    read_torch_state,
+    require_file,
+    take,
+)
+from .hooks import layer_from_hook
+
+CONFIG = "config.json"
+WEIGHTS = "ae.pt"
+
+
+@dataclass(frozen=True)
+class _DictClass:
+    """How one of the library's dictionary classes is stored and what it computes at inference
+    (its `encode` defaults; training's norm factor is already folded into the saved weights)."""
+
+    layout: str  # "linear": nn.Linear encoder/decoder; "parameters": W_enc, b_enc, W_dec
+    b_dec: str  # the key of the bias subtracted before encoding (when applied) and added back
+    architecture: str
+    apply_b_dec_to_input: bool
+    threshold: str | None = None  # "per_feature", or "scalar": one learned threshold
+    unit_norm_decoder: bool = False  # from_pretrained divides decoder columns by their norms
+
+
+_CLASSES = {
+    "AutoEncoder": _DictClass("linear", "bias", "relu", True, unit_norm_decoder=True),
+    # relu(pre * (pre > threshold)), pre = x @ W_enc + b_enc
+    "JumpReluAutoEncoder": _DictClass("parameters", "b_dec", "jumprelu", False, "per_feature"),
+    "AutoEncoderTopK": _DictClass("linear", "b_dec", "topk", True),
+    # relu(pre) * (relu(pre) > threshold); batch top-k is for training only
+    "BatchTopKSAE": _DictClass("linear", "b_dec", "jumprelu", True, "scalar"),
+    "MatryoshkaBatchTopKSAE": _DictClass("parameters", "b_dec", "jumprelu", True, "scalar"),
+}
+_UNSUPPORTED = {"GatedAutoEncoder": "gated"}
+_AUTOENCODER_KEYS = {"bias", "encoder.weight", "encoder.bias", "decoder.weight"}
+# The library's submodule names: resid_post_layer_12 (resid_out_layer12 in early releases),
+# attn_out_layer_3, mlp_out_layer_3, embed.
+_SUBMODULE = re.compile(r"^(resid_post|resid_out|attn_out|mlp_out)_layer_?(\d+)$")
+_SUBMODULE_HOOKS = {
+    "resid_post": "hook_resid_post",
+    "resid_out": "hook_resid_post",
+    "attn_out": "hook_attn_out",
+    "mlp_out": "hook_mlp_out",
+}
+
+
+def claims(path: Path) -> bool:
+    if path.is_file() and path.name not in (CONFIG, WEIGHTS):
+        return False
+    folder = folder_of(path)
+    return (folder / CONFIG).is_file() and (folder / WEIGHTS).is_file()
+
+
+def _site(submodule: Any, folder: Path, trainer_layer: Any) -> tuple[str | None, int | None]:
+    """The hook name and layer: from the trainer's submodule name, else from a release folder
+    named like one (resid_post_layer_19/trainer_1), else resid_post of the trainer's layer, as
+    SAELens assumes."""
+    names = [submodule] if isinstance(submodule, str) else []
+    names += [folder.name, folder.parent.name]
+    for name in names:
+        if name == "embed":
+            return "hook_embed", 0
+        match = _SUBMODULE.match(name)
+        if match:
+            layer = int(match.group(2))
+            return f"blocks.{layer}.{_SUBMODULE_HOOKS[match.group(1)]}", layer
+    if isinstance(submodule, str):  # another name: the checks of its site decide
+        layer = layer_from_hook(submodule)
+        return submodule, _int_or_none(trainer_layer) if layer is None else layer
+    layer = _int_or_none(trainer_layer)
+    return (None, None) if layer is None else (f"blocks.{layer}.hook_resid_post", layer)
+
+
+def _int_or_none(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _dict_class(trainer: dict[str, Any], tensors: dict[str, torch.Tensor], file: Path) -> str:
+    name = trainer.get("dict_class")
+    if name is None and set(tensors) == _AUTOENCODER_KEYS:
+        return "AutoEncoder"  # early releases name no class; no other class has these keys
+    if not isinstance(name, str):
+        raise SAEFormatError(f"{file}: missing 'trainer.dict_class'")
+    if name in _UNSUPPORTED:
+        raise SAEFormatError(f"{file}: unsupported architecture ({_UNSUPPORTED[name]}, {name})")
+    if name not in _CLASSES:
+        raise SAEFormatError(f"{file}: unsupported architecture (dict_class {name!r})")
+    return name
+
+
+def _scalar_threshold(tensors: dict[str, torch.Tensor], d_sae: int, file: Path) -> torch.Tensor:
+    threshold = take(tensors, "threshold", file)
+    if threshold.numel() != 1:
+        raise SAEFormatError(
+            f"{file}: threshold has shape {list(threshold.shape)}, expected one number"
+        )
+    return threshold.reshape(()).expand(d_sae)
+
+
+def _k(trainer: dict[str, Any], tensors: dict[str, torch.Tensor], file: Path) -> int:
+    """k from the config, else from the state dict's k buffer."""
+    k = trainer.get("k")
+    if k is None and "k" in tensors and tensors["k"].numel() == 1:
+        k = int(tensors["k"].item())
+    if k is None:
+        raise SAEFormatError(f"{file}: topk SAE without k")
+    return positive_int(k, "k", file)
+
+
+def _weights(layout: str, tensors: dict[str, torch.Tensor], file: Path) -> dict[str, Any]:
+    """W_enc, b_enc, W_dec in canonical orientation, with their names in the file."""
+    if layout == "parameters":
+        names = {"W_enc": "W_enc", "b_enc": "b_enc", "W_dec": "W_dec"}
+        return {**{key: take(tensors, key, file) for key in names}, "names": names}
+    names = {"W_enc": "encoder.weight", "b_enc": "encoder.bias", "W_dec": "decoder.weight"}
+    return {
+        "W_enc": take(tensors, names["W_enc"], file).T,
+        "b_enc": take(tensors, names["b_enc"], file),
+        "W_dec": take(tensors, names["W_dec"], file).T,
+        "names": names,
+        "transposed": frozenset({"W_enc", "W_dec"}),
+    }
+
+
+def read(path: Path, *, mode: ReadMode = "load") -> RawSAE:
+    folder = folder_of(path)
+    cfg_file = require_file(folder, CONFIG)
+    weights_file = require_file(folder, WEIGHTS)
+    trainer = read_json(cfg_file).get("trainer")
+    if not isinstance(trainer, dict):
+        raise SAEFormatError(f"{cfg_file}: missing 'trainer'")
+    tensors = read_torch_state(weights_file, mode=mode)
+    kind = _CLASSES[_dict_class(trainer, tensors, cfg_file)]
+    weights = _weights(kind.layout, tensors, weights_file)
+    d_sae = weights["W_enc"].shape[-1]
+    threshold = None
+    if kind.threshold == "per_feature":
+        threshold = take(tensors, "threshold", weights_file)
+    elif kind.threshold == "scalar":
+        threshold = _scalar_threshold(tensors, d_sae, weights_file)
+    hook_name, layer = _site(trainer.get("submodule_name"), folder, trainer.get("layer"))
+    weights["names"] = {**weights["names"], "b_dec": kind.b_dec}
+    return RawSAE(
+        **weights,
+        b_dec=take(tensors, kind.b_dec, weights_file),
+        threshold=threshold,
+        k=_k(trainer, tensors, cfg_file) if kind.architecture == "topk" else None,
+        architecture=kind.architecture,
+        apply_b_dec_to_input=kind.apply_b_dec_to_input,
+        rescale_by_decoder_norm=kind.unit_norm_decoder,
+        format="dictionary_learning",
+        source=folder,
+        weights_file=weights_file,
+        hook_name=hook_name,
+        layer=layer,
+        config_file=cfg_file,
+        declared_d_in=trainer.get("activation_dim"),
+        declared_d_sae=trainer.get("dict_size"),
+    )
