@@ -191,6 +191,68 @@ def test_saelens_v6(tmp_path, saelens_arch, apply_b_dec, arch, k):
     assert_math(sae, x, acts, acts @ a["W_dec"] + a["b_dec"])
 
 
+def gated_arrays(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """A gated SAE's parameters in SAELens' names: no b_enc; b_gate, b_mag, r_mag."""
+    arrays = saelens_arrays(rng)
+    del arrays["b_enc"]
+    return {
+        **arrays,
+        "b_gate": normal(rng, D_SAE, scale=0.3),
+        "b_mag": normal(rng, D_SAE, scale=0.3),
+        "r_mag": normal(rng, D_SAE, scale=0.5),
+    }
+
+
+def gated_reference(
+    x: np.ndarray, W_enc, b_gate, b_mag, r_mag, W_dec, b_dec, apply_b_dec: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Activations and reconstruction as gated SAEs compute them (SAELens GatedSAE.encode,
+    dictionary_learning GatedAutoEncoder.encode), in float64."""
+    W_enc, b_gate, b_mag, r_mag, W_dec, b_dec = map(
+        f64, (W_enc, b_gate, b_mag, r_mag, W_dec, b_dec)
+    )
+    x_enc = (f64(x) - b_dec * apply_b_dec) @ W_enc
+    magnitude = np.exp(r_mag) * x_enc + b_mag
+    acts = (x_enc + b_gate > 0) * relu(magnitude)
+    # Both parts must matter: a closed gate over a positive magnitude, an open one over zero.
+    assert ((magnitude > 0) & (x_enc + b_gate <= 0)).any()
+    assert ((magnitude <= 0) & (x_enc + b_gate > 0)).any()
+    return acts, acts @ W_dec + b_dec
+
+
+@pytest.mark.parametrize("apply_b_dec", [True, False])
+def test_saelens_gated_reads_as_the_jumprelu_it_equals(tmp_path, apply_b_dec):
+    rng = np.random.default_rng(8)
+    arrays = gated_arrays(rng)
+    cfg = saelens_v6_cfg(
+        "gated", D_IN, D_SAE, "blocks.2.hook_resid_post", apply_b_dec_to_input=apply_b_dec
+    )
+    sae = load_both(write_saelens(tmp_path / "sae", arrays, cfg), "saelens")
+    assert (sae.architecture, sae.apply_b_dec_to_input, sae.layer) == ("jumprelu", apply_b_dec, 2)
+    x = inputs(rng)
+    a = arrays
+    assert_math(
+        sae,
+        x,
+        *gated_reference(
+            x, a["W_enc"], a["b_gate"], a["b_mag"], a["r_mag"], a["W_dec"], a["b_dec"], apply_b_dec
+        ),
+    )
+
+
+def test_saelens_gated_bfloat16_file_folds_in_float32_and_rounds_once(tmp_path):
+    arrays = gated_arrays(np.random.default_rng(9))
+    tensors = {k: torch.from_numpy(v).bfloat16() for k, v in arrays.items()}
+    cfg = saelens_v6_cfg("gated", D_IN, D_SAE, "blocks.2.hook_resid_post")
+    folder = write_saelens_torch(tmp_path / "sae", tensors, cfg)
+    sae = load_both(folder, "saelens", expect=torch.bfloat16)
+    wide = {k: v.float() for k, v in tensors.items()}
+    scale = wide["r_mag"].exp()
+    assert torch.equal(sae.W_enc, (wide["W_enc"] * scale).bfloat16())
+    assert torch.equal(sae.threshold, (wide["b_mag"] - scale * wide["b_gate"]).bfloat16())
+    assert torch.equal(sae.b_enc, tensors["b_mag"])
+
+
 def test_saelens_pre_v6_topk_config(tmp_path):
     rng = np.random.default_rng(2)
     arrays = saelens_arrays(rng)
@@ -536,6 +598,32 @@ def test_dictionary_learning_batch_topk_reads_as_its_scalar_threshold(
     assert_math(sae, x, acts, acts @ f64(W_dec) + f64(arrays["b_dec"]))
 
 
+def test_dictionary_learning_gated(tmp_path):
+    rng = np.random.default_rng(27)
+    g = gated_arrays(rng)
+    arrays = {  # GatedAutoEncoder: nn.Linear encoder without bias, decoder_bias subtracted
+        "decoder_bias": g["b_dec"],
+        "encoder.weight": g["W_enc"].T.copy(),
+        "r_mag": g["r_mag"],
+        "gate_bias": g["b_gate"],
+        "mag_bias": g["b_mag"],
+        "decoder.weight": g["W_dec"].T.copy(),
+    }
+    config = dictionary_learning_config("GatedAutoEncoder", D_IN, D_SAE, 6)
+    sae = load_both(
+        write_dictionary_learning(tmp_path / "sae", arrays, config), "dictionary_learning"
+    )
+    assert (sae.architecture, sae.apply_b_dec_to_input, sae.layer) == ("jumprelu", True, 6)
+    x = inputs(rng)
+    assert_math(
+        sae,
+        x,
+        *gated_reference(
+            x, g["W_enc"], g["b_gate"], g["b_mag"], g["r_mag"], g["W_dec"], g["b_dec"], True
+        ),
+    )
+
+
 @pytest.mark.parametrize(
     ("folder", "layer", "submodule", "hook", "steers"),
     [
@@ -793,7 +881,6 @@ BAD_FILES: dict[str, tuple[Callable[[Path], tuple[Path, str | None]], str]] = {
         lambda t: _saelens(t, arch="banana"),
         "unsupported architecture 'banana'",
     ),
-    "gated": (lambda t: _saelens(t, arch="gated"), "unsupported architecture 'gated'"),
     "saelens transcoder": (
         lambda t: _saelens(t, arch="skip_transcoder"),
         "unsupported architecture",
@@ -842,9 +929,11 @@ BAD_FILES: dict[str, tuple[Callable[[Path], tuple[Path, str | None]], str]] = {
     "corrupt json": (_corrupt("cfg.json"), "cannot read JSON"),
     "corrupt npz": (_corrupt_npz, "cannot read npz"),
     "ambiguous goodfire folder": (_goodfire_two_files, "expected one .pt/.pth file, found 2"),
-    "dictionary_learning gated": (
-        lambda t: _dictionary_learning(t, "GatedAutoEncoder"),
-        r"unsupported architecture \(gated",
+    "gated without r_mag": (
+        lambda t: _saelens(
+            t, arch="gated", arrays=gated_arrays(np.random.default_rng(0)), drop="r_mag"
+        ),
+        "'r_mag'",
     ),
     "dictionary_learning unknown class": (
         lambda t: _dictionary_learning(t, "Banana"),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -44,6 +44,10 @@ class RawSAE:
     input_scale: float | None = None
     decoder_row_scale: torch.Tensor | None = None
     rescale_by_decoder_norm: bool = False
+    # Gated SAEs (architecture "gated"): b_enc is the magnitude path's bias; the gate reads
+    # the same encoder product plus b_gate, the magnitude path scales it by exp(r_mag).
+    r_mag: torch.Tensor | None = None
+    b_gate: torch.Tensor | None = None
 
 
 def _check_shape(raw: RawSAE, name: str, tensor: torch.Tensor, expected: tuple[int, ...]) -> None:
@@ -60,13 +64,17 @@ def _check_shape(raw: RawSAE, name: str, tensor: torch.Tensor, expected: tuple[i
 
 
 def _validate(raw: RawSAE) -> None:
-    if raw.architecture not in ARCHITECTURES:
+    if raw.architecture not in (*ARCHITECTURES, "gated"):
         raise SAEFormatError(f"{raw.source}: unsupported architecture {raw.architecture!r}")
     tensors = {"W_enc": raw.W_enc, "b_enc": raw.b_enc, "W_dec": raw.W_dec, "b_dec": raw.b_dec}
     if raw.architecture == "jumprelu":
         if raw.threshold is None:
             raise SAEFormatError(f"{raw.weights_file}: jumprelu SAE without a threshold")
         tensors["threshold"] = raw.threshold
+    if raw.architecture == "gated":
+        if raw.r_mag is None or raw.b_gate is None:
+            raise SAEFormatError(f"{raw.weights_file}: gated SAE without r_mag and b_gate")
+        tensors.update(r_mag=raw.r_mag, b_gate=raw.b_gate)
     if raw.decoder_row_scale is not None:
         tensors["decoder_row_scale"] = raw.decoder_row_scale
     for name, tensor in tensors.items():
@@ -94,6 +102,8 @@ def _validate(raw: RawSAE) -> None:
         "b_dec": (d_in,),
         "threshold": (d_sae,),
         "decoder_row_scale": (d_sae,),
+        "r_mag": (d_sae,),
+        "b_gate": (d_sae,),
     }
     for name, tensor in tensors.items():
         if name != "W_enc":
@@ -102,6 +112,21 @@ def _validate(raw: RawSAE) -> None:
         raise SAEFormatError(
             f"{raw.config_file or raw.source}: topk needs 1 <= k <= d_sae ({d_sae}), got {raw.k}"
         )
+
+
+def _gated_as_jumprelu(raw: RawSAE, work: torch.dtype) -> RawSAE:
+    """raw's gated SAE as the JumpReLU it equals: the gate (x W + b_gate > 0) holds exactly
+    when the magnitude pre-activation x W e^r_mag + b_mag exceeds b_mag - e^r_mag b_gate,
+    so W_enc takes the column scale e^r_mag, b_enc stays b_mag and that is the threshold."""
+    scale = raw.r_mag.to(work).exp()
+    return replace(
+        raw,
+        W_enc=raw.W_enc.to(work) * scale,
+        threshold=raw.b_enc.to(work) - scale * raw.b_gate.to(work),
+        architecture="jumprelu",
+        r_mag=None,
+        b_gate=None,
+    )
 
 
 def _fold_decoder(
@@ -173,6 +198,8 @@ def build_sae(raw: RawSAE, dtype: torch.dtype | None = None) -> SAE:
         raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
     _validate(raw)
     out = dtype or raw.W_enc.dtype
+    if raw.architecture == "gated":
+        raw = _gated_as_jumprelu(raw, torch.promote_types(out, torch.float32))
     # Folds change values, not shapes: an SAE read as headers only (meta tensors) skips them.
     if _needs_fold(raw) and not raw.W_enc.is_meta:
         # Fold in at least float32 so bf16/fp16 files round once, at the final cast.

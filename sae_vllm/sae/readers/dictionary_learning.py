@@ -1,5 +1,5 @@
 """dictionary_learning folders (config.json + ae.pt; SAEBench and andyrdt releases): ReLU,
-JumpReLU, TopK, and BatchTopK / Matryoshka read as JumpReLU with their scalar threshold."""
+JumpReLU, TopK, gated, and BatchTopK / Matryoshka read as JumpReLU with their scalar threshold."""
 
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ class _DictClass:
     apply_b_dec_to_input: bool
     threshold: str | None = None  # "per_feature", or "scalar": one learned threshold
     unit_norm_decoder: bool = False  # from_pretrained divides decoder columns by their norms
+    b_enc: str = "encoder.bias"  # in the "linear" layout
 
 
 _CLASSES = {
@@ -48,8 +49,10 @@ _CLASSES = {
     # relu(pre) * (relu(pre) > threshold); batch top-k is for training only
     "BatchTopKSAE": _DictClass("linear", "b_dec", "jumprelu", True, "scalar"),
     "MatryoshkaBatchTopKSAE": _DictClass("parameters", "b_dec", "jumprelu", True, "scalar"),
+    # relu(r * x_enc + mag_bias) where x_enc + gate_bias > 0, r = exp(r_mag),
+    # x_enc = encoder(x - decoder_bias) (no bias of its own)
+    "GatedAutoEncoder": _DictClass("linear", "decoder_bias", "gated", True, b_enc="mag_bias"),
 }
-_UNSUPPORTED = {"GatedAutoEncoder": "gated"}
 _AUTOENCODER_KEYS = {"bias", "encoder.weight", "encoder.bias", "decoder.weight"}
 # The library's submodule names: resid_post_layer_12 (resid_out_layer12 in early releases),
 # attn_out_layer_3, mlp_out_layer_3, embed.
@@ -99,8 +102,6 @@ def _dict_class(trainer: dict[str, Any], tensors: dict[str, torch.Tensor], file:
         return "AutoEncoder"  # early releases name no class; no other class has these keys
     if not isinstance(name, str):
         raise SAEFormatError(f"{file}: missing 'trainer.dict_class'")
-    if name in _UNSUPPORTED:
-        raise SAEFormatError(f"{file}: unsupported architecture ({_UNSUPPORTED[name]}, {name})")
     if name not in _CLASSES:
         raise SAEFormatError(f"{file}: unsupported architecture (dict_class {name!r})")
     return name
@@ -125,12 +126,12 @@ def _k(trainer: dict[str, Any], tensors: dict[str, torch.Tensor], file: Path) ->
     return positive_int(k, "k", file)
 
 
-def _weights(layout: str, tensors: dict[str, torch.Tensor], file: Path) -> dict[str, Any]:
+def _weights(kind: _DictClass, tensors: dict[str, torch.Tensor], file: Path) -> dict[str, Any]:
     """W_enc, b_enc, W_dec in canonical orientation, with their names in the file."""
-    if layout == "parameters":
+    if kind.layout == "parameters":
         names = {"W_enc": "W_enc", "b_enc": "b_enc", "W_dec": "W_dec"}
         return {**{key: take(tensors, key, file) for key in names}, "names": names}
-    names = {"W_enc": "encoder.weight", "b_enc": "encoder.bias", "W_dec": "decoder.weight"}
+    names = {"W_enc": "encoder.weight", "b_enc": kind.b_enc, "W_dec": "decoder.weight"}
     return {
         "W_enc": take(tensors, names["W_enc"], file).T,
         "b_enc": take(tensors, names["b_enc"], file),
@@ -149,7 +150,11 @@ def read(path: Path, *, mode: ReadMode = "load") -> RawSAE:
         raise SAEFormatError(f"{cfg_file}: missing 'trainer'")
     tensors = read_torch_state(weights_file, mode=mode)
     kind = _CLASSES[_dict_class(trainer, tensors, cfg_file)]
-    weights = _weights(kind.layout, tensors, weights_file)
+    weights = _weights(kind, tensors, weights_file)
+    if kind.architecture == "gated":
+        weights.update(r_mag=take(tensors, "r_mag", weights_file))
+        weights.update(b_gate=take(tensors, "gate_bias", weights_file))
+        weights["names"] = {**weights["names"], "b_gate": "gate_bias"}
     d_sae = weights["W_enc"].shape[-1]
     threshold = None
     if kind.threshold == "per_feature":

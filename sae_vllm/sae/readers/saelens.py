@@ -23,8 +23,9 @@ CONFIG = "cfg.json"
 WEIGHTS = "sae_weights.safetensors"
 SCALER = "activation_scaler.json"
 
-# SAELens architecture name -> ours. batchtopk is saved for inference as jumprelu.
-_ARCHITECTURES = {"standard": "relu", "jumprelu": "jumprelu", "topk": "topk"}
+# SAELens architecture name -> ours. batchtopk is saved for inference as jumprelu; gated is
+# read as the jumprelu it equals (build.py).
+_ARCHITECTURES = {"standard": "relu", "jumprelu": "jumprelu", "topk": "topk", "gated": "gated"}
 
 
 def claims(path: Path) -> bool:
@@ -95,9 +96,13 @@ def read(path: Path, *, mode: ReadMode = "load") -> RawSAE:
     row_scale = tensors.get("scaling_factor")  # pre-v6 finetuning scaling factor
     if row_scale is not None and not row_scale.is_meta and bool((row_scale == 1).all()):
         row_scale = None
+    gated = architecture == "gated"
+    b_enc = "b_mag" if gated else "b_enc"
     return RawSAE(
         W_enc=take(tensors, "W_enc", weights_file),
-        b_enc=take(tensors, "b_enc", weights_file),
+        b_enc=take(tensors, b_enc, weights_file),
+        r_mag=take(tensors, "r_mag", weights_file) if gated else None,
+        b_gate=take(tensors, "b_gate", weights_file) if gated else None,
         W_dec=take(tensors, "W_dec", weights_file),
         b_dec=take(tensors, "b_dec", weights_file),
         threshold=take(tensors, "threshold", weights_file) if architecture == "jumprelu" else None,
@@ -112,7 +117,7 @@ def read(path: Path, *, mode: ReadMode = "load") -> RawSAE:
         config_file=cfg_file,
         declared_d_in=cfg.get("d_in"),
         declared_d_sae=cfg.get("d_sae"),
-        names={"decoder_row_scale": "scaling_factor"},
+        names={"decoder_row_scale": "scaling_factor", "b_enc": b_enc},
         input_scale=input_scale,
         decoder_row_scale=row_scale,
         rescale_by_decoder_norm=architecture == "topk"
