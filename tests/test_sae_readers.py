@@ -842,6 +842,12 @@ def _dictionary_learning(
     return write_dictionary_learning(tmp / "sae", arrays, config), None
 
 
+def _dictionary_learning_without_config(tmp: Path):
+    folder = _dictionary_learning(tmp)[0]
+    (folder / "config.json").unlink()
+    return folder / "ae.pt", None
+
+
 def _dictionary_learning_without_trainer(tmp: Path):
     folder = _dictionary_learning(tmp)[0]
     (folder / "config.json").write_text('{"buffer": {}}')
@@ -942,6 +948,10 @@ BAD_FILES: dict[str, tuple[Callable[[Path], tuple[Path, str | None]], str]] = {
     "dictionary_learning no class, not an AutoEncoder": (
         lambda t: _dictionary_learning(t, None),
         "missing 'trainer.dict_class'",
+    ),
+    "dictionary_learning ae.pt without config.json": (
+        _dictionary_learning_without_config,
+        r"not a recognised SAE \(.*config\.json \+ ae\.pt",
     ),
     "dictionary_learning without trainer": (_dictionary_learning_without_trainer, "'trainer'"),
     "dictionary_learning missing key": (

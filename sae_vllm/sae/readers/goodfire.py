@@ -10,16 +10,22 @@ from .build import RawSAE
 from .files import ReadMode, read_torch_state, take
 
 SUFFIXES = (".pt", ".pth")
+# dictionary_learning's weights file: without its config.json beside it, not a Goodfire SAE.
+_NOT_GOODFIRE = "ae.pt"
 # Released files are named like Llama-3.1-8B-Instruct-SAE-l19.pth.
 _FILE_LAYER = re.compile(r"[-_]l(\d+)$")
 
 
+def _is_candidate(path: Path) -> bool:
+    return path.is_file() and path.suffix in SUFFIXES and path.name != _NOT_GOODFIRE
+
+
 def _candidates(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in SUFFIXES)
+    return sorted(p for p in folder.iterdir() if _is_candidate(p))
 
 
 def claims(path: Path) -> bool:
-    return path.suffix in SUFFIXES if path.is_file() else len(_candidates(path)) == 1
+    return _is_candidate(path) if path.is_file() else len(_candidates(path)) == 1
 
 
 def read(path: Path, *, mode: ReadMode = "load") -> RawSAE:
