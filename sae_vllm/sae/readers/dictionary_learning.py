@@ -21,7 +21,7 @@ from .files import (
     require_file,
     take,
 )
-from .hooks import layer_from_hook
+from .hooks import layer_from_hook, layer_number
 
 CONFIG = "config.json"
 WEIGHTS = "ae.pt"
@@ -87,13 +87,9 @@ def _site(submodule: Any, folder: Path, trainer_layer: Any) -> tuple[str | None,
             return f"blocks.{layer}.{_SUBMODULE_HOOKS[match.group(1)]}", layer
     if isinstance(submodule, str):  # another name: the checks of its site decide
         layer = layer_from_hook(submodule)
-        return submodule, _int_or_none(trainer_layer) if layer is None else layer
-    layer = _int_or_none(trainer_layer)
+        return submodule, layer_number(trainer_layer) if layer is None else layer
+    layer = layer_number(trainer_layer)
     return (None, None) if layer is None else (f"blocks.{layer}.hook_resid_post", layer)
-
-
-def _int_or_none(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _dict_class(trainer: dict[str, Any], tensors: dict[str, torch.Tensor], file: Path) -> str:
@@ -127,18 +123,22 @@ def _k(trainer: dict[str, Any], tensors: dict[str, torch.Tensor], file: Path) ->
 
 
 def _weights(kind: _DictClass, tensors: dict[str, torch.Tensor], file: Path) -> dict[str, Any]:
-    """W_enc, b_enc, W_dec in canonical orientation, with their names in the file."""
-    if kind.layout == "parameters":
-        names = {"W_enc": "W_enc", "b_enc": "b_enc", "W_dec": "W_dec"}
-        return {**{key: take(tensors, key, file) for key in names}, "names": names}
-    names = {"W_enc": "encoder.weight", "b_enc": kind.b_enc, "W_dec": "decoder.weight"}
-    return {
-        "W_enc": take(tensors, names["W_enc"], file).T,
-        "b_enc": take(tensors, names["b_enc"], file),
-        "W_dec": take(tensors, names["W_dec"], file).T,
-        "names": names,
-        "transposed": frozenset({"W_enc", "W_dec"}),
+    """The tensors RawSAE takes (W_enc, b_enc, W_dec, b_dec; r_mag, b_gate when gated) in
+    canonical orientation, with their names in the file and which were transposed."""
+    linear = kind.layout == "linear"
+    names = {
+        "W_enc": "encoder.weight" if linear else "W_enc",
+        "b_enc": kind.b_enc if linear else "b_enc",
+        "W_dec": "decoder.weight" if linear else "W_dec",
+        "b_dec": kind.b_dec,
     }
+    if kind.architecture == "gated":
+        names.update(r_mag="r_mag", b_gate="gate_bias")
+    found: dict[str, Any] = {key: take(tensors, name, file) for key, name in names.items()}
+    transposed = frozenset({"W_enc", "W_dec"} if linear else ())
+    for key in transposed:  # nn.Linear weights are [out, in]
+        found[key] = found[key].T
+    return {**found, "names": names, "transposed": transposed}
 
 
 def read(path: Path, *, mode: ReadMode = "load") -> RawSAE:
@@ -151,10 +151,6 @@ def read(path: Path, *, mode: ReadMode = "load") -> RawSAE:
     tensors = read_torch_state(weights_file, mode=mode)
     kind = _CLASSES[_dict_class(trainer, tensors, cfg_file)]
     weights = _weights(kind, tensors, weights_file)
-    if kind.architecture == "gated":
-        weights.update(r_mag=take(tensors, "r_mag", weights_file))
-        weights.update(b_gate=take(tensors, "gate_bias", weights_file))
-        weights["names"] = {**weights["names"], "b_gate": "gate_bias"}
     d_sae = weights["W_enc"].shape[-1]
     threshold = None
     if kind.threshold == "per_feature":
@@ -162,10 +158,8 @@ def read(path: Path, *, mode: ReadMode = "load") -> RawSAE:
     elif kind.threshold == "scalar":
         threshold = _scalar_threshold(tensors, d_sae, weights_file)
     hook_name, layer = _site(trainer.get("submodule_name"), folder, trainer.get("layer"))
-    weights["names"] = {**weights["names"], "b_dec": kind.b_dec}
     return RawSAE(
         **weights,
-        b_dec=take(tensors, kind.b_dec, weights_file),
         threshold=threshold,
         k=_k(trainer, tensors, cfg_file) if kind.architecture == "topk" else None,
         architecture=kind.architecture,

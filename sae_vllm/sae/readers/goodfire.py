@@ -6,18 +6,18 @@ import re
 from pathlib import Path
 
 from ..errors import SAEFormatError
+from . import dictionary_learning
 from .build import RawSAE
 from .files import ReadMode, read_torch_state, take
 
 SUFFIXES = (".pt", ".pth")
-# dictionary_learning's weights file: without its config.json beside it, not a Goodfire SAE.
-_NOT_GOODFIRE = "ae.pt"
 # Released files are named like Llama-3.1-8B-Instruct-SAE-l19.pth.
 _FILE_LAYER = re.compile(r"[-_]l(\d+)$")
 
 
 def _is_candidate(path: Path) -> bool:
-    return path.is_file() and path.suffix in SUFFIXES and path.name != _NOT_GOODFIRE
+    # dictionary_learning's ae.pt is not a Goodfire SAE, even without its config.json beside it.
+    return path.is_file() and path.suffix in SUFFIXES and path.name != dictionary_learning.WEIGHTS
 
 
 def _candidates(folder: Path) -> list[Path]:

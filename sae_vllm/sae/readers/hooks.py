@@ -1,4 +1,5 @@
-"""Layer numbers from hook names ("blocks.12.hook_resid_post", "layers.12") and layer_12 folders."""
+"""Layer numbers from hook names ("blocks.12.hook_resid_post", "layers.12"), layer_12 folders
+and config fields."""
 
 from __future__ import annotations
 
@@ -9,6 +10,11 @@ from pathlib import Path
 _HOOK_LAYER = re.compile(r"(?:^|\.)(?:blocks|layers|h)\.(\d+)(?:\.|$)")
 # Gemma Scope folders: layer_12 (Gemma 2) and layer_12_width_16k_l0_medium (Gemma 3).
 _FOLDER_LAYER = re.compile(r"^layer_(\d+)(?:_|$)")
+
+
+def layer_number(value: object) -> int | None:
+    """A config's layer field as a layer number; None when it is not an integer."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def layer_from_hook(hook_name: str | None) -> int | None:

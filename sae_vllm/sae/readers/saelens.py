@@ -17,7 +17,7 @@ from .files import (
     require_file,
     take,
 )
-from .hooks import layer_from_hook
+from .hooks import layer_from_hook, layer_number
 
 CONFIG = "cfg.json"
 WEIGHTS = "sae_weights.safetensors"
@@ -81,7 +81,7 @@ def _hook(cfg: dict[str, Any]) -> tuple[str | None, int | None]:
     if hook_name:
         return str(hook_name), layer_from_hook(str(hook_name))
     layer = cfg.get("hook_layer", cfg.get("hook_point_layer"))
-    return None, layer if isinstance(layer, int) and not isinstance(layer, bool) else None
+    return None, layer_number(layer)
 
 
 def read(path: Path, *, mode: ReadMode = "load") -> RawSAE:
