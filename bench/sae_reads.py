@@ -1,14 +1,21 @@
-"""What the server's API process pays to describe an SAE: load it whole vs headers + streamed norms.
+"""What reading an SAE costs: the API process describing it, and a worker building its weights.
 
 `python -m bench sae_reads [PATH ...] [--synthetic DIR] [--out FILE]` measures, for each SAE,
-in a fresh process per measurement: `load_sae(path).W_dec.float().norm(dim=1)` (what the
-frontend did) against `inspect_sae(path)` + `decoder_norms(path)` (what it does), as wall time
-and peak anonymous memory (sampled every millisecond from /proc; Linux only). `--synthetic DIR`
-first writes four random SAEs at released shapes into DIR (about 4.6 GB)."""
+in a fresh process per measurement, as wall time and peak anonymous memory (sampled every
+millisecond from /proc; Linux only):
+- the API process: `load_sae(path).W_dec.float().norm(dim=1)` ("load", what the frontend did)
+  against `inspect_sae(path)` + `decoder_norms(path)` ("stream", what it does);
+- a worker's startup: the steering op's bfloat16 CPU weights from the canonical SAE, held
+  whole (`prepare_weights` on `load_sae(path)`: "weights_whole", what the worker did) against
+  `steering_weights(open_sae(path))` ("weights_streamed", what it does: folded a block of
+  features at a time from the memory-mapped file).
+Each pair must agree exactly (the norms; the weights' bytes). `--synthetic DIR` first writes
+four random SAEs at released shapes into DIR (about 4.6 GB)."""
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import subprocess
 import sys
@@ -18,7 +25,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-WAYS = ("load", "stream")
+WAYS = ("load", "stream", "weights_whole", "weights_streamed")
+WEIGHTS_DTYPE = "bfloat16"  # the model dtype the weights ways build for, on the CPU
 
 
 def anonymous_bytes() -> int | None:
@@ -54,11 +62,26 @@ def peak_anonymous_growth(work: Callable[[], Any]) -> tuple[Any, int | None]:
     return result, (peak[0] if baseline is not None else None)
 
 
-def measure(path: str, way: str) -> dict[str, Any]:
-    """Time and peak anonymous memory of one way of reading the SAE's decoder norms."""
+def _digest(weights: Any) -> str:
+    """A hash of the steering weights' bytes (every tensor, in a fixed order) and k."""
     import torch
 
-    from sae_vllm.sae import decoder_norms, inspect_sae, load_sae
+    digest = hashlib.sha256(str(weights.k).encode())
+    for tensor in (weights.enc_t, weights.b_enc, weights.threshold, weights.W_dec):
+        digest.update(tensor.contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def measure(path: str, way: str) -> dict[str, Any]:
+    """Time and peak anonymous memory of one way of reading the SAE, and what it read: the
+    decoder norms' sum ("check", a float) or the steering weights' digest (a string)."""
+    import torch
+
+    from sae_vllm.engine.sae_weights import steering_weights
+    from sae_vllm.kernels import prepare_weights
+    from sae_vllm.sae import decoder_norms, inspect_sae, load_sae, open_sae
+
+    dtype = getattr(torch, WEIGHTS_DTYPE)
 
     def stream() -> torch.Tensor:
         inspect_sae(path)
@@ -67,13 +90,36 @@ def measure(path: str, way: str) -> dict[str, Any]:
     def load() -> torch.Tensor:
         return load_sae(path).W_dec.float().norm(dim=1)
 
+    def weights_whole() -> Any:
+        sae = load_sae(path)
+        return prepare_weights(
+            sae.W_enc,
+            sae.b_enc,
+            sae.W_dec,
+            sae.b_dec,
+            sae.threshold,
+            sae.k,
+            sae.apply_b_dec_to_input,
+            dtype=dtype,
+            device="cpu",
+        )
+
+    def weights_streamed() -> Any:
+        return steering_weights(open_sae(path), dtype=dtype, device="cpu")
+
+    work = {"load": load, "stream": stream, "weights_whole": weights_whole,
+            "weights_streamed": weights_streamed}[way]  # fmt: skip
     start = time.perf_counter()
-    norms, peak = peak_anonymous_growth(load if way == "load" else stream)
+    result, peak = peak_anonymous_growth(work)
     seconds = time.perf_counter() - start
+    if way.startswith("weights"):
+        check: float | str = _digest(result)
+    else:
+        check = float(result.to(torch.float64).sum())
     return {
         "seconds": seconds,
         "peak_anonymous_mib": None if peak is None else peak / 2**20,
-        "norms_sum": float(norms.to(torch.float64).sum()),
+        "check": check,
     }
 
 
@@ -173,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     if not paths:
         parser.error("give SAE paths or --synthetic DIR")
     rows = []
+    print(f"weights ways: {WEIGHTS_DTYPE} on the CPU; {args.repeats} repeats; fresh process each")
     print("| SAE | way | seconds | peak anonymous MiB |\n|---|---|---|---|")
     for path in paths:
         for _ in range(args.repeats):
@@ -182,12 +229,15 @@ def main(argv: list[str] | None = None) -> int:
                 peak = row["peak_anonymous_mib"]
                 shown = "n/a" if peak is None else f"{peak:.0f}"
                 print(f"| {path.name} | {way} | {row['seconds']:.3f} | {shown} |")
-        sums = {row["norms_sum"] for row in rows if row["path"] == str(path)}
-        if len(sums) != 1:
-            print(f"{path}: the two ways disagree on the norms: {sorted(sums)}", file=sys.stderr)
-            return 1
+        mine = [row for row in rows if row["path"] == str(path)]
+        for pair in (WAYS[:2], WAYS[2:]):
+            checks = {row["check"] for row in mine if row["way"] in pair}
+            if len(checks) != 1:
+                print(f"{path}: {' and '.join(pair)} disagree: {sorted(checks)}", file=sys.stderr)
+                return 1
     if args.out:
-        args.out.write_text(json.dumps({"rows": rows}, indent=2))
+        config = {"weights_dtype": WEIGHTS_DTYPE, "repeats": args.repeats}
+        args.out.write_text(json.dumps({"config": config, "rows": rows}, indent=2))
     return 0
 
 

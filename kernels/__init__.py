@@ -8,7 +8,7 @@ from .cpu_decode import steer_cpu_
 from .edit_ops import ABLATE, ADD, CAP, FLOOR, OP_CODES, SCALE, SET, apply_edit
 from .op import steer_
 from .reference import steer_reference_
-from .weights import SteeringWeights, prepare_weights
+from .weights import SteeringWeights, prepare_weights, prepare_weights_by_block
 
 __all__ = [
     "ABLATE",
@@ -21,6 +21,7 @@ __all__ = [
     "SteeringWeights",
     "apply_edit",
     "prepare_weights",
+    "prepare_weights_by_block",
     "steer_",
     "steer_cpu_",
     "steer_reference_",

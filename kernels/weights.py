@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-# Columns of W_enc handled per step while folding and transposing, so loading a large SAE
-# never needs a second full-size (or float64) copy of the encoder.
-_CHUNK_ELEMS = 1 << 24
+# Elements of each block of features handled per step (8 MiB of float32): only a block, with
+# its float64 copy for the b_dec fold, is held beside the result, never a second copy.
+_CHUNK_ELEMS = 1 << 21
 
 
 @dataclass
@@ -36,6 +37,10 @@ class SteeringWeights:
         return self.enc_t.shape[0]
 
 
+# The encoder columns and decoder rows of the features in a slice: ([d_in, n], [n, d_in]).
+FeatureBlock = Callable[[slice], tuple[torch.Tensor, torch.Tensor]]
+
+
 def prepare_weights(
     W_enc: torch.Tensor,
     b_enc: torch.Tensor,
@@ -53,6 +58,35 @@ def prepare_weights(
     _check_shape("b_enc", b_enc, (d_sae,))
     _check_shape("W_dec", W_dec, (d_sae, d_in))
     _check_shape("b_dec", b_dec, (d_in,))
+    W_enc, W_dec = W_enc.detach(), W_dec.detach()
+    return prepare_weights_by_block(
+        lambda rows: (W_enc[:, rows], W_dec[rows]),
+        b_enc,
+        b_dec,
+        threshold,
+        k,
+        apply_b_dec_to_input,
+        dtype,
+        device,
+    )
+
+
+def prepare_weights_by_block(
+    block: FeatureBlock,
+    b_enc: torch.Tensor,
+    b_dec: torch.Tensor,
+    threshold: torch.Tensor | None,
+    k: int | None,
+    apply_b_dec_to_input: bool,
+    dtype: torch.dtype,
+    device: torch.device | str,
+) -> SteeringWeights:
+    """SteeringWeights from an SAE whose matrices come a block of features at a time, so only
+    one block is held beside the result (the matrices can stream from a memory-mapped file);
+    the result never shares memory with the blocks. Otherwise as prepare_weights."""
+    if b_enc.ndim != 1 or b_dec.ndim != 1:
+        raise ValueError(f"b_enc and b_dec must be 1-D, got {b_enc.shape} and {b_dec.shape}")
+    (d_sae,), (d_in,) = b_enc.shape, b_dec.shape
     if threshold is not None:
         _check_shape("threshold", threshold, (d_sae,))
     k = int(k or 0)
@@ -61,14 +95,20 @@ def prepare_weights(
     device = torch.device(device)
     step = max(1, _CHUNK_ELEMS // d_in)
 
-    bias = b_enc.detach().to(device=W_enc.device, dtype=torch.float64).clone()
-    b_dec64 = b_dec.detach().to(device=W_enc.device, dtype=torch.float64)
+    bias = b_enc.detach().to(dtype=torch.float64).clone()
+    b_dec64 = b_dec.detach().to(dtype=torch.float64)
     enc_t = torch.empty((d_sae, d_in), dtype=dtype, device=device)
+    W_dec = torch.empty((d_sae, d_in), dtype=dtype, device=device)
     for start in range(0, d_sae, step):
-        cols = W_enc.detach()[:, start : start + step]
+        rows = slice(start, min(start + step, d_sae))
+        cols, dec_rows = block(rows)
+        n = rows.stop - rows.start
+        _check_shape("W_enc", cols, (d_in, n), f" (columns {start}:{rows.stop})")
+        _check_shape("W_dec", dec_rows, (n, d_in), f" (rows {start}:{rows.stop})")
         if apply_b_dec_to_input:
-            bias[start : start + step] -= b_dec64 @ cols.to(torch.float64)
-        enc_t[start : start + step].copy_(cols.to(device=device, dtype=dtype).t())
+            bias[rows] -= b_dec64 @ cols.to(device=b_dec64.device, dtype=torch.float64)
+        enc_t[rows].copy_(cols.to(device=device, dtype=dtype).t())
+        W_dec[rows].copy_(dec_rows.to(device=device, dtype=dtype))
 
     if threshold is None:
         thr = torch.zeros(d_sae, dtype=torch.float32, device=device)
@@ -78,11 +118,11 @@ def prepare_weights(
         enc_t=enc_t,
         b_enc=bias.to(device=device, dtype=torch.float32).contiguous(),
         threshold=thr,
-        W_dec=W_dec.detach().to(device=device, dtype=dtype).contiguous(),
+        W_dec=W_dec,
         k=k,
     )
 
 
-def _check_shape(name: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> None:
+def _check_shape(name: str, tensor: torch.Tensor, shape: tuple[int, ...], where: str = "") -> None:
     if tuple(tensor.shape) != shape:
-        raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {shape}")
+        raise ValueError(f"{name}{where} has shape {tuple(tensor.shape)}, expected {shape}")

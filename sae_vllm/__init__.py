@@ -14,9 +14,11 @@ LOGGER_NAME = "vllm.sae_vllm"
 _EXPORTS = {
     "SAE": "sae",
     "SAEFormatError": "sae",
+    "FoldedSAE": "sae",
     "decoder_norms": "sae",
     "inspect_sae": "sae",
     "load_sae": "sae",
+    "open_sae": "sae",
     "SAEEntry": "config",
     "SteeringConfig": "config",
     "ApplyTo": "spec",

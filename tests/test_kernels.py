@@ -32,6 +32,7 @@ OP_CODES = kpkg.OP_CODES
 SteeringWeights = kpkg.SteeringWeights
 apply_edit = kpkg.apply_edit
 prepare_weights = kpkg.prepare_weights
+prepare_weights_by_block = kpkg.prepare_weights_by_block
 steer_reference_ = kpkg.steer_reference_
 reference_module = importlib.import_module(f"{kpkg.__name__}.reference")
 cpu_decode_module = importlib.import_module(f"{kpkg.__name__}.cpu_decode")
@@ -382,6 +383,31 @@ def test_prepare_weights_defaults_and_validation():
         prepare_weights(
             W_enc, b_enc, W_dec, b_dec, torch.zeros(3), None, True, torch.float32, "cpu"
         )
+
+
+def test_prepare_weights_never_shares_memory_with_its_inputs():
+    # Even where layout, dtype and device already match: the inputs may be a memory-mapped file.
+    W_enc, W_dec = torch.randn(16, 8).T, torch.randn(16, 8)
+    w = prepare_weights(W_enc, torch.randn(16), W_dec, torch.randn(8), None, None, False,
+                        torch.float32, "cpu")  # fmt: skip
+    assert torch.equal(w.W_dec, W_dec) and torch.equal(w.enc_t, W_enc.T)
+    for built, source in ((w.W_dec, W_dec), (w.enc_t, W_enc)):
+        assert built.untyped_storage().data_ptr() != source.untyped_storage().data_ptr()
+
+
+def test_prepare_weights_by_block_checks_every_block(monkeypatch):
+    monkeypatch.setattr(weights_module, "_CHUNK_ELEMS", 8 * 4)  # blocks of 4 features
+    b_enc, b_dec = torch.zeros(12), torch.zeros(8)
+
+    def block(rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        n = rows.stop - rows.start
+        short = 7 if rows.start == 8 else 8  # the third block's columns are one row short
+        return torch.zeros(short, n), torch.zeros(n, 8)
+
+    with pytest.raises(ValueError, match=r"W_enc \(columns 8:12\) has shape \(7, 4\)"):
+        prepare_weights_by_block(block, b_enc, b_dec, None, None, True, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="1-D"):
+        prepare_weights_by_block(block, b_enc[None], b_dec, None, None, True, torch.float32, "cpu")
 
 
 # ---------------------------------------------------------------------------------------------

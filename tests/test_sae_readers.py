@@ -10,14 +10,18 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
 import torch
 
+import sae_vllm.kernels.weights as kernel_weights
 from bench.sae_reads import peak_anonymous_growth
 from sae_vllm.config import SAEEntry, SteeringConfig
 from sae_vllm.engine.sae_sizes import sae_sizes
+from sae_vllm.engine.sae_weights import steering_weights
+from sae_vllm.kernels import prepare_weights
 from sae_vllm.sae import (
     FORMATS,
     SAE,
@@ -26,6 +30,7 @@ from sae_vllm.sae import (
     detect_format,
     inspect_sae,
     load_sae,
+    open_sae,
 )
 from sae_vllm.sae.sites import NotALayerOutputError, residual_layer
 from sae_writers import (
@@ -127,6 +132,7 @@ def load_both(
         assert torch.equal(getattr(detected, name), getattr(named, name))
     assert_canonical(detected, expect)
     assert_inspection_matches(path, fmt)
+    assert_streaming_matches(path, fmt, dtype)
     return detected
 
 
@@ -148,6 +154,46 @@ def assert_inspection_matches(path: Path, fmt: str) -> None:
         norms = decoder_norms(path, format=fmt, chunk_rows=chunk_rows)
         assert norms.dtype == torch.float32
         assert torch.equal(norms, expected), (fmt, chunk_rows)
+
+
+def assert_streaming_matches(path: Path, fmt: str, dtype: torch.dtype | None = None) -> None:
+    """open_sae folds the SAE a block of features at a time into exactly load_sae's SAE, and
+    the worker's steering weights built from those blocks are exactly prepare_weights' on it."""
+    loaded = load_sae(path, format=fmt, dtype=dtype)
+    opened = open_sae(path, format=fmt, dtype=dtype)
+    header = opened.header
+    for name in ("W_enc", "W_dec"):
+        full, meta = getattr(loaded, name), getattr(header, name)
+        assert meta.is_meta and (meta.shape, meta.dtype) == (full.shape, full.dtype), name
+    for name in ("b_enc", "b_dec", "threshold"):
+        full, small = getattr(loaded, name), getattr(header, name)
+        assert (full is None) == (small is None), name
+        if full is not None:
+            assert torch.equal(small, full), name
+    for name in ("architecture", "k", "apply_b_dec_to_input", "layer", "hook_name", "format"):
+        assert getattr(header, name) == getattr(loaded, name), name
+    d_sae = loaded.d_sae
+    for rows in (slice(0, d_sae), slice(0, 3), slice(3, d_sae - 1), slice(d_sae - 1, d_sae)):
+        assert torch.equal(opened.encoder_columns(rows), loaded.W_enc[:, rows]), rows
+        assert torch.equal(opened.decoder_rows(rows), loaded.W_dec[rows]), rows
+    blocks = mock.patch.object(opened, "encoder_columns", wraps=opened.encoder_columns)
+    with mock.patch.object(kernel_weights, "_CHUNK_ELEMS", 5 * loaded.d_in), blocks as columns:
+        streamed = steering_weights(opened, dtype=torch.bfloat16, device="cpu")
+    assert columns.call_count == math.ceil(d_sae / 5)
+    whole = prepare_weights(
+        loaded.W_enc,
+        loaded.b_enc,
+        loaded.W_dec,
+        loaded.b_dec,
+        loaded.threshold,
+        loaded.k,
+        loaded.apply_b_dec_to_input,
+        dtype=torch.bfloat16,
+        device="cpu",
+    )
+    for name in ("enc_t", "b_enc", "threshold", "W_dec"):
+        assert torch.equal(getattr(streamed, name), getattr(whole, name)), name
+    assert streamed.k == whole.k
 
 
 # ---- SAELens ----------------------------------------------------------------------------------
@@ -377,6 +423,7 @@ def test_gemma_scope_npz_members_that_cannot_be_mapped_as_stored(tmp_path, layou
     loaded = load_sae(file)
     np.testing.assert_array_equal(loaded.W_dec.numpy(), arrays["W_dec"])
     assert_inspection_matches(file, "gemma_scope")
+    assert_streaming_matches(file, "gemma_scope")
 
 
 def test_gemma_scope_npz_outside_a_release_tree_has_no_layer(tmp_path):
@@ -973,7 +1020,7 @@ BAD_FILES: dict[str, tuple[Callable[[Path], tuple[Path, str | None]], str]] = {
 }
 
 
-READS = {"load": load_sae, "inspect": inspect_sae, "norms": decoder_norms}
+READS = {"load": load_sae, "inspect": inspect_sae, "norms": decoder_norms, "open": open_sae}
 
 
 @pytest.mark.parametrize("read", list(READS))
@@ -1051,3 +1098,34 @@ def test_decoder_norms_stream_the_decoder_instead_of_loading_it(tmp_path):
     norms, streamed = peak_anonymous_growth(lambda: decoder_norms(folder))
     assert norms.shape == (d_sae,) and not norms.any()  # the file's data is all zeros
     assert streamed < 128 * 2**20, f"{streamed / 2**20:.0f} MiB of anonymous memory"
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+def test_loading_holds_the_result_and_one_block_never_the_file_whole(tmp_path):
+    # A float32 Llama Scope folder, 512 MiB, whose dataset-norm fold rescales both matrices
+    # (before streaming: the file whole, each fold's out-of-place copy, a contiguous copy).
+    d_in, d_sae = 4096, 16384
+    folder = tmp_path / "llama_scope"
+    hyperparams = llama_scope_hyperparams(d_in, d_sae, 3, threshold=0.1, norm_in=20.0)
+    (folder / "hyperparams.json").parent.mkdir()
+    (folder / "hyperparams.json").write_text(json.dumps(hyperparams))
+    shapes = {
+        "encoder.weight": (d_sae, d_in),
+        "encoder.bias": (d_sae,),
+        "decoder.weight": (d_in, d_sae),
+        "decoder.bias": (d_in,),
+    }
+    size = write_sparse_safetensors(folder / "checkpoints" / "final.safetensors", shapes)
+    sae, loaded = peak_anonymous_growth(lambda: load_sae(folder))
+    result = sum(t.numel() * t.element_size() for t in (sae.W_enc, sae.W_dec))
+    assert result > 0.99 * size and not sae.W_enc.any()  # the file's data is all zeros
+    # The sampler sees the result itself; beyond it, a block or two (8 MiB of float32 each)
+    # and what the allocator keeps of them: 7-48 MiB seen (the whole file before streaming).
+    assert result <= loaded < result + 128 * 2**20, f"{loaded / 2**20:.0f} MiB"
+    del sae
+    weights, streamed = peak_anonymous_growth(
+        lambda: steering_weights(open_sae(folder), dtype=torch.bfloat16, device="cpu")
+    )
+    kept = sum(t.numel() * t.element_size() for t in (weights.enc_t, weights.W_dec))
+    assert kept == 2 * d_in * d_sae * 2  # both matrices, in bfloat16
+    assert kept <= streamed < kept + 128 * 2**20, f"{streamed / 2**20:.0f} MiB"

@@ -9,12 +9,13 @@ import numpy as np
 
 from .. import LOGGER_NAME
 from ..config import EXTRA_ARGS_KEY, SteeringConfig, steering_config_from
-from ..kernels import prepare_weights, warm_up_cpu_path
-from ..sae import SAEFormatError, load_sae
+from ..kernels import warm_up_cpu_path
+from ..sae import SAEFormatError, open_sae
 from ..sae.sites import NotALayerOutputError, residual_layer
 from ..spec import SteeringSpec, resolve_spec
 from . import vllm_adapter as vllm
 from .intake import generation_start_of
+from .sae_weights import steering_weights
 from .steered_layer import SAESteering, steer_layer
 from .tables import SteeringTables
 
@@ -46,9 +47,10 @@ class WorkerSteering:
         layers = vllm.decoder_layers(runner, info.num_layers)
         for entry in config.saes:
             try:
-                sae = load_sae(entry.path, format=entry.format)
+                opened = open_sae(entry.path, format=entry.format)
             except SAEFormatError as exc:
                 raise SteeringStartupError(f"SAE '{entry.id}': {exc}") from None
+            sae = opened.header  # W_enc and W_dec stay in the file until steering_weights
             try:
                 file_layer = residual_layer(sae)
             except NotALayerOutputError as exc:
@@ -71,17 +73,7 @@ class WorkerSteering:
             layer = layers[layer_index]
             if vllm.is_missing_layer(layer):
                 continue  # another pipeline rank holds this layer
-            weights = prepare_weights(
-                sae.W_enc,
-                sae.b_enc,
-                sae.W_dec,
-                sae.b_dec,
-                sae.threshold,
-                sae.k,
-                sae.apply_b_dec_to_input,
-                dtype=info.dtype,
-                device=info.device,
-            )
+            weights = steering_weights(opened, dtype=info.dtype, device=info.device)
             steering = SAESteering(
                 entry.id,
                 weights,

@@ -4,14 +4,17 @@ Imports only torch, numpy and safetensors, so it runs where vLLM is not installe
 
 from .errors import SAEFormatError
 from .model import SAE
-from .readers import FORMATS, decoder_norms, detect_format, inspect_sae, load_sae
+from .readers import FORMATS, decoder_norms, detect_format, inspect_sae, load_sae, open_sae
+from .readers.build import FoldedSAE
 
 __all__ = [
     "FORMATS",
     "SAE",
+    "FoldedSAE",
     "SAEFormatError",
     "decoder_norms",
     "detect_format",
     "inspect_sae",
     "load_sae",
+    "open_sae",
 ]

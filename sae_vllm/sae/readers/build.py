@@ -114,52 +114,6 @@ def _validate(raw: RawSAE) -> None:
         )
 
 
-def _gated_as_jumprelu(raw: RawSAE, work: torch.dtype) -> RawSAE:
-    """raw's gated SAE as the JumpReLU it equals: the gate (x W + b_gate > 0) holds exactly
-    when the magnitude pre-activation x W e^r_mag + b_mag exceeds b_mag - e^r_mag b_gate,
-    so W_enc takes the column scale e^r_mag, b_enc stays b_mag and that is the threshold."""
-    scale = raw.r_mag.to(work).exp()
-    return replace(
-        raw,
-        W_enc=raw.W_enc.to(work) * scale,
-        threshold=raw.b_enc.to(work) - scale * raw.b_gate.to(work),
-        architecture="jumprelu",
-        r_mag=None,
-        b_gate=None,
-    )
-
-
-def _fold_decoder(
-    raw: RawSAE, W_dec: torch.Tensor, rows: slice = slice(None)
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The folded decoder rows `rows` (W_dec holds just those rows), and the factor the
-    encoder's matching columns take (None: unchanged by the decoder folds)."""
-    if raw.decoder_row_scale is not None:
-        W_dec = W_dec * raw.decoder_row_scale[rows].to(W_dec.dtype)[:, None]
-    norms = None
-    if raw.rescale_by_decoder_norm:
-        # Computed on the decoder as trained, before the input-scale fold changes its norms.
-        norms = W_dec.norm(dim=1)
-        # A zero row never fires (its scaled pre-activation is 0) and never writes; keep it 0.
-        norms = torch.where(norms > 0, norms, torch.ones_like(norms))
-        W_dec = W_dec / norms[:, None]
-    if raw.input_scale is not None:
-        W_dec = W_dec / raw.input_scale
-    return W_dec, norms
-
-
-def _fold(raw: RawSAE, work: torch.dtype) -> tuple[torch.Tensor, ...]:
-    W_enc, b_enc, W_dec, b_dec = (t.to(work) for t in (raw.W_enc, raw.b_enc, raw.W_dec, raw.b_dec))
-    threshold = None if raw.threshold is None else raw.threshold.to(work)
-    W_dec, norms = _fold_decoder(raw, W_dec)
-    if norms is not None:
-        W_enc, b_enc = W_enc * norms, b_enc * norms
-    if raw.input_scale is not None:
-        s = raw.input_scale
-        W_enc, b_dec = W_enc * s, b_dec / s
-    return W_enc, b_enc, W_dec, b_dec, threshold
-
-
 def _needs_fold(raw: RawSAE) -> bool:
     return (
         raw.input_scale is not None
@@ -168,58 +122,134 @@ def _needs_fold(raw: RawSAE) -> bool:
     )
 
 
-NORM_CHUNK_ELEMENTS = 1 << 22  # 16 MiB of float32 per chunk of decoder rows
+BLOCK_ELEMENTS = 1 << 21  # 8 MiB of float32 per block of features
+
+
+def feature_blocks(d_sae: int, d_in: int, rows: int | None = None) -> list[slice]:
+    """Consecutive slices of the d_sae features, `rows` at a time (default: BLOCK_ELEMENTS
+    elements of a [rows, d_in] block)."""
+    rows = rows or max(1, BLOCK_ELEMENTS // max(d_in, 1))
+    return [slice(start, min(start + rows, d_sae)) for start in range(0, d_sae, rows)]
+
+
+class FoldedSAE:
+    """A validated SAE whose small vectors are folded and whose two matrices are folded a block
+    of features at a time on request, so a memory-mapped file streams through, never held whole.
+
+    `header` is the canonical SAE with W_enc and W_dec on the meta device (shapes and dtype
+    only); `encoder_columns` and `decoder_rows` give the real, folded blocks of those two."""
+
+    def __init__(self, raw: RawSAE, dtype: torch.dtype | None = None):
+        if dtype is not None and not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
+        _validate(raw)
+        self.dtype = dtype or raw.W_enc.dtype
+        # Folds run in at least float32 so bf16/fp16 files round once, at the final cast.
+        self._work = torch.promote_types(self.dtype, torch.float32)
+        self._raw = raw
+        self._gate_scale: torch.Tensor | None = None
+        threshold = raw.threshold
+        if raw.architecture == "gated":
+            # The gate (x W + b_gate > 0) holds exactly when the magnitude pre-activation
+            # x W e^r_mag + b_mag exceeds b_mag - e^r_mag b_gate: W's columns take the scale
+            # e^r_mag, b_enc stays b_mag and that is the threshold.
+            self._gate_scale = raw.r_mag.to(self._work).exp()
+            threshold = raw.b_enc.to(self._work) - self._gate_scale * raw.b_gate.to(self._work)
+        # Folds change values, not shapes: an SAE read as headers only (meta tensors) skips them.
+        self._folds = _needs_fold(raw) and not raw.W_enc.is_meta
+        self._norms = self._fold_norms() if self._folds and raw.rescale_by_decoder_norm else None
+        b_enc, b_dec = raw.b_enc, raw.b_dec
+        if self._folds:
+            b_enc, b_dec = b_enc.to(self._work), b_dec.to(self._work)
+            if self._norms is not None:
+                b_enc = b_enc * self._norms
+            if raw.input_scale is not None:
+                b_dec = b_dec / raw.input_scale
+        architecture = "jumprelu" if raw.architecture == "gated" else raw.architecture
+        d_in, d_sae = raw.W_enc.shape
+        self.header = SAE(
+            W_enc=torch.empty((d_in, d_sae), dtype=self.dtype, device="meta"),
+            b_enc=b_enc.to(self.dtype).contiguous(),
+            W_dec=torch.empty((d_sae, d_in), dtype=self.dtype, device="meta"),
+            b_dec=b_dec.to(self.dtype).contiguous(),
+            threshold=(
+                threshold.to(self.dtype).contiguous() if architecture == "jumprelu" else None
+            ),
+            k=raw.k if architecture == "topk" else None,
+            architecture=architecture,
+            apply_b_dec_to_input=raw.apply_b_dec_to_input,
+            layer=raw.layer,
+            hook_name=raw.hook_name,
+            format=raw.format,
+            source=str(raw.source),
+        )
+
+    def _scaled_decoder_rows(self, rows: slice) -> torch.Tensor:
+        W_dec = self._raw.W_dec[rows].to(self._work)
+        if self._raw.decoder_row_scale is not None:
+            W_dec = W_dec * self._raw.decoder_row_scale[rows].to(self._work)[:, None]
+        return W_dec
+
+    def _fold_norms(self) -> torch.Tensor:
+        """The decoder row norms the rescale fold divides by: of the decoder as trained (row
+        scale applied, before the input-scale fold), zero rows taken as 1 (such a feature
+        never fires, since its scaled pre-activation is 0, and never writes)."""
+        d_sae, d_in = self._raw.W_dec.shape
+        norms = torch.empty(d_sae, dtype=self._work)
+        for rows in feature_blocks(d_sae, d_in):
+            norms[rows] = self._scaled_decoder_rows(rows).norm(dim=1)
+        return torch.where(norms > 0, norms, torch.ones_like(norms))
+
+    def encoder_columns(self, rows: slice) -> torch.Tensor:
+        """W_enc[:, rows], folded, in the SAE's dtype ([d_in, rows])."""
+        W_enc = self._raw.W_enc[:, rows]
+        if self._gate_scale is None and not self._folds:
+            return W_enc.to(self.dtype)
+        W_enc = W_enc.to(self._work)
+        if self._gate_scale is not None:
+            W_enc = W_enc * self._gate_scale[rows]
+        if self._folds:
+            if self._norms is not None:
+                W_enc = W_enc * self._norms[rows]
+            if self._raw.input_scale is not None:
+                W_enc = W_enc * self._raw.input_scale
+        return W_enc.to(self.dtype)
+
+    def decoder_rows(self, rows: slice) -> torch.Tensor:
+        """W_dec[rows], folded, in the SAE's dtype ([rows, d_in])."""
+        if not self._folds:
+            return self._raw.W_dec[rows].to(self.dtype)
+        W_dec = self._scaled_decoder_rows(rows)
+        if self._norms is not None:
+            W_dec = W_dec / self._norms[rows, None]
+        if self._raw.input_scale is not None:
+            W_dec = W_dec / self._raw.input_scale
+        return W_dec.to(self.dtype)
 
 
 def decoder_norms(raw: RawSAE, chunk_rows: int | None = None) -> torch.Tensor:
     """L2 norm of each row of the decoder build_sae(raw) would give ([d_sae] float32), computed
-    a chunk of rows at a time (default: NORM_CHUNK_ELEMENTS elements), so a memory-mapped
-    decoder is streamed, never held whole."""
-    _validate(raw)
-    out = raw.W_enc.dtype
-    work = torch.promote_types(out, torch.float32)
+    a block of rows at a time (default: BLOCK_ELEMENTS elements), so a memory-mapped decoder is
+    streamed, never held whole."""
+    folded = FoldedSAE(raw)
     d_sae, d_in = raw.W_dec.shape
-    chunk_rows = chunk_rows or max(1, NORM_CHUNK_ELEMENTS // max(d_in, 1))
     norms = torch.empty(d_sae, dtype=torch.float32)
-    for start in range(0, d_sae, chunk_rows):
-        rows = slice(start, min(start + chunk_rows, d_sae))
-        chunk = raw.W_dec[rows]
-        if _needs_fold(raw):
-            # As build_sae: fold in at least float32, round once to the SAE's dtype.
-            chunk, _ = _fold_decoder(raw, chunk.to(work), rows)
+    for rows in feature_blocks(d_sae, d_in, chunk_rows):
         # Contiguous as build_sae leaves it, so each row sums in the same order.
-        norms[rows] = chunk.to(out).contiguous().float().norm(dim=1)
+        norms[rows] = folded.decoder_rows(rows).contiguous().float().norm(dim=1)
     return norms
 
 
 def build_sae(raw: RawSAE, dtype: torch.dtype | None = None) -> SAE:
-    """The canonical SAE for raw, cast to dtype (None keeps the encoder's dtype in the file)."""
-    if dtype is not None and not dtype.is_floating_point:
-        raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
-    _validate(raw)
-    out = dtype or raw.W_enc.dtype
-    if raw.architecture == "gated":
-        raw = _gated_as_jumprelu(raw, torch.promote_types(out, torch.float32))
-    # Folds change values, not shapes: an SAE read as headers only (meta tensors) skips them.
-    if _needs_fold(raw) and not raw.W_enc.is_meta:
-        # Fold in at least float32 so bf16/fp16 files round once, at the final cast.
-        tensors = _fold(raw, torch.promote_types(out, torch.float32))
-    else:
-        tensors = (raw.W_enc, raw.b_enc, raw.W_dec, raw.b_dec, raw.threshold)
-    W_enc, b_enc, W_dec, b_dec, threshold = (
-        None if t is None else t.to(out).contiguous() for t in tensors
-    )
-    return SAE(
-        W_enc=W_enc,
-        b_enc=b_enc,
-        W_dec=W_dec,
-        b_dec=b_dec,
-        threshold=threshold if raw.architecture == "jumprelu" else None,
-        k=raw.k if raw.architecture == "topk" else None,
-        architecture=raw.architecture,
-        apply_b_dec_to_input=raw.apply_b_dec_to_input,
-        layer=raw.layer,
-        hook_name=raw.hook_name,
-        format=raw.format,
-        source=str(raw.source),
-    )
+    """The canonical SAE for raw, cast to dtype (None keeps the encoder's dtype in the file),
+    built a block of features at a time: beyond the SAE it returns, only a block is held."""
+    folded = FoldedSAE(raw, dtype)
+    header = folded.header
+    if raw.W_enc.is_meta:
+        return header
+    W_enc = torch.empty(header.W_enc.shape, dtype=header.W_enc.dtype)
+    W_dec = torch.empty(header.W_dec.shape, dtype=header.W_dec.dtype)
+    for rows in feature_blocks(header.d_sae, header.d_in):
+        W_enc[:, rows] = folded.encoder_columns(rows)
+        W_dec[rows] = folded.decoder_rows(rows)
+    return replace(header, W_enc=W_enc, W_dec=W_dec)

@@ -141,7 +141,7 @@ def _weights(kind: _DictClass, tensors: dict[str, torch.Tensor], file: Path) -> 
     return {**found, "names": names, "transposed": transposed}
 
 
-def read(path: Path, *, mode: ReadMode = "load") -> RawSAE:
+def read(path: Path, *, mode: ReadMode) -> RawSAE:
     folder = folder_of(path)
     cfg_file = require_file(folder, CONFIG)
     weights_file = require_file(folder, WEIGHTS)

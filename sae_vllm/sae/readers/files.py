@@ -1,9 +1,10 @@
 """Reads SAE files (JSON, safetensors, npz, torch pickles); any failure raises SAEFormatError.
 
-The tensor readers have three modes (`ReadMode`): "load" reads every tensor into memory; "meta"
-reads only the files' headers and returns tensors on the meta device (right shapes and dtypes,
-no data), so an SAE can be inspected without loading it; "map" returns tensors backed by the
-file's pages, which the OS reads only when they are touched (for streaming over one tensor)."""
+The tensor readers have two modes (`ReadMode`): "meta" reads only the files' headers and returns
+tensors on the meta device (right shapes and dtypes, no data), so an SAE can be inspected without
+loading it; "map" returns tensors backed by the file's pages, which the OS reads only when they
+are touched, so an SAE streams through a block at a time (tensors that cannot be mapped, in
+compressed npz members and legacy torch files, are read into memory)."""
 
 from __future__ import annotations
 
@@ -17,12 +18,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import safetensors.torch
 import torch
 
 from ..errors import SAEFormatError
 
-ReadMode = Literal["load", "meta", "map"]
+ReadMode = Literal["meta", "map"]
 
 
 def _reason(exc: BaseException) -> str:
@@ -117,10 +117,8 @@ def _safetensors_layout(file: Path) -> dict[str, tuple[tuple[int, ...], torch.dt
     return layout
 
 
-def read_safetensors(file: Path, *, mode: ReadMode = "load") -> dict[str, torch.Tensor]:
+def read_safetensors(file: Path, *, mode: ReadMode) -> dict[str, torch.Tensor]:
     try:
-        if mode == "load":
-            return safetensors.torch.load_file(file, device="cpu")
         layout = _safetensors_layout(file)
         if mode == "meta":
             return {name: _meta_tensor(shape, dtype) for name, (shape, dtype, _) in layout.items()}
@@ -163,37 +161,28 @@ def _torch_dtype(dtype: np.dtype) -> torch.dtype:
     return torch.from_numpy(np.empty(0, dtype)).dtype
 
 
-def read_npz(file: Path, *, mode: ReadMode = "load") -> dict[str, torch.Tensor]:
+def read_npz(file: Path, *, mode: ReadMode) -> dict[str, torch.Tensor]:
     layouts: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
     tensors: dict[str, torch.Tensor] = {}
     try:
-        if mode == "load":
-            with np.load(file, allow_pickle=False) as archive:
-                arrays = {name: archive[name] for name in archive.files}
-            layouts = {name: (array.shape, array.dtype) for name, array in arrays.items()}
-            tensors = {
-                name: torch.from_numpy(np.ascontiguousarray(array))
-                for name, array in arrays.items()
-            }
-        else:
-            pages = _map_file(file) if mode == "map" else None
-            with zipfile.ZipFile(file) as archive:
-                for info in archive.infolist():
-                    name = info.filename.removesuffix(".npy")
+        pages = _map_file(file) if mode == "map" else None
+        with zipfile.ZipFile(file) as archive:
+            for info in archive.infolist():
+                name = info.filename.removesuffix(".npy")
+                with archive.open(info) as stream:
+                    shape, fortran_order, dtype = _npy_layout(stream)
+                    npy_header = stream.tell()
+                layouts[name] = (shape, dtype)
+                if pages is None or dtype.kind != "f":
+                    continue
+                stored = info.compress_type == zipfile.ZIP_STORED
+                if stored and not fortran_order and dtype.isnative:
+                    offset = _stored_data_offset(file, info, npy_header)
+                    tensors[name] = _mapped_tensor(pages, offset, shape, _torch_dtype(dtype))
+                else:  # compressed, Fortran-ordered or byte-swapped: read into memory
                     with archive.open(info) as stream:
-                        shape, fortran_order, dtype = _npy_layout(stream)
-                        npy_header = stream.tell()
-                    layouts[name] = (shape, dtype)
-                    if pages is None or dtype.kind != "f":
-                        continue
-                    stored = info.compress_type == zipfile.ZIP_STORED
-                    if stored and not fortran_order and dtype.isnative:
-                        offset = _stored_data_offset(file, info, npy_header)
-                        tensors[name] = _mapped_tensor(pages, offset, shape, _torch_dtype(dtype))
-                    else:  # compressed, Fortran-ordered or byte-swapped: read into memory
-                        with archive.open(info) as stream:
-                            array = np.lib.format.read_array(stream, allow_pickle=False)
-                        tensors[name] = torch.from_numpy(np.ascontiguousarray(array))
+                        array = np.lib.format.read_array(stream, allow_pickle=False)
+                    tensors[name] = torch.from_numpy(np.ascontiguousarray(array))
     except Exception as exc:
         raise SAEFormatError(f"{file}: cannot read npz ({_reason(exc)})") from None
     for name, (shape, dtype) in layouts.items():
@@ -204,14 +193,12 @@ def read_npz(file: Path, *, mode: ReadMode = "load") -> dict[str, torch.Tensor]:
     return tensors
 
 
-def read_torch_state(file: Path, *, mode: ReadMode = "load") -> dict[str, torch.Tensor]:
+def read_torch_state(file: Path, *, mode: ReadMode) -> dict[str, torch.Tensor]:
     """A state dict saved with torch.save, loaded without unpickling arbitrary objects."""
-    state = None
-    if mode != "load":
-        try:  # memory-mapped: only the pickle is read (files of the legacy format cannot be)
-            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        except Exception:
-            state = None
+    try:  # memory-mapped: only the pickle is read (files of the legacy format cannot be)
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        state = None
     if state is None:
         try:
             state = torch.load(file, map_location="cpu", weights_only=True)

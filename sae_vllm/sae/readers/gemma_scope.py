@@ -30,7 +30,7 @@ def _hook_name(path: Path, layer: int | None) -> str | None:
     return None
 
 
-def read(path: Path, *, mode: ReadMode = "load") -> RawSAE:
+def read(path: Path, *, mode: ReadMode) -> RawSAE:
     file = path if path.is_file() else require_file(path, PARAMS)
     if any(_TRANSCODER_REPO.search(part) for part in file.parts):
         raise SAEFormatError(f"{file}: unsupported architecture (Gemma Scope transcoder)")

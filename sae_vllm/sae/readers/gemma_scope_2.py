@@ -53,7 +53,7 @@ def _layer_from_config(folder: Path) -> int | None:
     return layer_from_hook(hook_in)
 
 
-def read(path: Path, *, mode: ReadMode = "load") -> RawSAE:
+def read(path: Path, *, mode: ReadMode) -> RawSAE:
     folder = folder_of(path)
     file = path if path.is_file() else require_file(folder, PARAMS)
     site = _site(folder)

@@ -28,7 +28,7 @@ def claims(path: Path) -> bool:
     return _is_candidate(path) if path.is_file() else len(_candidates(path)) == 1
 
 
-def read(path: Path, *, mode: ReadMode = "load") -> RawSAE:
+def read(path: Path, *, mode: ReadMode) -> RawSAE:
     if path.is_file():
         file = path
     else:

@@ -32,7 +32,7 @@ def claims(path: Path) -> bool:
     return (folder / CONFIG).is_file() and (folder / WEIGHTS).is_file()
 
 
-def read(path: Path, *, mode: ReadMode = "load") -> RawSAE:
+def read(path: Path, *, mode: ReadMode) -> RawSAE:
     folder = folder_of(path)
     cfg_file = require_file(folder, CONFIG)
     weights_file = require_file(folder, WEIGHTS)

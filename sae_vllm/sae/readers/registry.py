@@ -20,7 +20,7 @@ from . import (
     saelens,
     sparsify,
 )
-from .build import RawSAE, build_sae
+from .build import FoldedSAE, RawSAE, build_sae
 from .build import decoder_norms as _decoder_norms
 from .files import ReadMode
 
@@ -69,8 +69,18 @@ def load_sae(
     path: str | os.PathLike[str], format: str | None = None, dtype: torch.dtype | None = None
 ) -> SAE:
     """Read the SAE at path into the canonical SAE; format is detected when None, dtype None
-    keeps the file's floating dtype."""
-    return build_sae(_read(path, format, mode="load"), dtype)
+    keeps the file's floating dtype. The file is streamed through a memory map: besides the
+    SAE returned, only a block of it is held in memory."""
+    return build_sae(_read(path, format, mode="map"), dtype)
+
+
+def open_sae(
+    path: str | os.PathLike[str], format: str | None = None, dtype: torch.dtype | None = None
+) -> FoldedSAE:
+    """The SAE at path, memory-mapped and checked, its matrices folded a block of features at
+    a time on request (FoldedSAE): for building other layouts of its weights without holding
+    the SAE whole."""
+    return FoldedSAE(_read(path, format, mode="map"), dtype)
 
 
 def inspect_sae(path: str | os.PathLike[str], format: str | None = None) -> SAE:
@@ -85,7 +95,7 @@ def decoder_norms(
 ) -> torch.Tensor:
     """The L2 norm of each decoder row of the SAE at path ([d_sae] float32, equal to
     `load_sae(path).W_dec.float().norm(dim=1)`), streamed from the file a chunk of rows at a
-    time (16 MiB of float32 unless `chunk_rows` is given). The SAE is never held in memory,
+    time (8 MiB of float32 unless `chunk_rows` is given). The SAE is never held in memory,
     except `.pt` files of torch's legacy format and compressed npz members, which cannot be
     memory-mapped."""
     return _decoder_norms(_read(path, format, mode="map"), chunk_rows)

@@ -84,7 +84,7 @@ def _hook(cfg: dict[str, Any]) -> tuple[str | None, int | None]:
     return None, layer_number(layer)
 
 
-def read(path: Path, *, mode: ReadMode = "load") -> RawSAE:
+def read(path: Path, *, mode: ReadMode) -> RawSAE:
     folder = folder_of(path)
     cfg_file = require_file(folder, CONFIG)
     weights_file = require_file(folder, WEIGHTS)

@@ -35,7 +35,7 @@ def _declared_d_sae(cfg: dict, file: Path) -> int | None:
     return None
 
 
-def read(path: Path, *, mode: ReadMode = "load") -> RawSAE:
+def read(path: Path, *, mode: ReadMode) -> RawSAE:
     folder = folder_of(path)
     cfg_file = require_file(folder, CONFIG)
     weights_file = require_file(folder, WEIGHTS)
