@@ -113,7 +113,7 @@ def prepare_weights_by_block(
     if threshold is None:
         thr = torch.zeros(d_sae, dtype=torch.float32, device=device)
     else:
-        thr = threshold.detach().to(device=device, dtype=torch.float32).contiguous()
+        thr = torch.empty(d_sae, dtype=torch.float32, device=device).copy_(threshold.detach())
     return SteeringWeights(
         enc_t=enc_t,
         b_enc=bias.to(device=device, dtype=torch.float32).contiguous(),

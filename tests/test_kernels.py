@@ -388,10 +388,13 @@ def test_prepare_weights_defaults_and_validation():
 def test_prepare_weights_never_shares_memory_with_its_inputs():
     # Even where layout, dtype and device already match: the inputs may be a memory-mapped file.
     W_enc, W_dec = torch.randn(16, 8).T, torch.randn(16, 8)
-    w = prepare_weights(W_enc, torch.randn(16), W_dec, torch.randn(8), None, None, False,
+    b_enc, threshold = torch.randn(16), torch.rand(16)
+    w = prepare_weights(W_enc, b_enc, W_dec, torch.randn(8), threshold, None, False,
                         torch.float32, "cpu")  # fmt: skip
     assert torch.equal(w.W_dec, W_dec) and torch.equal(w.enc_t, W_enc.T)
-    for built, source in ((w.W_dec, W_dec), (w.enc_t, W_enc)):
+    assert torch.equal(w.b_enc, b_enc) and torch.equal(w.threshold, threshold)
+    pairs = ((w.W_dec, W_dec), (w.enc_t, W_enc), (w.b_enc, b_enc), (w.threshold, threshold))
+    for built, source in pairs:
         assert built.untyped_storage().data_ptr() != source.untyped_storage().data_ptr()
 
 

@@ -1129,3 +1129,37 @@ def test_loading_holds_the_result_and_one_block_never_the_file_whole(tmp_path):
     kept = sum(t.numel() * t.element_size() for t in (weights.enc_t, weights.W_dec))
     assert kept == 2 * d_in * d_sae * 2  # both matrices, in bfloat16
     assert kept <= streamed < kept + 128 * 2**20, f"{streamed / 2**20:.0f} MiB"
+
+
+def mapped_ranges(file: Path) -> list[tuple[int, int]]:
+    """The address ranges at which this process maps file (from /proc/self/maps)."""
+    ranges = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] == str(file):
+            begin, end = (int(address, 16) for address in fields[0].split("-"))
+            ranges.append((begin, end))
+    return ranges
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
+def test_no_tensor_handed_out_is_a_view_of_the_mapped_file(tmp_path):
+    # Same dtype, no fold: the cases where a cast would return the mapped tensor itself. A view
+    # would keep the file mapped, and a file changed underneath would change or crash steering.
+    cfg = saelens_v6_cfg("jumprelu", D_IN, D_SAE, "blocks.1.hook_resid_post")
+    folder = write_saelens(tmp_path / "sae", saelens_arrays(np.random.default_rng(0), True), cfg)
+    file = folder / "sae_weights.safetensors"
+    opened = open_sae(folder)
+    assert mapped_ranges(file), "open_sae is expected to map the file"
+    weights = steering_weights(opened, dtype=torch.float32, device="cpu")
+    loaded = load_sae(folder)
+    handed_out = {
+        "header": (opened.header, ("b_enc", "b_dec", "threshold")),
+        "loaded": (loaded, ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")),
+        "weights": (weights, ("enc_t", "b_enc", "threshold", "W_dec")),
+    }
+    for owner, (holder, names) in handed_out.items():
+        for name in names:
+            address = getattr(holder, name).untyped_storage().data_ptr()
+            inside = any(begin <= address < end for begin, end in mapped_ranges(file))
+            assert not inside, f"{owner}.{name}"

@@ -169,12 +169,10 @@ class FoldedSAE:
         d_in, d_sae = raw.W_enc.shape
         self.header = SAE(
             W_enc=torch.empty((d_in, d_sae), dtype=self.dtype, device="meta"),
-            b_enc=b_enc.to(self.dtype).contiguous(),
+            b_enc=self._owned(b_enc),
             W_dec=torch.empty((d_sae, d_in), dtype=self.dtype, device="meta"),
-            b_dec=b_dec.to(self.dtype).contiguous(),
-            threshold=(
-                threshold.to(self.dtype).contiguous() if architecture == "jumprelu" else None
-            ),
+            b_dec=self._owned(b_dec),
+            threshold=self._owned(threshold) if architecture == "jumprelu" else None,
             k=raw.k if architecture == "topk" else None,
             architecture=architecture,
             apply_b_dec_to_input=raw.apply_b_dec_to_input,
@@ -183,6 +181,10 @@ class FoldedSAE:
             format=raw.format,
             source=str(raw.source),
         )
+
+    def _owned(self, vector: torch.Tensor) -> torch.Tensor:
+        """vector in the SAE's dtype, copied: never a view of the file's mapped pages."""
+        return vector.to(self.dtype, copy=True).contiguous()
 
     def _scaled_decoder_rows(self, rows: slice) -> torch.Tensor:
         W_dec = self._raw.W_dec[rows].to(self._work)
