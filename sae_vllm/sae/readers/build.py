@@ -137,7 +137,8 @@ class FoldedSAE:
     of features at a time on request, so a memory-mapped file streams through, never held whole.
 
     `header` is the canonical SAE with W_enc and W_dec on the meta device (shapes and dtype
-    only); `encoder_columns` and `decoder_rows` give the real, folded blocks of those two."""
+    only); `encoder_columns` and `decoder_rows` give the real, folded blocks of those two. A
+    block that needs no fold or cast is a view of the file's mapped pages: copy what you keep."""
 
     def __init__(self, raw: RawSAE, dtype: torch.dtype | None = None):
         if dtype is not None and not dtype.is_floating_point:
