@@ -11,6 +11,7 @@ SUITES = {
     "kernels": "bench.kernels",
     "ci": "bench.ci",
     "sae_reads": "bench.sae_reads",
+    "prefix_cache": "bench.prefix_cache",
 }
 
 

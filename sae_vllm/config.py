@@ -13,6 +13,9 @@ EXTRA_ARGS_KEY = "sae_steering"
 # Internal: the position of a request's first generated token, when it is not the end of its
 # prompt (set by the server for each step of a steered beam search).
 GENERATION_START_KEY = "sae_steering_generation_start"
+# Internal: what the engine core records of a steered request for its prefix-cache keys
+# (engine/prefix_cache.py); removed from every request that arrives with it.
+PREFIX_CACHE_KEY = "sae_steering_prefix_cache"
 # The attribute that carries a (resolved) spec on vLLM's BeamSearchParams, online and offline.
 BEAM_STEERING_ATTR = "sae_steering"
 

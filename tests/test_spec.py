@@ -13,7 +13,6 @@ from sae_vllm.spec import (
     SpecErrorReason,
     SpecLimits,
     SteeringSpecError,
-    derive_cache_salt,
     parse_spec,
     resolve_spec,
 )
@@ -189,12 +188,3 @@ def test_fingerprint_ignores_formatting_and_tracks_meaning():
     b = parse_spec(json.dumps({"apply_to": "generated", "edits": [edit(value=8)]}))
     c = parse_spec({"edits": [edit(value=8.5)]})
     assert a.fingerprint() == b.fingerprint() != c.fingerprint()
-
-
-def test_cache_salt_depends_on_spec_and_user_salt_and_fits_vllm_rules():
-    a = parse_spec({"edits": [edit()]})
-    b = parse_spec({"edits": [edit(value=1.0)]})
-    salts = {derive_cache_salt(None, a), derive_cache_salt(None, b), derive_cache_salt("u", a)}
-    assert len(salts) == 3
-    for salt in salts:
-        assert 0 < len(salt) <= 128 and not any(ch in salt for ch in "@/\\\0")

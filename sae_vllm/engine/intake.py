@@ -1,13 +1,14 @@
-"""Request intake: validate steering where a request enters, and salt its prefix cache."""
+"""Request intake: validate steering where a request enters, and key its prefix-cache blocks."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
 
-from ..config import EXTRA_ARGS_KEY, GENERATION_START_KEY, steering_config_from
-from ..spec import SteeringSpec, derive_cache_salt, resolve_spec
+from ..config import EXTRA_ARGS_KEY, GENERATION_START_KEY, PREFIX_CACHE_KEY, steering_config_from
+from ..spec import SteeringSpec, resolve_spec
 from . import vllm_adapter as vllm
+from .prefix_cache import key_fields, session_key_fields
 from .sae_sizes import sae_sizes
 
 
@@ -45,14 +46,24 @@ def check_params(vllm_config: Any, params: Any) -> None:
     _resolve_in_place(vllm_config, params)
 
 
-def salt_request(vllm_config: Any, request: Any) -> None:
-    """Engine-core check and prefix-cache salt: a steered request never shares KV blocks with
-    requests steered differently or not at all. A bad spec raises, failing only that request."""
-    steering = _resolve_in_place(vllm_config, vllm.sampling_params_of(request))
+def key_request(vllm_config: Any, request: Any) -> None:
+    """Engine-core check and prefix-cache keys: the KV blocks a steered request's steering
+    changes are never shared with requests steered differently or not at all (see
+    prefix_cache). A bad spec raises, failing only that request."""
+    params = vllm.sampling_params_of(request)
+    extra_args = vllm.extra_args_of(params)
+    if not extra_args:
+        return
+    # A dict of this request's own: the caller's SamplingParams may share one between requests
+    # (vLLM copies them shallowly with skip_clone), and KV blocks are hashed as tokens arrive.
+    # PREFIX_CACHE_KEY is set here only, never taken from the client.
+    own = {key: value for key, value in extra_args.items() if key != PREFIX_CACHE_KEY}
+    vllm.set_extra_args(params, own)
+    steering = _resolve_in_place(vllm_config, params)
     if steering is None:
         return
     spec, start = steering
-    user_salt = vllm.cache_salt_of(request)
-    if start is not None:  # the generation start moves the scope, so the KV depends on it
-        user_salt = f"{user_salt or ''}|generation-start={start}"
-    vllm.set_cache_salt(request, derive_cache_salt(user_salt, spec))
+    if vllm.is_resumable(request):
+        own[PREFIX_CACHE_KEY] = session_key_fields(spec, vllm.request_id_of(request))
+    else:
+        own[PREFIX_CACHE_KEY] = key_fields(spec, vllm.num_prompt_tokens_of(request), start)

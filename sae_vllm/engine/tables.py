@@ -10,14 +10,13 @@ import torch
 
 from .. import LOGGER_NAME
 from ..kernels import OP_CODES
-from ..spec import ApplyTo, SteeringSpec
+from ..spec import SteeringSpec
+from .scopes import SCOPE_CODES, steered_span
 from .staging import StagedTensor
 
 logger = logging.getLogger(LOGGER_NAME)
 
 NO_ROW = -1
-_SCOPE_CODES = {ApplyTo.GENERATED: 0, ApplyTo.ALL: 1, ApplyTo.PROMPT: 2}
-_UNBOUNDED = np.iinfo(np.int64).max
 
 
 class EditTable:
@@ -131,7 +130,7 @@ class SteeringTables:
                 [edit.value or 0.0 for edit in edits],
                 [OP_CODES[edit.op.value] for edit in edits],
             )
-        self._row_scope[row] = _SCOPE_CODES[spec.apply_to]
+        self._row_scope[row] = SCOPE_CODES[spec.apply_to]
         self._row_generation_start[row] = -1 if generation_start is None else generation_start
         self._row_of[req_id] = row
         return row
@@ -178,8 +177,7 @@ class SteeringTables:
         prompt_len = np.where(
             generation_start >= 0, generation_start, num_prompt_tokens.astype(np.int64)
         )
-        lo = np.where(scope == _SCOPE_CODES[ApplyTo.GENERATED], prompt_len - 1, 0)
-        hi = np.where(scope == _SCOPE_CODES[ApplyTo.PROMPT], prompt_len, _UNBOUNDED)
+        lo, hi = steered_span(scope, prompt_len)
         token_rows = rows[token_req]
         in_scope = (token_rows >= 0) & (positions >= lo[token_req]) & (positions < hi[token_req])
         self._write_tokens(num_tokens, token_rows, in_scope)

@@ -75,11 +75,11 @@ def _wrap_once(owner: type, name: str, make: Callable[[Callable], Callable]) -> 
 
 def patch_request_intake(
     check_params: Callable[[Any, Any], None],
-    salt_request: Callable[[Any, Any], None],
+    key_request: Callable[[Any, Any], None],
 ) -> None:
     """Validate steering where requests enter (frontend: `check_params(vllm_config, params)`,
-    raising becomes a client error) and again in the engine core, which also salts the
-    prefix cache (`salt_request(vllm_config, engine_core_request)`)."""
+    raising becomes a client error) and again in the engine core, before the request's KV
+    blocks are first hashed (`key_request(vllm_config, engine_core_request)`)."""
     from vllm.exceptions import VLLMValidationError
     from vllm.v1.engine.core import EngineCore
     from vllm.v1.engine.input_processor import InputProcessor
@@ -98,7 +98,7 @@ def patch_request_intake(
 
     def make_preprocess(original: Callable) -> Callable:
         def preprocess_add_request(self: Any, request: Any):
-            salt_request(self.vllm_config, request)
+            key_request(self.vllm_config, request)
             return original(self, request)
 
         return preprocess_add_request
@@ -124,12 +124,59 @@ def sampling_params_of(request: Any) -> Any:
     return request.sampling_params
 
 
-def set_cache_salt(request: Any, salt: str) -> None:
-    request.cache_salt = salt
+def set_extra_args(params: Any, extra_args: dict[str, Any]) -> None:
+    params.extra_args = extra_args
 
 
-def cache_salt_of(request: Any) -> str | None:
-    return request.cache_salt
+def num_prompt_tokens_of(request: Any) -> int:
+    """The prompt length of an EngineCoreRequest (token ids or embeddings)."""
+    from vllm.utils import length_from_prompt_token_ids_or_embeds
+
+    return length_from_prompt_token_ids_or_embeds(request.prompt_token_ids, request.prompt_embeds)
+
+
+def is_resumable(request: Any) -> bool:
+    """Whether an EngineCoreRequest opens a streaming-input session (its prompt grows later)."""
+    return bool(request.resumable)
+
+
+def request_id_of(request: Any) -> str:
+    return request.request_id
+
+
+_BLOCK_KEYS_FUNCTION = "generate_block_hash_extra_keys"
+
+
+def patch_prefix_cache_keys(
+    block_key: Callable[[dict[str, Any], int, int], tuple[str, str] | None],
+) -> None:
+    """Hash every full KV block of a request with `block_key(extra_args, start, end)` added to
+    vLLM's own extra keys (LoRA, multimodal, cache_salt, ...), where it is not None."""
+    from vllm.v1.core import kv_cache_utils
+
+    original = getattr(kv_cache_utils, _BLOCK_KEYS_FUNCTION)
+    if getattr(original, "_sae_vllm_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def generate_block_hash_extra_keys(
+        request: Any, start_token_idx: int, end_token_idx: int, start_mm_idx: int
+    ) -> tuple[tuple[Any, ...] | None, int]:
+        keys, next_mm_idx = original(request, start_token_idx, end_token_idx, start_mm_idx)
+        params = request.sampling_params
+        extra_args = params.extra_args if params is not None else None
+        key = block_key(extra_args, start_token_idx, end_token_idx) if extra_args else None
+        if key is not None:
+            keys = (*(keys or ()), key)
+        return keys, next_mm_idx
+
+    generate_block_hash_extra_keys._sae_vllm_wrapped = True  # type: ignore[attr-defined]
+    # The block hasher calls it from kv_cache_utils; the block pool and the KV offloader import
+    # it by name (for KV events and offload metadata), so their copies are replaced too. Modules
+    # imported later take the wrapped one from kv_cache_utils.
+    for name, module in list(sys.modules.items()):
+        if name.startswith("vllm.") and getattr(module, _BLOCK_KEYS_FUNCTION, None) is original:
+            setattr(module, _BLOCK_KEYS_FUNCTION, generate_block_hash_extra_keys)
 
 
 # --- worker hooks ------------------------------------------------------------------------------

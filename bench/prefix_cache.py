@@ -1,0 +1,158 @@
+"""Steered requests on a shared prompt prefix: how much of the prompt the prefix cache serves,
+and the time to serve a batch, steered vs unsteered, variants interleaved on one engine.
+
+Each sample: the prefix cache is reset and warmed with the shared prefix by one unsteered
+request (as a server with a common system prompt holds it), then a batch of requests, each the
+prefix plus a suffix of its own, runs to its first tokens. `generated`-scoped requests can share
+the prefix's KV blocks with unsteered traffic; `all`-scoped ones steer the prefix itself, so
+they must compute it: the cost every steered request paid before they could share."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from . import report
+from .overhead import default_model
+
+VARIANTS = {"unsteered": None, "steered generated": "generated", "steered all": "all"}
+
+
+def make_batch(
+    prefix: list[int], batch: int, suffix_len: int, output_len: int, apply_to: str | None, d_sae
+):
+    """`batch` requests: the prefix, a suffix of their own, each steered by its own spec."""
+    from vllm import SamplingParams
+
+    requests = []
+    for i in range(batch):
+        suffix = [(11 * i + 3 * j) % 40 + 4 for j in range(suffix_len)]
+        params: dict[str, Any] = {"temperature": 0.0, "max_tokens": output_len, "ignore_eos": True}
+        if apply_to is not None:
+            edit = {"feature": (37 * i) % d_sae, "op": "add", "value": 0.5}
+            params["extra_args"] = {"sae_steering": {"edits": [edit], "apply_to": apply_to}}
+        requests.append(({"prompt_token_ids": prefix + suffix}, SamplingParams(**params)))
+    return requests
+
+
+def measure(llm: Any, prefix: list[int], requests: list) -> tuple[float, float]:
+    """(seconds for the batch, share of its prompt tokens served from the prefix cache), on a
+    cache that holds the prefix alone."""
+    from vllm import SamplingParams
+
+    assert llm.reset_prefix_cache()
+    warm = SamplingParams(temperature=0.0, max_tokens=1)
+    llm.generate([{"prompt_token_ids": prefix}], warm, use_tqdm=False)
+    start = time.perf_counter()
+    outputs = llm.generate(
+        [prompt for prompt, _ in requests], [params for _, params in requests], use_tqdm=False
+    )
+    elapsed = time.perf_counter() - start
+    cached = sum(o.num_cached_tokens for o in outputs)
+    return elapsed, cached / sum(len(o.prompt_token_ids) for o in outputs)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm import LLM
+
+    from sae_vllm import load_sae, steering_config
+
+    if args.model:
+        model, sae, layer, d_sae = args.model, args.sae, args.layer, load_sae(args.sae).d_sae
+    else:
+        model, sae, layer, d_sae = default_model()
+    config = steering_config([{"id": "bench", "path": sae, "layer": layer}])
+    llm = LLM(
+        model=model,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.batch,
+        block_size=args.block_size,
+        enable_prefix_caching=True,
+        enforce_eager=not args.compiled,
+        seed=0,
+        additional_config=config,
+    )
+    prefix = [1, *[(7 * j) % 50 + 4 for j in range(args.prefix_len - 1)]]
+    batches = {
+        name: make_batch(prefix, args.batch, args.suffix_len, args.output_len, apply_to, d_sae)
+        for name, apply_to in VARIANTS.items()
+    }
+    seconds: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    cached: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    for name in VARIANTS:  # warm-up, untimed
+        measure(llm, prefix, batches[name])
+    for repeat in range(args.repeats):
+        for name in VARIANTS:  # interleaved
+            elapsed, share = measure(llm, prefix, batches[name])
+            seconds[name].append(elapsed)
+            cached[name].append(share)
+        print(f"repeat {repeat + 1}/{args.repeats}", flush=True)
+    rows, results = [], {}
+    for name in VARIANTS:
+        ratio = report.median(
+            [s / u for s, u in zip(seconds[name], seconds["unsteered"], strict=True)]
+        )
+        rows.append([name, report.median(cached[name]), report.median(seconds[name]) * 1e3, ratio])
+        results[name] = {
+            "seconds": seconds[name],
+            "cached_share": cached[name],
+            "median_ms": report.median(seconds[name]) * 1e3,
+            "time_ratio": ratio,
+        }
+    table = report.markdown_table(
+        ["variant", "prompt share from cache", "batch ms (median)", "time / unsteered"], rows
+    )
+    return {
+        "machine": report.machine(),
+        "config": {
+            "model": model,
+            "sae": sae,
+            "layer": layer,
+            "d_sae": d_sae,
+            "engine": "compiled" if args.compiled else "eager",
+            "dtype": str(llm.llm_engine.model_config.dtype),
+            "block_size": args.block_size,
+            "batch": args.batch,
+            "prefix_len": args.prefix_len,
+            "suffix_len": args.suffix_len,
+            "output_len": args.output_len,
+            "repeats": args.repeats,
+            "ratio": "median over repeats of the variant's batch time / the unsteered batch "
+            "time of the same repeat",
+        },
+        "results": results,
+        "table": table,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench prefix_cache", description=__doc__)
+    parser.add_argument("--model", help="model dir (default: the embedded toy model)")
+    parser.add_argument("--sae", help="SAE dir (with --model)")
+    parser.add_argument("--layer", type=int, help="SAE layer (with --model)")
+    parser.add_argument("--max-model-len", type=int, default=128)
+    parser.add_argument("--block-size", type=int, default=32)  # the CPU backend: multiples of 32
+    parser.add_argument("--prefix-len", type=int, default=112)
+    parser.add_argument("--suffix-len", type=int, default=8)
+    parser.add_argument("--output-len", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=8)
+    parser.add_argument("--compiled", action="store_true", help="torch.compile'd engine")
+    parser.add_argument("--out", type=Path, default=report.RESULTS_DIR / "prefix_cache.json")
+    args = parser.parse_args(argv)
+    result = run(args)
+    path = report.write_results("prefix_cache", result, result["table"], args.out)
+    print(f"config: {json.dumps(result['config'])}")
+    print(result["table"])
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""Prefix-cache keys of steered requests: every KV block that steering changed is keyed by the
+spec and by which of its positions were steered; the blocks before that stay shared.
+
+Steering a position at layer L changes the KV of that position and of every later one (they
+attend to it), and nothing before it. So a block of positions [start, end) holds the KV of an
+unsteered request with the same tokens when no position before `end` is steered, and otherwise
+the KV of exactly those requests with the same spec, the same tokens and the same steered
+positions before `end`. vLLM chains each block's hash to its parent's, so keying a block by the
+steered span clipped to `end` is exact, and a request whose prompt extends another's (the next
+turn of a chat, a resubmitted beam) never reads KV steered at positions it does not steer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..config import PREFIX_CACHE_KEY
+from ..spec import SteeringSpec
+from .scopes import SCOPE_CODES, UNBOUNDED, steered_span
+
+_TAG = "sae_steering"
+
+
+def key_fields(spec: SteeringSpec, num_prompt_tokens: int, generation_start: int | None) -> list:
+    """What block_key needs of a steered request: [spec fingerprint, lo, hi or None when the
+    span has no end], the span as the worker steers it (a list: it travels in extra_args)."""
+    prompt_len = num_prompt_tokens if generation_start is None else generation_start
+    lo, hi = steered_span(SCOPE_CODES[spec.apply_to], prompt_len)
+    return [spec.fingerprint(), int(lo), None if hi == UNBOUNDED else int(hi)]
+
+
+def session_key_fields(spec: SteeringSpec, request_id: str) -> list:
+    """key_fields for a streaming-input session (a resumable request): its prompt grows after
+    intake, so which positions it steers is not known yet; every block is its own alone."""
+    return [f"{spec.fingerprint()}:{request_id}", 0, None]
+
+
+def block_key(extra_args: dict[str, Any], start: int, end: int) -> tuple[str, str] | None:
+    """The extra hash key of the request's KV block of positions [start, end): None when no
+    position before `end` is steered (unsteered requests, and a steered one's prefix)."""
+    fields = extra_args.get(PREFIX_CACHE_KEY)
+    if fields is None:
+        return None
+    fingerprint, lo, hi = fields
+    if end <= lo:
+        return None
+    steered_until = end if hi is None else min(hi, end)
+    return (_TAG, f"{fingerprint}:{lo}:{steered_until}")
