@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,21 +24,38 @@ from .overhead import default_model
 VARIANTS = {"unsteered": None, "steered generated": "generated", "steered all": "all"}
 
 
-def make_batch(
-    prefix: list[int], batch: int, suffix_len: int, output_len: int, apply_to: str | None, d_sae
-):
+@dataclass(frozen=True)
+class Workload:
+    """The shared prefix, what each request adds to it, and how many of them."""
+
+    prefix_len: int = 112
+    suffix_len: int = 8
+    output_len: int = 1
+    batch: int = 16
+
+
+def make_batch(workload: Workload, apply_to: str | None, sae_id: str, d_sae: int) -> list:
     """`batch` requests: the prefix, a suffix of their own, each steered by its own spec."""
     from vllm import SamplingParams
 
     requests = []
-    for i in range(batch):
-        suffix = [(11 * i + 3 * j) % 40 + 4 for j in range(suffix_len)]
-        params: dict[str, Any] = {"temperature": 0.0, "max_tokens": output_len, "ignore_eos": True}
+    for i in range(workload.batch):
+        suffix = [(11 * i + 3 * j) % 40 + 4 for j in range(workload.suffix_len)]
+        params: dict[str, Any] = {
+            "temperature": 0.0,
+            "max_tokens": workload.output_len,
+            "ignore_eos": True,
+        }
         if apply_to is not None:
-            edit = {"feature": (37 * i) % d_sae, "op": "add", "value": 0.5}
+            edit = {"sae": sae_id, "feature": (37 * i) % d_sae, "op": "add", "value": 0.5}
             params["extra_args"] = {"sae_steering": {"edits": [edit], "apply_to": apply_to}}
-        requests.append(({"prompt_token_ids": prefix + suffix}, SamplingParams(**params)))
+        prompt = prefix_tokens(workload) + suffix
+        requests.append(({"prompt_token_ids": prompt}, SamplingParams(**params)))
     return requests
+
+
+def prefix_tokens(workload: Workload) -> list[int]:
+    return [1, *[(7 * j) % 50 + 4 for j in range(workload.prefix_len - 1)]]
 
 
 def measure(llm: Any, prefix: list[int], requests: list) -> tuple[float, float]:
@@ -55,6 +73,27 @@ def measure(llm: Any, prefix: list[int], requests: list) -> tuple[float, float]:
     elapsed = time.perf_counter() - start
     cached = sum(o.num_cached_tokens for o in outputs)
     return elapsed, cached / sum(len(o.prompt_token_ids) for o in outputs)
+
+
+def measure_variants(
+    llm: Any, workload: Workload, sae_id: str, d_sae: int, repeats: int, progress=print
+) -> dict[str, dict[str, list[float]]]:
+    """Per variant, each repeat's batch seconds and cached prompt share, variants interleaved
+    (after one untimed warm-up of each)."""
+    batches = {name: make_batch(workload, scope, sae_id, d_sae) for name, scope in VARIANTS.items()}
+    samples: dict[str, dict[str, list[float]]] = {
+        name: {"seconds": [], "cached_share": []} for name in VARIANTS
+    }
+    prefix = prefix_tokens(workload)
+    for name in VARIANTS:
+        measure(llm, prefix, batches[name])
+    for repeat in range(repeats):
+        for name in VARIANTS:
+            elapsed, share = measure(llm, prefix, batches[name])
+            samples[name]["seconds"].append(elapsed)
+            samples[name]["cached_share"].append(share)
+        progress(f"repeat {repeat + 1}/{repeats}")
+    return samples
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -78,21 +117,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         seed=0,
         additional_config=config,
     )
-    prefix = [1, *[(7 * j) % 50 + 4 for j in range(args.prefix_len - 1)]]
-    batches = {
-        name: make_batch(prefix, args.batch, args.suffix_len, args.output_len, apply_to, d_sae)
-        for name, apply_to in VARIANTS.items()
-    }
-    seconds: dict[str, list[float]] = {name: [] for name in VARIANTS}
-    cached: dict[str, list[float]] = {name: [] for name in VARIANTS}
-    for name in VARIANTS:  # warm-up, untimed
-        measure(llm, prefix, batches[name])
-    for repeat in range(args.repeats):
-        for name in VARIANTS:  # interleaved
-            elapsed, share = measure(llm, prefix, batches[name])
-            seconds[name].append(elapsed)
-            cached[name].append(share)
-        print(f"repeat {repeat + 1}/{args.repeats}", flush=True)
+    workload = Workload(args.prefix_len, args.suffix_len, args.output_len, args.batch)
+    samples = measure_variants(llm, workload, "bench", d_sae, args.repeats)
+    seconds = {name: s["seconds"] for name, s in samples.items()}
+    cached = {name: s["cached_share"] for name, s in samples.items()}
     rows, results = [], {}
     for name in VARIANTS:
         ratio = report.median(
@@ -138,10 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layer", type=int, help="SAE layer (with --model)")
     parser.add_argument("--max-model-len", type=int, default=128)
     parser.add_argument("--block-size", type=int, default=32)  # the CPU backend: multiples of 32
-    parser.add_argument("--prefix-len", type=int, default=112)
-    parser.add_argument("--suffix-len", type=int, default=8)
-    parser.add_argument("--output-len", type=int, default=1)
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--prefix-len", type=int, default=Workload.prefix_len)
+    parser.add_argument("--suffix-len", type=int, default=Workload.suffix_len)
+    parser.add_argument("--output-len", type=int, default=Workload.output_len)
+    parser.add_argument("--batch", type=int, default=Workload.batch)
     parser.add_argument("--repeats", type=int, default=8)
     parser.add_argument("--compiled", action="store_true", help="torch.compile'd engine")
     parser.add_argument("--out", type=Path, default=report.RESULTS_DIR / "prefix_cache.json")

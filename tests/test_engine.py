@@ -276,6 +276,21 @@ def test_steered_requests_share_the_kv_blocks_before_their_first_steered_positio
     assert steered_run(llm, artifacts, prompt, MAX_TOKENS, "all")[2] == 0
 
 
+def test_the_prefix_cache_benchmark_reports_what_the_cache_served(llm, artifacts):
+    # bench/prefix_cache.py on this engine (blocks of 128): a 200-token prefix, 8 more each.
+    from bench.prefix_cache import VARIANTS, Workload, measure_variants
+
+    workload = Workload(prefix_len=200, suffix_len=8, output_len=1, batch=4)
+    d_sae = artifacts.saes["relu"].W_dec.shape[0]
+    samples = measure_variants(llm, workload, "relu", d_sae, repeats=1, progress=lambda _: None)
+    assert list(samples) == list(VARIANTS)
+    shared = [pytest.approx(128 / 208)]
+    assert samples["unsteered"]["cached_share"] == samples["steered generated"]["cached_share"]
+    assert samples["unsteered"]["cached_share"] == shared
+    assert samples["steered all"]["cached_share"] == [0.0]
+    assert all(s["seconds"][0] > 0 for s in samples.values())
+
+
 def test_a_generation_start_continues_a_steered_generation(llm, artifacts):
     # How a beam-search step is submitted: the prompt plus the tokens generated so far, with the
     # generation start at the end of the original prompt. It must continue the steered greedy
