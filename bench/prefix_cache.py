@@ -38,7 +38,7 @@ def make_batch(workload: Workload, apply_to: str | None, sae_id: str, d_sae: int
     """`batch` requests: the prefix, a suffix of their own, each steered by its own spec."""
     from vllm import SamplingParams
 
-    requests = []
+    prefix, requests = prefix_tokens(workload), []
     for i in range(workload.batch):
         suffix = [(11 * i + 3 * j) % 40 + 4 for j in range(workload.suffix_len)]
         params: dict[str, Any] = {
@@ -49,8 +49,7 @@ def make_batch(workload: Workload, apply_to: str | None, sae_id: str, d_sae: int
         if apply_to is not None:
             edit = {"sae": sae_id, "feature": (37 * i) % d_sae, "op": "add", "value": 0.5}
             params["extra_args"] = {"sae_steering": {"edits": [edit], "apply_to": apply_to}}
-        prompt = prefix_tokens(workload) + suffix
-        requests.append(({"prompt_token_ids": prompt}, SamplingParams(**params)))
+        requests.append(({"prompt_token_ids": prefix + suffix}, SamplingParams(**params)))
     return requests
 
 
@@ -119,20 +118,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     workload = Workload(args.prefix_len, args.suffix_len, args.output_len, args.batch)
     samples = measure_variants(llm, workload, "bench", d_sae, args.repeats)
-    seconds = {name: s["seconds"] for name, s in samples.items()}
-    cached = {name: s["cached_share"] for name, s in samples.items()}
+    unsteered = samples["unsteered"]["seconds"]
     rows, results = [], {}
-    for name in VARIANTS:
-        ratio = report.median(
-            [s / u for s, u in zip(seconds[name], seconds["unsteered"], strict=True)]
-        )
-        rows.append([name, report.median(cached[name]), report.median(seconds[name]) * 1e3, ratio])
-        results[name] = {
-            "seconds": seconds[name],
-            "cached_share": cached[name],
-            "median_ms": report.median(seconds[name]) * 1e3,
-            "time_ratio": ratio,
-        }
+    for name, sample in samples.items():
+        median_ms = report.median(sample["seconds"]) * 1e3
+        ratio = report.median([s / u for s, u in zip(sample["seconds"], unsteered, strict=True)])
+        rows.append([name, report.median(sample["cached_share"]), median_ms, ratio])
+        results[name] = {**sample, "median_ms": median_ms, "time_ratio": ratio}
     table = report.markdown_table(
         ["variant", "prompt share from cache", "batch ms (median)", "time / unsteered"], rows
     )

@@ -98,9 +98,7 @@ def vllm_request(hasher, prompt, extra_args=None, cache_salt=None):
     from vllm.v1.request import Request
 
     params = SamplingParams(max_tokens=8, extra_args=extra_args)
-    return Request(
-        "r", list(prompt), params, None, cache_salt=cache_salt, block_hasher=hasher
-    )  # fmt: skip
+    return Request("r", list(prompt), params, None, cache_salt=cache_salt, block_hasher=hasher)
 
 
 def test_vllm_hashes_an_unsteered_prefix_of_a_steered_request_like_an_unsteered_request(hasher):
