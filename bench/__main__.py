@@ -12,6 +12,7 @@ SUITES = {
     "ci": "bench.ci",
     "sae_reads": "bench.sae_reads",
     "prefix_cache": "bench.prefix_cache",
+    "admission": "bench.admission",
 }
 
 

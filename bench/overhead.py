@@ -44,6 +44,23 @@ def default_model() -> tuple[str, str, int, int]:
     return str(toy.model_dir), str(toy.sae_dir), toy.layer, load_sae(toy.sae_dir).d_sae
 
 
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """--model, --sae and --layer, read by model_from_args."""
+    parser.add_argument("--model", help="model dir (default: the embedded toy model)")
+    parser.add_argument("--sae", help="SAE dir (with --model)")
+    parser.add_argument("--layer", type=int, help="SAE layer (with --model)")
+
+
+def model_from_args(args: argparse.Namespace) -> tuple[str, str, int, int]:
+    """The model and SAE given by --model, --sae and --layer, or else the embedded default:
+    (model dir, SAE dir, layer, d_sae)."""
+    if not args.model:
+        return default_model()
+    from sae_vllm import load_sae
+
+    return args.model, args.sae, args.layer, load_sae(args.sae).d_sae
+
+
 def build_variants(modes: list[str], batch: int, quick: bool) -> list[Variant]:
     variants: list[Variant] = []
     for mode in modes:
@@ -194,13 +211,7 @@ def measure(llm: Any, requests: list) -> float:
 
 
 def run(args: argparse.Namespace, progress: Callable[[str], None] = print) -> dict[str, Any]:
-    if args.model:
-        model, sae, layer = args.model, args.sae, args.layer
-        from sae_vllm import load_sae
-
-        d_sae = load_sae(sae).d_sae
-    else:
-        model, sae, layer, d_sae = default_model()
+    model, sae, layer, d_sae = model_from_args(args)
     modes = ["eager"] if args.eager_only else ["eager", "compiled"]
     variants = build_variants(modes, args.batch, args.quick)
     engines = start_engines(modes, model, sae, layer, max(32, args.batch), args.batch)
@@ -256,9 +267,7 @@ def run(args: argparse.Namespace, progress: Callable[[str], None] = print) -> di
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench overhead", description=__doc__)
-    parser.add_argument("--model", help="model dir (default: the embedded toy model)")
-    parser.add_argument("--sae", help="SAE dir (with --model)")
-    parser.add_argument("--layer", type=int, help="SAE layer (with --model)")
+    add_model_args(parser)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--prompt-len", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)

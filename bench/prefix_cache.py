@@ -10,7 +10,6 @@ they must compute it: the cost every steered request paid before they could shar
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import report
-from .overhead import default_model
+from .overhead import add_model_args, model_from_args
 
 VARIANTS = {"unsteered": None, "steered generated": "generated", "steered all": "all"}
 
@@ -99,12 +98,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM
 
-    from sae_vllm import load_sae, steering_config
+    from sae_vllm import steering_config
 
-    if args.model:
-        model, sae, layer, d_sae = args.model, args.sae, args.layer, load_sae(args.sae).d_sae
-    else:
-        model, sae, layer, d_sae = default_model()
+    model, sae, layer, d_sae = model_from_args(args)
     config = steering_config([{"id": "bench", "path": sae, "layer": layer}])
     llm = LLM(
         model=model,
@@ -153,9 +149,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench prefix_cache", description=__doc__)
-    parser.add_argument("--model", help="model dir (default: the embedded toy model)")
-    parser.add_argument("--sae", help="SAE dir (with --model)")
-    parser.add_argument("--layer", type=int, help="SAE layer (with --model)")
+    add_model_args(parser)
     parser.add_argument("--max-model-len", type=int, default=128)
     parser.add_argument("--block-size", type=int, default=32)  # the CPU backend: multiples of 32
     parser.add_argument("--prefix-len", type=int, default=Workload.prefix_len)
@@ -166,11 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compiled", action="store_true", help="torch.compile'd engine")
     parser.add_argument("--out", type=Path, default=report.RESULTS_DIR / "prefix_cache.json")
     args = parser.parse_args(argv)
-    result = run(args)
-    path = report.write_results("prefix_cache", result, result["table"], args.out)
-    print(f"config: {json.dumps(result['config'])}")
-    print(result["table"])
-    print(f"wrote {path}")
+    report.publish("prefix_cache", run(args), args.out)
     return 0
 
 

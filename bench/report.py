@@ -63,6 +63,15 @@ def write_results(name: str, payload: dict[str, Any], table: str, out: Path | No
     return path
 
 
+def publish(name: str, result: dict[str, Any], out: Path | None = None) -> Path:
+    """write_results of a suite's result (with its "config" and "table"), and print both."""
+    path = write_results(name, result, result["table"], out)
+    print(f"config: {json.dumps(result['config'])}")
+    print(result["table"])
+    print(f"wrote {path}")
+    return path
+
+
 def plot_ratios(path: Path, title: str, series: dict[str, tuple[list[Any], list[float]]]) -> None:
     """One subplot per axis: ratio to the same-run baseline against the axis values."""
     import matplotlib

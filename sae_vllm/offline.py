@@ -13,7 +13,8 @@ from .config import (
     SteeringConfig,
     with_local_sae_paths,
 )
-from .spec import SteeringSpec, parse_spec, resolve_spec
+from .resolved_specs import resolver_for
+from .spec import SteeringSpec, parse_spec
 
 
 def steering_config(saes: list[Mapping[str, Any]], **options: Any) -> dict[str, Any]:
@@ -27,14 +28,15 @@ def steering_config(saes: list[Mapping[str, Any]], **options: Any) -> dict[str, 
 def _validated(
     spec: SteeringSpec | Mapping[str, Any] | str,
     config: SteeringConfig | Mapping[str, Any] | None,
-) -> dict[str, Any]:
+) -> str:
+    """The spec's wire text (see resolved_specs): resolved when the config is given."""
     if config is None:
-        return parse_spec(spec).model_dump(mode="json")
+        return parse_spec(spec).model_dump_json()
     from .engine.sae_sizes import sae_sizes
 
     if isinstance(config, Mapping):
         config = SteeringConfig.model_validate(config.get(CONFIG_KEY, config))
-    return resolve_spec(spec, sae_sizes(config), config.limits).model_dump(mode="json")
+    return resolver_for(sae_sizes(config), config.limits).resolve(spec).text
 
 
 def steering_params(
@@ -43,7 +45,7 @@ def steering_params(
     config: SteeringConfig | Mapping[str, Any] | None = None,
     **sampling_kwargs: Any,
 ):
-    """SamplingParams carrying a validated steering spec.
+    """SamplingParams carrying a validated steering spec (as JSON text in `extra_args`).
 
     With `config` (the engine's steering config or its additional_config dict) the spec is
     also resolved against the SAEs (ids, feature ranges, duplicates); without it those checks

@@ -63,7 +63,7 @@ class SpecIssue(NamedTuple):
 class FeatureEdit(BaseModel):
     """One edit of one SAE feature."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     sae: str | None = Field(default=None, min_length=1, max_length=128)
     feature: StrictInt = Field(ge=0)
@@ -83,17 +83,22 @@ class FeatureEdit(BaseModel):
 
 
 class SteeringSpec(BaseModel):
-    """A request's steering: a list of feature edits and the positions they apply to."""
+    """A request's steering: a list of feature edits and the positions they apply to. Frozen:
+    a resolved spec is shared by every request of a process that sends the same one."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     edits: list[FeatureEdit] = Field(min_length=1)
     apply_to: ApplyTo = ApplyTo.GENERATED
 
     def fingerprint(self) -> str:
         """A stable hash of the spec's meaning (key order and formatting do not matter)."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+        return fingerprint_of(self.model_dump_json())
+
+
+def fingerprint_of(canonical_text: str) -> str:
+    """SteeringSpec.fingerprint() of the spec whose model_dump_json() is `canonical_text`."""
+    return hashlib.sha256(canonical_text.encode()).hexdigest()[:32]
 
 
 class SteeringSpecError(ValueError):
@@ -165,28 +170,33 @@ def _reason(error: Mapping[str, Any]) -> SpecErrorReason:
     return SpecErrorReason.INVALID_VALUE
 
 
+def _validated_model(data: Any) -> SteeringSpec:
+    if isinstance(data, str | bytes):
+        try:  # well-formed text parses in one pass; anything else is diagnosed below
+            return SteeringSpec.model_validate_json(data)
+        except ValidationError:
+            pass
+        try:
+            data = json.loads(data)
+        except ValueError as exc:
+            raise SteeringSpecError(
+                [SpecIssue("", f"not valid JSON: {exc}", SpecErrorReason.MALFORMED)]
+            ) from None
+    if not isinstance(data, Mapping):
+        message = "must be a JSON object with an 'edits' list"
+        raise SteeringSpecError([SpecIssue("", message, SpecErrorReason.MALFORMED)])
+    try:
+        return SteeringSpec.model_validate(data)
+    except ValidationError as exc:
+        raise SteeringSpecError(
+            [SpecIssue(_path(e["loc"]), _message(e), _reason(e)) for e in exc.errors()]
+        ) from None
+
+
 def parse_spec(data: Any, limits: SpecLimits | None = None) -> SteeringSpec:
     """Validate raw JSON-like data (a dict, a SteeringSpec or a JSON string) into a SteeringSpec."""
     limits = limits or SpecLimits()
-    if isinstance(data, SteeringSpec):
-        spec = data
-    else:
-        if isinstance(data, str | bytes):
-            try:
-                data = json.loads(data)
-            except ValueError as exc:
-                raise SteeringSpecError(
-                    [SpecIssue("", f"not valid JSON: {exc}", SpecErrorReason.MALFORMED)]
-                ) from None
-        if not isinstance(data, Mapping):
-            message = "must be a JSON object with an 'edits' list"
-            raise SteeringSpecError([SpecIssue("", message, SpecErrorReason.MALFORMED)])
-        try:
-            spec = SteeringSpec.model_validate(data)
-        except ValidationError as exc:
-            raise SteeringSpecError(
-                [SpecIssue(_path(e["loc"]), _message(e), _reason(e)) for e in exc.errors()]
-            ) from None
+    spec = data if isinstance(data, SteeringSpec) else _validated_model(data)
     errors: list[SpecIssue] = []
     if len(spec.edits) > limits.max_edits:
         message = f"at most {limits.max_edits} edits per request (got {len(spec.edits)})"
@@ -245,7 +255,9 @@ def resolve_spec(
             errors.append(SpecIssue(f"edits[{index}]", message, SpecErrorReason.DUPLICATE_FEATURE))
             continue
         seen[key] = index
-        edits.append(edit.model_copy(update={"sae": sae_id}))
+        edits.append(edit if edit.sae == sae_id else edit.model_copy(update={"sae": sae_id}))
     if errors:
         raise SteeringSpecError(errors)
+    if all(new is old for new, old in zip(edits, spec.edits, strict=True)):
+        return spec  # every edit named its SAE already (a spec resolved before)
     return spec.model_copy(update={"edits": edits})

@@ -9,7 +9,8 @@ from typing import Any
 from fastapi.responses import JSONResponse
 
 from sae_vllm.config import EXTRA_ARGS_KEY
-from sae_vllm.spec import SpecLimits, SteeringSpecError, resolve_spec
+from sae_vllm.resolved_specs import ResolvedSpec, SpecResolver, resolver_for
+from sae_vllm.spec import SpecLimits, SteeringSpecError
 
 from . import metrics, rejections
 from .errors import error_response_for
@@ -65,10 +66,17 @@ class SteeringGate:
         self.sae_sizes = dict(sae_sizes)
         self.limits = limits
 
+    @property
+    def resolver(self) -> SpecResolver:
+        """This process's resolver for the gate's SAEs (the gate itself is pickled to each API
+        server process; a resolver holds a lock and stays in its process)."""
+        return resolver_for(self.sae_sizes, self.limits)
+
     def admit(
         self, endpoint: str, steering: Any, xargs_spec: Any = None, extra_body: Any = None
-    ) -> dict | None:
-        """The resolved spec to hand the engine (None when unsteered); raises Rejection.
+    ) -> str | None:
+        """The resolved spec's wire text to hand the engine (None when unsteered); raises
+        Rejection.
 
         `steering` is the raw body field; `xargs_spec` a spec passed the low-level way, as
         `vllm_xargs["sae_steering"]`; `extra_body` the body's own `extra_body` field, if any
@@ -82,10 +90,10 @@ class SteeringGate:
         if spec is None:
             metrics.record_unsteered(endpoint)
             return None
-        metrics.record_steered(endpoint, len(spec["edits"]))
-        return spec
+        metrics.record_steered(endpoint, len(spec.spec.edits))
+        return spec.text
 
-    def _resolve(self, steering: Any, xargs_spec: Any, extra_body: Any) -> dict | None:
+    def _resolve(self, steering: Any, xargs_spec: Any, extra_body: Any) -> ResolvedSpec | None:
         check_placement(steering, xargs_spec, extra_body)
         field, raw = (STEERING_FIELD, steering) if xargs_spec is None else (XARGS_FIELD, xargs_spec)
         if raw is None:
@@ -97,8 +105,7 @@ class SteeringGate:
                 f"{field}: this server has no SAEs configured (start it with --sae ID=PATH)",
             )
         try:
-            spec = resolve_spec(raw, self.sae_sizes, self.limits)
+            return self.resolver.resolve(raw)
         except SteeringSpecError as exc:
             message = "; ".join(f"{_join(field, e.path)}: {e.message}" for e in exc.errors)
             raise Rejection(exc.reason.value, _join(field, exc.field), message) from None
-        return spec.model_dump(mode="json")

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import functools
 import inspect
-import json
 import os
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -59,13 +58,13 @@ STEERING_DOC = (
 )
 
 
-def _with_steering(params: Any, spec: dict | None) -> Any:
+def _with_steering(params: Any, spec: Any) -> Any:
     if spec is not None:
         params.extra_args = {**(params.extra_args or {}), EXTRA_ARGS_KEY: spec}
     return params
 
 
-def _beam_with_steering(params: Any, spec: dict | None) -> Any:
+def _beam_with_steering(params: Any, spec: Any) -> Any:
     if spec is not None:
         setattr(params, BEAM_STEERING_ATTR, spec)  # BeamSearchParams keeps a __dict__
     return params
@@ -79,10 +78,10 @@ def _without_xargs_spec(xargs: dict | None) -> dict | None:
 
 
 class _SpecCarriedToSamplingParams:
-    """For vLLM's OpenAI request models: the gate's resolved spec, kept in the model's private
-    `_sae_steering` (declared by each model), goes into the SamplingParams it builds."""
+    """For vLLM's OpenAI request models: the gate's resolved spec text, kept in the model's
+    private `_sae_steering` (declared by each model), goes into the SamplingParams it builds."""
 
-    def carry_steering(self, spec: dict | None) -> None:
+    def carry_steering(self, spec: str | None) -> None:
         self.vllm_xargs = _without_xargs_spec(self.vllm_xargs)
         self._sae_steering = spec
 
@@ -98,7 +97,7 @@ class SteeredCompletionRequest(_SpecCarriedToSamplingParams, CompletionRequest):
     # Validated by SteeringGate (one path, one set of messages for HTTP and offline users);
     # typed so that /openapi.json documents it.
     steering: SkipValidation[SteeringSpec | None] = Field(default=None, description=STEERING_DOC)
-    _sae_steering: dict | None = PrivateAttr(default=None)
+    _sae_steering: str | None = PrivateAttr(default=None)
 
     def to_beam_search_params(self, *args: Any, **kwargs: Any) -> Any:
         params = super().to_beam_search_params(*args, **kwargs)
@@ -110,7 +109,7 @@ class SteeredChatCompletionRequest(_SpecCarriedToSamplingParams, ChatCompletionR
 
     field_names: ClassVar[set[str] | None] = None
     steering: SkipValidation[SteeringSpec | None] = Field(default=None, description=STEERING_DOC)
-    _sae_steering: dict | None = PrivateAttr(default=None)
+    _sae_steering: str | None = PrivateAttr(default=None)
 
     def to_beam_search_params(self, *args: Any, **kwargs: Any) -> Any:
         params = super().to_beam_search_params(*args, **kwargs)
@@ -122,7 +121,7 @@ class SteeredResponsesRequest(_SpecCarriedToSamplingParams, ResponsesRequest):
 
     field_names: ClassVar[set[str] | None] = None
     steering: SkipValidation[SteeringSpec | None] = Field(default=None, description=STEERING_DOC)
-    _sae_steering: dict | None = PrivateAttr(default=None)
+    _sae_steering: str | None = PrivateAttr(default=None)
 
 
 class SteeredMessagesRequest(AnthropicMessagesRequest):
@@ -132,11 +131,11 @@ class SteeredMessagesRequest(AnthropicMessagesRequest):
     model_config = ConfigDict(extra="allow")
     steering: SkipValidation[SteeringSpec | None] = Field(default=None, description=STEERING_DOC)
 
-    def carry_steering(self, spec: dict | None) -> None:
+    def carry_steering(self, spec: str | None) -> None:
         # vLLM turns this request into a chat request, carrying vllm_xargs (string values) over.
         xargs = _without_xargs_spec(self.vllm_xargs) or {}
         if spec is not None:
-            xargs = {**xargs, EXTRA_ARGS_KEY: json.dumps(spec)}
+            xargs = {**xargs, EXTRA_ARGS_KEY: spec}
         self.vllm_xargs = xargs or None
 
 

@@ -291,6 +291,35 @@ def test_the_prefix_cache_benchmark_reports_what_the_cache_served(llm, artifacts
     assert all(s["seconds"][0] > 0 for s in samples.values())
 
 
+def test_the_admission_benchmark_runs_the_specs_it_names(llm, artifacts):
+    # bench/admission.py on this engine: fresh specs are new in every batch, repeated ones the
+    # same in each, all distinct within a batch; "by hand" passes a dict, the others the text
+    # steering_params makes.
+    import json
+
+    from bench.admission import SAE, VARIANTS, make_batch, measure_variants, summarise
+
+    config = artifacts.additional_config()
+    sae = SAE("relu", artifacts.saes["relu"].W_dec.shape[0])
+
+    def specs(name: str, batch_index: int) -> list:
+        params, _ = make_batch(VARIANTS[name], 4, batch_index, config, sae)
+        carried = [p.extra_args["sae_steering"] for p in params]
+        assert all(isinstance(c, dict if VARIANTS[name].by_hand else str) for c in carried)
+        return [json.dumps(c if isinstance(c, dict) else json.loads(c)) for c in carried]
+
+    for name in ("K=1 fresh", "K=8 fresh", "K=8 fresh, by hand"):
+        assert len(set(specs(name, 1) + specs(name, 2))) == 8, name
+    for name in ("K=1 repeated", "K=8 repeated"):
+        assert specs(name, 1) == specs(name, 2) and len(set(specs(name, 1))) == 4, name
+    samples = measure_variants(llm, config, sae, 4, 8, repeats=2, progress=lambda _: None)
+    results = summarise(samples, batch=4)
+    assert list(results) == list(VARIANTS)
+    assert all(len(r["seconds"]) == 2 and min(r["seconds"]) > 0 for r in results.values())
+    assert results["unsteered"]["time_ratio"] == 1.0
+    assert results["unsteered"]["added_us_per_request"] == 0.0
+
+
 def test_a_generation_start_continues_a_steered_generation(llm, artifacts):
     # How a beam-search step is submitted: the prompt plus the tokens generated so far, with the
     # generation start at the end of the original prompt. It must continue the steered greedy

@@ -14,7 +14,8 @@ from sae_vllm.config import EXTRA_ARGS_KEY, GENERATION_START_KEY, PREFIX_CACHE_K
 from sae_vllm.engine import intake, prefix_cache
 from sae_vllm.engine import vllm_adapter as vllm
 from sae_vllm.engine.tables import SteeringTables
-from sae_vllm.spec import resolve_spec
+from sae_vllm.resolved_specs import SpecResolver
+from sae_vllm.spec import SpecLimits
 from tiny_model import write_random_sae
 
 BLOCK = 16
@@ -23,7 +24,7 @@ SIZES = {"a": 64}
 
 def spec(apply_to="generated", value=2.0):
     edits = [{"sae": "a", "feature": 3, "op": "set", "value": value}]
-    return resolve_spec({"edits": edits, "apply_to": apply_to}, SIZES)
+    return SpecResolver(SIZES, SpecLimits()).resolve({"edits": edits, "apply_to": apply_to})
 
 
 def fields(apply_to="generated", num_prompt=48, start=None, value=2.0):
@@ -45,7 +46,7 @@ def test_key_fields_span_is_the_worker_scope_mask(apply_to, num_prompt, start):
     # One request prefilled over 20 positions (past its prompt, as a recompute after
     # preemption is): the worker's scope mask must be exactly lo <= position < hi.
     tables = SteeringTables(["a"], 2, max_edits=2, max_tokens=32, device="cpu")
-    tables.admit("r", spec(apply_to), start)
+    tables.admit("r", spec(apply_to).spec, start)
     tables.write_step(["r"], np.array([20]), np.array([0]), np.array([num_prompt]))
     mask = tables.tok_scope[:20].numpy()
     _, lo, hi = prefix_cache.key_fields(spec(apply_to), num_prompt, start)
@@ -163,12 +164,13 @@ def test_intake_records_the_steered_span_in_a_dict_of_the_requests_own(vllm_conf
     request = engine_core_request(shared)
     intake.key_request(vllm_config, request)
     own = request.sampling_params.extra_args
-    assert own is not shared and PREFIX_CACHE_KEY not in shared
-    assert own[PREFIX_CACHE_KEY] == [spec().fingerprint(), 29, None]
+    assert own is not shared and PREFIX_CACHE_KEY not in shared and shared[EXTRA_ARGS_KEY] is raw
+    assert own[PREFIX_CACHE_KEY] == [spec().fingerprint, 29, None]
+    assert own[EXTRA_ARGS_KEY] == spec().text  # the worker gets the resolved text
 
 
 def test_intake_drops_a_client_supplied_prefix_cache_key(vllm_config):
-    forged = [spec().fingerprint(), 0, None]
+    forged = [spec().fingerprint, 0, None]
     unsteered = engine_core_request({PREFIX_CACHE_KEY: forged, "other": 1})
     intake.key_request(vllm_config, unsteered)
     assert unsteered.sampling_params.extra_args == {"other": 1}

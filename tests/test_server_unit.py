@@ -288,11 +288,12 @@ def test_a_rejection_answers_in_the_shape_of_the_route():
 
 def test_gate_admits_and_resolves():
     assert GATE.admit("completions", None) is None
-    spec = GATE.admit("chat.completions", {"edits": [{"sae": "b", "feature": 31, "op": "ablate"}]})
+    text = GATE.admit("chat.completions", {"edits": [{"sae": "b", "feature": 31, "op": "ablate"}]})
+    spec = json.loads(text)
     assert spec["edits"] == [{"sae": "b", "feature": 31, "op": "ablate", "value": None}]
     assert spec["apply_to"] == "generated"
     as_string = GATE.admit("completions", None, json.dumps({"edits": [edit()]}))
-    assert as_string["edits"][0]["sae"] == "a"
+    assert json.loads(as_string)["edits"][0]["sae"] == "a"
 
 
 def test_gate_refuses_two_specs_and_steering_without_saes():
@@ -407,3 +408,14 @@ def test_route_not_found(client, path, param):
     assert response.status_code == 404
     error = response.json()["error"]
     assert error["param"] == param and error["code"] == 404 and error["message"]
+
+
+def test_the_gate_survives_pickling_into_another_api_server_process():
+    # With --api-server-count > 1 (data parallelism), vLLM pickles the app's state to each.
+    import pickle
+
+    GATE.admit("completions", {"edits": [edit()]})
+    copy = pickle.loads(pickle.dumps(GATE))
+    assert json.loads(copy.admit("completions", {"edits": [edit()]}))["edits"][0]["sae"] == "a"
+    with pytest.raises(Rejection):
+        copy.admit("completions", {"edits": [edit(sae="zz")]})

@@ -94,6 +94,33 @@ def test_invalid_specs_name_the_offending_field(data, path, fragment):
     assert fragment in str(info.value)
     if path:
         assert str(info.value).startswith(f"{path}: ")
+    if not isinstance(data, str):  # the same spec sent as JSON text: the same errors
+        with pytest.raises(SteeringSpecError) as as_text:
+            parse_spec(json.dumps(data))
+        assert as_text.value.errors == info.value.errors
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"edits": [edit(value=8)]},
+        {"edits": [edit(feature=7.0)]},
+        {"edits": [edit(feature=2**70)]},
+        {"edits": [edit(op="ablate", value=None)], "apply_to": "all"},
+        {"apply_to": "prompt", "edits": [edit(sae="res"), edit(feature=9, op="cap", value=-0.5)]},
+        {"edits": [{"value": 1e-300, "op": "floor", "feature": 0}]},
+        {"edits": [edit(value="1.5")]},
+        {"edits": [edit()], "apply_to": "ALL"},
+    ],
+)
+def test_json_text_and_the_dict_it_encodes_parse_alike(data):
+    def outcome(value):
+        try:
+            return parse_spec(value)
+        except SteeringSpecError as exc:
+            return exc.errors
+
+    assert outcome(json.dumps(data, indent=1)) == outcome(data)
 
 
 def test_magnitude_bound_is_configurable():

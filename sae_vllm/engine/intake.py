@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..config import EXTRA_ARGS_KEY, GENERATION_START_KEY, PREFIX_CACHE_KEY, steering_config_from
-from ..spec import SteeringSpec, resolve_spec
+from ..resolved_specs import ResolvedSpec, SpecResolver, resolver_for
 from . import vllm_adapter as vllm
 from .prefix_cache import key_fields, session_key_fields
 from .sae_sizes import sae_sizes
@@ -22,28 +22,55 @@ def generation_start_of(extra_args: Mapping[str, Any]) -> int | None:
     return value
 
 
-def _resolve_in_place(vllm_config: Any, params: Any) -> tuple[SteeringSpec, int | None] | None:
-    """The request's resolved spec and generation start (None when unsteered); the resolved
-    spec replaces the raw one in extra_args. Raises ValueError on a bad spec."""
-    extra_args = vllm.extra_args_of(params)
+_NO_STEERING = (
+    "steering: this server has no SAEs configured "
+    "(start the engine with additional_config {'sae_steering': ...})"
+)
+# additional_config dict -> (that dict, its resolver or None when steering is off), by identity:
+# vLLM keeps one additional_config per engine, unchanged after start-up.
+_resolvers: dict[int, tuple[Any, SpecResolver | None]] = {}
+_MAX_ENGINES = 16
+
+
+def _resolver_of(vllm_config: Any) -> SpecResolver | None:
+    """The spec resolver of this engine's steering config (None when steering is off)."""
+    additional = vllm_config.additional_config
+    known = _resolvers.get(id(additional))
+    if known is not None and known[0] is additional:
+        return known[1]
+    config = steering_config_from(additional)
+    resolver = None if config is None else resolver_for(sae_sizes(config), config.limits)
+    if len(_resolvers) >= _MAX_ENGINES:
+        _resolvers.clear()
+    _resolvers[id(additional)] = (additional, resolver)
+    return resolver
+
+
+def _resolve(vllm_config: Any, extra_args: Mapping[str, Any] | None) -> ResolvedSpec | None:
+    """The resolved spec in a request's extra_args (None when unsteered); raises ValueError
+    on a bad spec."""
     data = extra_args.get(EXTRA_ARGS_KEY) if extra_args else None
     if data is None:
         return None
-    config = steering_config_from(vllm_config.additional_config)
-    if config is None:
-        raise ValueError(
-            "steering: this server has no SAEs configured "
-            "(start the engine with additional_config {'sae_steering': ...})"
-        )
-    spec = resolve_spec(data, sae_sizes(config), config.limits)
-    start = generation_start_of(extra_args)
-    extra_args[EXTRA_ARGS_KEY] = spec.model_dump(mode="json")
-    return spec, start
+    resolver = _resolver_of(vllm_config)
+    if resolver is None:
+        raise ValueError(_NO_STEERING)
+    return resolver.resolve(data)
 
 
-def check_params(vllm_config: Any, params: Any) -> None:
-    """Frontend check: a bad spec raises ValueError (a client error) before reaching the engine."""
-    _resolve_in_place(vllm_config, params)
+def check_params(vllm_config: Any, params: Any) -> Any:
+    """Frontend check: a bad spec raises ValueError (a client error) before reaching the engine.
+    Returns the params to submit: the caller's own, or, when their spec is not yet the resolved
+    text, a shallow copy carrying it (the caller's object is never changed: it may be shared
+    between prompts and engines)."""
+    extra_args = vllm.extra_args_of(params)
+    steering = _resolve(vllm_config, extra_args)
+    if steering is None:
+        return params
+    generation_start_of(extra_args)  # raises on a bad one
+    if extra_args[EXTRA_ARGS_KEY] == steering.text:
+        return params
+    return vllm.with_own_extra_args(params, {**extra_args, EXTRA_ARGS_KEY: steering.text})
 
 
 def key_request(vllm_config: Any, request: Any) -> None:
@@ -59,11 +86,12 @@ def key_request(vllm_config: Any, request: Any) -> None:
     # PREFIX_CACHE_KEY is set here only, never taken from the client.
     own = {key: value for key, value in extra_args.items() if key != PREFIX_CACHE_KEY}
     vllm.set_extra_args(params, own)
-    steering = _resolve_in_place(vllm_config, params)
+    steering = _resolve(vllm_config, own)
     if steering is None:
         return
-    spec, start = steering
+    start = generation_start_of(own)
+    own[EXTRA_ARGS_KEY] = steering.text
     if vllm.is_resumable(request):
-        own[PREFIX_CACHE_KEY] = session_key_fields(spec, vllm.request_id_of(request))
+        own[PREFIX_CACHE_KEY] = session_key_fields(steering, vllm.request_id_of(request))
     else:
-        own[PREFIX_CACHE_KEY] = key_fields(spec, vllm.num_prompt_tokens_of(request), start)
+        own[PREFIX_CACHE_KEY] = key_fields(steering, vllm.num_prompt_tokens_of(request), start)

@@ -14,24 +14,26 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import PREFIX_CACHE_KEY
-from ..spec import SteeringSpec
+from ..resolved_specs import ResolvedSpec
 from .scopes import SCOPE_CODES, UNBOUNDED, steered_span
 
 _TAG = "sae_steering"
 
 
-def key_fields(spec: SteeringSpec, num_prompt_tokens: int, generation_start: int | None) -> list:
+def key_fields(
+    steering: ResolvedSpec, num_prompt_tokens: int, generation_start: int | None
+) -> list:
     """What block_key needs of a steered request: [spec fingerprint, lo, hi or None when the
     span has no end], the span as the worker steers it (a list: it travels in extra_args)."""
     prompt_len = num_prompt_tokens if generation_start is None else generation_start
-    lo, hi = steered_span(SCOPE_CODES[spec.apply_to], prompt_len)
-    return [spec.fingerprint(), int(lo), None if hi == UNBOUNDED else int(hi)]
+    lo, hi = steered_span(SCOPE_CODES[steering.spec.apply_to], prompt_len)
+    return [steering.fingerprint, int(lo), None if hi == UNBOUNDED else int(hi)]
 
 
-def session_key_fields(spec: SteeringSpec, request_id: str) -> list:
+def session_key_fields(steering: ResolvedSpec, request_id: str) -> list:
     """key_fields for a streaming-input session (a resumable request): its prompt grows after
     intake, so which positions it steers is not known yet; every block is its own alone."""
-    return [f"{spec.fingerprint()}:{request_id}", 0, None]
+    return [f"{steering.fingerprint}:{request_id}", 0, None]
 
 
 def block_key(extra_args: dict[str, Any], start: int, end: int) -> tuple[str, str] | None:

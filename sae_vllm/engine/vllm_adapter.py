@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import os
@@ -74,12 +75,13 @@ def _wrap_once(owner: type, name: str, make: Callable[[Callable], Callable]) -> 
 
 
 def patch_request_intake(
-    check_params: Callable[[Any, Any], None],
+    check_params: Callable[[Any, Any], Any],
     key_request: Callable[[Any, Any], None],
 ) -> None:
-    """Validate steering where requests enter (frontend: `check_params(vllm_config, params)`,
-    raising becomes a client error) and again in the engine core, before the request's KV
-    blocks are first hashed (`key_request(vllm_config, engine_core_request)`)."""
+    """Validate steering where requests enter (frontend: `check_params(vllm_config, params)`
+    returns the params to submit, raising becomes a client error) and again in the engine core,
+    before the request's KV blocks are first hashed (`key_request(vllm_config,
+    engine_core_request)`)."""
     from vllm.exceptions import VLLMValidationError
     from vllm.v1.engine.core import EngineCore
     from vllm.v1.engine.input_processor import InputProcessor
@@ -89,7 +91,7 @@ def patch_request_intake(
             self: Any, request_id: str, prompt: Any, params: Any, *a: Any, **kw: Any
         ):
             try:
-                check_params(self.vllm_config, params)
+                params = check_params(self.vllm_config, params)
             except ValueError as exc:
                 raise VLLMValidationError(str(exc), parameter="steering") from None
             return original(self, request_id, prompt, params, *a, **kw)
@@ -109,9 +111,17 @@ def patch_request_intake(
 
 def with_extra_args(params: Any, extra_args: dict[str, Any]) -> Any:
     """A copy of SamplingParams with `extra_args` added to its own."""
-    copy = params.clone()
-    copy.extra_args = {**(params.extra_args or {}), **extra_args}
-    return copy
+    clone = params.clone()
+    clone.extra_args = {**(params.extra_args or {}), **extra_args}
+    return clone
+
+
+def with_own_extra_args(params: Any, extra_args: dict[str, Any]) -> Any:
+    """A shallow copy of SamplingParams with `extra_args` in place of its own (vLLM's frontend
+    clones the params it is given before it changes any)."""
+    own = copy.copy(params)
+    own.extra_args = extra_args
+    return own
 
 
 def extra_args_of(params: Any) -> dict | None:
