@@ -13,7 +13,6 @@ from .config import (
     SteeringConfig,
     with_local_sae_paths,
 )
-from .resolved_specs import resolver_for
 from .spec import SteeringSpec, parse_spec
 
 
@@ -32,11 +31,11 @@ def _validated(
     """The spec's wire text (see resolved_specs): resolved when the config is given."""
     if config is None:
         return parse_spec(spec).model_dump_json()
-    from .engine.sae_sizes import sae_sizes
+    from .engine.sae_sizes import config_resolver
 
     if isinstance(config, Mapping):
         config = SteeringConfig.model_validate(config.get(CONFIG_KEY, config))
-    return resolver_for(sae_sizes(config), config.limits).resolve(spec).text
+    return config_resolver(config).resolve(spec).text
 
 
 def steering_params(

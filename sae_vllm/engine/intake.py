@@ -6,10 +6,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..config import EXTRA_ARGS_KEY, GENERATION_START_KEY, PREFIX_CACHE_KEY, steering_config_from
-from ..resolved_specs import ResolvedSpec, SpecResolver, resolver_for
+from ..resolved_specs import ResolvedSpec, SpecResolver
 from . import vllm_adapter as vllm
 from .prefix_cache import key_fields, session_key_fields
-from .sae_sizes import sae_sizes
+from .sae_sizes import config_resolver
 
 
 def generation_start_of(extra_args: Mapping[str, Any]) -> int | None:
@@ -39,7 +39,7 @@ def _resolver_of(vllm_config: Any) -> SpecResolver | None:
     if known is not None and known[0] is additional:
         return known[1]
     config = steering_config_from(additional)
-    resolver = None if config is None else resolver_for(sae_sizes(config), config.limits)
+    resolver = None if config is None else config_resolver(config)
     if len(_resolvers) >= _MAX_ENGINES:
         _resolvers.clear()
     _resolvers[id(additional)] = (additional, resolver)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 
 from ..config import SteeringConfig
+from ..resolved_specs import SpecResolver, resolver_for
 from ..sae import inspect_sae
 
 
@@ -16,3 +17,8 @@ def _d_sae(path: str, format: str | None) -> int:
 def sae_sizes(config: SteeringConfig) -> dict[str, int]:
     """SAE id -> d_sae for every SAE in the config, from the files' headers (once per process)."""
     return {entry.id: _d_sae(entry.path, entry.format) for entry in config.saes}
+
+
+def config_resolver(config: SteeringConfig) -> SpecResolver:
+    """This process's spec resolver for every SAE in the config, within its limits."""
+    return resolver_for(sae_sizes(config), config.limits)

@@ -10,13 +10,12 @@ import numpy as np
 from .. import LOGGER_NAME
 from ..config import EXTRA_ARGS_KEY, SteeringConfig, steering_config_from
 from ..kernels import warm_up_cpu_path
-from ..resolved_specs import resolver_for
 from ..sae import SAEFormatError, open_sae
 from ..sae.sites import NotALayerOutputError, residual_layer
 from ..spec import SteeringSpec
 from . import vllm_adapter as vllm
 from .intake import generation_start_of
-from .sae_sizes import sae_sizes
+from .sae_sizes import config_resolver
 from .sae_weights import steering_weights
 from .steered_layer import SAESteering, steer_layer
 from .tables import SteeringTables
@@ -94,7 +93,7 @@ class WorkerSteering:
             )
         # Against every configured SAE, not only this rank's: under pipeline parallelism a spec
         # may also edit SAEs another rank holds, and this rank still steers its own.
-        self.resolver = resolver_for(sae_sizes(config), config.limits)
+        self.resolver = config_resolver(config)
         if info.device.type == "cpu":  # compile the CPU op's loop now, not in the first step
             warm_up_cpu_path(info.dtype)
 
