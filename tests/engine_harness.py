@@ -33,7 +33,17 @@ ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 AMX_ONLY = cpu_amx.PLUGIN_NAME
 SAE_LAYERS = {"relu": 1, "jumprelu": 2, "topk": 1}
 _MARKER = "BASELINE_JSON "
-ENGINE_MODES = {"eager": {"enforce_eager": True}, "compiled": {"enforce_eager": False}}
+# "async": vLLM's async scheduling, its default on CUDA, which vllm-cpu turns off unless asked
+# (tests/cpu_async_scheduling.py).
+ENGINE_MODES = {
+    "eager": {"enforce_eager": True},
+    "compiled": {"enforce_eager": False},
+    "async": {
+        "enforce_eager": True,
+        "async_scheduling": True,
+        "worker_extension_cls": "cpu_async_scheduling.AsyncSchedulingProbe",
+    },
+}
 
 
 @dataclass
@@ -75,12 +85,21 @@ def engine_kwargs(model_dir: Path, **overrides) -> dict:
 
 def make_llm(artifacts: Artifacts, **overrides):
     os.environ.update(ENGINE_ENV)
-    from vllm import LLM
-
-    return LLM(
+    return _start_llm(
         **engine_kwargs(artifacts.model_dir, **overrides),
         additional_config=artifacts.additional_config(),
     )
+
+
+def _start_llm(**kwargs):
+    """vLLM's LLM(**kwargs), with the test-only vllm-cpu fix that async scheduling needs."""
+    from vllm import LLM
+
+    if kwargs.get("async_scheduling"):
+        from cpu_async_scheduling import honor_async_scheduling
+
+        honor_async_scheduling()
+    return LLM(**kwargs)
 
 
 def steered_params(artifacts: Artifacts, edits, apply_to: str, **sampling):
@@ -100,13 +119,18 @@ def steered_params(artifacts: Artifacts, edits, apply_to: str, **sampling):
 
 @contextmanager
 def baseline_running(
-    artifacts: Artifacts, max_tokens: int, enforce_eager: bool = True, dtype: str = "float32"
+    artifacts: Artifacts,
+    max_tokens: int,
+    enforce_eager: bool = True,
+    dtype: str = "float32",
+    **engine_overrides,
 ) -> Iterator[Callable[[], dict]]:
     """Start vLLM without the steering plugin (AMX_ONLY) in its own process, so that the
-    caller can build its own engine meanwhile; yields a function that waits for the outputs."""
+    caller can build its own engine meanwhile; yields a function that waits for the outputs.
+    `engine_overrides` (JSON values) go to that engine's LLM(...) as they do in `make_llm`."""
     env = os.environ | ENGINE_ENV | {"VLLM_PLUGINS": AMX_ONLY}
     mode = "eager" if enforce_eager else "compiled"
-    args = [str(artifacts.model_dir), str(max_tokens), mode, dtype]
+    args = [str(artifacts.model_dir), str(max_tokens), mode, dtype, json.dumps(engine_overrides)]
     # Files, not pipes: vLLM logs enough to fill a pipe that nobody reads until it ends.
     with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
         process = subprocess.Popen(
@@ -163,12 +187,14 @@ def chosen_logprobs(completion) -> np.ndarray:
     )
 
 
-def _run_baseline(model_dir: str, max_tokens: int, mode: str, dtype: str) -> None:
-    from vllm import LLM
-
-    llm = LLM(**engine_kwargs(Path(model_dir), enforce_eager=mode == "eager", dtype=dtype))
+def _run_baseline(model_dir: str, max_tokens: int, mode: str, dtype: str, overrides: str) -> None:
+    llm = _start_llm(
+        **engine_kwargs(
+            Path(model_dir), enforce_eager=mode == "eager", dtype=dtype, **json.loads(overrides)
+        )
+    )
     print(_MARKER + json.dumps(unsteered_outputs(llm, max_tokens)))  # int keys become strings
 
 
 if __name__ == "__main__":
-    _run_baseline(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4])
+    _run_baseline(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5])

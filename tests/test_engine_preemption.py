@@ -3,13 +3,15 @@
 The engine gets 6 KV blocks of 32 tokens, so six 100-token requests cannot run together: vLLM
 preempts some, frees their rows (the worker sees them in `preempted_req_ids`) and later
 recomputes their prompt and generated tokens as a fresh prefill. Every steered token must come
-out as if the request had run alone, and equal the HF float64 reference."""
+out as if the request had run alone, and equal the HF float64 reference; with and without
+vLLM's async scheduling (its default on CUDA), under which a request can be preempted with
+the output of a step still to come."""
 
 from __future__ import annotations
 
 import pytest
 
-from engine_harness import make_llm, steered_params, tiny_artifacts
+from engine_harness import ENGINE_MODES, make_llm, steered_params, tiny_artifacts
 from hf_reference import Edit, HFReference
 
 pytestmark = pytest.mark.engine
@@ -33,10 +35,11 @@ def artifacts(tmp_path_factory):
     return tiny_artifacts(tmp_path_factory.mktemp("preemption"))
 
 
-@pytest.fixture(scope="module")
-def llm(artifacts):
+@pytest.fixture(scope="module", params=["eager", "async"])
+def llm(artifacts, request):
     engine = make_llm(
         artifacts,
+        **ENGINE_MODES[request.param],
         num_gpu_blocks_override=KV_BLOCKS,
         block_size=32,  # the CPU attention backend needs a multiple of 32
         max_model_len=128,
