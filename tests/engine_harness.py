@@ -180,6 +180,16 @@ def unsteered_outputs(llm, max_tokens: int) -> dict:
     }
 
 
+def settled_row_stats(llm) -> dict:
+    """The worker's row stats once every finished request has reached it. A request's finish
+    reaches the worker with the next scheduled step (under async scheduling never before the
+    request's output is back), so this runs one unsteered one-token request first."""
+    from vllm import SamplingParams
+
+    llm.generate([{"prompt_token_ids": PROMPTS[0]}], SamplingParams(max_tokens=1), use_tqdm=False)
+    return llm.collective_rpc("sae_steering_stats")[0]
+
+
 def chosen_logprobs(completion) -> np.ndarray:
     """Log-probability of each token a completion (one of a RequestOutput's outputs) chose."""
     return np.array(

@@ -11,7 +11,13 @@ from __future__ import annotations
 
 import pytest
 
-from engine_harness import ENGINE_MODES, make_llm, steered_params, tiny_artifacts
+from engine_harness import (
+    ENGINE_MODES,
+    make_llm,
+    settled_row_stats,
+    steered_params,
+    tiny_artifacts,
+)
 from hf_reference import Edit, HFReference
 
 pytestmark = pytest.mark.engine
@@ -50,6 +56,18 @@ def llm(artifacts, request):
     del engine
 
 
+@pytest.fixture(scope="module")
+def expected(artifacts) -> list[list[int]]:
+    """Each case's tokens from the HF float64 reference, computed once for both engines."""
+    reference = HFReference(artifacts.model_dir)
+    return [
+        reference.greedy(
+            PROMPTS[i], MAX_TOKENS, [Edit(artifacts.saes[sae], feature, op, value)], apply_to
+        )[0]
+        for i, (sae, feature, op, value, apply_to) in enumerate(CASES)
+    ]
+
+
 def preemptions(llm) -> int:
     return int(sum(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions"))
 
@@ -59,7 +77,7 @@ def generate(llm, prompts, params) -> list[list[int]]:
     return [list(o.outputs[0].token_ids) for o in outputs]
 
 
-def test_preempted_steered_requests_stay_steered(llm, artifacts):
+def test_preempted_steered_requests_stay_steered(llm, artifacts, expected):
     from vllm import SamplingParams
 
     params = [
@@ -73,14 +91,10 @@ def test_preempted_steered_requests_stay_steered(llm, artifacts):
     unsteered = generate(
         llm, PROMPTS, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
     )
-    reference = HFReference(artifacts.model_dir)
-    for i, (sae, feature, op, value, apply_to) in enumerate(CASES):
+    for i in range(len(CASES)):
         alone = generate(llm, [PROMPTS[i]], [params[i]])[0]
-        expected, _ = reference.greedy(
-            PROMPTS[i], MAX_TOKENS, [Edit(artifacts.saes[sae], feature, op, value)], apply_to
-        )
         assert together[i] == alone, f"case {i}: preempted run differs from the solo run"
-        assert together[i] == expected, f"case {i}: differs from the float64 reference"
+        assert together[i] == expected[i], f"case {i}: differs from the float64 reference"
         assert together[i] != unsteered[i], f"case {i}: steering has no visible effect"
-    stats = llm.collective_rpc("sae_steering_stats")[0]
+    stats = settled_row_stats(llm)
     assert stats["rows_in_use"] == 0, stats
