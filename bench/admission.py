@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from . import report
-from .overhead import add_model_args, model_from_args
+from .overhead import BENCH_SAE_ID, add_model_args, steered_engine
 
 
 @dataclass(frozen=True)
@@ -143,24 +142,15 @@ def summarise(samples: dict[str, dict[str, list[float]]], batch: int) -> dict[st
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    from vllm import LLM
-
-    from sae_vllm import steering_config
-
-    model, sae, layer, d_sae = model_from_args(args)
-    config = steering_config([{"id": "bench", "path": sae, "layer": layer}])
-    llm = LLM(
-        model=model,
+    engine = steered_engine(
+        args,
         max_model_len=128,
         max_num_seqs=args.batch,
         enable_prefix_caching=False,  # the same prompts every batch: nothing may come cached
-        enforce_eager=not args.compiled,
-        seed=0,
-        additional_config=config,
     )
+    sae = SAE(BENCH_SAE_ID, engine.d_sae)
     samples = measure_variants(
-        llm, config, SAE("bench", d_sae), args.batch, args.prompt_len, args.repeats
+        engine.llm, engine.config, sae, args.batch, args.prompt_len, args.repeats
     )
     results = summarise(samples, args.batch)
     rows = [
@@ -186,12 +176,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "machine": report.machine(),
         "config": {
-            "model": model,
-            "sae": sae,
-            "layer": layer,
-            "d_sae": d_sae,
+            "model": engine.model,
+            "sae": engine.sae,
+            "layer": engine.layer,
+            "d_sae": engine.d_sae,
             "engine": "compiled" if args.compiled else "eager",
-            "dtype": str(llm.llm_engine.model_config.dtype),
+            "dtype": str(engine.llm.llm_engine.model_config.dtype),
             "batch": args.batch,
             "prompt_len": args.prompt_len,
             "output_len": 1,

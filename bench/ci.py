@@ -19,7 +19,15 @@ from pathlib import Path
 from typing import Any
 
 from . import report
-from .overhead import Variant, default_model, make_requests, measure, settle, start_engines
+from .overhead import (
+    BENCH_SAE_ID,
+    Variant,
+    default_model,
+    make_requests,
+    measure,
+    settle,
+    start_engines,
+)
 
 # Gates for noisy 2-core CPU machines; the measured ratios sit well inside them (see README).
 THROUGHPUT_GATE = 0.85
@@ -70,11 +78,12 @@ def measure_round(engines: dict[str, Any], args: argparse.Namespace, d_sae: int)
     tpot_per_repeat: dict[str, list[float]] = {name: [] for name in variants}
     for variant in variants.values():  # warm-up
         measure(
-            engines[variant.engine], make_requests(variant, args.batch, d_sae, "bench", prompts)
+            engines[variant.engine],
+            make_requests(variant, args.batch, d_sae, BENCH_SAE_ID, prompts),
         )
     for repeat in range(args.repeats):
         for name, variant in variants.items():
-            requests = make_requests(variant, args.batch, d_sae, "bench", prompts)
+            requests = make_requests(variant, args.batch, d_sae, BENCH_SAE_ID, prompts)
             variant.samples.append(measure(engines[variant.engine], requests))
             decode = Variant(
                 name,
@@ -88,7 +97,7 @@ def measure_round(engines: dict[str, Any], args: argparse.Namespace, d_sae: int)
             )
             steps = decode_step_times(
                 engines[variant.engine],
-                make_requests(decode, args.tpot_batch, d_sae, "bench", prompts),
+                make_requests(decode, args.tpot_batch, d_sae, BENCH_SAE_ID, prompts),
             )
             tpot[name] += steps
             tpot_per_repeat[name].append(report.median(steps))

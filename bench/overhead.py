@@ -61,6 +61,41 @@ def model_from_args(args: argparse.Namespace) -> tuple[str, str, int, int]:
     return args.model, args.sae, args.layer, load_sae(args.sae).d_sae
 
 
+BENCH_SAE_ID = "bench"  # the id every benchmark registers its SAE under
+
+
+@dataclass(frozen=True)
+class SteeredEngine:
+    """An engine with the plugin, steering one SAE (BENCH_SAE_ID), and what it was built from."""
+
+    llm: Any
+    config: dict[str, Any]  # its additional_config
+    model: str
+    sae: str
+    layer: int
+    d_sae: int
+
+
+def steered_engine(args: argparse.Namespace, **engine_settings: Any) -> SteeredEngine:
+    """The model and SAE of model_from_args in one engine with the plugin, eager unless
+    `args.compiled`, seed 0; `engine_settings` are the benchmark's own LLM(...) arguments."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm import LLM
+
+    from sae_vllm import steering_config
+
+    model, sae, layer, d_sae = model_from_args(args)
+    config = steering_config([{"id": BENCH_SAE_ID, "path": sae, "layer": layer}])
+    llm = LLM(
+        model=model,
+        enforce_eager=not args.compiled,
+        seed=0,
+        additional_config=config,
+        **engine_settings,
+    )
+    return SteeredEngine(llm, config, model, sae, layer, d_sae)
+
+
 def build_variants(modes: list[str], batch: int, quick: bool) -> list[Variant]:
     variants: list[Variant] = []
     for mode in modes:
@@ -166,7 +201,9 @@ def start_engines(
 
     from sae_vllm import steering_config
 
-    config = steering_config([{"id": "bench", "path": sae, "layer": layer}], max_edits=max_edits)
+    config = steering_config(
+        [{"id": BENCH_SAE_ID, "path": sae, "layer": layer}], max_edits=max_edits
+    )
     common = {"model": model, "max_model_len": 128, "max_num_seqs": batch, "seed": 0}
     engines: dict[str, Any] = {}
     for mode in modes:
@@ -218,11 +255,12 @@ def run(args: argparse.Namespace, progress: Callable[[str], None] = print) -> di
     prompts = [[1, *[(7 * i + j) % 50 + 4 for j in range(args.prompt_len)]] for i in range(8)]
     for variant in variants:  # warm-up, untimed
         measure(
-            engines[variant.engine], make_requests(variant, args.batch, d_sae, "bench", prompts)
+            engines[variant.engine],
+            make_requests(variant, args.batch, d_sae, BENCH_SAE_ID, prompts),
         )
     for repeat in range(args.repeats):
         for variant in variants:  # interleaved: A B C ... A B C ...
-            requests = make_requests(variant, args.batch, d_sae, "bench", prompts)
+            requests = make_requests(variant, args.batch, d_sae, BENCH_SAE_ID, prompts)
             variant.samples.append(measure(engines[variant.engine], requests))
         progress(f"repeat {repeat + 1}/{args.repeats} done")
     rows, results = [], []

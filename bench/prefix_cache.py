@@ -10,7 +10,6 @@ they must compute it: the cost every steered request paid before they could shar
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from . import report
-from .overhead import add_model_args, model_from_args
+from .overhead import BENCH_SAE_ID, add_model_args, steered_engine
 
 VARIANTS = {"unsteered": None, "steered generated": "generated", "steered all": "all"}
 
@@ -95,25 +94,15 @@ def measure_variants(
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    from vllm import LLM
-
-    from sae_vllm import steering_config
-
-    model, sae, layer, d_sae = model_from_args(args)
-    config = steering_config([{"id": "bench", "path": sae, "layer": layer}])
-    llm = LLM(
-        model=model,
+    engine = steered_engine(
+        args,
         max_model_len=args.max_model_len,
         max_num_seqs=args.batch,
         block_size=args.block_size,
         enable_prefix_caching=True,
-        enforce_eager=not args.compiled,
-        seed=0,
-        additional_config=config,
     )
     workload = Workload(args.prefix_len, args.suffix_len, args.output_len, args.batch)
-    samples = measure_variants(llm, workload, "bench", d_sae, args.repeats)
+    samples = measure_variants(engine.llm, workload, BENCH_SAE_ID, engine.d_sae, args.repeats)
     unsteered = samples["unsteered"]["seconds"]
     rows, results = [], {}
     for name, sample in samples.items():
@@ -127,12 +116,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "machine": report.machine(),
         "config": {
-            "model": model,
-            "sae": sae,
-            "layer": layer,
-            "d_sae": d_sae,
+            "model": engine.model,
+            "sae": engine.sae,
+            "layer": engine.layer,
+            "d_sae": engine.d_sae,
             "engine": "compiled" if args.compiled else "eager",
-            "dtype": str(llm.llm_engine.model_config.dtype),
+            "dtype": str(engine.llm.llm_engine.model_config.dtype),
             "block_size": args.block_size,
             "batch": args.batch,
             "prefix_len": args.prefix_len,
