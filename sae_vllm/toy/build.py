@@ -34,7 +34,7 @@ from sae_vllm.toy.steering_check import on_topic_prompt
 from sae_vllm.toy.tokenizer import save_tokenizer
 
 # Bump whenever anything that changes the built files changes: caches keyed by it rebuild.
-RECIPE_VERSION = "6"
+RECIPE_VERSION = "7"
 SAE_ID = "toy"
 
 
