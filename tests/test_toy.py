@@ -1,7 +1,7 @@
 """The embedded default: build quality bars, file formats, labels, HF steering, caching rules.
 
 The full toy is taken from the real cache through ensure_built() (which honours SAE_VLLM_CACHE):
-the first session on a machine builds it (about two minutes on two CPU cores), later sessions
+the first session on a machine builds it (a few minutes, on one core), later sessions
 reuse it, and the engine tests share the same cache. Caching, reproducibility and the
 recipe-version rule are checked on quick builds (same code, toy sizes) in a temporary cache.
 """
