@@ -90,12 +90,17 @@ def test_choose_prefers_the_feature_whose_ablation_removes_the_topic(
         1: (1.5, SteeringResult(30.0, 0.97, 0.84)),
         2: (0.5, SteeringResult(12.0, 0.95, 0.84)),
     }
-    ablation = {1: (1.0, 1.0), 2: (1.0, 0.22 if second_ablates else 0.9)}
+    ablation = {1: 1.0, 2: 0.22 if second_ablates else 0.9}  # shares after, from 1.0
     monkeypatch.setattr(
         calibration, "_smallest_sufficient", lambda m, s, l, tf, r: steering[tf.feature]
     )
-    monkeypatch.setattr(calibration, "_ablation", lambda m, s, l, tf, r, seed: ablation[tf.feature])
+    # feature_edit hands the feature's index on as its "edit"; None is the unsteered prompt.
     monkeypatch.setattr(calibration, "feature_edit", lambda sae, feature, value: feature)
+    monkeypatch.setattr(
+        calibration,
+        "on_topic_share",
+        lambda m, l, feature, topic, n, seed: 1.0 if feature is None else ablation[feature],
+    )
     monkeypatch.setattr(
         calibration, "measure", lambda m, l, feature, t, n, seed: steering[feature][1]
     )

@@ -16,6 +16,7 @@ from sae_vllm.toy.steering_check import (
     grammatical,
     measure,
     measure_ablation,
+    on_topic_share,
     sample_completions,
     topic_shares,
 )
@@ -125,10 +126,13 @@ def choose(
     Ablation decides because a topic is often carried by two features that each steer about as
     well (on one CPU's build, 0.95 + 0.84 against 0.97 + 0.84), of which ablating only one
     removes the topic."""
+    topic = candidates[0].topic
+    before = on_topic_share(model, layer, None, topic, recipe.samples, SEARCH_SEED)
     tried = []
     for rank, tf in enumerate(candidates):
         multiple, result = _smallest_sufficient(model, sae, layer, tf, recipe)
-        before, after = _ablation(model, sae, layer, tf, recipe, SEARCH_SEED)
+        ablated = feature_edit(sae, tf.feature, 0.0)
+        after = on_topic_share(model, layer, ablated, topic, recipe.samples, SEARCH_SEED)
         reached = result.topic_share >= recipe.target_share
         ablates = after <= before - recipe.ablation_drop
         quality = result.topic_share + (result.grammatical_share if reached else 0.0)
@@ -145,15 +149,9 @@ def choose(
     return Calibrated(tf, multiple, report)
 
 
-def _ablation(
-    model, sae: ReluSAE, layer: int, tf: TopicFeature, recipe: CalibrationRecipe, seed: int
-) -> tuple[float, float]:
-    edit = feature_edit(sae, tf.feature, 0.0)
-    return measure_ablation(model, layer, edit, tf.topic, recipe.samples, seed)
-
-
 def ablation_shares(
     model, sae: ReluSAE, layer: int, tf: TopicFeature, recipe: CalibrationRecipe
 ) -> tuple[float, float]:
     """The topic's share from a prompt on that topic, before and after ablating its feature."""
-    return _ablation(model, sae, layer, tf, recipe, REPORT_SEED)
+    edit = feature_edit(sae, tf.feature, 0.0)
+    return measure_ablation(model, layer, edit, tf.topic, recipe.samples, REPORT_SEED)

@@ -134,13 +134,24 @@ def measure(model, layer: int, edit: FeatureEdit, topic: str, n: int, seed: int)
     )
 
 
+def on_topic_share(
+    model, layer: int, edit: FeatureEdit | None, topic: str, n: int, seed: int
+) -> float:
+    """`topic`'s share of `n` completions of on_topic_prompt(topic), with `edit` (if any)
+    applied at every position."""
+    prompt = on_topic_prompt(topic)
+    if edit is None:
+        texts = sample_completions(model, prompt, n=n, seed=seed)
+    else:
+        with steering_hook(model, layer, edit, everywhere=True):
+            texts = sample_completions(model, prompt, n=n, seed=seed)
+    return topic_shares(texts, (topic,))[topic]
+
+
 def measure_ablation(
     model, layer: int, edit: FeatureEdit, topic: str, n: int, seed: int
 ) -> tuple[float, float]:
     """`topic`'s share of `n` completions of on_topic_prompt(topic), unsteered and with `edit`
     (expected to set the topic's feature to 0) applied at every position."""
-    prompt = on_topic_prompt(topic)
-    before = sample_completions(model, prompt, n=n, seed=seed)
-    with steering_hook(model, layer, edit, everywhere=True):
-        after = sample_completions(model, prompt, n=n, seed=seed)
-    return topic_shares(before, (topic,))[topic], topic_shares(after, (topic,))[topic]
+    before = on_topic_share(model, layer, None, topic, n, seed)
+    return before, on_topic_share(model, layer, edit, topic, n, seed)
