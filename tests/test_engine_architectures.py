@@ -31,6 +31,7 @@ from engine_harness import (
     chosen_logprobs,
     make_llm,
     steered_params,
+    stop_llm,
     unsteered_outputs,
 )
 from hf_reference import Edit, HFReference
@@ -85,9 +86,9 @@ def artifacts(tmp_path_factory, family):
 def llm(artifacts, family):
     dtype, eager = FAMILIES[family]
     text_only = {"limit_mm_per_prompt": {"image": 0}} if family in MULTIMODAL else {}
-    engine = make_llm(artifacts, dtype=dtype, enforce_eager=eager, **text_only)
+    engine = make_llm(artifacts, in_process=True, dtype=dtype, enforce_eager=eager, **text_only)
     yield engine
-    del engine
+    stop_llm(engine)
 
 
 def reference_dir(artifacts: Artifacts, family: str) -> Path:

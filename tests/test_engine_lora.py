@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine_harness import PROMPTS, make_llm, steered_params, tiny_artifacts
+from engine_harness import PROMPTS, make_llm, steered_params, stop_llm, tiny_artifacts
 from hf_reference import Edit, HFReference
 
 pytestmark = pytest.mark.engine
@@ -78,9 +78,9 @@ def artifacts(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lora_llm(artifacts):
-    llm = make_llm(artifacts[0], enable_lora=True, max_lora_rank=RANK, max_loras=1)
+    llm = make_llm(artifacts[0], in_process=True, enable_lora=True, max_lora_rank=RANK, max_loras=1)
     yield llm
-    del llm
+    stop_llm(llm)
 
 
 def test_steering_on_a_lora_adapter_matches_the_merged_reference(lora_llm, artifacts):

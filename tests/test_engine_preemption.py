@@ -16,6 +16,7 @@ from engine_harness import (
     make_llm,
     settled_row_stats,
     steered_params,
+    stop_llm,
     tiny_artifacts,
 )
 from hf_reference import Edit, HFReference
@@ -45,6 +46,7 @@ def artifacts(tmp_path_factory):
 def llm(artifacts, request):
     engine = make_llm(
         artifacts,
+        in_process=True,
         **ENGINE_MODES[request.param],
         num_gpu_blocks_override=KV_BLOCKS,
         block_size=32,  # the CPU attention backend needs a multiple of 32
@@ -53,7 +55,7 @@ def llm(artifacts, request):
         disable_log_stats=False,  # for vllm:num_preemptions
     )
     yield engine
-    del engine
+    stop_llm(engine)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from engine_harness import PROMPTS, chosen_logprobs, make_llm, steered_params, tiny_artifacts
+from engine_harness import (
+    PROMPTS,
+    chosen_logprobs,
+    make_llm,
+    steered_params,
+    stop_llm,
+    tiny_artifacts,
+)
 from hf_reference import Edit, HFReference
 
 pytestmark = pytest.mark.engine
@@ -32,9 +39,9 @@ def reference(artifacts):
 
 @pytest.fixture(scope="module")
 def llm(artifacts):
-    engine = make_llm(artifacts, enable_prompt_embeds=True)
+    engine = make_llm(artifacts, in_process=True, enable_prompt_embeds=True)
     yield engine
-    del engine
+    stop_llm(engine)
 
 
 def token_embeddings(artifacts, prompt: list[int]) -> torch.Tensor:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine_harness import PROMPTS, make_llm, steered_params, tiny_artifacts
+from engine_harness import PROMPTS, make_llm, steered_params, stop_llm, tiny_artifacts
 from hf_reference import Edit, HFReference
 
 pytestmark = pytest.mark.engine
@@ -36,9 +36,11 @@ def artifacts(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llm(artifacts):
-    engine = make_llm(artifacts, speculative_config=SPECULATIVE, disable_log_stats=False)
+    engine = make_llm(
+        artifacts, in_process=True, speculative_config=SPECULATIVE, disable_log_stats=False
+    )
     yield engine
-    del engine
+    stop_llm(engine)
 
 
 def accepted_draft_tokens(llm) -> int:
