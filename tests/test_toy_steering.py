@@ -21,9 +21,14 @@ MAX_TOKENS = 12
 
 @pytest.fixture(scope="module")
 def engine(toy):
-    from sae_vllm.toy.demo import start_engine
+    """The demo's engine, in this process (the demo runs it in its own process too)."""
+    from engine_harness import start_llm, stop_llm
+    from sae_vllm.toy.demo import engine_args
 
-    return start_engine(toy)
+    kwargs, config = engine_args(toy)
+    llm = start_llm(True, **kwargs)
+    yield llm, config
+    stop_llm(llm)
 
 
 def shares(llm, prompt, params) -> dict[str | None, float]:
@@ -90,7 +95,8 @@ def test_ablating_a_topic_feature_lowers_that_topics_share(toy, engine):
 
 
 def test_demo_command_prints_set_and_ablate_rows_for_every_topic(toy):
-    """`sae-vllm demo` as a user runs it: its own process and engine, the cached toy."""
+    """`sae-vllm demo` as a user runs it: its own process, its engine in that process (no
+    engine-core process logs a line), the cached toy."""
     import os
     import re
     import subprocess
@@ -103,6 +109,7 @@ def test_demo_command_prints_set_and_ablate_rows_for_every_topic(toy):
         command, capture_output=True, text=True, timeout=600, env=os.environ.copy(), check=False
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "(EngineCore pid=" not in done.stdout + done.stderr, done.stderr[-3000:]
     lines = done.stdout.splitlines()
     topics = json.loads(toy.labels_path.read_text())["topics"]
     for topic, info in topics.items():
