@@ -21,7 +21,7 @@ MAX_TOKENS = 12
 
 @pytest.fixture(scope="module")
 def engine(toy):
-    """The demo's engine, in this process (the demo runs it in its own process too)."""
+    """The demo's engine, started in this process (as `sae-vllm demo` starts it in its own)."""
     from engine_harness import start_llm, stop_llm
     from sae_vllm.toy.demo import engine_args
 
@@ -95,8 +95,8 @@ def test_ablating_a_topic_feature_lowers_that_topics_share(toy, engine):
 
 
 def test_demo_command_prints_set_and_ablate_rows_for_every_topic(toy):
-    """`sae-vllm demo` as a user runs it: its own process, its engine in that process (no
-    engine-core process logs a line), the cached toy."""
+    """`sae-vllm demo` as a user runs it: its own process, its engine started inside that
+    process (vLLM logs the engine's start from the main process), the cached toy."""
     import os
     import re
     import subprocess
@@ -109,7 +109,10 @@ def test_demo_command_prints_set_and_ablate_rows_for_every_topic(toy):
         command, capture_output=True, text=True, timeout=600, env=os.environ.copy(), check=False
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "(EngineCore pid=" not in done.stdout + done.stderr, done.stderr[-3000:]
+    log = (done.stdout + done.stderr).splitlines()
+    engine_starts = [line for line in log if "Initializing a V1 LLM engine" in line]
+    assert len(engine_starts) == 1, done.stderr[-3000:]
+    assert engine_starts[0].startswith("(MainProcess pid="), engine_starts[0][:200]
     lines = done.stdout.splitlines()
     topics = json.loads(toy.labels_path.read_text())["topics"]
     for topic, info in topics.items():
