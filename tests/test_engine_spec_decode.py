@@ -1,25 +1,32 @@
 """Steering under speculative decoding: draft tokens the target model verifies are steered like
-any other token, so outputs equal the HF float64 reference decoded one token at a time.
+any other token, so outputs equal the HF float64 reference decoded one token at a time, whatever
+proposes the drafts.
 
-The engine runs vLLM's n-gram proposer (3 draft tokens per step); the prompts repeat short
-patterns so that many drafts are proposed and accepted."""
+Three proposers, each on an engine of its own:
+- vLLM's n-gram proposer (synchronous scheduling: vLLM runs n-gram under async scheduling only
+  on GPUs); the prompts repeat short patterns so that many drafts are proposed and accepted.
+- a draft model, here the target model itself, which is not steered (the SAEs belong to the
+  target's layers): unsteered requests accept its drafts, steered ones reject those their
+  steering changes.
+- an EAGLE head (random weights, tests/tiny_model.py) that drafts from the target's last hidden
+  state, which steering has already changed; being random, it is mostly rejected.
+The draft-model and EAGLE engines run vLLM's async scheduling (its default on CUDA, where those
+proposers are the ones it supports; tests/cpu_async_scheduling.py): the engine schedules the
+next step, its drafts included, before it has the last one's output."""
 
 from __future__ import annotations
 
 import pytest
 
-from engine_harness import PROMPTS, make_llm, steered_params, stop_llm, tiny_artifacts
+from engine_harness import ENGINE_MODES, PROMPTS, make_llm, steered_params, stop_llm, tiny_artifacts
 from hf_reference import Edit, HFReference
+from tiny_model import build_tiny_eagle_head
 
 pytestmark = pytest.mark.engine
 
 MAX_TOKENS = 40
-SPECULATIVE = {
-    "method": "ngram",
-    "num_speculative_tokens": 3,
-    "prompt_lookup_min": 1,
-    "prompt_lookup_max": 3,
-}
+DRAFT_TOKENS = 3
+NGRAM = {"method": "ngram", "prompt_lookup_min": 1, "prompt_lookup_max": 3}
 CASES = [
     (("relu", 5, "set", 6.0, "generated"), [1, *([5, 6, 7, 8] * 10)]),
     (("jumprelu", 3, "add", 3.0, "all"), PROMPTS[1]),
@@ -27,6 +34,9 @@ CASES = [
     (("relu", 9, "ablate", None, "all"), PROMPTS[0]),
     (None, [1, *([20, 21] * 15)]),  # unsteered, in the same batch
 ]
+# proposer -> the least number of accepted draft tokens its batch must show (a random EAGLE head
+# is rarely right; its drafts are proposed and verified all the same)
+MIN_ACCEPTED = {"ngram": 20, "draft_model": 20, "eagle": 0}
 
 
 @pytest.fixture(scope="module")
@@ -34,21 +44,54 @@ def artifacts(tmp_path_factory):
     return tiny_artifacts(tmp_path_factory.mktemp("spec-decode"))
 
 
+def speculative_config(proposer: str, artifacts, root) -> dict:
+    if proposer == "ngram":
+        return NGRAM | {"num_speculative_tokens": DRAFT_TOKENS}
+    if proposer == "draft_model":
+        model = artifacts.model_dir
+    else:
+        model = build_tiny_eagle_head(root / "eagle", artifacts.model_dir)
+    return {"method": proposer, "model": str(model), "num_speculative_tokens": DRAFT_TOKENS}
+
+
+@pytest.fixture(scope="module", params=list(MIN_ACCEPTED))
+def proposer(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def llm(artifacts):
+def llm(proposer, artifacts, tmp_path_factory):
+    mode = ENGINE_MODES["eager" if proposer == "ngram" else "async"]
     engine = make_llm(
-        artifacts, in_process=True, speculative_config=SPECULATIVE, disable_log_stats=False
+        artifacts,
+        in_process=True,
+        speculative_config=speculative_config(proposer, artifacts, tmp_path_factory.mktemp("d")),
+        disable_log_stats=False,
+        **mode,
     )
     yield engine
     stop_llm(engine)
 
 
-def accepted_draft_tokens(llm) -> int:
-    metrics = llm.get_metrics()
-    return int(sum(m.value for m in metrics if m.name == "vllm:spec_decode_num_accepted_tokens"))
+def spec_decode_counts(llm) -> dict[str, int]:
+    """vLLM's speculative-decoding counters: draft tokens proposed and accepted so far."""
+    names = {
+        "vllm:spec_decode_num_draft_tokens": "proposed",
+        "vllm:spec_decode_num_accepted_tokens": "accepted",
+    }
+    return {names[m.name]: int(m.value) for m in llm.get_metrics() if m.name in names}
 
 
-def test_verified_draft_tokens_are_steered(llm, artifacts):
+def test_the_engine_drafts_with_its_proposer(llm, proposer):
+    config = llm.llm_engine.vllm_config
+    assert config.speculative_config.method == proposer
+    asynchronous = proposer != "ngram"
+    assert config.scheduler_config.async_scheduling is asynchronous
+    if asynchronous:  # and its worker takes the runner's async paths
+        assert llm.collective_rpc("uses_async_scheduling") == [True]
+
+
+def test_verified_draft_tokens_are_steered(llm, proposer, artifacts):
     from vllm import SamplingParams
 
     params = [
@@ -57,9 +100,11 @@ def test_verified_draft_tokens_are_steered(llm, artifacts):
         else SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
         for case, _ in CASES
     ]
-    before = accepted_draft_tokens(llm)
+    before = spec_decode_counts(llm)
     outputs = llm.generate([{"prompt_token_ids": p} for _, p in CASES], params, use_tqdm=False)
-    assert accepted_draft_tokens(llm) - before >= 20, "too few drafts accepted to test anything"
+    after = spec_decode_counts(llm)
+    assert after["proposed"] - before["proposed"] >= 20, "too few drafts to test anything"
+    assert after["accepted"] - before["accepted"] >= MIN_ACCEPTED[proposer], after
 
     reference = HFReference(artifacts.model_dir)
     for (case, prompt), output in zip(CASES, outputs, strict=True):
@@ -73,3 +118,20 @@ def test_verified_draft_tokens_are_steered(llm, artifacts):
         expected, _ = reference.greedy(prompt, MAX_TOKENS, [edit], apply_to)
         assert tokens == expected, case
         assert tokens != unsteered, f"{case}: steering has no visible effect"
+
+
+def test_unsteered_requests_accept_every_draft_of_the_unsteered_target(llm, proposer):
+    """The draft model is the target itself, which the plugin does not steer, and unsteered
+    requests run on the target as vLLM runs them: so every draft of an unsteered batch is
+    right."""
+    if proposer != "draft_model":
+        pytest.skip("only a draft model that is the target itself drafts every token right")
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    before = spec_decode_counts(llm)
+    llm.generate([{"prompt_token_ids": p} for _, p in CASES], params, use_tqdm=False)
+    after = spec_decode_counts(llm)
+    proposed = after["proposed"] - before["proposed"]
+    assert proposed >= 20
+    assert after["accepted"] - before["accepted"] == proposed

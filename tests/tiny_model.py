@@ -118,6 +118,29 @@ def build_tiny_paligemma2(directory: Path, text_dir: Path) -> Path:
     return directory
 
 
+def build_tiny_eagle_head(directory: Path, target_dir: Path, seed: int = 0) -> Path:
+    """A random-weight EAGLE draft head for the tiny Llama in `target_dir`, as vLLM's
+    `EagleLlamaForCausalLM` loads it: one decoder layer (the first has no input norm) after
+    `fc`, which maps [token embedding, the target's hidden state] to the layer's input; the
+    embedding and LM head are the target's. Its drafts are mostly rejected, being random."""
+    import transformers
+
+    directory.mkdir(parents=True, exist_ok=True)
+    config = json.loads((target_dir / "config.json").read_text())
+    config |= {"architectures": ["EagleLlamaForCausalLM"], "num_hidden_layers": 1}
+    (directory / "config.json").write_text(json.dumps(config))
+    torch.manual_seed(seed)
+    layer = transformers.models.llama.modeling_llama.LlamaDecoderLayer(_tiny_config("llama"), 0)
+    weights = {
+        f"layers.0.{name}": w.normal_(0.0, 0.08) if w.dim() == 2 else w
+        for name, w in layer.state_dict().items()
+        if not name.startswith("input_layernorm.")
+    }
+    weights["fc.weight"] = torch.randn(HIDDEN, 2 * HIDDEN) * 0.08
+    save_file(weights, directory / "model.safetensors")
+    return directory
+
+
 def _word_tokenizer(specials: dict[str, int] | None = None, **tokenizer_kwargs):
     """A whitespace word-level tokenizer over WORDS; `specials` take over the ids they name."""
     from tokenizers import Tokenizer, models, pre_tokenizers
