@@ -2,14 +2,15 @@
 any other token, so outputs equal the HF float64 reference decoded one token at a time, whatever
 proposes the drafts.
 
-Three proposers, each on an engine of its own:
+Four proposers, each on an engine of its own:
 - vLLM's n-gram proposer (synchronous scheduling: vLLM runs n-gram under async scheduling only
   on GPUs); the prompts repeat short patterns so that many drafts are proposed and accepted.
 - a draft model, here the target model itself, which is not steered (the SAEs belong to the
   target's layers): unsteered requests accept its drafts, steered ones reject those their
   steering changes.
-- an EAGLE head (random weights, tests/tiny_model.py) that drafts from the target's last hidden
-  state, which steering has already changed; being random, it is mostly rejected.
+- an EAGLE head that drafts from the target's last hidden state, and an EAGLE-3 head that
+  drafts from the outputs of its layers 0-2, both of which steering has already changed
+  (random weights, tests/tiny_model.py; being random, they are mostly rejected).
 The draft-model and EAGLE engines run vLLM's async scheduling (its default on CUDA, where those
 proposers are the ones it supports; tests/cpu_async_scheduling.py): the engine schedules the
 next step, its drafts included, before it has the last one's output."""
@@ -36,7 +37,7 @@ CASES = [
 ]
 # proposer -> the least number of accepted draft tokens its batch must show (a random EAGLE head
 # is rarely right; its drafts are proposed and verified all the same)
-MIN_ACCEPTED = {"ngram": 20, "draft_model": 20, "eagle": 0}
+MIN_ACCEPTED = {"ngram": 20, "draft_model": 20, "eagle": 0, "eagle3": 0}
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,7 @@ def speculative_config(proposer: str, artifacts, root) -> dict:
     if proposer == "draft_model":
         model = artifacts.model_dir
     else:
-        model = build_tiny_eagle_head(root / "eagle", artifacts.model_dir)
+        model = build_tiny_eagle_head(root / proposer, artifacts.model_dir, proposer)
     return {"method": proposer, "model": str(model), "num_speculative_tokens": DRAFT_TOKENS}
 
 

@@ -118,25 +118,44 @@ def build_tiny_paligemma2(directory: Path, text_dir: Path) -> Path:
     return directory
 
 
-def build_tiny_eagle_head(directory: Path, target_dir: Path, seed: int = 0) -> Path:
-    """A random-weight EAGLE draft head for the tiny Llama in `target_dir`, as vLLM's
-    `EagleLlamaForCausalLM` loads it: one decoder layer (the first has no input norm) after
-    `fc`, which maps [token embedding, the target's hidden state] to the layer's input; the
-    embedding and LM head are the target's. Its drafts are mostly rejected, being random."""
+def build_tiny_eagle_head(directory: Path, target_dir: Path, method: str, seed: int = 0) -> Path:
+    """A random-weight draft head for the tiny Llama in `target_dir`, as vLLM loads it for
+    `method`. "eagle" (`EagleLlamaForCausalLM`): one decoder layer without its input norm after
+    `fc`, which maps [token embedding, the target's last hidden state] to the layer's input; the
+    embedding and LM head are the target's. "eagle3" (`Eagle3LlamaForCausalLM`): `fc` maps the
+    outputs of the target's layers 0-2 to one hidden state, and one decoder layer attends over
+    [normed embedding, normed hidden state], with a norm and an LM head of its own. Random,
+    their drafts are mostly rejected."""
     import transformers
 
     directory.mkdir(parents=True, exist_ok=True)
+    architecture = {"eagle": "EagleLlamaForCausalLM", "eagle3": "Eagle3LlamaForCausalLM"}[method]
     config = json.loads((target_dir / "config.json").read_text())
-    config |= {"architectures": ["EagleLlamaForCausalLM"], "num_hidden_layers": 1}
+    config |= {"architectures": [architecture], "num_hidden_layers": 1}
+    if method == "eagle3":  # the outputs of layers 0-2 (vLLM's default picks are for deep models)
+        config["eagle_aux_hidden_state_layer_ids"] = [1, 2, 3]
     (directory / "config.json").write_text(json.dumps(config))
     torch.manual_seed(seed)
     layer = transformers.models.llama.modeling_llama.LlamaDecoderLayer(_tiny_config("llama"), 0)
-    weights = {
-        f"layers.0.{name}": w.normal_(0.0, 0.08) if w.dim() == 2 else w
-        for name, w in layer.state_dict().items()
-        if not name.startswith("input_layernorm.")
+    layer_weights = {
+        name: w.normal_(0.0, 0.08) if w.dim() == 2 else w for name, w in layer.state_dict().items()
     }
-    weights["fc.weight"] = torch.randn(HIDDEN, 2 * HIDDEN) * 0.08
+    if method == "eagle":
+        weights = {
+            f"layers.0.{name}": w
+            for name, w in layer_weights.items()
+            if not name.startswith("input_layernorm.")
+        }
+        weights["fc.weight"] = torch.randn(HIDDEN, 2 * HIDDEN) * 0.08
+    else:
+        for projection in ("q_proj", "k_proj", "v_proj"):  # they read [embedding, hidden state]
+            name = f"self_attn.{projection}.weight"
+            layer_weights[name] = torch.randn(layer_weights[name].shape[0], 2 * HIDDEN) * 0.08
+        weights = {f"midlayer.{name}": w for name, w in layer_weights.items()}
+        weights["midlayer.hidden_norm.weight"] = torch.ones(HIDDEN)
+        weights["fc.weight"] = torch.randn(HIDDEN, 3 * HIDDEN) * 0.08
+        weights["norm.weight"] = torch.ones(HIDDEN)
+        weights["lm_head.weight"] = torch.randn(VOCAB, HIDDEN) * 0.08
     save_file(weights, directory / "model.safetensors")
     return directory
 
