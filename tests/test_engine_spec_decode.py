@@ -2,26 +2,32 @@
 any other token, so outputs equal the HF float64 reference decoded one token at a time, whatever
 proposes the drafts.
 
-Four proposers, each on an engine of its own:
+Five proposers, each on an engine of its own:
 - vLLM's n-gram proposer (synchronous scheduling: vLLM runs n-gram under async scheduling only
   on GPUs); the prompts repeat short patterns so that many drafts are proposed and accepted.
 - a draft model, here the target model itself, which is not steered (the SAEs belong to the
   target's layers): unsteered requests accept its drafts, steered ones reject those their
   steering changes.
 - an EAGLE head that drafts from the target's last hidden state, and an EAGLE-3 head that
-  drafts from the outputs of its layers 0-2, both of which steering has already changed
-  (random weights, tests/tiny_model.py; being random, they are mostly rejected).
-The draft-model and EAGLE engines run vLLM's async scheduling (its default on CUDA, where those
+  drafts from the outputs of its layers 0-2, both of which steering has already changed.
+- multi-token prediction: a GLM-4.5-style MoE target whose checkpoint holds an MTP layer, which
+  drafts from the target's last hidden state (this engine serves that model, not the Llama).
+The EAGLE heads and the MTP layer have random weights (tests/tiny_model.py), so the target
+rejects most of their drafts: they show those proposers running beside steering; the n-gram
+proposer and the draft model show accepted drafts steered.
+All but the n-gram engine run vLLM's async scheduling (its default on CUDA, where those
 proposers are the ones it supports; tests/cpu_async_scheduling.py): the engine schedules the
 next step, its drafts included, before it has the last one's output."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from engine_harness import ENGINE_MODES, PROMPTS, make_llm, steered_params, stop_llm, tiny_artifacts
 from hf_reference import Edit, HFReference
-from tiny_model import build_tiny_eagle_head
+from tiny_model import build_tiny_eagle_head, build_tiny_glm4_moe_with_mtp
 
 pytestmark = pytest.mark.engine
 
@@ -31,28 +37,18 @@ NGRAM = {"method": "ngram", "prompt_lookup_min": 1, "prompt_lookup_max": 3}
 CASES = [
     (("relu", 5, "set", 6.0, "generated"), [1, *([5, 6, 7, 8] * 10)]),
     (("jumprelu", 3, "add", 3.0, "all"), PROMPTS[1]),
-    (("topk", 7, "scale", 2.0, "prompt"), [1, *([9, 10, 11] * 12)]),
+    (("topk", 1, "scale", 3.0, "prompt"), [1, *([9, 10, 11] * 12)]),
     (("relu", 9, "ablate", None, "all"), PROMPTS[0]),
     (None, [1, *([20, 21] * 15)]),  # unsteered, in the same batch
 ]
-# proposer -> the least number of accepted draft tokens its batch must show (a random EAGLE head
-# is rarely right; its drafts are proposed and verified all the same)
-MIN_ACCEPTED = {"ngram": 20, "draft_model": 20, "eagle": 0, "eagle3": 0}
+# proposer -> the least number of accepted draft tokens its batch must show (random drafters are
+# rarely right; their drafts are proposed and verified all the same)
+MIN_ACCEPTED = {"ngram": 20, "draft_model": 20, "eagle": 0, "eagle3": 0, "mtp": 0}
 
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory):
     return tiny_artifacts(tmp_path_factory.mktemp("spec-decode"))
-
-
-def speculative_config(proposer: str, artifacts, root) -> dict:
-    if proposer == "ngram":
-        return NGRAM | {"num_speculative_tokens": DRAFT_TOKENS}
-    if proposer == "draft_model":
-        model = artifacts.model_dir
-    else:
-        model = build_tiny_eagle_head(root / proposer, artifacts.model_dir, proposer)
-    return {"method": proposer, "model": str(model), "num_speculative_tokens": DRAFT_TOKENS}
 
 
 @pytest.fixture(scope="module", params=list(MIN_ACCEPTED))
@@ -61,12 +57,31 @@ def proposer(request):
 
 
 @pytest.fixture(scope="module")
-def llm(proposer, artifacts, tmp_path_factory):
+def target(proposer, artifacts, tmp_path_factory) -> Path:
+    """The model the engine serves: the tiny Llama, or for `mtp` one with an MTP layer."""
+    if proposer == "mtp":
+        return build_tiny_glm4_moe_with_mtp(tmp_path_factory.mktemp("glm4-moe-mtp"))
+    return artifacts.model_dir
+
+
+def speculative_config(proposer: str, target: Path, root: Path) -> dict:
+    if proposer == "ngram":
+        return NGRAM | {"num_speculative_tokens": DRAFT_TOKENS}
+    if proposer == "mtp":  # the checkpoint's own MTP layer drafts one token a step
+        return {"method": "mtp", "num_speculative_tokens": 1}
+    model = target if proposer == "draft_model" else build_tiny_eagle_head(root, target, proposer)
+    return {"method": proposer, "model": str(model), "num_speculative_tokens": DRAFT_TOKENS}
+
+
+@pytest.fixture(scope="module")
+def llm(proposer, target, artifacts, tmp_path_factory):
     mode = ENGINE_MODES["eager" if proposer == "ngram" else "async"]
+    drafter_dir = tmp_path_factory.mktemp("drafter")
     engine = make_llm(
         artifacts,
         in_process=True,
-        speculative_config=speculative_config(proposer, artifacts, tmp_path_factory.mktemp("d")),
+        model=str(target),
+        speculative_config=speculative_config(proposer, target, drafter_dir),
         disable_log_stats=False,
         **mode,
     )
@@ -92,7 +107,7 @@ def test_the_engine_drafts_with_its_proposer(llm, proposer):
         assert llm.collective_rpc("uses_async_scheduling") == [True]
 
 
-def test_verified_draft_tokens_are_steered(llm, proposer, artifacts):
+def test_verified_draft_tokens_are_steered(llm, proposer, target, artifacts):
     from vllm import SamplingParams
 
     params = [
@@ -107,7 +122,7 @@ def test_verified_draft_tokens_are_steered(llm, proposer, artifacts):
     assert after["proposed"] - before["proposed"] >= 20, "too few drafts to test anything"
     assert after["accepted"] - before["accepted"] >= MIN_ACCEPTED[proposer], after
 
-    reference = HFReference(artifacts.model_dir)
+    reference = HFReference(target)
     for (case, prompt), output in zip(CASES, outputs, strict=True):
         tokens = list(output.outputs[0].token_ids)
         unsteered, _ = reference.greedy(prompt, MAX_TOKENS, [], "generated")

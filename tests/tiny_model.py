@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 HIDDEN = 128
 LAYERS = 4
@@ -39,6 +40,18 @@ def _tiny_config(family: str):
         "gemma3": lambda: transformers.Gemma3TextConfig(**decoder | gemma),
         "qwen3_moe": lambda: transformers.Qwen3MoeConfig(
             **decoder, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64
+        ),
+        "glm4_moe": lambda: transformers.Glm4MoeConfig(
+            **decoder,
+            moe_intermediate_size=64,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            n_group=1,
+            topk_group=1,
+            partial_rotary_factor=0.5,
+            num_nextn_predict_layers=1,
         ),
         "gpt2": lambda: transformers.GPT2Config(
             **shared, n_embd=HIDDEN, n_layer=LAYERS, n_head=2, n_positions=512, n_inner=256
@@ -157,6 +170,40 @@ def build_tiny_eagle_head(directory: Path, target_dir: Path, method: str, seed: 
         weights["norm.weight"] = torch.ones(HIDDEN)
         weights["lm_head.weight"] = torch.randn(VOCAB, HIDDEN) * 0.08
     save_file(weights, directory / "model.safetensors")
+    return directory
+
+
+def build_tiny_glm4_moe_with_mtp(directory: Path, seed: int = 0) -> Path:
+    """A 4-layer GLM-4.5-style MoE model (layer 0 dense, then 4 routed experts and a shared one)
+    whose checkpoint also holds one multi-token-prediction layer, `model.layers.4`, as GLM-4.5's
+    releases do: an MoE decoder layer after `eh_proj`, which maps [normed token embedding, normed
+    hidden state] to its input, with the model's LM head. vLLM's `mtp` proposer drafts with it;
+    HF, like vLLM's target, ignores that layer. Random, its drafts are mostly rejected."""
+    import transformers
+
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    config = _tiny_config("glm4_moe")
+    config.num_hidden_layers = LAYERS + 1  # the MTP layer's weights come from a fifth layer
+    config.torch_dtype = "float32"
+    model = transformers.Glm4MoeForCausalLM(config)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() >= 2:
+                param.normal_(0.0, 0.08)
+    with tempfile.TemporaryDirectory() as saved:  # in the released layout: experts one by one
+        model.save_pretrained(saved, safe_serialization=True)
+        weights = {}
+        for shard in Path(saved).glob("*.safetensors"):
+            weights |= load_file(shard)
+    mtp = f"model.layers.{LAYERS}"
+    weights[f"{mtp}.eh_proj.weight"] = torch.randn(HIDDEN, 2 * HIDDEN) * 0.08
+    for norm in ("enorm", "hnorm", "shared_head.norm"):
+        weights[f"{mtp}.{norm}.weight"] = torch.ones(HIDDEN)
+    config.num_hidden_layers = LAYERS
+    config.save_pretrained(directory)
+    save_file(weights, directory / "model.safetensors", metadata={"format": "pt"})
+    _word_tokenizer().save_pretrained(directory)
     return directory
 
 
