@@ -21,12 +21,14 @@ next step, its drafts included, before it has the last one's output."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
 
 from engine_harness import ENGINE_MODES, PROMPTS, make_llm, steered_params, stop_llm, tiny_artifacts
 from hf_reference import Edit, HFReference
+from sae_vllm import LOGGER_NAME
 from tiny_model import build_tiny_eagle_head, build_tiny_glm4_moe_with_mtp
 
 pytestmark = pytest.mark.engine
@@ -73,20 +75,44 @@ def speculative_config(proposer: str, target: Path, root: Path) -> dict:
     return {"method": proposer, "model": str(model), "num_speculative_tokens": DRAFT_TOKENS}
 
 
+class _Messages(logging.Filter):
+    """Collects the messages of the records a logger handles. A filter, not a handler: vLLM's
+    logging setup, run as an engine starts, empties the handlers of its loggers' children."""
+
+    def __init__(self):
+        super().__init__()
+        self.messages: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.messages.append(record.getMessage())
+        return True
+
+
 @pytest.fixture(scope="module")
-def llm(proposer, target, artifacts, tmp_path_factory):
+def started(proposer, target, artifacts, tmp_path_factory):
+    """The engine, and what sae-vllm logged while it started (in this process: in-process)."""
     mode = ENGINE_MODES["eager" if proposer == "ngram" else "async"]
     drafter_dir = tmp_path_factory.mktemp("drafter")
-    engine = make_llm(
-        artifacts,
-        in_process=True,
-        model=str(target),
-        speculative_config=speculative_config(proposer, target, drafter_dir),
-        disable_log_stats=False,
-        **mode,
-    )
-    yield engine
+    log = _Messages()
+    logging.getLogger(LOGGER_NAME).addFilter(log)
+    try:
+        engine = make_llm(
+            artifacts,
+            in_process=True,
+            model=str(target),
+            speculative_config=speculative_config(proposer, target, drafter_dir),
+            disable_log_stats=False,
+            **mode,
+        )
+    finally:
+        logging.getLogger(LOGGER_NAME).removeFilter(log)
+    yield engine, log.messages
     stop_llm(engine)
+
+
+@pytest.fixture(scope="module")
+def llm(started):
+    return started[0]
 
 
 def spec_decode_counts(llm) -> dict[str, int]:
@@ -105,6 +131,15 @@ def test_the_engine_drafts_with_its_proposer(llm, proposer):
     assert config.scheduler_config.async_scheduling is asynchronous
     if asynchronous:  # and its worker takes the runner's async paths
         assert llm.collective_rpc("uses_async_scheduling") == [True]
+
+
+def test_the_log_says_when_the_drafter_is_not_steered(started, proposer):
+    """A draft model runs unsteered beside a steered target, and the startup log says so;
+    drafters that read the target's (steered) hidden states do not get that line."""
+    messages = started[1]
+    assert any("steers the residual stream after layer 1" in m for m in messages)  # captured
+    unsteered_drafter = [m for m in messages if "the draft model is not steered" in m]
+    assert len(unsteered_drafter) == (1 if proposer == "draft_model" else 0)
 
 
 def test_verified_draft_tokens_are_steered(llm, proposer, target, artifacts):

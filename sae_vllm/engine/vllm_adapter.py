@@ -285,6 +285,13 @@ def runner_info(runner: Any) -> RunnerInfo:
     )
 
 
+def speculative_method(runner: Any) -> str | None:
+    """The engine's speculative-decoding method ("ngram", "draft_model", "eagle", "mtp", ...),
+    None without speculative decoding."""
+    config = runner.vllm_config.speculative_config
+    return None if config is None else config.method
+
+
 def decoder_layers(runner: Any, num_layers: int) -> nn.ModuleList:
     """The model's list of decoder layers (`model.layers` for Llama-style, `transformer.h` for
     GPT-2-style models)."""

@@ -94,6 +94,13 @@ class WorkerSteering:
         # Against every configured SAE, not only this rank's: under pipeline parallelism a spec
         # may also edit SAEs another rank holds, and this rank still steers its own.
         self.resolver = config_resolver(config)
+        if vllm.speculative_method(runner) == "draft_model":
+            # Outputs stay exact (the target verifies every draft); only the acceptance rate
+            # of steered requests drops, which a user tuning speculative decoding should know.
+            logger.info(
+                "sae-vllm: the draft model is not steered (the SAEs edit the target's layers), "
+                "so steered requests accept fewer of its drafts"
+            )
         if info.device.type == "cpu":  # compile the CPU op's loop now, not in the first step
             warm_up_cpu_path(info.dtype)
 
