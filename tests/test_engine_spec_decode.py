@@ -90,7 +90,7 @@ class _Messages(logging.Filter):
 
 @pytest.fixture(scope="module")
 def started(proposer, target, artifacts, tmp_path_factory):
-    """The engine, and what sae-vllm logged while it started (in this process: in-process)."""
+    """The engine, and what sae-vllm logged while it started (its worker runs in this process)."""
     mode = ENGINE_MODES["eager" if proposer == "ngram" else "async"]
     drafter_dir = tmp_path_factory.mktemp("drafter")
     log = _Messages()
