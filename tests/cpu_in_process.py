@@ -18,7 +18,8 @@ from typing import Any
 from vllm import envs
 from vllm.platforms.cpu import CpuPlatform
 
-_MULTIPROCESSING = "VLLM_ENABLE_V1_MULTIPROCESSING"
+from sae_vllm.engine.vllm_adapter import MULTIPROCESSING_ENV
+
 _override_triton_kernels = CpuPlatform.register_triton_kernel_overrides.__func__
 _kernels_overridden = False
 
@@ -43,15 +44,15 @@ def _override_triton_kernels_once(cls) -> None:
 def start_in_process(llm_class: type, **kwargs: Any) -> Any:
     """llm_class(**kwargs) (vLLM's LLM) with its engine core, and a single rank's worker, here."""
     CpuPlatform.register_triton_kernel_overrides = classmethod(_override_triton_kernels_once)
-    saved = os.environ.get(_MULTIPROCESSING)
-    os.environ[_MULTIPROCESSING] = "0"  # read while the engine starts; later engines choose anew
+    saved = os.environ.get(MULTIPROCESSING_ENV)
+    os.environ[MULTIPROCESSING_ENV] = "0"  # read while the engine starts; later engines choose anew
     try:
         llm = llm_class(**kwargs)
     finally:
         if saved is None:
-            del os.environ[_MULTIPROCESSING]
+            del os.environ[MULTIPROCESSING_ENV]
         else:
-            os.environ[_MULTIPROCESSING] = saved
+            os.environ[MULTIPROCESSING_ENV] = saved
     envs.disable_envs_cache()  # later engines here read the environment as it is then
     gc.unfreeze()  # so that a stopped engine's memory is freed
     return llm

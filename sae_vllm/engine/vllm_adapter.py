@@ -22,6 +22,8 @@ logger = logging.getLogger(LOGGER_NAME)
 SUPPORTED_VLLM = "0.32."
 RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
 RUST_FRONTEND_ENV = "VLLM_USE_RUST_FRONTEND"
+# "0": vLLM runs an offline LLM's engine core and its single worker in the caller's process.
+MULTIPROCESSING_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
 # Imported by every process that runs vLLM's OpenAI layer (`vllm serve`, `vllm run-batch`,
 # `python -m vllm.entrypoints.openai.api_server`) before it loads plugins; never by engines.
 OPENAI_FRONTEND_MODULE = "vllm.entrypoints.launchers.api_server.entry"

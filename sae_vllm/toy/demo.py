@@ -8,7 +8,6 @@ import os
 from typing import Any
 
 NEUTRAL_PROMPT = "i think that"
-MULTIPROCESSING_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
 
 
 def engine_args(toy) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -67,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # The demo's one engine runs in this process: on CPU vLLM's engine-core and worker
     # processes, each importing vLLM, made a run take 46-47 s instead of 16-22 s.
+    from sae_vllm.engine.vllm_adapter import MULTIPROCESSING_ENV
+
     os.environ.setdefault(MULTIPROCESSING_ENV, "0")
 
     from vllm import SamplingParams
