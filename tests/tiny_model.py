@@ -70,6 +70,16 @@ CAUSAL_LM_CLASSES = {
 }
 
 
+def _spread_weights(module: torch.nn.Module, expert_stacks: bool = False) -> None:
+    """Redraw the module's weight matrices, and with `expert_stacks` its 3-D stacks of expert
+    matrices, from N(0, 0.08): larger weights than the default init make greedy decoding varied."""
+    dims = (2, 3) if expert_stacks else (2,)
+    with torch.no_grad():
+        for param in module.parameters():
+            if param.dim() in dims:
+                param.normal_(0.0, 0.08)
+
+
 def build_tiny_llama(directory: Path, seed: int = 0) -> Path:
     """A 4-layer Llama (hidden 128, head_dim 64) with a word-level tokenizer."""
     return build_tiny_model(directory, "llama", seed)
@@ -84,10 +94,7 @@ def build_tiny_model(directory: Path, family: str, seed: int = 0) -> Path:
     config = _tiny_config(family)
     config.torch_dtype = "float32"
     model = getattr(transformers, CAUSAL_LM_CLASSES[family])(config)
-    with torch.no_grad():  # larger weights than the default init make greedy decoding varied
-        for param in model.parameters():
-            if param.dim() == 2:
-                param.normal_(0.0, 0.08)
+    _spread_weights(model)
     model.save_pretrained(directory, safe_serialization=True)
     _word_tokenizer().save_pretrained(directory)
     return directory
@@ -150,9 +157,8 @@ def build_tiny_eagle_head(directory: Path, target_dir: Path, method: str, seed: 
     (directory / "config.json").write_text(json.dumps(config))
     torch.manual_seed(seed)
     layer = transformers.models.llama.modeling_llama.LlamaDecoderLayer(_tiny_config("llama"), 0)
-    layer_weights = {
-        name: w.normal_(0.0, 0.08) if w.dim() == 2 else w for name, w in layer.state_dict().items()
-    }
+    _spread_weights(layer)
+    layer_weights = layer.state_dict()
     if method == "eagle":
         weights = {
             f"layers.0.{name}": w
@@ -187,10 +193,7 @@ def build_tiny_glm4_moe_with_mtp(directory: Path, seed: int = 0) -> Path:
     config.num_hidden_layers = LAYERS + 1  # the MTP layer's weights come from a fifth layer
     config.torch_dtype = "float32"
     model = transformers.Glm4MoeForCausalLM(config)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() >= 2:
-                param.normal_(0.0, 0.08)
+    _spread_weights(model, expert_stacks=True)
     with tempfile.TemporaryDirectory() as saved:  # in the released layout: experts one by one
         model.save_pretrained(saved, safe_serialization=True)
         weights = {}
