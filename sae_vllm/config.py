@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
-from .spec import DEFAULT_MAX_ABS_VALUE, DEFAULT_MAX_EDITS, SpecLimits
+from .spec import DEFAULT_MAX_ABS_VALUE, DEFAULT_MAX_EDITS, SpecLimits, SteeringSpec
 
 CONFIG_KEY = "sae_steering"
 EXTRA_ARGS_KEY = "sae_steering"
@@ -32,6 +32,13 @@ class SAEEntry(BaseModel):
     labels: str | None = None
 
 
+# A steering variant's name: what a client puts in a request's `model` (vLLM's model names may
+# hold slashes, as in "org/model", so variant names may too).
+VariantName = Annotated[
+    str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:/-]+$")
+]
+
+
 class SteeringConfig(BaseModel):
     """Everything the plugin needs to steer; its presence in additional_config switches it on."""
 
@@ -40,6 +47,9 @@ class SteeringConfig(BaseModel):
     saes: list[SAEEntry] = Field(min_length=1)
     max_edits: int = Field(default=DEFAULT_MAX_EDITS, ge=1, le=256)
     max_abs_value: float = Field(default=DEFAULT_MAX_ABS_VALUE, gt=0)
+    # Served model names that steer every request sent to them with a fixed spec (the HTTP
+    # server lists them in /v1/models); checked against the SAEs when the server starts.
+    variants: dict[VariantName, SteeringSpec] = Field(default_factory=dict)
 
     @field_validator("saes")
     @classmethod

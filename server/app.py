@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from typing import Any
 
@@ -12,10 +13,10 @@ from sae_vllm import LOGGER_NAME
 from sae_vllm.config import SteeringConfig, steering_config_from
 from sae_vllm.spec import SpecLimits
 
-from . import vllm_app
+from . import metrics, vllm_app
 from .registry import SAERegistry
 from .routes import REGISTRY_STATE, router
-from .steering import SteeringGate
+from .steering import SteeringGate, resolve_variants
 from .steering_elsewhere import RefuseSteeringElsewhere
 
 logger = logging.getLogger(LOGGER_NAME + ".server")
@@ -25,14 +26,25 @@ logger = logging.getLogger(LOGGER_NAME + ".server")
 PREPARED_STATE_ARG = "_sae_vllm_prepared_state"
 
 
-def steering_gate(config: SteeringConfig | None, registry: SAERegistry) -> SteeringGate:
-    """The gate that admits specs against the registry's SAEs, within the config's limits."""
-    if config is not None:  # warm the plugin's own size cache (it re-checks specs in this process)
-        from sae_vllm.engine.sae_sizes import sae_sizes
+def steering_gate(
+    config: SteeringConfig | None, registry: SAERegistry, args: argparse.Namespace
+) -> SteeringGate:
+    """The gate that admits specs against the registry's SAEs, within the config's limits, and
+    the config's steering variants of the model `args` serve."""
+    if config is None:
+        return SteeringGate(registry.sizes(), SpecLimits())
+    from sae_vllm.engine.sae_sizes import sae_sizes
 
-        sae_sizes(config)
-    limits = config.limits if config is not None else SpecLimits()
-    return SteeringGate(registry.sizes(), limits)
+    sae_sizes(config)  # warm the plugin's own size cache (it re-checks specs in this process)
+    served = vllm_app.served_model_names(args)
+    variants = resolve_variants(
+        config.variants,
+        served[0],
+        [*served, *vllm_app.lora_adapter_names(args)],
+        registry.sizes(),
+        config.limits,
+    )
+    return SteeringGate(registry.sizes(), config.limits, variants)
 
 
 def customize(app: FastAPI, registry: SAERegistry, gate: SteeringGate) -> bool:
@@ -44,6 +56,10 @@ def customize(app: FastAPI, registry: SAERegistry, gate: SteeringGate) -> bool:
         (vllm_app.INVOCATIONS_PATH,) if vllm_app.serves_sagemaker_invocations(app) else ()
     )
     app.include_router(router)
+    if steered_paths and gate.variants:
+        cards = {name: (v.model, json.loads(v.spec)) for name, v in gate.variants.items()}
+        vllm_app.list_steering_variants(app, cards)
+        metrics.export_variants(gate.variants)
     if app.middleware_stack is None:
         app.add_middleware(
             RefuseSteeringElsewhere, steered_paths=steered_paths, self_checked_paths=self_checked
@@ -65,10 +81,14 @@ def _customize_built_app(app: FastAPI, args: argparse.Namespace, model_config: A
             registry.check_model(
                 model_config.get_hidden_size(), model_config.get_total_num_hidden_layers()
             )
-        state = (registry, steering_gate(config, registry))
+        state = (registry, steering_gate(config, registry, args))
     served = ", ".join(state[0].sizes()) or "none configured"
     if customize(app, *state):
         logger.info("sae-vllm: the steering API is on (SAEs: %s)", served)
+        for name, variant in state[1].variants.items():
+            logger.info(
+                "sae-vllm: model '%s' is '%s' steered with %s", name, variant.model, variant.spec
+            )
     else:
         logger.info("sae-vllm: the model does not generate; steering is refused (SAEs: %s)", served)
 

@@ -49,6 +49,17 @@ def _toy_sae_entry(toy: Any) -> dict[str, Any]:
     return entry
 
 
+def _toy_variants(toy: Any, served_name: str) -> list[tuple[str, dict[str, Any]]]:
+    """One steering variant per topic of the toy, `<served name>-<topic>`: the topic's feature
+    set to its recommended value (the build measured both)."""
+    variants = []
+    for topic, info in toy.topics.items():
+        value = info["steering_value"]
+        edit = {"sae": toy.sae_id, "feature": info["feature"], "op": "set", "value": value}
+        variants.append((f"{served_name}-{topic}", {"edits": [edit]}))
+    return variants
+
+
 def prepare(args: argparse.Namespace) -> None:
     """Resolve the model and SAEs, merge the steering config into args.additional_config and
     check everything that can be checked before the engine starts; the SAE registry and the
@@ -57,6 +68,7 @@ def prepare(args: argparse.Namespace) -> None:
 
     vllm_app.finish_args(args)
     saes = list(args.sae)
+    variants = list(args.steering_variant)
     kv_cache_bytes = None
     if args.model is None:
         toy = _toy_artifacts()
@@ -64,10 +76,13 @@ def prepare(args: argparse.Namespace) -> None:
         saes.insert(0, _toy_sae_entry(toy))
         if args.served_model_name is None:
             args.served_model_name = [TOY_SERVED_NAME]
+        given = {name for name, _ in variants}  # a variant the user names replaces the toy's
+        toy_variants = _toy_variants(toy, args.served_model_name[0])
+        variants[:0] = [(name, spec) for name, spec in toy_variants if name not in given]
         kv_cache_bytes = TOY_KV_CACHE_BYTES
     vllm_app.set_memory_default(args, kv_cache_bytes)
     args.additional_config, config = steering_additional_config(
-        args.additional_config, saes, args.sae_labels, args.max_edits
+        args.additional_config, saes, args.sae_labels, args.max_edits, variants
     )
     if config is None:
         logger.warning("sae-vllm serve: no SAE configured; requests cannot steer")
@@ -77,7 +92,7 @@ def prepare(args: argparse.Namespace) -> None:
     except Exception as exc:  # vLLM's own message for an unusable model
         raise StartupError(f"model {args.model}: {exc}") from None
     registry.check_model(hidden_size, num_layers)
-    setattr(args, app.PREPARED_STATE_ARG, (registry, app.steering_gate(config, registry)))
+    setattr(args, app.PREPARED_STATE_ARG, (registry, app.steering_gate(config, registry, args)))
 
 
 def _line(exc: BaseException) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import Counter, Histogram
 
 from .rejections import REASONS
@@ -23,6 +25,11 @@ EDITS = Histogram(
     "Feature edits per steered request.",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 1024),
 )
+VARIANT = Counter(
+    "sae_steering_variant_requests",
+    "Requests admitted to a steering variant (a served model name with its own spec).",
+    ["variant"],
+)
 REJECTED = Counter(
     "sae_steering_rejected_specs",
     "Steering specs refused with HTTP 400, by reason.",
@@ -39,6 +46,16 @@ for _reason in REASONS:
 def record_steered(endpoint: str, edits: int) -> None:
     STEERED.labels(endpoint=endpoint).inc()
     EDITS.observe(edits)
+
+
+def record_variant(variant: str) -> None:
+    VARIANT.labels(variant=variant).inc()
+
+
+def export_variants(variants: Iterable[str]) -> None:
+    """Export the variants' counters at zero, before their first request."""
+    for variant in variants:
+        VARIANT.labels(variant=variant)
 
 
 def record_unsteered(endpoint: str) -> None:

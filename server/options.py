@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,27 @@ def labels_argument(text: str) -> tuple[str, str]:
     return sae_id, str(Path(path).expanduser().absolute())
 
 
+def variant_argument(text: str) -> tuple[str, Any]:
+    """`NAME=SPEC` -> (variant name, spec as parsed JSON); SPEC is the JSON text of a steering
+    spec or the path of a file holding it (validated when the server starts)."""
+    name, sep, spec = text.partition("=")
+    if not sep or not name or not spec:
+        raise argparse.ArgumentTypeError(f"expected NAME=SPEC (JSON or a file), got {text!r}")
+    source = "JSON"
+    if not spec.lstrip().startswith("{"):
+        source = str(Path(spec).expanduser())
+        try:
+            spec = Path(source).read_text()
+        except OSError as exc:
+            message = f"variant '{name}': {exc.strerror}: {source}"
+            raise argparse.ArgumentTypeError(message) from None
+    try:
+        return name, json.loads(spec)
+    except ValueError as exc:
+        message = f"variant '{name}': {source} is not valid JSON: {exc}"
+        raise argparse.ArgumentTypeError(message) from None
+
+
 def add_steering_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("SAE steering (sae-vllm)")
     group.add_argument(
@@ -61,6 +84,16 @@ def add_steering_options(parser: argparse.ArgumentParser) -> None:
         help="A feature-labels JSON for the SAE ID (default: labels.json in the SAE folder).",
     )
     group.add_argument(
+        "--steering-variant",
+        action="append",
+        default=[],
+        type=variant_argument,
+        metavar="NAME=SPEC",
+        help="A served model name that steers every request sent to it with SPEC, a steering "
+        "spec as JSON or the path of a .json file holding one (repeatable). Listed in "
+        "/v1/models; clients pick it as their model, no `steering` field needed.",
+    )
+    group.add_argument(
         "--max-edits",
         type=int,
         default=None,
@@ -80,6 +113,7 @@ def steering_additional_config(
     saes: list[dict[str, Any]],
     labels: list[tuple[str, str]],
     max_edits: int | None,
+    variants: Sequence[tuple[str, Any]] = (),
 ) -> tuple[dict[str, Any], SteeringConfig | None]:
     """Merge the steering options into a user's --additional-config; returns the merged
     additional_config and the validated steering config (None when no SAE is configured)."""
@@ -93,6 +127,13 @@ def steering_additional_config(
         by_id[sae_id]["labels"] = path
     if max_edits is not None:
         section["max_edits"] = max_edits
+    if variants:
+        merged = dict(section.get("variants") or {})
+        for name, spec in variants:
+            if name in merged:
+                raise StartupError(f"steering variant '{name}' is given twice")
+            merged[name] = spec
+        section["variants"] = merged
     if not entries:
         if section:
             raise StartupError("steering options given, but no SAE: add --sae ID=PATH[@LAYER]")

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from http import HTTPStatus
-from typing import Any
+from typing import Any, NamedTuple
 
 from fastapi.responses import JSONResponse
 
 from sae_vllm.config import EXTRA_ARGS_KEY
 from sae_vllm.resolved_specs import ResolvedSpec, SpecResolver, resolver_for
-from sae_vllm.spec import SpecLimits, SteeringSpecError
+from sae_vllm.spec import SpecLimits, SteeringSpec, SteeringSpecError
 
 from . import metrics, rejections
-from .errors import error_response_for
+from .errors import StartupError, error_response_for
 
 STEERING_FIELD = "steering"
 # On every successful response of a steered route: what the server handed the engine, so a
@@ -59,12 +59,25 @@ def check_placement(steering: Any, xargs_spec: Any, extra_body: Any) -> None:
         )
 
 
+class ResolvedVariant(NamedTuple):
+    """A steering variant as the gate keeps it: the served model it steers and its spec."""
+
+    model: str
+    spec: str  # the resolved spec's wire text
+
+
 class SteeringGate:
     """Admits a request's steering (resolved against the registered SAEs) or refuses it."""
 
-    def __init__(self, sae_sizes: Mapping[str, int], limits: SpecLimits):
+    def __init__(
+        self,
+        sae_sizes: Mapping[str, int],
+        limits: SpecLimits,
+        variants: Mapping[str, ResolvedVariant] | None = None,
+    ):
         self.sae_sizes = dict(sae_sizes)
         self.limits = limits
+        self.variants = dict(variants or {})  # by name (see `resolve_variants`)
 
     @property
     def resolver(self) -> SpecResolver:
@@ -72,8 +85,17 @@ class SteeringGate:
         server process; a resolver holds a lock and stays in its process)."""
         return resolver_for(self.sae_sizes, self.limits)
 
+    def variant_named(self, model: Any) -> ResolvedVariant | None:
+        """The steering variant a request's `model` names, if it names one."""
+        return self.variants.get(model) if isinstance(model, str) else None
+
     def admit(
-        self, endpoint: str, steering: Any, xargs_spec: Any = None, extra_body: Any = None
+        self,
+        endpoint: str,
+        steering: Any,
+        xargs_spec: Any = None,
+        extra_body: Any = None,
+        variant: str | None = None,
     ) -> str | None:
         """The resolved spec's wire text to hand the engine (None when unsteered); raises
         Rejection.
@@ -81,9 +103,10 @@ class SteeringGate:
         `steering` is the raw body field; `xargs_spec` a spec passed the low-level way, as
         `vllm_xargs["sae_steering"]`; `extra_body` the body's own `extra_body` field, if any
         (no route reads it: a client that writes the openai client's keyword argument into the
-        JSON by hand has nested its spec where it would be ignored)."""
+        JSON by hand has nested its spec where it would be ignored); `variant` the steering
+        variant the request's `model` names, whose spec it gets (and may not add its own)."""
         try:
-            spec = self._resolve(steering, xargs_spec, extra_body)
+            spec = self._resolve(steering, xargs_spec, extra_body, variant)
         except Rejection as rejection:
             metrics.record_rejected(rejection.reason)
             raise
@@ -91,10 +114,24 @@ class SteeringGate:
             metrics.record_unsteered(endpoint)
             return None
         metrics.record_steered(endpoint, len(spec.spec.edits))
+        if variant is not None:
+            metrics.record_variant(variant)
         return spec.text
 
-    def _resolve(self, steering: Any, xargs_spec: Any, extra_body: Any) -> ResolvedSpec | None:
+    def _resolve(
+        self, steering: Any, xargs_spec: Any, extra_body: Any, variant: str | None
+    ) -> ResolvedSpec | None:
         check_placement(steering, xargs_spec, extra_body)
+        if variant is not None:
+            if steering is not None or xargs_spec is not None:
+                field = STEERING_FIELD if xargs_spec is None else XARGS_FIELD
+                raise Rejection(
+                    rejections.CONFLICT,
+                    field,
+                    f"{field}: model '{variant}' is a steering variant with a spec of its own "
+                    "(GET /v1/models shows it); send your own spec with the model it steers",
+                )
+            return self.resolver.resolve(self.variants[variant].spec)
         field, raw = (STEERING_FIELD, steering) if xargs_spec is None else (XARGS_FIELD, xargs_spec)
         if raw is None:
             return None
@@ -109,3 +146,27 @@ class SteeringGate:
         except SteeringSpecError as exc:
             message = "; ".join(f"{_join(field, e.path)}: {e.message}" for e in exc.errors)
             raise Rejection(exc.reason.value, _join(field, exc.field), message) from None
+
+
+def resolve_variants(
+    variants: Mapping[str, SteeringSpec],
+    model: str,
+    taken_names: Iterable[str],
+    sae_sizes: Mapping[str, int],
+    limits: SpecLimits,
+) -> dict[str, ResolvedVariant]:
+    """Each steering variant of the served `model`, its spec resolved against the SAEs; a spec
+    that does not fit them, or a name already served (`taken_names`: the served model names and
+    LoRA adapters), raises a one-line StartupError naming the variant."""
+    taken = set(taken_names)
+    resolver = resolver_for(dict(sae_sizes), limits)
+    resolved: dict[str, ResolvedVariant] = {}
+    for name, spec in variants.items():
+        where = f"steering variant '{name}'"
+        if name in taken:
+            raise StartupError(f"{where}: the name of a served model or LoRA adapter")
+        try:
+            resolved[name] = ResolvedVariant(model, resolver.resolve(spec.model_dump_json()).text)
+        except SteeringSpecError as exc:
+            raise StartupError(f"{where}: {exc}") from None
+    return resolved

@@ -21,11 +21,13 @@ from __future__ import annotations
 import argparse
 import functools
 import inspect
+import json
 import os
 from collections.abc import Callable
 from typing import Any, ClassVar
 
 from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import ConfigDict, Field, PrivateAttr, SkipValidation
 from vllm.entrypoints.anthropic.protocol import AnthropicMessagesRequest
@@ -333,6 +335,17 @@ def serves_sagemaker_invocations(app: FastAPI) -> bool:
 # --- command line ---------------------------------------------------------------------------
 
 
+def served_model_names(args: argparse.Namespace) -> list[str]:
+    """The names vLLM's API server answers to for its model, first the one its responses name
+    (its app state's rule: --served-model-name, else the model)."""
+    return list(args.served_model_name or [args.model])
+
+
+def lora_adapter_names(args: argparse.Namespace) -> list[str]:
+    """The names of the LoRA adapters given on the command line (--lora-modules)."""
+    return [module.name for module in getattr(args, "lora_modules", None) or []]
+
+
 def check_vllm_version() -> None:
     import vllm
 
@@ -442,10 +455,19 @@ def _steered_endpoint(original: Callable, model: type, label: str):
         gate: SteeringGate = getattr(raw_request.app.state, GATE_STATE)
         xargs_spec = (request.vllm_xargs or {}).get(EXTRA_ARGS_KEY)
         extra_body = (request.model_extra or {}).get("extra_body")
+        variant = gate.variant_named(request.model)
         try:
-            spec = gate.admit(label, request.steering, xargs_spec, extra_body)
+            spec = gate.admit(
+                label,
+                request.steering,
+                xargs_spec,
+                extra_body,
+                request.model if variant is not None else None,
+            )
         except Rejection as rejection:
             return rejection.response_for(raw_request.url.path)
+        if variant is not None:
+            request.model = variant.model  # vLLM serves the model; the spec steers it
         request.carry_steering(spec)
         response = await original(request, raw_request)
         if isinstance(response, Response) and response.status_code < 400:
@@ -500,3 +522,48 @@ def install_steering_field(app: FastAPI, gate: SteeringGate) -> frozenset[str]:
         raise RuntimeError(f"vLLM's app has no POST route for {', '.join(sorted(missing))}")
     app.openapi_schema = None
     return frozenset(found)
+
+
+MODELS_PATH = "/v1/models"
+
+
+def list_steering_variants(app: FastAPI, variants: dict[str, tuple[str, dict]]) -> None:
+    """Make `GET /v1/models` list each steering variant (name -> the served model it steers and
+    its spec) after vLLM's own cards: a copy of that model's card, its `parent`, with the
+    variant's name and its `steering` spec."""
+    routes = app.router.routes
+    index = next(
+        (
+            i
+            for i, route in enumerate(routes)
+            if isinstance(route, APIRoute) and route.path == MODELS_PATH and "GET" in route.methods
+        ),
+        None,
+    )
+    if index is None:
+        raise RuntimeError(f"vLLM's app has no GET route for {MODELS_PATH}")
+    route = routes[index]
+    original = route.endpoint
+
+    @functools.wraps(original)
+    async def show_available_models(raw_request: Request) -> Any:
+        response = await original(raw_request)
+        if not isinstance(response, Response) or response.status_code != 200:
+            return response
+        listing = json.loads(response.body)
+        by_id = {card["id"]: card for card in listing["data"]}
+        for name, (model, spec) in variants.items():
+            card = {**by_id[model], "id": name, "parent": model, "steering": spec}
+            listing["data"].append(card)
+        return JSONResponse(content=listing)
+
+    app.router.add_api_route(
+        route.path,
+        show_available_models,
+        methods=sorted(route.methods),
+        dependencies=route.dependencies,
+        name=route.name,
+        tags=route.tags,
+        include_in_schema=route.include_in_schema,
+    )
+    routes[index] = routes.pop()

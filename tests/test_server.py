@@ -51,6 +51,9 @@ MIXED = {
     "apply_to": "all",
 }
 
+# Served model names that steer every request with a fixed spec (--steering-variant).
+STRONG_VARIANT, MIXED_VARIANT = "tiny-three", "tiny/mixed"
+
 
 # --- fixtures -------------------------------------------------------------------------------
 
@@ -81,9 +84,13 @@ def artifacts(tmp_path_factory) -> dict:
 def server(artifacts):
     from sae_vllm.server.process import ServerProcess
 
+    mixed_file = artifacts["root"] / "mixed.json"
+    mixed_file.write_text(json.dumps(MIXED))
     args = [
         str(artifacts["model"]), "--served-model-name", MODEL,
         "--sae", f"res1={artifacts['sae1']}@1", "--sae", f"res2={artifacts['sae2']}",
+        "--steering-variant", f"{STRONG_VARIANT}={json.dumps(STRONG)}",
+        "--steering-variant", f"{MIXED_VARIANT}={mixed_file}",
         "--max-edits", str(MAX_EDITS), "--api-key", API_KEY, *engine_cli_args(),
     ]  # fmt: skip
     # The response store lets the Responses API run requests in the background.
@@ -721,6 +728,93 @@ def test_still_serving_after_bad_requests(client, http):
     plain = complete(client, PROMPTS[2])
     assert plain and complete(client, PROMPTS[2]) == plain
     assert complete(client, PROMPTS[2], STRONG) != plain
+
+
+# --- steering variants ----------------------------------------------------------------------
+
+
+def _resolved(spec: dict) -> dict:
+    """A spec as the server resolves it: every edit names its SAE, defaults filled in."""
+    edits = [{"value": None} | edit for edit in spec["edits"]]
+    return {"edits": edits, "apply_to": spec.get("apply_to", "generated")}
+
+
+def test_variants_are_listed_in_models(client):
+    cards = {card.id: card for card in client.models.list().data}
+    assert set(cards) == {MODEL, STRONG_VARIANT, MIXED_VARIANT}
+    base = cards[MODEL].model_dump()
+    for name, spec in ((STRONG_VARIANT, STRONG), (MIXED_VARIANT, MIXED)):
+        card = cards[name].model_dump()
+        assert card["parent"] == MODEL and card["steering"] == _resolved(spec)
+        assert card["root"] == base["root"] and card["max_model_len"] == base["max_model_len"]
+
+
+def test_a_variant_is_its_model_steered_with_its_spec(client, anthropic_client):
+    for prompt in PROMPTS[:2]:
+        as_variant = client.completions.create(
+            model=STRONG_VARIANT, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0
+        )
+        assert as_variant.choices[0].text == complete(client, prompt, STRONG)
+        assert as_variant.choices[0].text != complete(client, prompt)
+        assert as_variant.model == MODEL  # vLLM names the model it served
+    streamed = client.chat.completions.create(
+        model=MIXED_VARIANT, messages=CHATS[0], max_tokens=MAX_TOKENS, temperature=0, stream=True
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+    assert text == chat(client, CHATS[0], MIXED) != chat(client, CHATS[0])
+    message = anthropic_client.messages.create(
+        model=STRONG_VARIANT, messages=CHATS[1], max_tokens=MAX_TOKENS,
+        extra_body={"temperature": 0},
+    )  # fmt: skip
+    assert message.content[0].text == chat(client, CHATS[1], STRONG)
+    response = client.responses.create(
+        model=STRONG_VARIANT, input=CHATS[0], temperature=0, max_output_tokens=MAX_TOKENS
+    )
+    assert response.output_text == respond(client, CHATS[0], STRONG)
+    raw = client.completions.with_raw_response.create(
+        model=STRONG_VARIANT, prompt=PROMPTS[0], max_tokens=2
+    )
+    assert raw.headers["x-sae-steering"] == "steered"
+
+
+def test_a_variant_beam_search_is_steered(client):
+    response = client.completions.create(
+        model=STRONG_VARIANT, prompt=PROMPTS[0], max_tokens=MAX_TOKENS, n=1, temperature=0,
+        extra_body={"use_beam_search": True},
+    )  # fmt: skip
+    assert [choice.text.strip() for choice in response.choices] == beams(
+        client, PROMPTS[0], STRONG, 1
+    )
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        (_steer(_edit()), "steering"),
+        ({"vllm_xargs": {"sae_steering": json.dumps(STRONG)}}, "vllm_xargs.sae_steering"),
+    ],
+    ids=["steering", "vllm_xargs"],
+)
+def test_a_variant_refuses_a_spec_of_its_own(http, fields, param):
+    before = metric_samples(http)
+    body = _body("completions", fields) | {"model": STRONG_VARIANT}
+    response = http.post("/v1/completions", json=body)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["reason"] == "conflict" and error["param"] == param
+    assert f"model '{STRONG_VARIANT}' is a steering variant" in error["message"]
+    conflicts = ("sae_steering_rejected_specs_total", (("reason", "conflict"),))
+    assert metric_samples(http)[conflicts] - before[conflicts] == 1
+
+
+def test_variant_requests_are_counted_and_unknown_models_are_still_refused(client, http):
+    counted = ("sae_steering_variant_requests_total", (("variant", MIXED_VARIANT),))
+    before = metric_samples(http)
+    assert counted in before  # exported at zero before its first request
+    client.completions.create(model=MIXED_VARIANT, prompt=PROMPTS[1], max_tokens=2)
+    assert metric_samples(http)[counted] - before[counted] == 1
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="tiny-nope", prompt=PROMPTS[1], max_tokens=2)
 
 
 # --- concurrency ----------------------------------------------------------------------------

@@ -53,6 +53,8 @@ def paths(tmp_path_factory) -> dict[str, Path]:
     }
 
 
+# A --steering-variant value, its braces doubled for CASES' str.format
+VARIANT = '{name}={{{{"edits": [{{{{"feature": {feature}, "op": "ablate"}}}}]}}}}'
 CASES = [  # (id, args after the model, expected end of the error line)
     ("missing-sae", ["--sae", "x={root}/missing"], "SAE 'x': {root}/missing does not exist"),
     ("d_in-mismatch", ["--sae", "n={narrow}"],
@@ -68,6 +70,17 @@ CASES = [  # (id, args after the model, expected end of the error line)
     ("user-config-clash", ["--sae", "s={sae}", "--additional-config",
                            '{{"sae_steering": {{"saes": [{{"id": "s", "path": "{sae}"}}]}}}}'],
      "duplicate SAE ids: s"),
+    ("variant-feature-out-of-range",
+     ["--sae", "s={sae}", "--steering-variant", VARIANT.format(name="v", feature=64)],
+     "steering variant 'v': edits[0].feature: 64 is out of range for SAE 's' (d_sae 64)"),
+    ("variant-named-like-the-model",
+     ["--sae", "s={sae}", "--served-model-name", "m", "--steering-variant",
+      VARIANT.format(name="m", feature=1)],
+     "steering variant 'm': the name of a served model or LoRA adapter"),
+    ("variant-twice", ["--sae", "s={sae}",
+                       "--steering-variant", VARIANT.format(name="v", feature=1),
+                       "--steering-variant", VARIANT.format(name="v", feature=2)],
+     "steering variant 'v' is given twice"),
 ]  # fmt: skip
 
 
@@ -142,12 +155,22 @@ def test_malformed_sae_option_is_a_usage_error(paths, serve_in_process, capsys):
     assert "argument --sae: expected ID=PATH[@LAYER]" in capsys.readouterr().err
 
 
+def test_malformed_variant_option_is_a_usage_error(paths, serve_in_process, capsys):
+    with pytest.raises(SystemExit) as info:
+        serve_in_process(str(paths["model"]), "--steering-variant", "v={not json")
+    assert info.value.code == 2
+    assert "argument --steering-variant: variant 'v': JSON is not valid JSON" in (
+        capsys.readouterr().err
+    )
+
+
 def test_help_lists_steering_and_vllm_options(serve_in_process, capsys):
     with pytest.raises(SystemExit) as info:
         serve_in_process("--help")
     assert info.value.code == 0
     out = capsys.readouterr().out
-    for option in ("--sae ID=PATH[@LAYER]", "--sae-labels", "--max-edits", "--api-key"):
+    for option in ("--sae ID=PATH[@LAYER]", "--sae-labels", "--steering-variant NAME=SPEC",
+                   "--max-edits", "--api-key"):  # fmt: skip
         assert option in out
 
 

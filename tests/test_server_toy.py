@@ -30,7 +30,16 @@ def client(server) -> openai.OpenAI:
 def test_serves_the_embedded_model_and_sae(server, client, toy):
     from sae_vllm.server.launch import TOY_SERVED_NAME
 
-    assert [m.id for m in client.models.list().data] == [TOY_SERVED_NAME]
+    # The model, then one steering variant per topic: its feature set to its steering value.
+    cards = client.models.list().data
+    assert [m.id for m in cards] == [TOY_SERVED_NAME] + [
+        f"{TOY_SERVED_NAME}-{topic}" for topic in toy.topics
+    ]
+    for card, (topic, info) in zip(cards[1:], toy.topics.items(), strict=True):
+        (edit,) = card.model_dump()["steering"]["edits"]
+        assert (edit["feature"], edit["op"], edit["value"]) == (
+            info["feature"], "set", info["steering_value"]
+        ), topic  # fmt: skip
     saes = httpx.get(f"{server.base_url}/v1/saes").json()["data"]
     assert len(saes) == 1
     assert saes[0]["id"] == toy.sae_id and saes[0]["layer"] == toy.layer
@@ -55,22 +64,25 @@ def test_topic_features_carry_their_labels(server, toy):
 
 
 def test_steering_toward_a_topic_moves_samples_there(client, toy):
+    from sae_vllm.server.launch import TOY_SERVED_NAME
     from sae_vllm.toy.corpus import classify
     from sae_vllm.toy.demo import NEUTRAL_PROMPT
 
-    def topics_of(steering: dict | None) -> list[str | None]:
+    def texts_of(steering: dict | None, model: str = TOY_SERVED_NAME) -> list[str]:
         response = client.completions.create(
-            model=client.models.list().data[0].id, prompt=NEUTRAL_PROMPT, max_tokens=12,
-            temperature=0.7, n=SAMPLES, seed=0,
-            extra_body={"steering": steering} if steering else None,
+            model=model, prompt=NEUTRAL_PROMPT, max_tokens=12, temperature=0.7, n=SAMPLES,
+            seed=0, extra_body={"steering": steering} if steering else None,
         )  # fmt: skip
-        return [classify(choice.text) for choice in response.choices]
+        return [choice.text for choice in response.choices]
 
-    plain = topics_of(None)
+    plain = [classify(text) for text in texts_of(None)]
     shares = {}
     for topic, info in toy.topics.items():
         edit = {"feature": info["feature"], "op": "set", "value": info["steering_value"]}
-        steered = topics_of({"edits": [edit]})  # one SAE: the id may be left out
+        texts = texts_of({"edits": [edit]})  # one SAE: the id may be left out
+        # the topic's steering variant samples the same (same seed, same spec)
+        assert texts_of(None, f"{TOY_SERVED_NAME}-{topic}") == texts, topic
+        steered = [classify(text) for text in texts]
         shares[topic] = (steered.count(topic) / SAMPLES, plain.count(topic) / SAMPLES)
     assert all(steered > unsteered for steered, unsteered in shares.values()), shares
     assert all(steered >= 0.5 for steered, _ in shares.values()), shares

@@ -15,12 +15,17 @@ from sae_vllm.config import CONFIG_KEY, SAEEntry, SteeringConfig
 from sae_vllm.server import rejections
 from sae_vllm.server.errors import StartupError
 from sae_vllm.server.labels import LabelFileError, default_labels_path, read_labels
-from sae_vllm.server.options import labels_argument, sae_argument, steering_additional_config
+from sae_vllm.server.options import (
+    labels_argument,
+    sae_argument,
+    steering_additional_config,
+    variant_argument,
+)
 from sae_vllm.server.registry import SAERegistry, load_record
 from sae_vllm.server.routes import REGISTRY_STATE, router
-from sae_vllm.server.steering import Rejection, SteeringGate
+from sae_vllm.server.steering import Rejection, ResolvedVariant, SteeringGate, resolve_variants
 from sae_vllm.spec import SpecErrorReason as Reason
-from sae_vllm.spec import SpecLimits
+from sae_vllm.spec import SpecLimits, SteeringSpec
 from tiny_model import HIDDEN, write_random_sae
 
 D_SAE = 64
@@ -97,6 +102,51 @@ def test_additional_config_errors_are_one_line(saes, labels, max_edits, needle):
     with pytest.raises(StartupError) as info:
         steering_additional_config({}, saes, labels, max_edits)
     assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+ABLATE_2 = {"edits": [{"feature": 2, "op": "ablate"}]}
+
+
+def test_variant_argument_takes_json_or_a_file(tmp_path):
+    assert variant_argument(f"calm={json.dumps(ABLATE_2)}") == ("calm", ABLATE_2)
+    spec_file = tmp_path / "calm.json"
+    spec_file.write_text(json.dumps(ABLATE_2))
+    assert variant_argument(f"org/calm={spec_file}") == ("org/calm", ABLATE_2)
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("calm", "expected NAME=SPEC"),
+        ("=x.json", "expected NAME=SPEC"),
+        ("calm={not json", "variant 'calm': JSON is not valid JSON"),
+        ("calm=/no/such/spec.json", "variant 'calm': No such file or directory: /no/such/spec"),
+    ],
+)
+def test_variant_argument_rejects_malformed(text, needle):
+    with pytest.raises(argparse.ArgumentTypeError) as info:
+        variant_argument(text)
+    assert needle in str(info.value)
+
+
+def test_additional_config_merges_variants_with_the_users():
+    user = {CONFIG_KEY: {"saes": [{"id": "a", "path": "/a"}], "variants": {"x": ABLATE_2}}}
+    merged, config = steering_additional_config(user, [], [], None, [("y", ABLATE_2)])
+    assert set(config.variants) == {"x", "y"}
+    assert config.variants["y"] == SteeringSpec.model_validate(ABLATE_2)
+    assert SteeringConfig.model_validate(merged[CONFIG_KEY]) == config
+    with pytest.raises(StartupError, match="steering variant 'x' is given twice"):
+        steering_additional_config(user, [], [], None, [("x", ABLATE_2)])
+    with pytest.raises(StartupError, match=r"variants\.x\.edits\.0\.op"):
+        steering_additional_config(
+            {},
+            [{"id": "a", "path": "/a"}],
+            [],
+            None,
+            [("x", {"edits": [{"feature": 1, "op": "boom"}]})],
+        )
+    with pytest.raises(StartupError, match="no SAE"):
+        steering_additional_config({}, [], [], None, [("x", ABLATE_2)])
 
 
 # --- labels ---------------------------------------------------------------------------------
@@ -306,6 +356,46 @@ def test_gate_refuses_two_specs_and_steering_without_saes():
     assert info.value.reason == rejections.STEERING_DISABLED
 
 
+def test_variants_resolve_against_the_saes_at_startup():
+    limits = SpecLimits(max_edits=3, max_abs_value=100.0)
+    spec = SteeringSpec.model_validate({"edits": [edit(sae=None, feature=4)]})
+    with pytest.raises(StartupError, match=r"steering variant 'v': edits\[0\]\.sae: required"):
+        resolve_variants({"v": spec}, "m", ["m"], SIZES, limits)
+    (variant,) = resolve_variants({"v": spec}, "m", ["m"], {"a": 16}, limits).values()
+    assert variant.model == "m"
+    assert json.loads(variant.spec)["edits"] == [
+        {"sae": "a", "feature": 4, "op": "set", "value": 1.0}
+    ]
+    for bad, needle in [
+        ({"edits": [edit(feature=16)]}, "edits[0].feature: 16 is out of range"),
+        ({"edits": [edit(value=101)]}, "edits[0].value: magnitude must be at most 100"),
+    ]:
+        with pytest.raises(StartupError) as info:
+            resolve_variants({"v": SteeringSpec.model_validate(bad)}, "m", ["m"], SIZES, limits)
+        assert needle in str(info.value)
+    with pytest.raises(StartupError, match="steering variant 'lora1': the name of a served model"):
+        resolve_variants({"lora1": spec}, "m", ["m", "lora1"], {"a": 16}, limits)
+
+
+def test_gate_hands_a_variant_its_spec_and_refuses_one_of_its_own():
+    text = json.dumps({"edits": [edit(feature=5)], "apply_to": "all"})
+    gate = SteeringGate(SIZES, SpecLimits(), {"v": ResolvedVariant("m", text)})
+    assert gate.variant_named("v") == ResolvedVariant("m", text)
+    assert gate.variant_named("m") is None and gate.variant_named(None) is None
+    assert json.loads(gate.admit("completions", None, variant="v")) == json.loads(text)
+    own = {"edits": [edit()]}
+    for steering, xargs, param in [
+        (own, None, "steering"),
+        (None, json.dumps(own), "vllm_xargs.sae_steering"),
+    ]:
+        with pytest.raises(Rejection) as info:
+            gate.admit("completions", steering, xargs, variant="v")
+        assert info.value.reason == rejections.CONFLICT and info.value.param == param
+    with pytest.raises(Rejection) as info:  # nested where no route reads it: still misplaced
+        gate.admit("completions", None, extra_body={"steering": {}}, variant="v")
+    assert info.value.reason == rejections.MISPLACED
+
+
 def test_gate_counts(monkeypatch):
     from prometheus_client import REGISTRY
 
@@ -419,3 +509,7 @@ def test_the_gate_survives_pickling_into_another_api_server_process():
     assert json.loads(copy.admit("completions", {"edits": [edit()]}))["edits"][0]["sae"] == "a"
     with pytest.raises(Rejection):
         copy.admit("completions", {"edits": [edit(sae="zz")]})
+    variant = ResolvedVariant("m", json.dumps({"edits": [edit()], "apply_to": "all"}))
+    with_variant = pickle.loads(pickle.dumps(SteeringGate(SIZES, SpecLimits(), {"v": variant})))
+    assert with_variant.variant_named("v") == variant
+    assert json.loads(with_variant.admit("completions", None, variant="v"))["apply_to"] == "all"

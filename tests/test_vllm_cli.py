@@ -29,6 +29,7 @@ PROMPT = [1, 17, 42, 99, 7]
 MAX_TOKENS = 8
 EDITS = [(3, "set", 8.0), (10, "add", 6.0)]
 STEERING = {"edits": [{"sae": "res", "feature": f, "op": op, "value": v} for f, op, v in EDITS]}
+VARIANT = "tiny-steered"  # a served model name steered with STEERING (the config's `variants`)
 ENGINE_ARGS = [
     "--served-model-name", MODEL, "--dtype", "float32", "--max-model-len", "256",
     "--enforce-eager", "--kv-cache-memory-bytes", str(128 << 20),
@@ -42,7 +43,8 @@ def artifacts(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("vllm_cli")
     model = build_tiny_llama(root / "model")
     sae = write_random_sae(root / "sae", "relu", layer=1, d_sae=D_SAE, seed=3)
-    config = {"sae_steering": {"saes": [{"id": "res", "path": str(root / "sae"), "layer": 1}]}}
+    saes = [{"id": "res", "path": str(root / "sae"), "layer": 1}]
+    config = {"sae_steering": {"saes": saes, "variants": {VARIANT: STEERING}}}
     return {"root": root, "model": model, "sae": sae, "additional_config": json.dumps(config)}
 
 
@@ -73,9 +75,9 @@ def client(server):
     return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="none", max_retries=0)
 
 
-def _complete(client, steering: dict | None = None) -> list[int]:
+def _complete(client, steering: dict | None = None, model: str = MODEL) -> list[int]:
     response = client.completions.create(
-        model=MODEL, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0,
+        model=model, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0,
         extra_body={"return_token_ids": True} | ({"steering": steering} if steering else {}),
     )  # fmt: skip
     return response.choices[0].token_ids
@@ -86,23 +88,33 @@ def test_vllm_serve_steers_the_steering_field(client, reference):
     assert _complete(client) == reference["plain"]
 
 
+def test_vllm_serve_serves_the_configs_steering_variants(client, reference):
+    assert _complete(client, model=VARIANT) == reference["steered"]
+    cards = {card.id: card.model_dump() for card in client.models.list().data}
+    assert cards[VARIANT]["parent"] == MODEL
+    assert cards[VARIANT]["steering"]["edits"] == STEERING["edits"]
+
+
 def test_both_api_servers_steer(server, reference):
     # A connection each, all at once, so that both API server processes take some.
-    async def complete(steered: bool) -> tuple[str, list[int]]:
+    # Plain requests, steered ones and steered ones through the variant's model name.
+    bodies = [{}, {"steering": STEERING}, {"model": VARIANT}]
+
+    async def complete(extra: dict) -> tuple[str, list[int]]:
         body = {"model": MODEL, "prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0,
-                "return_token_ids": True} | ({"steering": STEERING} if steered else {})  # fmt: skip
+                "return_token_ids": True} | extra  # fmt: skip
         async with httpx.AsyncClient(base_url=server.base_url, timeout=120) as fresh:
             response = await fresh.post("/v1/completions", json=body)
         return response.headers["x-sae-steering"], response.json()["choices"][0]["token_ids"]
 
     async def burst() -> list[tuple[str, list[int]]]:
-        return await asyncio.gather(*(complete(i % 2 == 1) for i in range(16)))
+        return await asyncio.gather(*(complete(bodies[i % 3]) for i in range(24)))
 
     before = _steered_count(server.base_url)
     outputs = asyncio.run(burst())
-    assert outputs[1::2] == [("steered", reference["steered"])] * 8
-    assert outputs[0::2] == [("unsteered", reference["plain"])] * 8
-    assert _steered_count(server.base_url) - before == 8  # summed over both processes
+    assert outputs[0::3] == [("unsteered", reference["plain"])] * 8
+    assert outputs[1::3] == outputs[2::3] == [("steered", reference["steered"])] * 8
+    assert _steered_count(server.base_url) - before == 16  # summed over both processes
 
 
 def _steered_count(base_url: str) -> float:
@@ -204,6 +216,7 @@ def test_the_log_says_what_is_steered(server):
     log = server.log_path.read_text(errors="replace")
     assert "sae-vllm: SAE 'res' (relu, d_sae 256) steers the residual stream after layer 1" in log
     assert log.count("sae-vllm: the steering API is on (SAEs: res)") == 2  # one per API server
+    assert log.count(f"sae-vllm: model '{VARIANT}' is '{MODEL}' steered with ") == 2
 
 
 def test_vllm_run_batch_steers_chat_lines_and_refuses_misplaced_steering(artifacts, reference):
@@ -225,7 +238,11 @@ def test_vllm_run_batch_steers_chat_lines_and_refuses_misplaced_steering(artifac
     nested, twice = line("nested", None), line("twice", STEERING)
     nested["body"]["extra_body"] = {"steering": STEERING}
     twice["body"]["vllm_xargs"] = {"sae_steering": json.dumps(STEERING)}
-    lines += [nested, twice]
+    # The server's steering variants are model names of its HTTP routes; run-batch does not
+    # know them, and vLLM fails such a line (never runs it unsteered).
+    variant = line("variant", None)
+    variant["body"]["model"] = VARIANT
+    lines += [nested, twice, variant]
     # A route run-batch cannot steer fails its line with a steering error, whatever the model
     # serves; vLLM would otherwise drop the field and, on a pooling model, answer unsteered.
     for route, body in (
@@ -258,6 +275,10 @@ def test_vllm_run_batch_steers_chat_lines_and_refuses_misplaced_steering(artifac
     ):
         assert results[custom_id]["response"]["status_code"] == 400
         assert results[custom_id]["error"].startswith(message), results[custom_id]["error"]
+    assert results["variant"]["response"]["status_code"] == 404
+    assert (
+        f"The model `{VARIANT}` does not exist" in results["variant"]["error"]["error"]["message"]
+    )
     for route in ("/v1/embeddings", "/score"):
         assert results[route]["response"]["status_code"] == 400
         expected = f"steering: not supported on {route} (use /v1/chat/completions)"
