@@ -28,6 +28,7 @@ def register() -> None:
     vllm.prefer_v1_runner()
     vllm.patch_request_intake(intake.check_params, intake.key_request)
     vllm.patch_prefix_cache_keys(prefix_cache.block_key)
+    vllm.patch_session_updates(prefix_cache.continued_session_extra_args)
     vllm.patch_worker(worker.after_load_model, worker.after_update_states, worker.before_forward)
     vllm.add_worker_method("sae_steering_stats", worker.stats)
     if vllm.runs_offline_llm():  # LLM.beam_search with steering_beam_params

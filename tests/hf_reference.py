@@ -30,6 +30,22 @@ class Edit:
     value: float | None
 
 
+@dataclass
+class Span:
+    """Positions [lo, hi) (hi None: to the end of the sequence) steered by `edits`."""
+
+    lo: int
+    hi: int | None
+    edits: Sequence[Edit]
+
+
+def scope_span(prompt_len: int, edits: Sequence[Edit], apply_to: str) -> Span:
+    """The positions a request's scope steers (see sae_vllm.engine.scopes)."""
+    lo = prompt_len - 1 if apply_to == "generated" else 0
+    hi = prompt_len if apply_to == "prompt" else None
+    return Span(lo, hi, edits)
+
+
 def steered_residual(h: np.ndarray, edits: Sequence[Edit]) -> np.ndarray:
     """The full error-term form D(a') + (h − D(a)) for each SAE, applied in order."""
     out = h.copy()
@@ -62,10 +78,22 @@ class HFReference:
     ) -> tuple[list[int], list[np.ndarray]]:
         """Tokens and per-step log-probabilities (full vocab), recomputing the whole sequence
         each step so every position's scope is explicit."""
+        return self._greedy(prompt, max_tokens, [scope_span(len(prompt), edits, apply_to)])
+
+    def greedy_in_spans(
+        self, prompt: list[int], max_tokens: int, spans: Sequence[Span]
+    ) -> list[int]:
+        """Greedy tokens with each span of positions steered by its own edits (a streaming-input
+        session: each chunk's spec steers the positions that chunk computes)."""
+        return self._greedy(prompt, max_tokens, spans)[0]
+
+    def _greedy(
+        self, prompt: list[int], max_tokens: int, spans: Sequence[Span]
+    ) -> tuple[list[int], list[np.ndarray]]:
         tokens = list(prompt)
         logprobs: list[np.ndarray] = []
         for _ in range(max_tokens):
-            handles = self._hooks(len(prompt), len(tokens), edits, apply_to)
+            handles = self._span_hooks(len(tokens), spans)
             try:
                 with torch.no_grad():
                     logits = self.model(torch.tensor([tokens])).logits[0, -1]
@@ -96,7 +124,7 @@ class HFReference:
         self, tokens: list[int], prompt_len: int, edits: Sequence[Edit], apply_to: str
     ) -> np.ndarray:
         """Log-softmax at every position of one causal pass (scopes are per position)."""
-        handles = self._hooks(prompt_len, len(tokens), edits, apply_to)
+        handles = self._span_hooks(len(tokens), [scope_span(prompt_len, edits, apply_to)])
         try:
             with torch.no_grad():
                 logits = self.model(torch.tensor([tokens])).logits[0]
@@ -105,20 +133,26 @@ class HFReference:
                 handle.remove()
         return torch.log_softmax(logits, -1).numpy()
 
-    def _hooks(self, prompt_len: int, seq_len: int, edits: Sequence[Edit], apply_to: str):
+    def _span_hooks(self, seq_len: int, spans: Sequence[Span]):
         positions = np.arange(seq_len)
-        lo = prompt_len - 1 if apply_to == "generated" else 0
-        hi = prompt_len if apply_to == "prompt" else seq_len
-        mask = (positions >= lo) & (positions < hi)
+        masks = [
+            (positions >= span.lo) & (positions < (seq_len if span.hi is None else span.hi))
+            for span in spans
+        ]
         handles = []
-        for layer in sorted({e.sae.layer for e in edits}):
-            layer_edits = [e for e in edits if e.sae.layer == layer]
+        for layer in sorted({e.sae.layer for span in spans for e in span.edits}):
+            layer_spans = [
+                (mask, [e for e in span.edits if e.sae.layer == layer])
+                for mask, span in zip(masks, spans, strict=True)
+            ]
 
-            def hook(module, args, output, layer_edits=layer_edits):
+            def hook(module, args, output, layer_spans=layer_spans):
                 hidden = output[0] if isinstance(output, tuple) else output
                 h = hidden[0].numpy()
                 steered = h.copy()
-                steered[mask] = steered_residual(h[mask], layer_edits)
+                for mask, edits in layer_spans:
+                    if edits:
+                        steered[mask] = steered_residual(h[mask], edits)
                 new = torch.from_numpy(steered).unsqueeze(0)
                 return (new, *output[1:]) if isinstance(output, tuple) else new
 

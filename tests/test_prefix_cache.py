@@ -193,3 +193,14 @@ def test_a_streaming_input_session_is_keyed_as_its_own_from_its_first_block(vllm
     fields_ = [s.sampling_params.extra_args[PREFIX_CACHE_KEY] for s in sessions]
     assert all(f[1:] == [0, None] for f in fields_)
     assert keys(fields_[0], 64)[0] != keys(fields_[1], 64)[0]
+
+
+def test_a_session_once_steered_keeps_its_key_through_unsteered_chunks():
+    # (the engine-level behaviour: tests/test_engine_streaming_input.py)
+    key = ["fingerprint:s1", 0, None]
+    carry = prefix_cache.continued_session_extra_args
+    assert carry({PREFIX_CACHE_KEY: key}, None) == {PREFIX_CACHE_KEY: key}
+    assert carry({PREFIX_CACHE_KEY: key}, {"other": 1}) == {"other": 1, PREFIX_CACHE_KEY: key}
+    own = {EXTRA_ARGS_KEY: "{}", PREFIX_CACHE_KEY: ["other:s1", 0, None]}
+    assert carry({PREFIX_CACHE_KEY: key}, own) is None  # a steered chunk has its own key
+    assert carry(None, None) is None and carry({"other": 1}, {}) is None  # never steered

@@ -36,6 +36,18 @@ def session_key_fields(steering: ResolvedSpec, request_id: str) -> list:
     return [f"{steering.fingerprint}:{request_id}", 0, None]
 
 
+def continued_session_extra_args(
+    previous: dict[str, Any] | None, following: dict[str, Any] | None
+) -> dict[str, Any] | None:
+    """The extra_args for a streaming-input session's next chunk when they must change (else
+    None): a session steered before keeps its key through unsteered chunks, since their blocks
+    hold KV the earlier steering changed (the first may even be one the steered chunk began)."""
+    key = (previous or {}).get(PREFIX_CACHE_KEY)
+    if key is None or (following and PREFIX_CACHE_KEY in following):
+        return None
+    return {**(following or {}), PREFIX_CACHE_KEY: key}
+
+
 def block_key(extra_args: dict[str, Any], start: int, end: int) -> tuple[str, str] | None:
     """The extra hash key of the request's KV block of positions [start, end): None when no
     position before `end` is steered (unsteered requests, and a steered one's prefix)."""

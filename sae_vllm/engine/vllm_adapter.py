@@ -111,6 +111,30 @@ def patch_request_intake(
     _wrap_once(EngineCore, "preprocess_add_request", make_preprocess)
 
 
+def patch_session_updates(
+    next_extra_args: Callable[[dict | None, dict | None], dict | None],
+) -> None:
+    """When vLLM's scheduler moves a streaming-input session on to its next chunk, which brings
+    its own SamplingParams, give those params `next_extra_args(session's extra_args, chunk's)`
+    where it is not None, before any of the chunk's KV blocks are hashed."""
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    def make(original: Callable) -> Callable:
+        def _update_request_as_session(self: Any, session: Any, update: Any) -> None:
+            chunk_params = update.sampling_params
+            if chunk_params is not None:
+                extra_args = next_extra_args(
+                    extra_args_of(session.sampling_params), extra_args_of(chunk_params)
+                )
+                if extra_args is not None:
+                    chunk_params.extra_args = extra_args  # the engine core's own copy
+            return original(self, session, update)
+
+        return _update_request_as_session
+
+    _wrap_once(Scheduler, "_update_request_as_session", make)
+
+
 def with_extra_args(params: Any, extra_args: dict[str, Any]) -> Any:
     """A copy of SamplingParams with `extra_args` added to its own."""
     clone = params.clone()
@@ -318,6 +342,13 @@ def is_missing_layer(layer: nn.Module) -> bool:
 def departed_req_ids(scheduler_output: Any) -> set[str]:
     """Requests that finished, were aborted or were preempted since the last step."""
     return set(scheduler_output.finished_req_ids) | set(scheduler_output.preempted_req_ids or ())
+
+
+def new_req_ids(scheduler_output: Any) -> list[str]:
+    """Requests the runner was handed in full this step: new ones, and the next chunk of a
+    streaming-input session, which arrives under its session's id with its own sampling params
+    (the runner replaces the session's: `GPUModelRunner._update_streaming_request`)."""
+    return [new_req.req_id for new_req in scheduler_output.scheduled_new_reqs]
 
 
 @dataclass(frozen=True)

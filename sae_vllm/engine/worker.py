@@ -107,6 +107,10 @@ class WorkerSteering:
     def release_departed(self, scheduler_output: Any) -> None:
         for req_id in vllm.departed_req_ids(scheduler_output):
             self.tables.release(req_id)
+        # A session's next chunk may bring another spec (or none): admitted anew, like a new
+        # request, in prepare_step. Positions its earlier chunks computed keep their steering.
+        for req_id in vllm.new_req_ids(scheduler_output):
+            self.tables.release(req_id)
 
     def prepare_step(self, runner: Any, num_scheduled_tokens: np.ndarray) -> None:
         batch = vllm.step_batch(runner, num_scheduled_tokens)
