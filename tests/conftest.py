@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 # first file in this order is the first its worker runs; xdist's default reorders by test count.
 _FIRST = ("test_kernels.py",)
 # Then the files that start engines, longest first (their summed test durations in a clean-clone
-# run: 690, 675, 155, 140, 125, 105, 100, 75, 45, 40, 40, 40, 35, 30, 30 s), so that the short files
+# run: 690, 675, 155, 140, 125, 105, 100, 75, 60, 45, 40, 40, 40, 35, 30 s), so that the short files
 # fill the end of the run: in collection order one worker ran test_vllm_cli.py (155 s) alone
 # at the end. The toy's files stay behind the first ones, which run while the toy trains.
 _LONGEST_FIRST = (
@@ -30,12 +30,12 @@ _LONGEST_FIRST = (
     "test_engine_preemption.py",
     "test_engine_pp.py",
     "test_toy_steering.py",
+    "test_engine_streaming_input.py",
     "test_engine_spec_decode.py",
     "test_engine_lora.py",
     "test_engine_prompt_embeds.py",
     "test_engine_tp.py",
     "test_server_toy.py",
-    "test_engine_streaming_input.py",
     "test_server_startup.py",
 )
 _FILE_ORDER = {name: rank for rank, name in enumerate(_FIRST + _LONGEST_FIRST)}

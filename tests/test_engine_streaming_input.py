@@ -5,8 +5,9 @@ Each chunk may bring its own SamplingParams, and its steering with them: a chunk
 the positions that chunk computes (its scope counted from the session's prompt so far), and
 what earlier chunks computed keeps the steering it had. Checked against the HF float64
 reference, per chunk, for a spec that starts, stops or changes between chunks; two sessions at
-once keep their own; rows are given back when the sessions end. vLLM's AsyncLLM keeps its
-engine core in a process of its own (no in-process layout for it)."""
+once keep their own; rows are given back when the sessions end; a session steered, then not,
+shares no block. On an eager engine and on one under vLLM's async scheduling (its default on
+CUDA). vLLM's AsyncLLM keeps its engine core in a process of its own (no in-process layout)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from engine_harness import ENGINE_ENV, PROMPTS, engine_kwargs, tiny_artifacts
+from engine_harness import ENGINE_ENV, ENGINE_MODES, PROMPTS, engine_kwargs, tiny_artifacts
 from hf_reference import Edit, HFReference, Span
 
 pytestmark = pytest.mark.engine
@@ -49,17 +50,20 @@ def loop():
     event_loop.close()
 
 
-@pytest.fixture(scope="module")
-def engine(artifacts, loop):
+@pytest.fixture(scope="module", params=["eager", "async"])
+def engine(request, artifacts, loop):
     import os
 
+    from cpu_async_scheduling import honor_async_scheduling
     from cpu_model_inspection import inspect_model_classes_in_process
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
     os.environ.update(ENGINE_ENV)
     inspect_model_classes_in_process()
-    kwargs = engine_kwargs(artifacts.model_dir, block_size=BLOCK_SIZE) | {
+    honor_async_scheduling()
+    mode = ENGINE_MODES[request.param]
+    kwargs = engine_kwargs(artifacts.model_dir, block_size=BLOCK_SIZE, **mode) | {
         "additional_config": artifacts.additional_config()
     }
 
@@ -202,7 +206,9 @@ def test_concurrent_sessions_keep_their_own_steering_and_give_their_rows_back(
         return (await engine.collective_rpc("sae_steering_stats"))[0]
 
     stats = loop.run_until_complete(settled_stats())
-    assert stats["rows_in_use"] == 0 and stats["requests_known"] == 0, stats
+    assert stats["rows_in_use"] == 0, stats
+    # under async scheduling the settling session's own finish has not reached the worker yet
+    assert stats["requests_known"] <= 1, stats
 
 
 def test_a_session_steered_then_not_shares_no_block_holding_steered_kv(
