@@ -104,11 +104,12 @@ class WorkerSteering:
         if info.device.type == "cpu":  # compile the CPU op's loop now, not in the first step
             warm_up_cpu_path(info.dtype)
 
-    def release_departed(self, scheduler_output: Any) -> None:
+    def release_rows(self, scheduler_output: Any) -> None:
+        """Give back the rows of requests that left the batch, and forget the steering of a
+        streaming-input session whose next chunk arrived: it may bring another spec (or none),
+        and is admitted anew in prepare_step. Positions its earlier chunks computed keep theirs."""
         for req_id in vllm.departed_req_ids(scheduler_output):
             self.tables.release(req_id)
-        # A session's next chunk may bring another spec (or none): admitted anew, like a new
-        # request, in prepare_step. Positions its earlier chunks computed keep their steering.
         for req_id in vllm.new_req_ids(scheduler_output):
             self.tables.release(req_id)
 
@@ -167,7 +168,7 @@ def after_load_model(runner: Any) -> None:
 def after_update_states(runner: Any, scheduler_output: Any) -> None:
     state = state_of(runner)
     if state is not None:
-        state.release_departed(scheduler_output)
+        state.release_rows(scheduler_output)
 
 
 def before_forward(runner: Any, scheduler_output: Any, num_scheduled_tokens: np.ndarray) -> None:
