@@ -52,23 +52,27 @@ def customize(app: FastAPI, registry: SAERegistry, gate: SteeringGate) -> bool:
     it steers (False for a model that does not generate, whose app has no generation routes)."""
     setattr(app.state, REGISTRY_STATE, registry)
     steered_paths = vllm_app.install_steering_field(app, gate)
-    self_checked = (
-        (vllm_app.INVOCATIONS_PATH,) if vllm_app.serves_sagemaker_invocations(app) else ()
+    invocations = vllm_app.serves_sagemaker_invocations(app)
+    self_checked = (vllm_app.INVOCATIONS_PATH,) if invocations else ()
+    model_headers = (
+        {vllm_app.INVOCATIONS_PATH: vllm_app.INVOCATIONS_MODEL_HEADER} if invocations else {}
     )
     app.include_router(router)
     if steered_paths and gate.variants:
         cards = {name: (v.model, json.loads(v.spec)) for name, v in gate.variants.items()}
         vllm_app.list_steering_variants(app, cards)
         metrics.export_variants(gate.variants)
+    refusals = {
+        "steered_paths": steered_paths,
+        "self_checked_paths": self_checked,
+        "model_headers": model_headers,
+        "variants": gate.variants,
+    }
     if app.middleware_stack is None:
-        app.add_middleware(
-            RefuseSteeringElsewhere, steered_paths=steered_paths, self_checked_paths=self_checked
-        )
+        app.add_middleware(RefuseSteeringElsewhere, **refusals)
     else:
         # vLLM has already built the middleware stack (add_middleware would refuse); wrap it.
-        app.middleware_stack = RefuseSteeringElsewhere(
-            app.middleware_stack, steered_paths, self_checked
-        )
+        app.middleware_stack = RefuseSteeringElsewhere(app.middleware_stack, **refusals)
     return bool(steered_paths)
 
 

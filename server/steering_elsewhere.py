@@ -6,12 +6,14 @@ vLLM's request models accept unknown fields, so without this a steered request s
 /v1/chat/completions/batch would come back unsteered with a 200; so would one whose spec went
 into the URL (`extra_query` in the openai client) instead of the body, into the form of an
 audio upload (`/v1/audio/transcriptions` on a speech model with a steerable decoder), or into
-a `session.update` of vLLM's realtime transcription websocket (`/v1/realtime`)."""
+a `session.update` of vLLM's realtime transcription websocket (`/v1/realtime`). Likewise a
+steering variant named in the body of a route that takes its model from a header instead
+(SageMaker's `/invocations`), where it would run unsteered."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qs
@@ -46,16 +48,25 @@ class RefuseSteeringElsewhere:
     `steering` field is answered with an error event and not passed on.
 
     `steered_paths` are the routes that apply the field (named in the refusal); the routes in
-    `self_checked_paths` admit or refuse it themselves, so their bodies pass too."""
+    `self_checked_paths` admit or refuse it themselves, so their bodies pass too.
+    `model_headers` maps a route to the header it takes its model from (its body's `model` is
+    replaced): a body there whose `model` is one of `variants`, without that header, gets a
+    400 too."""
 
     def __init__(
         self,
         app: Callable,
         steered_paths: Collection[str],
         self_checked_paths: Collection[str] = (),
+        model_headers: Mapping[str, str] | None = None,
+        variants: Collection[str] = (),
     ):
         self.app = app
         self.passed_paths = frozenset(steered_paths) | frozenset(self_checked_paths)
+        self.model_headers = {
+            path: header.lower().encode("latin-1") for path, header in (model_headers or {}).items()
+        }
+        self.variants = frozenset(variants)
         self.instead = (
             f"use {', '.join(sorted(steered_paths))}"
             if steered_paths
@@ -75,7 +86,21 @@ class RefuseSteeringElsewhere:
             )
             await _refuse(message, rejections.MISPLACED, scope, receive, send)
             return
-        if scope["method"] != "POST" or scope["path"] in self.passed_paths:
+        if scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        model_header = self.model_headers.get(scope["path"]) if self.variants else None
+        if model_header is not None and model_header not in dict(scope["headers"]):
+            body, receive = await _buffer(receive)
+            model = _json_object_field(body, "model")
+            if isinstance(model, str) and model in self.variants:
+                message = (
+                    f"model: '{model}' is a steering variant, and {scope['path']} takes its model "
+                    f"from the {model_header.decode()} header, not from the body"
+                )
+                await _refuse(message, rejections.MISPLACED, scope, receive, send, param="model")
+                return
+        if scope["path"] in self.passed_paths:
             await self.app(scope, receive, send)
             return
         body, replay = await _buffer(receive)
@@ -127,10 +152,17 @@ def _message_names_steering(message: Message) -> bool:
     return _json_object_names_steering(message.get("bytes") or b"" if text is None else text)
 
 
-async def _refuse(message: str, reason: str, scope: Scope, receive: Receive, send: Send) -> None:
+async def _refuse(
+    message: str,
+    reason: str,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    param: str = STEERING_FIELD,
+) -> None:
     metrics.record_rejected(reason)
     response = error_response_for(
-        scope["path"], HTTPStatus.BAD_REQUEST, message, param=STEERING_FIELD, reason=reason
+        scope["path"], HTTPStatus.BAD_REQUEST, message, param=param, reason=reason
     )
     await response(scope, receive, send)
 
@@ -169,6 +201,17 @@ async def _names_steering(scope: Scope, body: bytes) -> bool:
     if content_type.startswith(_FORM_CONTENT_TYPES):
         return await _form_names_steering(scope, body)
     return _json_object_names_steering(body)
+
+
+def _json_object_field(body: bytes, name: str) -> Any:
+    """The top-level field `name` of a JSON object body (None when absent or not JSON)."""
+    if f'"{name}"'.encode() not in body:
+        return None
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    return data.get(name) if isinstance(data, dict) else None
 
 
 def _json_object_names_steering(text: str | bytes) -> bool:

@@ -275,6 +275,9 @@ def install_steered_beam_search() -> None:
 # --- SageMaker /invocations ----------------------------------------------------------------
 
 INVOCATIONS_PATH = "/invocations"
+# vLLM's /invocations replaces the body's `model` with this header's value (None without it):
+# SageMaker's hosting standard (`inject_adapter_id`), how a client picks a LoRA adapter there.
+INVOCATIONS_MODEL_HEADER = "X-Amzn-SageMaker-Adapter-Identifier"
 # vLLM's body model -> (steered model, metrics label), as on the body's own route
 _STEERED_INVOCATIONS = {
     CompletionRequest: STEERED_ROUTES["/v1/completions"],

@@ -749,7 +749,7 @@ def test_variants_are_listed_in_models(client):
         assert card["root"] == base["root"] and card["max_model_len"] == base["max_model_len"]
 
 
-def test_a_variant_is_its_model_steered_with_its_spec(client, anthropic_client):
+def test_a_variant_is_its_model_steered_with_its_spec(client, anthropic_client, http):
     for prompt in PROMPTS[:2]:
         as_variant = client.completions.create(
             model=STRONG_VARIANT, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0
@@ -775,6 +775,18 @@ def test_a_variant_is_its_model_steered_with_its_spec(client, anthropic_client):
         model=STRONG_VARIANT, prompt=PROMPTS[0], max_tokens=2
     )
     assert raw.headers["x-sae-steering"] == "steered"
+    # SageMaker's /invocations takes its model from a header, as it does a LoRA adapter's; a
+    # variant named in the body would run unsteered there, so it is refused.
+    body = {"max_tokens": MAX_TOKENS, "temperature": 0, "prompt": PROMPTS[1]}
+    header = {"X-Amzn-SageMaker-Adapter-Identifier": MIXED_VARIANT}
+    invoked = http.post("/invocations", json=body, headers=header)
+    assert invoked.headers["x-sae-steering"] == "steered"
+    assert invoked.json()["choices"][0]["text"] == complete(client, PROMPTS[1], MIXED)
+    refused = http.post("/invocations", json=body | {"model": MIXED_VARIANT})
+    assert refused.status_code == 400
+    error = refused.json()["error"]
+    assert (error["param"], error["reason"]) == ("model", "misplaced")
+    assert "takes its model from the x-amzn-sagemaker-adapter-identifier header" in error["message"]
 
 
 def test_a_variant_beam_search_is_steered(client):
