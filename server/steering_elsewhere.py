@@ -12,6 +12,7 @@ steering variant named in the body of a route that takes its model from a header
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from http import HTTPStatus
@@ -33,8 +34,6 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 _FIELD_BYTES = STEERING_FIELD.encode()
-_QUOTED_FIELD = f'"{STEERING_FIELD}"'
-_QUOTED_FIELD_BYTES = _QUOTED_FIELD.encode()
 _FORM_CONTENT_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 _DENIAL_EXTENSION = "websocket.http.response"  # ASGI: the server can answer a handshake with HTTP
 _POLICY_VIOLATION = 1008  # websocket close code
@@ -92,7 +91,7 @@ class RefuseSteeringElsewhere:
         model_header = self.model_headers.get(scope["path"]) if self.variants else None
         if model_header is not None and model_header not in dict(scope["headers"]):
             body, receive = await _buffer(receive)
-            model = _json_object_field(body, "model")
+            model = (_json_object_naming(body, "model") or {}).get("model")
             if isinstance(model, str) and model in self.variants:
                 message = (
                     f"model: '{model}' is a steering variant, and {scope['path']} takes its model "
@@ -203,26 +202,28 @@ async def _names_steering(scope: Scope, body: bytes) -> bool:
     return _json_object_names_steering(body)
 
 
-def _json_object_field(body: bytes, name: str) -> Any:
-    """The top-level field `name` of a JSON object body (None when absent or not JSON)."""
-    if f'"{name}"'.encode() not in body:
-        return None
-    try:
-        data = json.loads(body)
-    except ValueError:
-        return None
-    return data.get(name) if isinstance(data, dict) else None
+@functools.cache
+def _quoted(field: str) -> tuple[str, bytes]:
+    """`"field"` as text and as bytes, what a JSON object naming it holds."""
+    return f'"{field}"', f'"{field}"'.encode()
 
 
-def _json_object_names_steering(text: str | bytes) -> bool:
-    quoted_field = _QUOTED_FIELD if isinstance(text, str) else _QUOTED_FIELD_BYTES
-    if quoted_field not in text:  # the usual case (audio chunks among them): no parsing
-        return False
+def _json_object_naming(text: str | bytes, field: str) -> dict | None:
+    """The JSON object `text` holds, when its text names `field` (None otherwise, or when it is
+    not a JSON object); the usual text, which does not name it, is not parsed."""
+    quoted_text, quoted_bytes = _quoted(field)
+    if (quoted_bytes if isinstance(text, bytes) else quoted_text) not in text:
+        return None
     try:
         data = json.loads(text)
     except ValueError:
-        return False
-    return isinstance(data, dict) and STEERING_FIELD in data
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _json_object_names_steering(text: str | bytes) -> bool:
+    data = _json_object_naming(text, STEERING_FIELD)  # audio chunks among the texts: no parsing
+    return data is not None and STEERING_FIELD in data
 
 
 async def _form_names_steering(scope: Scope, body: bytes) -> bool:

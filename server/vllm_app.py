@@ -490,6 +490,27 @@ def _steered_endpoint(original: Callable, model: type, label: str):
     return endpoint
 
 
+def _replace_route(app: FastAPI, index: int, endpoint: Callable) -> None:
+    """Put `endpoint` in place of the endpoint of the app's route at `index`, which keeps its
+    path, methods, dependencies, place in the table and documentation."""
+    routes = app.router.routes
+    route = routes[index]
+    app.router.add_api_route(
+        route.path,
+        endpoint,
+        methods=sorted(route.methods),
+        dependencies=route.dependencies,
+        responses=route.responses,
+        response_model=None,
+        name=route.name,
+        tags=route.tags,
+        summary=route.summary,
+        description=route.description,
+        include_in_schema=route.include_in_schema,
+    )
+    routes[index] = routes.pop()
+
+
 def install_steering_field(app: FastAPI, gate: SteeringGate) -> frozenset[str]:
     """Rebuild vLLM's generation routes around the steered request models: FastAPI
     parses and documents `steering`, the gate admits or refuses it, vLLM's handler runs.
@@ -505,20 +526,7 @@ def install_steering_field(app: FastAPI, gate: SteeringGate) -> frozenset[str]:
         if "POST" not in route.methods:
             continue
         model, label = STEERED_ROUTES[route.path]
-        app.router.add_api_route(
-            route.path,
-            _steered_endpoint(route.endpoint, model, label),
-            methods=sorted(route.methods),
-            dependencies=route.dependencies,
-            responses=route.responses,
-            response_model=None,
-            name=route.name,
-            tags=route.tags,
-            summary=route.summary,
-            description=route.description,
-            include_in_schema=route.include_in_schema,
-        )
-        routes[index] = routes.pop()
+        _replace_route(app, index, _steered_endpoint(route.endpoint, model, label))
         found.add(route.path)
     missing = set(STEERED_ROUTES) - found
     if found and missing:
@@ -545,8 +553,7 @@ def list_steering_variants(app: FastAPI, variants: dict[str, tuple[str, dict]]) 
     )
     if index is None:
         raise RuntimeError(f"vLLM's app has no GET route for {MODELS_PATH}")
-    route = routes[index]
-    original = route.endpoint
+    original = routes[index].endpoint
 
     @functools.wraps(original)
     async def show_available_models(raw_request: Request) -> Any:
@@ -560,13 +567,4 @@ def list_steering_variants(app: FastAPI, variants: dict[str, tuple[str, dict]]) 
             listing["data"].append(card)
         return JSONResponse(content=listing)
 
-    app.router.add_api_route(
-        route.path,
-        show_available_models,
-        methods=sorted(route.methods),
-        dependencies=route.dependencies,
-        name=route.name,
-        tags=route.tags,
-        include_in_schema=route.include_in_schema,
-    )
-    routes[index] = routes.pop()
+    _replace_route(app, index, show_available_models)

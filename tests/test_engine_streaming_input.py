@@ -16,7 +16,14 @@ import asyncio
 import numpy as np
 import pytest
 
-from engine_harness import ENGINE_ENV, ENGINE_MODES, PROMPTS, engine_kwargs, tiny_artifacts
+from engine_harness import (
+    ENGINE_ENV,
+    ENGINE_MODES,
+    PROMPTS,
+    engine_kwargs,
+    steered_params,
+    tiny_artifacts,
+)
 from hf_reference import Edit, HFReference, Span
 
 pytestmark = pytest.mark.engine
@@ -88,15 +95,7 @@ def chunk_params(
     }
     if spec is None:
         return SamplingParams(**sampling)
-    from sae_vllm import steering_params
-
-    edits = [
-        {"sae": sae, "feature": feature, "op": op} | ({"value": value} if value is not None else {})
-        for sae, feature, op, value in SPECS[spec]
-    ]
-    return steering_params(
-        {"edits": edits, "apply_to": apply_to}, config=artifacts.additional_config(), **sampling
-    )
+    return steered_params(artifacts, SPECS[spec], apply_to, **sampling)
 
 
 async def run_session(engine, request_id: str, chunks: list[tuple[list[int], object]]):
