@@ -26,6 +26,7 @@ _EXPORTS = {
     "FeatureEdit": "spec",
     "SpecErrorReason": "spec",
     "SpecIssue": "spec",
+    "ScopeWindow": "spec",
     "SpecLimits": "spec",
     "SteeringSpec": "spec",
     "SteeringSpecError": "spec",

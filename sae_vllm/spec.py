@@ -7,13 +7,14 @@ import json
 import math
 from collections.abc import Mapping
 from enum import StrEnum
-from typing import Any, NamedTuple
+from typing import Annotated, Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
 DEFAULT_MAX_EDITS = 32
 DEFAULT_MAX_ABS_VALUE = 1.0e4
+MAX_WINDOW_OFFSET = 2**31 - 1  # far past any model's context; keeps position arithmetic in int64
 
 
 class EditOp(StrEnum):
@@ -82,6 +83,20 @@ class FeatureEdit(BaseModel):
         return float(value)
 
 
+_Offset = Annotated[StrictInt, Field(ge=-MAX_WINDOW_OFFSET, le=MAX_WINDOW_OFFSET)]
+
+
+class ScopeWindow(BaseModel):
+    """A slice [start, end) of the scope's positions, numbered from 0 in order: for `generated`,
+    position 0 is the one whose output is the first generated token. Negative values count back
+    from the end of the prompt (`prompt` scope only: the others have no end)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    start: _Offset = 0
+    end: _Offset | None = None  # None: to the end of the scope
+
+
 class SteeringSpec(BaseModel):
     """A request's steering: a list of feature edits and the positions they apply to. Frozen:
     a resolved spec is shared by every request of a process that sends the same one."""
@@ -90,6 +105,15 @@ class SteeringSpec(BaseModel):
 
     edits: list[FeatureEdit] = Field(min_length=1)
     apply_to: ApplyTo = ApplyTo.GENERATED
+    # Left out of the wire text when absent, so a spec without one keeps its text and key.
+    window: ScopeWindow | None = Field(default=None, exclude_if=lambda window: window is None)
+
+    @field_validator("window", mode="after")
+    @classmethod
+    def _whole_scope_is_no_window(cls, window: ScopeWindow | None) -> ScopeWindow | None:
+        if window is not None and window.start == 0 and window.end is None:
+            return None  # the same positions as no window: the same spec, text and KV key
+        return window
 
     def fingerprint(self) -> str:
         """A stable hash of the spec's meaning (key order and formatting do not matter)."""
@@ -149,6 +173,7 @@ def _message(error: Mapping[str, Any]) -> str:
 
 
 _TYPE_ERRORS = {"int_parsing", "float_parsing", "int_from_float"}
+_BOUND_ERRORS = {"greater_than_equal", "less_than_equal"}
 _OWN_CODES = {reason.value for reason in SpecErrorReason}
 
 
@@ -167,6 +192,8 @@ def _reason(error: Mapping[str, Any]) -> SpecErrorReason:
         return SpecErrorReason.UNKNOWN_OP
     if leaf == "feature":
         return SpecErrorReason.FEATURE_OUT_OF_RANGE
+    if kind in _BOUND_ERRORS:
+        return SpecErrorReason.VALUE_OUT_OF_RANGE
     return SpecErrorReason.INVALID_VALUE
 
 
@@ -213,9 +240,30 @@ def parse_spec(data: Any, limits: SpecLimits | None = None) -> SteeringSpec:
         elif abs(edit.value) > limits.max_abs_value:
             message = f"magnitude must be at most {limits.max_abs_value:g}"
             errors.append(SpecIssue(where, message, SpecErrorReason.VALUE_OUT_OF_RANGE))
+    if spec.window is not None:
+        errors.extend(_window_issues(spec.window, spec.apply_to))
     if errors:
         raise SteeringSpecError(errors)
     return spec
+
+
+def _window_issues(window: ScopeWindow, apply_to: ApplyTo) -> list[SpecIssue]:
+    """What is wrong with a window in this scope: a negative offset outside `prompt`, or a
+    window empty whatever the prompt's length."""
+    issues: list[SpecIssue] = []
+    if apply_to is not ApplyTo.PROMPT:
+        for name, offset in (("start", window.start), ("end", window.end)):
+            if offset is not None and offset < 0:
+                message = (
+                    "negative offsets count back from the prompt's end, "
+                    f"so only apply_to 'prompt' takes them (this spec's is '{apply_to.value}')"
+                )
+                issues.append(SpecIssue(f"window.{name}", message, SpecErrorReason.INVALID_VALUE))
+    end = window.end
+    if end is not None and (window.start < 0) == (end < 0) and end <= window.start:
+        message = f"must be greater than window.start ({window.start}): the window is empty"
+        issues.append(SpecIssue("window.end", message, SpecErrorReason.INVALID_VALUE))
+    return issues
 
 
 def resolve_spec(

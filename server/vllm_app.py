@@ -56,7 +56,8 @@ _MEMORY_DEFAULT = "_sae_vllm_gpu_memory_utilization_default"
 STEERING_DOC = (
     "SAE feature edits applied to this request only (sae-vllm). Example: "
     '{"edits": [{"sae": "res12", "feature": 1234, "op": "set", "value": 8.0}], '
-    '"apply_to": "generated"}. SAE ids and sizes: GET /v1/saes.'
+    '"apply_to": "generated"}; add "window": {"end": 16} to steer the first 16 generated '
+    "tokens only. SAE ids and sizes: GET /v1/saes."
 )
 
 

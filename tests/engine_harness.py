@@ -126,7 +126,9 @@ def stop_llm(llm) -> None:
     gc.collect()
 
 
-def steered_params(artifacts: Artifacts, edits, apply_to: str, **sampling):
+def steered_params(
+    artifacts: Artifacts, edits, apply_to: str, window: dict | None = None, **sampling
+):
     from sae_vllm import steering_params
 
     spec = {
@@ -137,6 +139,8 @@ def steered_params(artifacts: Artifacts, edits, apply_to: str, **sampling):
         ],
         "apply_to": apply_to,
     }
+    if window is not None:
+        spec["window"] = window
     sampling.setdefault("temperature", 0.0)
     return steering_params(spec, config=artifacts.additional_config(), **sampling)
 

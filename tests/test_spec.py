@@ -85,6 +85,23 @@ def test_json_string_input_is_accepted():
         ([1, 2], "", "JSON object"),
         ("{not json", "", "not valid JSON"),
         ({"edits": [edit(sae="")]}, "edits[0].sae", ""),
+        ({"edits": [edit()], "window": {"start": -2}}, "window.start", "only apply_to 'prompt'"),
+        (
+            {"edits": [edit()], "apply_to": "all", "window": {"start": 1, "end": -1}},
+            "window.end",
+            "only apply_to 'prompt'",
+        ),
+        ({"edits": [edit()], "window": {"start": 4, "end": 4}}, "window.end", "window is empty"),
+        (
+            {"edits": [edit()], "apply_to": "prompt", "window": {"start": -2, "end": -3}},
+            "window.end",
+            "window is empty",
+        ),
+        ({"edits": [edit()], "window": {"start": 1.0}}, "window.start", "valid integer"),
+        ({"edits": [edit()], "window": {"end": "8"}}, "window.end", "valid integer"),
+        ({"edits": [edit()], "window": {"end": 2**40}}, "window.end", "less than or equal"),
+        ({"edits": [edit()], "window": {"first": 8}}, "window.first", "unknown field"),
+        ({"edits": [edit()], "window": [0, 8]}, "window", ""),
     ],
 )
 def test_invalid_specs_name_the_offending_field(data, path, fragment):
@@ -111,6 +128,8 @@ def test_invalid_specs_name_the_offending_field(data, path, fragment):
         {"edits": [{"value": 1e-300, "op": "floor", "feature": 0}]},
         {"edits": [edit(value="1.5")]},
         {"edits": [edit()], "apply_to": "ALL"},
+        {"edits": [edit()], "window": {"start": 2, "end": 9}},
+        {"edits": [edit()], "window": {"start": True}},
     ],
 )
 def test_json_text_and_the_dict_it_encodes_parse_alike(data):
@@ -203,6 +222,18 @@ def test_every_error_carries_a_reason_code_without_reading_its_message():
         '{"edits": [{"feature": 1, "op": "set", "value": 1}], "apply_to": "x"}': (
             SpecErrorReason.INVALID_VALUE
         ),
+        '{"edits": [{"feature": 1, "op": "ablate"}], "window": {"start": -1}}': (
+            SpecErrorReason.INVALID_VALUE
+        ),
+        '{"edits": [{"feature": 1, "op": "ablate"}], "window": {"end": 0}}': (
+            SpecErrorReason.INVALID_VALUE
+        ),
+        '{"edits": [{"feature": 1, "op": "ablate"}], "window": {"end": 1e3}}': (
+            SpecErrorReason.INVALID_TYPE
+        ),
+        '{"edits": [{"feature": 1, "op": "ablate"}], "window": {"end": 9999999999}}': (
+            SpecErrorReason.VALUE_OUT_OF_RANGE
+        ),
     }
     for raw, reason in cases.items():
         with pytest.raises(SteeringSpecError) as info:
@@ -215,3 +246,29 @@ def test_fingerprint_ignores_formatting_and_tracks_meaning():
     b = parse_spec(json.dumps({"apply_to": "generated", "edits": [edit(value=8)]}))
     c = parse_spec({"edits": [edit(value=8.5)]})
     assert a.fingerprint() == b.fingerprint() != c.fingerprint()
+
+
+def test_a_window_slices_the_scope_and_travels_in_the_spec_text():
+    spec = parse_spec({"edits": [edit()], "apply_to": "prompt", "window": {"start": -8}})
+    assert (spec.window.start, spec.window.end) == (-8, None)
+    assert parse_spec(spec.model_dump_json()) == spec
+    first = parse_spec({"edits": [edit()], "window": {"end": 16}})
+    assert (first.window.start, first.window.end) == (0, 16)
+    assert first.fingerprint() != parse_spec({"edits": [edit()]}).fingerprint()
+
+
+def test_a_window_over_the_whole_scope_is_the_spec_without_one():
+    plain = parse_spec({"edits": [edit()], "apply_to": "all"})
+    for window in ({}, {"start": 0}, {"start": 0, "end": None}):
+        same = parse_spec({"edits": [edit()], "apply_to": "all", "window": window})
+        assert same.window is None
+        assert same.model_dump_json() == plain.model_dump_json()
+        assert same.fingerprint() == plain.fingerprint()
+    # A spec without a window keeps the text (and so the KV keys) it had before windows existed.
+    assert "window" not in plain.model_dump_json()
+
+
+def test_a_prompt_window_may_mix_signs_whatever_the_prompt_length():
+    # [2, -1): empty for prompts of 3 tokens or fewer, which only the prompt's length can say.
+    spec = parse_spec({"edits": [edit()], "apply_to": "prompt", "window": {"start": 2, "end": -1}})
+    assert (spec.window.start, spec.window.end) == (2, -1)

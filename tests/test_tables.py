@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from hf_reference import scope_span
 from sae_vllm.engine.tables import NO_ROW, SteeringTables
 from sae_vllm.kernels import OP_CODES
 from sae_vllm.spec import resolve_spec
@@ -13,11 +14,14 @@ from sae_vllm.spec import resolve_spec
 SIZES = {"a": 64, "b": 32}
 
 
-def spec(apply_to="generated", sae="a", feature=3, op="set", value=2.0):
+def spec(apply_to="generated", sae="a", feature=3, op="set", value=2.0, window=None):
     edit = {"sae": sae, "feature": feature, "op": op}
     if op != "ablate":
         edit["value"] = value
-    return resolve_spec({"edits": [edit], "apply_to": apply_to}, SIZES)
+    data = {"edits": [edit], "apply_to": apply_to}
+    if window is not None:
+        data["window"] = window
+    return resolve_spec(data, SIZES)
 
 
 def make(max_rows=4, max_tokens=32):
@@ -36,7 +40,7 @@ def test_admit_writes_each_saes_slots_and_release_clears_them():
         },
         SIZES,
     )
-    row = tables.admit("r1", two)
+    row = tables.admit("r1", two, 4)
     a, b = tables.tables["a"], tables.tables["b"]
     assert a.feature[row].tolist() == [5, 6, -1]
     assert a.op[row, :2].tolist() == [OP_CODES["scale"], OP_CODES["cap"]]
@@ -50,53 +54,51 @@ def test_admit_writes_each_saes_slots_and_release_clears_them():
 
 def test_unsteered_requests_take_no_row_and_rows_are_reused():
     tables = make(max_rows=2)
-    assert tables.admit("plain", None) == NO_ROW
-    rows = {tables.admit("x", spec()), tables.admit("y", spec())}
+    assert tables.admit("plain", None, 4) == NO_ROW
+    rows = {tables.admit("x", spec(), 4), tables.admit("y", spec(), 4)}
     assert rows == {0, 1}
     with pytest.raises(RuntimeError, match="exhausted"):
-        tables.admit("z", spec())
+        tables.admit("z", spec(), 4)
     tables.release("x")
     tables.release("plain")
-    assert tables.admit("z", spec()) in rows
+    assert tables.admit("z", spec(), 4) in rows
 
 
-def step(tables, req_ids, scheduled, computed, prompt):
-    tables.write_step(req_ids, np.array(scheduled), np.array(computed), np.array(prompt))
+def step(tables, req_ids, scheduled, computed):
+    tables.write_step(req_ids, np.array(scheduled), np.array(computed))
     n = sum(scheduled)
     return tables.tok_row[:n].tolist(), tables.tok_scope[:n].tolist()
 
 
 def test_scopes_in_a_mixed_prefill_and_decode_batch():
     tables = make()
-    g = tables.admit("gen", spec("generated"))
-    a = tables.admit("all", spec("all"))
-    p = tables.admit("prompt", spec("prompt"))
-    tables.admit("none", None)
+    g = tables.admit("gen", spec("generated"), 4)
+    a = tables.admit("all", spec("all"), 5)
+    p = tables.admit("prompt", spec("prompt"), 4)
+    tables.admit("none", None, 9)
     # gen: prefill of a 4-token prompt; all: decode at position 6 (prompt 5);
     # prompt: chunked prefill positions 2..4 of a 4-token prompt + first decode pos; none: 2 tokens
-    rows, scope = step(
-        tables, ["gen", "all", "prompt", "none"], [4, 1, 3, 2], [0, 6, 2, 0], [4, 5, 4, 9]
-    )
+    rows, scope = step(tables, ["gen", "all", "prompt", "none"], [4, 1, 3, 2], [0, 6, 2, 0])
     assert rows == [g] * 4 + [a] + [p] * 3 + [NO_ROW] * 2
     assert scope == [False, False, False, True, True, True, True, False, False, False]
 
 
 def test_generated_scope_steers_every_decode_position():
     tables = make()
-    r = tables.admit("gen", spec("generated"))
+    r = tables.admit("gen", spec("generated"), 4)
     for position in range(3, 8):
-        rows, scope = step(tables, ["gen"], [1], [position], [4])
+        rows, scope = step(tables, ["gen"], [1], [position])
         assert rows == [r] and scope == [True]
 
 
 def test_a_generation_start_scopes_resubmitted_tokens_as_generated():
     # A beam-search step: prompt = 4 original tokens + 3 generated ones, prefilled at once.
     tables = make()
-    g = tables.admit("gen", spec("generated"), generation_start=4)
-    p = tables.admit("prompt", spec("prompt"), generation_start=4)
-    a = tables.admit("all", spec("all"), generation_start=4)
-    plain = tables.admit("plain-gen", spec("generated"))  # its own prompt end: position 6
-    rows, scope = step(tables, ["gen", "prompt", "all", "plain-gen"], [7] * 4, [0] * 4, [7] * 4)
+    g = tables.admit("gen", spec("generated"), 7, generation_start=4)
+    p = tables.admit("prompt", spec("prompt"), 7, generation_start=4)
+    a = tables.admit("all", spec("all"), 7, generation_start=4)
+    plain = tables.admit("plain-gen", spec("generated"), 7)  # its own prompt end: position 6
+    rows, scope = step(tables, ["gen", "prompt", "all", "plain-gen"], [7] * 4, [0] * 4)
     assert rows == [g] * 7 + [p] * 7 + [a] * 7 + [plain] * 7
     assert scope == (
         [False] * 3 + [True] * 4  # generated: from the last original prompt position on
@@ -105,19 +107,19 @@ def test_a_generation_start_scopes_resubmitted_tokens_as_generated():
         + [False] * 6 + [True]
     )  # fmt: skip
     tables.release("gen")
-    assert tables.admit("gen2", spec("generated")) == g  # the reused row forgets the start
-    rows, scope = step(tables, ["gen2"], [7], [0], [7])
+    assert tables.admit("gen2", spec("generated"), 7) == g  # the reused row forgets the start
+    rows, scope = step(tables, ["gen2"], [7], [0])
     assert scope == [False] * 6 + [True]
 
 
 def test_tokens_past_the_step_are_reset_and_idle_batches_clear_the_buffer():
     tables = make()
-    r = tables.admit("s", spec("all"))
-    step(tables, ["s"], [10], [0], [10])
-    step(tables, ["s"], [1], [10], [10])
+    r = tables.admit("s", spec("all"), 10)
+    step(tables, ["s"], [10], [0])
+    step(tables, ["s"], [1], [10])
     assert tables.tok_row[1:].eq(NO_ROW).all() and not tables.tok_scope[1:].any()
-    tables.admit("plain", None)
-    rows, _ = step(tables, ["plain"], [5], [0], [5])
+    tables.admit("plain", None, 5)
+    rows, _ = step(tables, ["plain"], [5], [0])
     assert rows == [NO_ROW] * 5
     assert tables.tok_row.eq(NO_ROW).all() and not tables.tok_scope.any()
     assert r >= 0
@@ -127,9 +129,9 @@ def test_write_step_is_vectorised_over_large_batches():
     tables = SteeringTables(["a"], 512, 2, 8192, torch.device("cpu"))
     ids = [f"r{i}" for i in range(256)]
     for i, rid in enumerate(ids):
-        tables.admit(rid, spec() if i % 2 else None)
+        tables.admit(rid, spec() if i % 2 else None, 16)
     sched = np.full(256, 32)
-    tables.write_step(ids, sched, np.zeros(256, np.int64), np.full(256, 16))
+    tables.write_step(ids, sched, np.zeros(256, np.int64))
     rows = tables.tok_row[: 256 * 32].view(256, 32)
     assert (rows[0::2] == NO_ROW).all() and (rows[1::2] >= 0).all()
     scope = tables.tok_scope[: 256 * 32].view(256, 32)
@@ -138,17 +140,17 @@ def test_write_step_is_vectorised_over_large_batches():
 
 def test_steady_decode_steps_reuse_the_buffers_and_changes_invalidate_them():
     tables = make()
-    g = tables.admit("g", spec("generated"))
-    p = tables.admit("p", spec("prompt"))
-    assert step(tables, ["g", "p"], [4, 4], [0, 0], [4, 4]) == (
+    g = tables.admit("g", spec("generated"), 4)
+    p = tables.admit("p", spec("prompt"), 4)
+    assert step(tables, ["g", "p"], [4, 4], [0, 0]) == (
         [g] * 4 + [p] * 4,
         [False, False, False, True, True, True, True, True],
     )
-    assert step(tables, ["g", "p"], [1, 1], [4, 4], [4, 4]) == ([g, p], [True, False])
+    assert step(tables, ["g", "p"], [1, 1], [4, 4]) == ([g, p], [True, False])
     tables.tok_row[0] = 99  # a reused step leaves the buffers as the last full write left them
-    assert step(tables, ["g", "p"], [1, 1], [5, 5], [4, 4])[0] == [99, p]
+    assert step(tables, ["g", "p"], [1, 1], [5, 5])[0] == [99, p]
     tables.release("p")  # any row change forces a full write
-    assert step(tables, ["g", "p"], [1, 1], [6, 6], [4, 4]) == ([g, NO_ROW], [True, False])
+    assert step(tables, ["g", "p"], [1, 1], [6, 6]) == ([g, NO_ROW], [True, False])
 
 
 def test_staged_tables_reach_the_device_exactly_as_direct_writes_do():
@@ -177,17 +179,16 @@ def test_staged_tables_reach_the_device_exactly_as_direct_writes_do():
                     feature=int(rng.integers(32)),
                     op=("set", "add", "ablate")[int(rng.integers(3))],
                 )
-            for tables in (direct, staged):
-                tables.admit(new, request_spec)
             computed[new], prompt_len[new] = 0, int(rng.integers(1, 6))
+            for tables in (direct, staged):
+                tables.admit(new, request_spec, prompt_len[new])
         ids = list(computed)
         scheduled = [
             1 if computed[r] >= prompt_len[r] else prompt_len[r] - computed[r] for r in ids
         ]
         args = (np.array(scheduled, dtype=np.int64), np.array([computed[r] for r in ids]))
-        lengths = np.array([prompt_len[r] for r in ids])
         for tables in (direct, staged):
-            tables.write_step(ids, *args, lengths)
+            tables.write_step(ids, *args)
         for r, n in zip(ids, scheduled, strict=True):
             computed[r] += n
         assert torch.equal(staged.tok_row, direct.tok_row), step_index
@@ -198,3 +199,114 @@ def test_staged_tables_reach_the_device_exactly_as_direct_writes_do():
                 assert torch.equal(got, getattr(direct.tables[sae], name)), (step_index, sae)
         steered_steps += bool(direct.tok_row.ge(0).any())
     assert steered_steps > 100  # the sequence steered tokens on most steps
+
+
+def test_a_window_slices_its_scope_in_prefill_and_decode():
+    tables = make(max_tokens=40)
+    first = tables.admit("first", spec("generated", window={"end": 3}), 4)
+    late = tables.admit("late", spec("generated", window={"start": 2}), 4)
+    tail = tables.admit("tail", spec("prompt", window={"start": -2}), 4)
+    inner = tables.admit("inner", spec("all", window={"start": 1, "end": 4}), 4)
+    # 4-token prompts prefilled whole, then decoded one position a step
+    rows, scope = step(tables, ["first", "late", "tail", "inner"], [4] * 4, [0] * 4)
+    assert rows == [first] * 4 + [late] * 4 + [tail] * 4 + [inner] * 4
+    assert scope == (
+        [False] * 3 + [True]  # generated from 3: its first 3 positions are 3, 4, 5
+        + [False] * 4  # generated from 3, window from 2: 5 and on
+        + [False, False, True, True]  # the last 2 prompt positions
+        + [False, True, True, True]  # positions 1..3
+    )  # fmt: skip
+    decoded = [step(tables, ["first", "late", "tail", "inner"], [1] * 4, [p] * 4)[1]
+               for p in range(4, 8)]  # fmt: skip
+    assert decoded == [
+        [True, False, False, False],  # position 4
+        [True, True, False, False],  # 5
+        [False, True, False, False],  # 6: past the first window
+        [False, True, False, False],  # 7
+    ]
+
+
+def test_a_window_past_a_short_prompt_steers_nothing():
+    tables = make()
+    tables.admit("r", spec("prompt", window={"start": 6}), 4)
+    assert step(tables, ["r"], [4], [0])[1] == [False] * 4
+
+
+def test_decode_steps_are_reused_only_once_no_window_edge_lies_ahead():
+    tables = make()
+    r = tables.admit("r", spec("generated", window={"start": 1, "end": 3}), 3)
+    step(tables, ["r"], [3], [0])  # prompt: positions 0..2; the window steers 3 and 4
+    assert [step(tables, ["r"], [1], [p])[1] for p in (3, 4, 5)] == [[True]] * 2 + [[False]]
+    tables.tok_row[0] = 99  # a reused step leaves the buffers as the last full write left them
+    assert step(tables, ["r"], [1], [6])[0] == [99]  # past both edges: reused
+    assert r >= 0
+
+
+def python_slice_mask(apply_to, window, prompt_len, positions):
+    """Whether each position is steered, by the HF reference's own rule (Python slices of the
+    scope's positions, written apart from sae_vllm.engine.scopes)."""
+    span = scope_span(prompt_len, [], apply_to, window)
+    return [span.lo <= p and (span.hi is None or p < span.hi) for p in positions]
+
+
+def random_window(rng, negative: bool) -> dict | None:
+    """A valid window (None half the time); negative offsets only where the scope allows."""
+    if rng.random() < 0.5:
+        return None
+    start = int(rng.integers(-6 if negative else 0, 6))
+    if rng.random() < 0.4:
+        return {"start": start}
+    end = int(rng.integers(start + 1, start + 8))
+    if not negative and end < 0:
+        end = start + 1
+    return {"start": start, "end": end}
+
+
+def test_windowed_masks_match_python_slices_through_random_batches():
+    """Random admissions, releases, chunked prefills and decode runs (steady steps included):
+    every token's scope bit equals the Python slice of its request's scope."""
+    tables = SteeringTables(["a"], 8, 2, 64, torch.device("cpu"))
+    rng = np.random.default_rng(1)
+    requests: dict[str, dict] = {}
+    checked_in = checked_out = 0
+    for step_index in range(400):
+        if requests and rng.random() < 0.08:
+            gone = list(requests)[int(rng.integers(len(requests)))]
+            tables.release(gone)
+            del requests[gone]
+        if len(requests) < 6 and rng.random() < 0.15:
+            apply_to = ("generated", "all", "prompt")[int(rng.integers(3))]
+            window = random_window(rng, negative=apply_to == "prompt")
+            new = f"r{step_index}"
+            request_spec = None if rng.random() < 0.2 else spec(apply_to, window=window)
+            prompt_len = int(rng.integers(1, 12))
+            tables.admit(new, request_spec, prompt_len)
+            requests[new] = {"spec": request_spec, "prompt": prompt_len, "computed": 0}
+        ids = list(requests)
+        if not ids:
+            continue
+        scheduled = []
+        for r in ids:
+            left = requests[r]["prompt"] - requests[r]["computed"]
+            scheduled.append(int(rng.integers(1, left + 1)) if left > 0 else 1)
+        computed = np.array([requests[r]["computed"] for r in ids])
+        rows, scope = step(tables, ids, scheduled, computed)
+        at = 0
+        for r, n in zip(ids, scheduled, strict=True):
+            request = requests[r]
+            positions = range(request["computed"], request["computed"] + n)
+            if request["spec"] is None:
+                assert rows[at : at + n] == [NO_ROW] * n
+                assert scope[at : at + n] == [False] * n
+            else:
+                window = request["spec"].window
+                window = None if window is None else window.model_dump(exclude_none=True)
+                expected = python_slice_mask(
+                    request["spec"].apply_to.value, window, request["prompt"], positions
+                )
+                assert scope[at : at + n] == expected, (step_index, r, window, positions)
+                checked_in += sum(expected)
+                checked_out += n - sum(expected)
+            request["computed"] += n
+            at += n
+    assert checked_in > 200 and checked_out > 200

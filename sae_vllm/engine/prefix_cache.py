@@ -15,7 +15,7 @@ from typing import Any
 
 from ..config import PREFIX_CACHE_KEY
 from ..resolved_specs import ResolvedSpec
-from .scopes import SCOPE_CODES, UNBOUNDED, steered_span
+from .scopes import UNBOUNDED, steered_span
 
 _TAG = "sae_steering"
 
@@ -25,9 +25,8 @@ def key_fields(
 ) -> list:
     """What block_key needs of a steered request: [spec fingerprint, lo, hi or None when the
     span has no end], the span as the worker steers it (a list: it travels in extra_args)."""
-    prompt_len = num_prompt_tokens if generation_start is None else generation_start
-    lo, hi = steered_span(SCOPE_CODES[steering.spec.apply_to], prompt_len)
-    return [steering.fingerprint, int(lo), None if hi == UNBOUNDED else int(hi)]
+    lo, hi = steered_span(steering.spec, num_prompt_tokens, generation_start)
+    return [steering.fingerprint, lo, None if hi == UNBOUNDED else hi]
 
 
 def session_key_fields(steering: ResolvedSpec, request_id: str) -> list:
@@ -55,7 +54,8 @@ def block_key(extra_args: dict[str, Any], start: int, end: int) -> tuple[str, st
     if fields is None:
         return None
     fingerprint, lo, hi = fields
-    if end <= lo:
+    # Nothing steered before `end`, or nothing at all (a window past a short prompt's end).
+    if end <= lo or hi == lo:
         return None
     steered_until = end if hi is None else min(hi, end)
     return (_TAG, f"{fingerprint}:{lo}:{steered_until}")

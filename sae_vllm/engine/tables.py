@@ -11,7 +11,7 @@ import torch
 from .. import LOGGER_NAME
 from ..kernels import OP_CODES
 from ..spec import SteeringSpec
-from .scopes import SCOPE_CODES, steered_span
+from .scopes import UNBOUNDED, steered_span
 from .staging import StagedTensor
 
 logger = logging.getLogger(LOGGER_NAME)
@@ -63,10 +63,10 @@ class SteeringTables:
     """Rows handed to steered requests, their edit tables per SAE, and the token->row map.
 
     A request gets a row the first time the runner schedules it and gives it back when it
-    finishes, is aborted or is preempted. Every step the token buffers are rewritten with
-    vectorised numpy from the batch layout; rows past the step's tokens read -1. All of it is
-    written on the host and reaches the device without a host-device sync (`staged`: through
-    pinned host copies; default on CUDA devices)."""
+    finishes, is aborted or is preempted; the positions it steers are fixed then. Every step the
+    token buffers are rewritten with vectorised numpy from the batch layout; rows past the
+    step's tokens read -1. All of it is written on the host and reaches the device without a
+    host-device sync (`staged`: through pinned host copies; default on CUDA devices)."""
 
     def __init__(
         self,
@@ -84,9 +84,12 @@ class SteeringTables:
         self._tok_scope = StagedTensor(self.tok_scope, staged)
         self.rows_total = max_rows
         self._free_rows = list(range(max_rows - 1, -1, -1))
-        self._row_scope = np.zeros(max_rows, dtype=np.int8)
-        # Where the row's generated tokens start, when not at the end of its prompt (-1).
-        self._row_generation_start = np.full(max_rows, -1, dtype=np.int64)
+        # Each row's steered positions, lo <= position < hi, and the position from which its
+        # tokens stay in or out of that span for good. One entry more than there are rows: the
+        # last, read through NO_ROW (-1), is an empty span that every position has settled in.
+        self._row_lo = np.zeros(max_rows + 1, dtype=np.int64)
+        self._row_hi = np.zeros(max_rows + 1, dtype=np.int64)
+        self._row_settles_at = np.zeros(max_rows + 1, dtype=np.int64)
         self._row_of: dict[str, int] = {}
         self._written_tokens = 0
         self._steady_layout: tuple | None = None
@@ -108,9 +111,14 @@ class SteeringTables:
         return req_id in self._row_of
 
     def admit(
-        self, req_id: str, spec: SteeringSpec | None, generation_start: int | None = None
+        self,
+        req_id: str,
+        spec: SteeringSpec | None,
+        num_prompt_tokens: int,
+        generation_start: int | None = None,
     ) -> int:
-        """Give a request its row (NO_ROW when it is not steered) and fill its edit slots.
+        """Give a request its row (NO_ROW when it is not steered), fill its edit slots and fix
+        the positions it steers.
 
         `generation_start` is the position of the first generated token when it is not the end
         of the request's prompt: a beam-search step re-submits the tokens generated so far as
@@ -130,8 +138,10 @@ class SteeringTables:
                 [edit.value or 0.0 for edit in edits],
                 [OP_CODES[edit.op.value] for edit in edits],
             )
-        self._row_scope[row] = SCOPE_CODES[spec.apply_to]
-        self._row_generation_start[row] = -1 if generation_start is None else generation_start
+        lo, hi = steered_span(spec, num_prompt_tokens, generation_start)
+        self._row_lo[row], self._row_hi[row] = lo, hi
+        # Past its last edge ahead (lo when the span has no end), a token's bit never changes.
+        self._row_settles_at[row] = lo if hi == UNBOUNDED else hi
         self._row_of[req_id] = row
         return row
 
@@ -149,7 +159,6 @@ class SteeringTables:
         req_ids: Sequence[str],
         num_scheduled_tokens: np.ndarray,
         num_computed_tokens: np.ndarray,
-        num_prompt_tokens: np.ndarray,
     ) -> None:
         """Write the token->row map and scope mask for one step's batch (request order), and
         bring the edit tables' changed rows to the device."""
@@ -159,7 +168,7 @@ class SteeringTables:
             return  # nothing steered now or in the last write: the buffers are all -1 already
         layout = (tuple(req_ids), num_scheduled_tokens.tobytes())
         if layout == self._steady_layout:
-            return  # same batch, all past their prompts: the buffers already hold this step
+            return  # same batch, every token settled: the buffers already hold this step
         rows = np.fromiter((self._row_of.get(r, NO_ROW) for r in req_ids), np.int32, len(req_ids))
         num_tokens = int(num_scheduled_tokens.sum())
         if not (rows >= 0).any():
@@ -170,21 +179,13 @@ class SteeringTables:
         positions = num_computed_tokens[token_req] + (
             np.arange(num_tokens) - first_token[token_req]
         )
-        scope = self._row_scope[rows]
-        # Unsteered requests (row -1) read the last row's entries here; their tokens are
-        # masked out by token_rows below.
-        generation_start = self._row_generation_start[rows]
-        prompt_len = np.where(
-            generation_start >= 0, generation_start, num_prompt_tokens.astype(np.int64)
-        )
-        lo, hi = steered_span(scope, prompt_len)
         token_rows = rows[token_req]
-        in_scope = (token_rows >= 0) & (positions >= lo[token_req]) & (positions < hi[token_req])
+        in_scope = (positions >= self._row_lo[token_rows]) & (positions < self._row_hi[token_rows])
         self._write_tokens(num_tokens, token_rows, in_scope)
-        # Once every token is past its prompt, a step with the same batch layout has the same
-        # rows and the same scope (generated/all: in, prompt: out), so it can skip the write.
-        past_prompt = bool((positions >= prompt_len[token_req]).all())
-        self._steady_layout = layout if past_prompt else None
+        # Once every token has settled, a step with the same batch layout has the same rows and
+        # the same scope (each token stays in or out of its span), so it can skip the write.
+        settled = bool((positions >= self._row_settles_at[token_rows]).all())
+        self._steady_layout = layout if settled else None
 
     def _write_tokens(
         self, count: int, rows: np.ndarray | None = None, scope: np.ndarray | None = None

@@ -115,15 +115,12 @@ class WorkerSteering:
 
     def prepare_step(self, runner: Any, num_scheduled_tokens: np.ndarray) -> None:
         batch = vllm.step_batch(runner, num_scheduled_tokens)
-        for req_id in batch.req_ids:
+        for index, req_id in enumerate(batch.req_ids):
             if not self.tables.knows(req_id):
-                self.tables.admit(req_id, *self._steering_of(runner, req_id))
-        self.tables.write_step(
-            batch.req_ids,
-            batch.num_scheduled_tokens,
-            batch.num_computed_tokens,
-            batch.num_prompt_tokens,
-        )
+                spec, generation_start = self._steering_of(runner, req_id)
+                num_prompt_tokens = int(batch.num_prompt_tokens[index])
+                self.tables.admit(req_id, spec, num_prompt_tokens, generation_start)
+        self.tables.write_step(batch.req_ids, batch.num_scheduled_tokens, batch.num_computed_tokens)
 
     def _steering_of(self, runner: Any, req_id: str) -> tuple[SteeringSpec | None, int | None]:
         """The request's spec and generation start (see SteeringTables.admit)."""
