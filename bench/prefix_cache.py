@@ -5,7 +5,8 @@ Each sample: the prefix cache is reset and warmed with the shared prefix by one 
 request (as a server with a common system prompt holds it), then a batch of requests, each the
 prefix plus a suffix of its own, runs to its first tokens. `generated`-scoped requests can share
 the prefix's KV blocks with unsteered traffic; `all`-scoped ones steer the prefix itself, so
-they must compute it: the cost every steered request paid before they could share."""
+they must compute it: the cost every steered request paid before they could share. `prompt`
+with a window over the request's own suffix steers its prompt but not the shared prefix."""
 
 from __future__ import annotations
 
@@ -19,8 +20,6 @@ from typing import Any
 from . import report
 from .overhead import BENCH_SAE_ID, add_model_args, steered_engine
 
-VARIANTS = {"unsteered": None, "steered generated": "generated", "steered all": "all"}
-
 
 @dataclass(frozen=True)
 class Workload:
@@ -32,7 +31,17 @@ class Workload:
     batch: int = 16
 
 
-def make_batch(workload: Workload, apply_to: str | None, sae_id: str, d_sae: int) -> list:
+def variants(workload: Workload) -> dict[str, dict[str, Any] | None]:
+    """Each variant's name and the scope fields of its specs (None: unsteered)."""
+    return {
+        "unsteered": None,
+        "steered generated": {"apply_to": "generated"},
+        "steered all": {"apply_to": "all"},
+        "steered own suffix": {"apply_to": "prompt", "window": {"start": -workload.suffix_len}},
+    }
+
+
+def make_batch(workload: Workload, scope: dict[str, Any] | None, sae_id: str, d_sae: int) -> list:
     """`batch` requests: the prefix, a suffix of their own, each steered by its own spec."""
     from vllm import SamplingParams
 
@@ -44,9 +53,9 @@ def make_batch(workload: Workload, apply_to: str | None, sae_id: str, d_sae: int
             "max_tokens": workload.output_len,
             "ignore_eos": True,
         }
-        if apply_to is not None:
+        if scope is not None:
             edit = {"sae": sae_id, "feature": (37 * i) % d_sae, "op": "add", "value": 0.5}
-            params["extra_args"] = {"sae_steering": {"edits": [edit], "apply_to": apply_to}}
+            params["extra_args"] = {"sae_steering": {"edits": [edit], **scope}}
         requests.append(({"prompt_token_ids": prefix + suffix}, SamplingParams(**params)))
     return requests
 
@@ -77,15 +86,18 @@ def measure_variants(
 ) -> dict[str, dict[str, list[float]]]:
     """Per variant, each repeat's batch seconds and cached prompt share, variants interleaved
     (after one untimed warm-up of each)."""
-    batches = {name: make_batch(workload, scope, sae_id, d_sae) for name, scope in VARIANTS.items()}
+    batches = {
+        name: make_batch(workload, scope, sae_id, d_sae)
+        for name, scope in variants(workload).items()
+    }
     samples: dict[str, dict[str, list[float]]] = {
-        name: {"seconds": [], "cached_share": []} for name in VARIANTS
+        name: {"seconds": [], "cached_share": []} for name in batches
     }
     prefix = prefix_tokens(workload)
-    for name in VARIANTS:
+    for name in batches:
         measure(llm, prefix, batches[name])
     for repeat in range(repeats):
-        for name in VARIANTS:
+        for name in batches:
             elapsed, share = measure(llm, prefix, batches[name])
             samples[name]["seconds"].append(elapsed)
             samples[name]["cached_share"].append(share)

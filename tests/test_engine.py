@@ -343,15 +343,16 @@ def test_a_prompt_window_shares_the_blocks_before_it(llm, artifacts):
 
 def test_the_prefix_cache_benchmark_reports_what_the_cache_served(llm, artifacts):
     # bench/prefix_cache.py on this engine (blocks of 128): a 200-token prefix, 8 more each.
-    from bench.prefix_cache import VARIANTS, Workload, measure_variants
+    from bench.prefix_cache import Workload, measure_variants, variants
 
     workload = Workload(prefix_len=200, suffix_len=8, output_len=1, batch=4)
     d_sae = artifacts.saes["relu"].W_dec.shape[0]
     samples = measure_variants(llm, workload, "relu", d_sae, repeats=1, progress=lambda _: None)
-    assert list(samples) == list(VARIANTS)
+    assert list(samples) == list(variants(workload))
     shared = [pytest.approx(128 / 208)]
-    assert samples["unsteered"]["cached_share"] == samples["steered generated"]["cached_share"]
     assert samples["unsteered"]["cached_share"] == shared
+    assert samples["steered generated"]["cached_share"] == shared
+    assert samples["steered own suffix"]["cached_share"] == shared  # steers positions 200..207
     assert samples["steered all"]["cached_share"] == [0.0]
     assert all(s["seconds"][0] > 0 for s in samples.values())
 
