@@ -15,6 +15,7 @@ from pydantic_core import PydanticCustomError
 DEFAULT_MAX_EDITS = 32
 DEFAULT_MAX_ABS_VALUE = 1.0e4
 MAX_WINDOW_OFFSET = 2**31 - 1  # far past any model's context; keeps position arithmetic in int64
+MAX_SCOPES = 4  # distinct (apply_to, window) pairs among a spec's edits; bounds a request's rows
 
 
 class EditOp(StrEnum):
@@ -51,6 +52,7 @@ class SpecErrorReason(StrEnum):
     FEATURE_OUT_OF_RANGE = "feature_out_of_range"
     DUPLICATE_FEATURE = "duplicate_feature"
     TOO_MANY_EDITS = "too_many_edits"
+    TOO_MANY_SCOPES = "too_many_scopes"
 
 
 class SpecIssue(NamedTuple):
@@ -59,28 +61,6 @@ class SpecIssue(NamedTuple):
     path: str
     message: str
     reason: SpecErrorReason
-
-
-class FeatureEdit(BaseModel):
-    """One edit of one SAE feature."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    sae: str | None = Field(default=None, min_length=1, max_length=128)
-    feature: StrictInt = Field(ge=0)
-    op: EditOp
-    value: float | None = None
-
-    @field_validator("value", mode="before")
-    @classmethod
-    def _value_is_a_finite_number(cls, value: Any) -> Any:
-        if value is None:
-            return value
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise PydanticCustomError(SpecErrorReason.INVALID_TYPE.value, "must be a number")
-        if not math.isfinite(value):
-            raise PydanticCustomError(SpecErrorReason.NON_FINITE.value, "must be finite")
-        return float(value)
 
 
 _Offset = Annotated[StrictInt, Field(ge=-MAX_WINDOW_OFFSET, le=MAX_WINDOW_OFFSET)]
@@ -97,6 +77,46 @@ class ScopeWindow(BaseModel):
     end: _Offset | None = None  # None: to the end of the scope
 
 
+def _narrowing(window: ScopeWindow | None) -> ScopeWindow | None:
+    """The window, or None when it covers its whole scope (the same positions as none)."""
+    if window is not None and window.start == 0 and window.end is None:
+        return None
+    return window
+
+
+class Scope(NamedTuple):
+    """The positions an edit steers: a scope and, optionally, a slice of it."""
+
+    apply_to: ApplyTo
+    window: ScopeWindow | None
+
+
+class FeatureEdit(BaseModel):
+    """One edit of one SAE feature."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sae: str | None = Field(default=None, min_length=1, max_length=128)
+    feature: StrictInt = Field(ge=0)
+    op: EditOp
+    value: float | None = None
+    # An edit's own scope, replacing the spec's; left out of the wire text when absent. A
+    # resolved spec keeps them only where they differ from the spec's, apply_to always named.
+    apply_to: ApplyTo | None = Field(default=None, exclude_if=lambda apply_to: apply_to is None)
+    window: ScopeWindow | None = Field(default=None, exclude_if=lambda window: window is None)
+
+    @field_validator("value", mode="before")
+    @classmethod
+    def _value_is_a_finite_number(cls, value: Any) -> Any:
+        if value is None:
+            return value
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise PydanticCustomError(SpecErrorReason.INVALID_TYPE.value, "must be a number")
+        if not math.isfinite(value):
+            raise PydanticCustomError(SpecErrorReason.NON_FINITE.value, "must be finite")
+        return float(value)
+
+
 class SteeringSpec(BaseModel):
     """A request's steering: a list of feature edits and the positions they apply to. Frozen:
     a resolved spec is shared by every request of a process that sends the same one."""
@@ -111,9 +131,21 @@ class SteeringSpec(BaseModel):
     @field_validator("window", mode="after")
     @classmethod
     def _whole_scope_is_no_window(cls, window: ScopeWindow | None) -> ScopeWindow | None:
-        if window is not None and window.start == 0 and window.end is None:
-            return None  # the same positions as no window: the same spec, text and KV key
-        return window
+        return _narrowing(window)  # the same positions as no window: same spec, text, KV key
+
+    def scope_of(self, edit: FeatureEdit) -> Scope:
+        """The positions `edit` steers: its own scope when it names one (its apply_to, else
+        the spec's; its window, else none), else the spec's."""
+        if edit.apply_to is None and edit.window is None:
+            return Scope(self.apply_to, self.window)
+        return Scope(edit.apply_to or self.apply_to, _narrowing(edit.window))
+
+    def scopes(self) -> list[tuple[Scope, list[FeatureEdit]]]:
+        """The spec's distinct scopes, in the order the edits first name them, with their edits."""
+        grouped: dict[Scope, list[FeatureEdit]] = {}
+        for edit in self.edits:
+            grouped.setdefault(self.scope_of(edit), []).append(edit)
+        return list(grouped.items())
 
     def fingerprint(self) -> str:
         """A stable hash of the spec's meaning (key order and formatting do not matter)."""
@@ -241,13 +273,48 @@ def parse_spec(data: Any, limits: SpecLimits | None = None) -> SteeringSpec:
             message = f"magnitude must be at most {limits.max_abs_value:g}"
             errors.append(SpecIssue(where, message, SpecErrorReason.VALUE_OUT_OF_RANGE))
     if spec.window is not None:
-        errors.extend(_window_issues(spec.window, spec.apply_to))
+        errors.extend(_window_issues(spec.window, spec.apply_to, "window"))
+    own_scopes = any(edit.apply_to is not None or edit.window is not None for edit in spec.edits)
+    if own_scopes:
+        errors.extend(_edit_scope_issues(spec))
     if errors:
         raise SteeringSpecError(errors)
-    return spec
+    return _with_canonical_scopes(spec) if own_scopes else spec
 
 
-def _window_issues(window: ScopeWindow, apply_to: ApplyTo) -> list[SpecIssue]:
+def _edit_scope_issues(spec: SteeringSpec) -> list[SpecIssue]:
+    """What is wrong with the edits' own scopes: their windows, and too many scopes."""
+    issues: list[SpecIssue] = []
+    for index, edit in enumerate(spec.edits):
+        if edit.window is not None:
+            apply_to = spec.scope_of(edit).apply_to
+            issues.extend(_window_issues(edit.window, apply_to, f"edits[{index}].window"))
+    scope_count = len(spec.scopes())
+    if scope_count > MAX_SCOPES:
+        message = (
+            f"at most {MAX_SCOPES} distinct scopes (apply_to and window) per spec "
+            f"(got {scope_count})"
+        )
+        issues.append(SpecIssue("edits", message, SpecErrorReason.TOO_MANY_SCOPES))
+    return issues
+
+
+def _with_canonical_scopes(spec: SteeringSpec) -> SteeringSpec:
+    """The spec with each edit's own scope written one way: absent where it is the spec's,
+    else with apply_to named and a whole-scope window dropped (so equal specs have one text)."""
+    edits: list[FeatureEdit] = []
+    for edit in spec.edits:
+        scope = spec.scope_of(edit)
+        own = {} if scope == (spec.apply_to, spec.window) else scope._asdict()
+        if (edit.apply_to, edit.window) != (own.get("apply_to"), own.get("window")):
+            edit = edit.model_copy(update={"apply_to": None, "window": None, **own})
+        edits.append(edit)
+    if all(new is old for new, old in zip(edits, spec.edits, strict=True)):
+        return spec
+    return spec.model_copy(update={"edits": edits})
+
+
+def _window_issues(window: ScopeWindow, apply_to: ApplyTo, path: str) -> list[SpecIssue]:
     """What is wrong with a window in this scope: a negative offset outside `prompt`, or a
     window empty whatever the prompt's length."""
     issues: list[SpecIssue] = []
@@ -256,13 +323,13 @@ def _window_issues(window: ScopeWindow, apply_to: ApplyTo) -> list[SpecIssue]:
             if offset is not None and offset < 0:
                 message = (
                     "negative offsets count back from the prompt's end, "
-                    f"so only apply_to 'prompt' takes them (this spec's is '{apply_to.value}')"
+                    f"so only apply_to 'prompt' takes them (the scope here is '{apply_to.value}')"
                 )
-                issues.append(SpecIssue(f"window.{name}", message, SpecErrorReason.INVALID_VALUE))
+                issues.append(SpecIssue(f"{path}.{name}", message, SpecErrorReason.INVALID_VALUE))
     end = window.end
     if end is not None and (window.start < 0) == (end < 0) and end <= window.start:
-        message = f"must be greater than window.start ({window.start}): the window is empty"
-        issues.append(SpecIssue("window.end", message, SpecErrorReason.INVALID_VALUE))
+        message = f"must be greater than {path}.start ({window.start}): the window is empty"
+        issues.append(SpecIssue(f"{path}.end", message, SpecErrorReason.INVALID_VALUE))
     return issues
 
 

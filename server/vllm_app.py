@@ -57,7 +57,8 @@ STEERING_DOC = (
     "SAE feature edits applied to this request only (sae-vllm). Example: "
     '{"edits": [{"sae": "res12", "feature": 1234, "op": "set", "value": 8.0}], '
     '"apply_to": "generated"}; add "window": {"end": 16} to steer the first 16 generated '
-    "tokens only. SAE ids and sizes: GET /v1/saes."
+    "tokens only. An edit may give its own apply_to and window. SAE ids and sizes: "
+    "GET /v1/saes."
 )
 
 

@@ -102,7 +102,8 @@ class HFReference:
         self, prompt: list[int], max_tokens: int, spans: Sequence[Span]
     ) -> list[int]:
         """Greedy tokens with each span of positions steered by its own edits (a streaming-input
-        session: each chunk's spec steers the positions that chunk computes)."""
+        session: each chunk's spec steers the positions that chunk computes; an edit with a
+        scope of its own). Where spans overlap, a position is steered by all their edits."""
         return self._greedy(prompt, max_tokens, spans)[0]
 
     def _greedy(
@@ -168,9 +169,18 @@ class HFReference:
                 hidden = output[0] if isinstance(output, tuple) else output
                 h = hidden[0].numpy()
                 steered = h.copy()
-                for mask, edits in layer_spans:
+                # Positions in the same spans take the union of those spans' edits at once.
+                in_span = np.stack([mask for mask, _ in layer_spans], axis=1)
+                for combination in np.unique(in_span, axis=0):
+                    edits = [
+                        edit
+                        for (_, span_edits), on in zip(layer_spans, combination, strict=True)
+                        if on
+                        for edit in span_edits
+                    ]
                     if edits:
-                        steered[mask] = steered_residual(h[mask], edits)
+                        rows = (in_span == combination).all(axis=1)
+                        steered[rows] = steered_residual(h[rows], edits)
                 new = torch.from_numpy(steered).unsqueeze(0)
                 return (new, *output[1:]) if isinstance(output, tuple) else new
 

@@ -24,7 +24,7 @@ from engine_harness import (
     tiny_artifacts,
     unsteered_outputs,
 )
-from hf_reference import Edit, HFReference
+from hf_reference import Edit, HFReference, scope_span
 
 pytestmark = pytest.mark.engine
 
@@ -165,6 +165,65 @@ def test_a_windowed_spec_matches_the_float64_reference(
     # The window matters: the reference differs both unsteered and over the whole scope.
     assert expected != reference.greedy(prompt, MAX_TOKENS, [], apply_to)[0]
     assert expected != reference.greedy(prompt, MAX_TOKENS, edits, apply_to)[0]
+
+
+SCOPED_CASES = [
+    # (the spec's apply_to and window, [(sae name, feature, op, value, the edit's own scope)],
+    #  prompt index); relu and topk share layer 1, where relu applies first, as the oracle's
+    #  edit order has it
+    ("generated", None, [("relu", 5, "set", 6.0, {"window": {"end": 3}}),
+                         ("jumprelu", 3, "set", 5.0, {"window": {"start": 3}})], 0),
+    ("generated", None, [("relu", 9, "add", 4.0, {"apply_to": "all"}),
+                         ("topk", 2, "set", 6.0, {})], 1),
+    ("generated", None, [("relu", 5, "set", 6.0, {}),  # one SAE's row, 2 edits where they meet
+                         ("relu", 11, "scale", 3.0, {"window": {"start": 2, "end": 5}})], 0),
+    ("all", None, [("relu", 9, "add", 4.0, {"window": {"start": 3, "end": 9}}),
+                   ("relu", 13, "add", 5.0, {"apply_to": "prompt", "window": {"start": -70}})], 2),
+    ("generated", {"start": 1},
+     [("jumprelu", 17, "set", 8.0, {"apply_to": "prompt", "window": {"start": 1, "end": -2}}),
+      ("topk", 2, "set", 6.0, {})], 1),  # the spec's window steers the topk edit
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("apply_to", "window", "edits", "prompt_index"), SCOPED_CASES)
+def test_edits_with_scopes_of_their_own_match_the_float64_reference(
+    llm, artifacts, reference, apply_to, window, edits, prompt_index
+):
+    """Each edit steers its own positions, in one batch with an unsteered request of the same
+    prompt, which stays unsteered."""
+    from vllm import SamplingParams
+
+    from sae_vllm import steering_params
+
+    prompt = PROMPTS[prompt_index]
+    spec = {
+        "apply_to": apply_to,
+        "edits": [
+            {"sae": sae, "feature": feature, "op": op, "value": value, **own}
+            for sae, feature, op, value, own in edits
+        ],
+    } | ({"window": window} if window else {})
+    params = steering_params(spec, config=artifacts.additional_config(), temperature=0.0,
+                             max_tokens=MAX_TOKENS)  # fmt: skip
+    plain = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
+    tokens, _ = greedy(llm, [prompt, prompt], [params, plain])
+
+    def oracle(own_scopes: bool) -> list[int]:
+        spans = []
+        for sae, feature, op, value, own in edits:
+            edit = Edit(artifacts.saes[sae], feature, op, value)
+            if own and own_scopes:  # the edit's own apply_to (else the spec's) and window
+                scope = (own.get("apply_to", apply_to), own.get("window"))
+            else:
+                scope = (apply_to, window)
+            spans.append(scope_span(len(prompt), [edit], *scope))
+        return reference.greedy_in_spans(prompt, MAX_TOKENS, spans)
+
+    expected = oracle(own_scopes=True)
+    unsteered = reference.greedy(prompt, MAX_TOKENS, [], "all")[0]
+    assert tokens == [expected, unsteered]
+    # The edits' own scopes matter: every edit under the spec's scope decodes otherwise.
+    assert expected != oracle(own_scopes=False) and expected != unsteered
 
 
 def test_prompt_logprobs_score_the_prompt_under_steering(llm, artifacts, reference):
@@ -425,7 +484,7 @@ def test_offline_beam_search_is_steered_in_every_scope(llm, artifacts):
     from vllm import SamplingParams
     from vllm.sampling_params import BeamSearchParams
 
-    from sae_vllm import steering_beam_params
+    from sae_vllm import steering_beam_params, steering_params
 
     prompts = [PROMPTS[0], PROMPTS[1], [1, 18, 43, 98, 8]]
     edits = [("relu", 5, "set", 6.0), ("topk", 9, "add", 4.0)]
@@ -441,14 +500,21 @@ def test_offline_beam_search_is_steered_in_every_scope(llm, artifacts):
     plain = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
     unsteered, _ = greedy(llm, prompts, [plain] * 3)
     scopes = [("generated", None), ("prompt", None), ("all", None), ("generated", {"end": 3})]
-    for apply_to, window in scopes:
-        params = steered_params(artifacts, edits, apply_to, window, max_tokens=MAX_TOKENS)
+    specs = [
+        steered_params(artifacts, edits, apply_to, window).extra_args["sae_steering"]
+        for apply_to, window in scopes
+    ]
+    specs.append(  # edits with scopes of their own
+        {"edits": [{"sae": "relu", "feature": 5, "op": "set", "value": 6.0, "window": {"end": 3}},
+                   {"sae": "topk", "feature": 9, "op": "add", "value": 4.0, "apply_to": "all"}]}
+    )  # fmt: skip
+    for spec in specs:
+        params = steering_params(spec, config=config, temperature=0.0, max_tokens=MAX_TOKENS)
         expected, _ = greedy(llm, prompts, [params] * 3)
         assert expected != unsteered
-        spec = params.extra_args["sae_steering"]
         width_1 = beams(steering_beam_params(spec, config=config, beam_width=1,
                                              max_tokens=MAX_TOKENS))  # fmt: skip
-        assert width_1 == [[tokens] for tokens in expected], (apply_to, window)
+        assert width_1 == [[tokens] for tokens in expected], spec
     assert beams(BeamSearchParams(beam_width=1, max_tokens=MAX_TOKENS)) == [
         [tokens] for tokens in unsteered
     ]

@@ -73,6 +73,33 @@ def test_key_fields_span_is_the_worker_scope_mask(apply_to, window, num_prompt, 
     assert mask.tolist() == expected.tolist()
 
 
+@pytest.mark.parametrize("tail_start", [-8, -3, -1])
+@pytest.mark.parametrize("num_prompt", [2, 9, 14])
+def test_each_scopes_key_span_is_where_the_worker_steers_its_edits(num_prompt, tail_start):
+    data = {
+        "edits": [
+            {"sae": "a", "feature": 3, "op": "set", "value": 2.0, "window": {"start": 1}},
+            {"sae": "a", "feature": 4, "op": "ablate", "apply_to": "prompt",
+             "window": {"start": tail_start}},
+        ]
+    }  # fmt: skip
+    steering = SpecResolver(SIZES, SpecLimits()).resolve(data)
+    tables = SteeringTables(["a"], 6, max_edits=2, max_tokens=32, device="cpu")
+    tables.admit("r", steering.spec, num_prompt)
+    tables.write_step(["r"], np.array([20]), np.array([0]))
+    rows = tables.tok_row[:20].numpy()
+    features = tables.tables["a"].feature.numpy()
+    _, lo3, hi3, lo4, hi4 = prefix_cache.key_fields(steering, num_prompt, None)
+    for position, row in enumerate(rows):
+        steered = set() if row < 0 else set(features[row][features[row] >= 0].tolist())
+        expected = {
+            feature
+            for feature, lo, hi in ((3, lo3, hi3), (4, lo4, hi4))
+            if lo <= position < (np.inf if hi is None else hi)
+        }
+        assert steered == expected, position
+
+
 def test_generated_scope_keys_the_block_of_the_last_prompt_position_and_after():
     ks = keys(fields("generated", num_prompt=40), 80)
     # positions 0..38 are not steered: blocks 0 and 1 (0..31) stay unkeyed; 39 is in block 2
@@ -114,6 +141,40 @@ def test_prompt_scope_blocks_are_shared_while_the_steered_positions_agree():
     short, long = keys(fields("prompt", 40), 64), keys(fields("prompt", 60), 64)
     assert short[:2] == long[:2]
     assert short[2] != long[2] and short[3] != long[3]
+
+
+def two_scope_fields(num_prompt, tail_start):
+    """A spec whose first edit has the spec's scope (generated) and whose second steers the
+    prompt's last positions from `tail_start` on."""
+    data = {
+        "edits": [
+            {"sae": "a", "feature": 3, "op": "set", "value": 2.0},
+            {"sae": "a", "feature": 4, "op": "ablate", "apply_to": "prompt",
+             "window": {"start": tail_start}},
+        ]
+    }  # fmt: skip
+    steering = SpecResolver(SIZES, SpecLimits()).resolve(data)
+    return prefix_cache.key_fields(steering, num_prompt, None)
+
+
+def test_a_spec_with_scoped_edits_keys_each_scopes_span():
+    fields_ = two_scope_fields(40, -8)  # generated from 39 on; the prompt's 32..39
+    assert fields_[1:] == [39, None, 32, 40]
+    ks = keys(fields_, 80)
+    assert ks[:2] == [None, None] and None not in ks[2:]  # both start in block 2 (32..47)
+    # The tail's span moves block 2's key and every later one's; the blocks before stay shared.
+    moved = keys(two_scope_fields(40, -4), 80)
+    assert moved[:2] == [None, None] and all(a != b for a, b in zip(moved[2:], ks[2:], strict=True))
+    # A span that starts past a block's end is named empty there, not left out.
+    assert keys(two_scope_fields(40, -30), 32)[0][1].endswith(":-:10:16")
+
+
+def test_a_single_scope_keeps_the_key_it_had_before_edits_had_scopes():
+    fp = spec().fingerprint
+    assert prefix_cache.block_key({PREFIX_CACHE_KEY: fields("generated", 40)}, 32, 48) == (
+        "sae_steering",
+        f"{fp}:39:48",
+    )
 
 
 @pytest.fixture(scope="module")

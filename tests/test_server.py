@@ -54,6 +54,15 @@ MIXED = {
 # Served model names that steer every request with a fixed spec (--steering-variant).
 STRONG_VARIANT, MIXED_VARIANT = "tiny-three", "tiny/mixed"
 FIRST_TOKENS = {**STRONG, "window": {"end": 4}}  # the first 4 generated tokens only
+# The same positions through an edit's own window, beside an edit of another scope that steers
+# nothing here (positions from 10**6 on).
+SCOPED = {
+    "edits": [
+        {**STRONG["edits"][0], "window": {"end": 4}},
+        {"sae": "res2", "feature": 11, "op": "ablate", "apply_to": "all",
+         "window": {"start": 10**6}},
+    ]
+}  # fmt: skip
 
 
 # --- fixtures -------------------------------------------------------------------------------
@@ -179,7 +188,7 @@ def test_server_equals_offline_engine(client, artifacts):
         [],
         MAX_EDITS,
     )
-    specs = [None, STRONG, MIXED, FIRST_TOKENS]
+    specs = [None, STRONG, MIXED, FIRST_TOKENS, SCOPED]
     job = {
         "model": str(artifacts["model"]),
         "additional_config": config,
@@ -191,10 +200,11 @@ def test_server_equals_offline_engine(client, artifacts):
     served_chats = [chat(client, m, s) for m, s in job["chats"]]
     assert served_completions == offline["completions"]
     assert served_chats == offline["chats"]
-    # The window steers the first tokens as STRONG does, then lets the model go on its own.
+    # The window steers the first tokens as STRONG does, then lets the model go on its own;
+    # an edit's own window steers the same positions.
     for texts in (served_completions, served_chats):
-        for plain, strong, _, first in zip(*[iter(texts)] * len(specs), strict=True):
-            assert first not in (plain, strong)
+        for plain, strong, _, first, scoped in zip(*[iter(texts)] * len(specs), strict=True):
+            assert first not in (plain, strong) and scoped == first
 
 
 def test_streamed_equals_non_streamed(client):
@@ -495,6 +505,13 @@ BAD = [  # (id, endpoint, body fields, expected param, expected reason)
      "steering.window.end", "invalid_value"),
     ("window-huge", "responses", _steer(_edit(), window={"end": 2**40}), "steering.window.end",
      "value_out_of_range"),
+    ("edit-window-negative", "chat", _steer(_edit(window={"start": -4})),
+     "steering.edits[0].window.start", "invalid_value"),
+    ("edit-apply-to", "completions", _steer(_edit(apply_to="later")), "steering.edits[0].apply_to",
+     "invalid_value"),
+    ("too-many-scopes", "responses",
+     _steer(*[_edit(feature=i, window={"end": i + 1}) for i in range(5)]), "steering.edits",
+     "too_many_scopes"),
     ("two-errors", "completions", _steer(_edit(feature="a"), _edit(op="x")),
      "steering.edits[0].feature", "invalid_type"),
     ("streaming", "completions", {**_steer(_edit(op="explode")), "stream": True},
@@ -965,6 +982,8 @@ def test_openapi_documents_steering(server):
         assert {"$ref": "#/components/schemas/SteeringSpec"} in steering["anyOf"]
     spec = schema["components"]["schemas"]["SteeringSpec"]
     assert {"edits", "apply_to", "window"} <= spec["properties"].keys()
+    edit = schema["components"]["schemas"]["FeatureEdit"]
+    assert {"feature", "op", "apply_to", "window"} <= edit["properties"].keys()
     window = schema["components"]["schemas"]["ScopeWindow"]
     assert window["properties"].keys() == {"start", "end"}
     assert "/v1/saes" in schema["paths"] and "/v1/saes/{sae_id}/features/{index}" in schema["paths"]

@@ -10,6 +10,7 @@ import pytest
 from sae_vllm.spec import (
     ApplyTo,
     EditOp,
+    ScopeWindow,
     SpecErrorReason,
     SpecLimits,
     SteeringSpecError,
@@ -102,6 +103,24 @@ def test_json_string_input_is_accepted():
         ({"edits": [edit()], "window": {"end": 2**40}}, "window.end", "less than or equal"),
         ({"edits": [edit()], "window": {"first": 8}}, "window.first", "unknown field"),
         ({"edits": [edit()], "window": [0, 8]}, "window", ""),
+        (
+            {"edits": [edit(), edit(feature=8, window={"start": -2})]},
+            "edits[1].window.start",
+            "only apply_to 'prompt'",
+        ),
+        (
+            {"edits": [edit(apply_to="prompt", window={"start": 3, "end": 1})]},
+            "edits[0].window.end",
+            "window is empty",
+        ),
+        ({"edits": [edit(apply_to="decode")]}, "edits[0].apply_to", ""),
+        ({"edits": [edit(window={"end": 2.5})]}, "edits[0].window.end", "valid integer"),
+        ({"edits": [edit(window={"stop": 2})]}, "edits[0].window.stop", "unknown field"),
+        (
+            {"edits": [edit(feature=i, window={"end": i + 1}) for i in range(5)]},
+            "edits",
+            "at most 4 distinct scopes",
+        ),
     ],
 )
 def test_invalid_specs_name_the_offending_field(data, path, fragment):
@@ -234,6 +253,12 @@ def test_every_error_carries_a_reason_code_without_reading_its_message():
         '{"edits": [{"feature": 1, "op": "ablate"}], "window": {"end": 9999999999}}': (
             SpecErrorReason.VALUE_OUT_OF_RANGE
         ),
+        '{"edits": [{"feature": 1, "op": "ablate", "window": {"start": -1}}]}': (
+            SpecErrorReason.INVALID_VALUE
+        ),
+        json.dumps(
+            {"edits": [{"feature": i, "op": "ablate", "window": {"end": i + 1}} for i in range(5)]}
+        ): SpecErrorReason.TOO_MANY_SCOPES,
     }
     for raw, reason in cases.items():
         with pytest.raises(SteeringSpecError) as info:
@@ -272,3 +297,51 @@ def test_a_prompt_window_may_mix_signs_whatever_the_prompt_length():
     # [2, -1): empty for prompts of 3 tokens or fewer, which only the prompt's length can say.
     spec = parse_spec({"edits": [edit()], "apply_to": "prompt", "window": {"start": 2, "end": -1}})
     assert (spec.window.start, spec.window.end) == (2, -1)
+
+
+def test_an_edit_may_have_a_scope_of_its_own():
+    spec = parse_spec(
+        {
+            "edits": [
+                edit(),
+                edit(feature=8, op="ablate", value=None, apply_to="all"),
+                edit(feature=9, window={"end": 4}),
+            ],
+            "window": {"start": 2},
+        }
+    )
+    own, everywhere, first_four = spec.edits
+    assert spec.scope_of(own) == (ApplyTo.GENERATED, ScopeWindow(start=2))
+    assert spec.scope_of(everywhere) == (ApplyTo.ALL, None)  # its own scope: no window
+    assert spec.scope_of(first_four) == (ApplyTo.GENERATED, ScopeWindow(end=4))
+    assert [(scope.apply_to, [e.feature for e in edits]) for scope, edits in spec.scopes()] == [
+        (ApplyTo.GENERATED, [7]),
+        (ApplyTo.ALL, [8]),
+        (ApplyTo.GENERATED, [9]),
+    ]
+    assert parse_spec(spec.model_dump_json()) == spec
+
+
+def test_an_edits_own_scope_is_written_one_way():
+    """An edit scope equal to the spec's is dropped; any other names its apply_to, and a window
+    over its whole scope is none. Equal meanings, one text and fingerprint."""
+    plain = parse_spec({"edits": [edit(), edit(feature=8)], "apply_to": "all"})
+    for same_scope in ({"apply_to": "all"}, {"window": {}}, {"apply_to": "all", "window": {}}):
+        same = parse_spec({"edits": [edit(), edit(feature=8, **same_scope)], "apply_to": "all"})
+        assert same.model_dump_json() == plain.model_dump_json()
+    windowed = {"edits": [edit(), edit(feature=8)], "window": {"end": 4}}
+    whole = parse_spec({**windowed, "edits": [edit(), edit(feature=8, window={})]})
+    named = parse_spec({**windowed, "edits": [edit(), edit(feature=8, apply_to="generated")]})
+    assert whole.model_dump_json() == named.model_dump_json()
+    assert whole.fingerprint() != parse_spec(windowed).fingerprint()
+    assert whole.edits[1].apply_to is ApplyTo.GENERATED and whole.edits[1].window is None
+    # Without scopes of their own, edits keep the text they had before edits could have one.
+    assert "apply_to" not in json.dumps(json.loads(plain.model_dump_json())["edits"])
+
+
+def test_scopes_are_counted_after_equal_ones_merge():
+    four = [edit(feature=i, window={"end": i % 4 + 1}) for i in range(8)]
+    assert len(parse_spec({"edits": four}).scopes()) == 4
+    with pytest.raises(SteeringSpecError) as info:
+        parse_spec({"edits": [*four, edit(feature=9, apply_to="all")]})
+    assert info.value.reason is SpecErrorReason.TOO_MANY_SCOPES

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from hf_reference import scope_span
-from sae_vllm.engine.tables import NO_ROW, SteeringTables
+from sae_vllm.engine.tables import NO_ROW, ROWS_PER_REQUEST, SteeringTables
 from sae_vllm.kernels import OP_CODES
-from sae_vllm.spec import resolve_spec
+from sae_vllm.spec import MAX_SCOPES, resolve_spec
 
 SIZES = {"a": 64, "b": 32}
 
@@ -70,6 +70,11 @@ def step(tables, req_ids, scheduled, computed):
     return tables.tok_row[:n].tolist(), tables.tok_scope[:n].tolist()
 
 
+def in_scope_rows(owners: list[int], scope: list[bool]) -> list[int]:
+    """Each token's row as the tables write it: its request's row in scope, NO_ROW out of it."""
+    return [row if steered else NO_ROW for row, steered in zip(owners, scope, strict=True)]
+
+
 def test_scopes_in_a_mixed_prefill_and_decode_batch():
     tables = make()
     g = tables.admit("gen", spec("generated"), 4)
@@ -79,8 +84,8 @@ def test_scopes_in_a_mixed_prefill_and_decode_batch():
     # gen: prefill of a 4-token prompt; all: decode at position 6 (prompt 5);
     # prompt: chunked prefill positions 2..4 of a 4-token prompt + first decode pos; none: 2 tokens
     rows, scope = step(tables, ["gen", "all", "prompt", "none"], [4, 1, 3, 2], [0, 6, 2, 0])
-    assert rows == [g] * 4 + [a] + [p] * 3 + [NO_ROW] * 2
     assert scope == [False, False, False, True, True, True, True, False, False, False]
+    assert rows == in_scope_rows([g] * 4 + [a] + [p] * 3 + [NO_ROW] * 2, scope)
 
 
 def test_generated_scope_steers_every_decode_position():
@@ -99,7 +104,7 @@ def test_a_generation_start_scopes_resubmitted_tokens_as_generated():
     a = tables.admit("all", spec("all"), 7, generation_start=4)
     plain = tables.admit("plain-gen", spec("generated"), 7)  # its own prompt end: position 6
     rows, scope = step(tables, ["gen", "prompt", "all", "plain-gen"], [7] * 4, [0] * 4)
-    assert rows == [g] * 7 + [p] * 7 + [a] * 7 + [plain] * 7
+    assert rows == in_scope_rows([g] * 7 + [p] * 7 + [a] * 7 + [plain] * 7, scope)
     assert scope == (
         [False] * 3 + [True] * 4  # generated: from the last original prompt position on
         + [True] * 4 + [False] * 3  # prompt: the original prompt only
@@ -133,7 +138,8 @@ def test_write_step_is_vectorised_over_large_batches():
     sched = np.full(256, 32)
     tables.write_step(ids, sched, np.zeros(256, np.int64))
     rows = tables.tok_row[: 256 * 32].view(256, 32)
-    assert (rows[0::2] == NO_ROW).all() and (rows[1::2] >= 0).all()
+    assert (rows[0::2] == NO_ROW).all() and (rows[1::2, 15:] >= 0).all()
+    assert (rows[1::2, :15] == NO_ROW).all()  # before the generated scope
     scope = tables.tok_scope[: 256 * 32].view(256, 32)
     assert scope[1, 15] and not scope[1, 14] and not scope[0, 20]
 
@@ -143,12 +149,12 @@ def test_steady_decode_steps_reuse_the_buffers_and_changes_invalidate_them():
     g = tables.admit("g", spec("generated"), 4)
     p = tables.admit("p", spec("prompt"), 4)
     assert step(tables, ["g", "p"], [4, 4], [0, 0]) == (
-        [g] * 4 + [p] * 4,
+        [NO_ROW] * 3 + [g] + [p] * 4,
         [False, False, False, True, True, True, True, True],
     )
-    assert step(tables, ["g", "p"], [1, 1], [4, 4]) == ([g, p], [True, False])
-    tables.tok_row[0] = 99  # a reused step leaves the buffers as the last full write left them
-    assert step(tables, ["g", "p"], [1, 1], [5, 5])[0] == [99, p]
+    assert step(tables, ["g", "p"], [1, 1], [4, 4]) == ([g, NO_ROW], [True, False])
+    tables.tok_scope[1] = True  # a reused step leaves the buffers as the last full write left them
+    assert step(tables, ["g", "p"], [1, 1], [5, 5]) == ([g, NO_ROW], [True, True])
     tables.release("p")  # any row change forces a full write
     assert step(tables, ["g", "p"], [1, 1], [6, 6]) == ([g, NO_ROW], [True, False])
 
@@ -209,7 +215,7 @@ def test_a_window_slices_its_scope_in_prefill_and_decode():
     inner = tables.admit("inner", spec("all", window={"start": 1, "end": 4}), 4)
     # 4-token prompts prefilled whole, then decoded one position a step
     rows, scope = step(tables, ["first", "late", "tail", "inner"], [4] * 4, [0] * 4)
-    assert rows == [first] * 4 + [late] * 4 + [tail] * 4 + [inner] * 4
+    assert rows == in_scope_rows([first] * 4 + [late] * 4 + [tail] * 4 + [inner] * 4, scope)
     assert scope == (
         [False] * 3 + [True]  # generated from 3: its first 3 positions are 3, 4, 5
         + [False] * 4  # generated from 3, window from 2: 5 and on
@@ -237,8 +243,8 @@ def test_decode_steps_are_reused_only_once_no_window_edge_lies_ahead():
     r = tables.admit("r", spec("generated", window={"start": 1, "end": 3}), 3)
     step(tables, ["r"], [3], [0])  # prompt: positions 0..2; the window steers 3 and 4
     assert [step(tables, ["r"], [1], [p])[1] for p in (3, 4, 5)] == [[True]] * 2 + [[False]]
-    tables.tok_row[0] = 99  # a reused step leaves the buffers as the last full write left them
-    assert step(tables, ["r"], [1], [6])[0] == [99]  # past both edges: reused
+    tables.tok_scope[0] = True  # a reused step leaves the buffers as the last full write left them
+    assert step(tables, ["r"], [1], [6])[1] == [True]  # past both edges: reused
     assert r >= 0
 
 
@@ -259,26 +265,22 @@ def random_window(rng, negative: bool) -> dict | None:
     return {"start": start, "end": int(rng.integers(start + 1, start + 8))}
 
 
-def test_windowed_masks_match_python_slices_through_random_batches():
-    """Random admissions, releases, chunked prefills and decode runs (steady steps included):
-    every token's scope bit equals the Python slice of its request's scope."""
-    tables = SteeringTables(["a"], 8, 2, 64, torch.device("cpu"))
-    rng = np.random.default_rng(1)
+def random_steps(tables, rng, steps: int, draw_spec):
+    """Drive `tables` through random admissions (specs from `draw_spec(rng)`), releases,
+    chunked prefills and decode runs (steady steps included). Yields, for each step, its index,
+    its rows and scope, and each scheduled request (a dict: spec, prompt, row) with its
+    positions and its tokens' slice of the step."""
     requests: dict[str, dict] = {}
-    checked_in = checked_out = 0
-    for step_index in range(400):
+    for step_index in range(steps):
         if requests and rng.random() < 0.08:
             gone = list(requests)[int(rng.integers(len(requests)))]
             tables.release(gone)
             del requests[gone]
         if len(requests) < 6 and rng.random() < 0.15:
-            apply_to = ("generated", "all", "prompt")[int(rng.integers(3))]
-            window = random_window(rng, negative=apply_to == "prompt")
-            new = f"r{step_index}"
-            request_spec = None if rng.random() < 0.2 else spec(apply_to, window=window)
-            prompt_len = int(rng.integers(1, 12))
-            tables.admit(new, request_spec, prompt_len)
-            requests[new] = {"spec": request_spec, "prompt": prompt_len, "computed": 0}
+            request_spec = draw_spec(rng)
+            new, prompt_len = f"r{step_index}", int(rng.integers(1, 12))
+            row = tables.admit(new, request_spec, prompt_len)
+            requests[new] = {"spec": request_spec, "prompt": prompt_len, "computed": 0, "row": row}
         ids = list(requests)
         if not ids:
             continue
@@ -286,24 +288,150 @@ def test_windowed_masks_match_python_slices_through_random_batches():
         for r in ids:
             left = requests[r]["prompt"] - requests[r]["computed"]
             scheduled.append(int(rng.integers(1, left + 1)) if left > 0 else 1)
-        computed = np.array([requests[r]["computed"] for r in ids])
-        rows, scope = step(tables, ids, scheduled, computed)
-        at = 0
+        rows, scope = step(tables, ids, scheduled, [requests[r]["computed"] for r in ids])
+        scheduled_requests, at = [], 0
         for r, n in zip(ids, scheduled, strict=True):
             request = requests[r]
             positions = range(request["computed"], request["computed"] + n)
-            if request["spec"] is None:
-                assert rows[at : at + n] == [NO_ROW] * n
-                assert scope[at : at + n] == [False] * n
-            else:
-                window = request["spec"].window
-                window = None if window is None else window.model_dump(exclude_none=True)
-                expected = python_slice_mask(
-                    request["spec"].apply_to.value, window, request["prompt"], positions
-                )
-                assert scope[at : at + n] == expected, (step_index, r, window, positions)
-                checked_in += sum(expected)
-                checked_out += n - sum(expected)
+            scheduled_requests.append((request, positions, slice(at, at + n)))
             request["computed"] += n
             at += n
+        yield step_index, rows, scope, scheduled_requests
+
+
+def test_windowed_masks_match_python_slices_through_random_batches():
+    """Every token's scope bit equals the Python slice of its request's scope."""
+
+    def draw_spec(rng):
+        apply_to = ("generated", "all", "prompt")[int(rng.integers(3))]
+        window = random_window(rng, negative=apply_to == "prompt")
+        return None if rng.random() < 0.2 else spec(apply_to, window=window)
+
+    tables = SteeringTables(["a"], 8, 2, 64, torch.device("cpu"))
+    checked_in = checked_out = 0
+    batches = random_steps(tables, np.random.default_rng(1), 400, draw_spec)
+    for step_index, rows, scope, scheduled in batches:
+        for request, positions, tokens in scheduled:
+            n = len(positions)
+            if request["spec"] is None:
+                assert rows[tokens] == [NO_ROW] * n and scope[tokens] == [False] * n
+                continue
+            window = request["spec"].window
+            window = None if window is None else window.model_dump(exclude_none=True)
+            expected = python_slice_mask(
+                request["spec"].apply_to.value, window, request["prompt"], positions
+            )
+            assert scope[tokens] == expected, (step_index, window, positions)
+            assert rows[tokens] == in_scope_rows([request["row"]] * n, expected)
+            checked_in += sum(expected)
+            checked_out += n - sum(expected)
     assert checked_in > 200 and checked_out > 200
+
+
+def scoped_spec(*edits: dict, apply_to: str = "generated"):
+    """A spec of the given edits, each a dict with optional `apply_to` / `window` of its own."""
+    return resolve_spec({"edits": list(edits), "apply_to": apply_to}, SIZES)
+
+
+def row_edits(tables, row: int) -> set[tuple[str, int, int]]:
+    """(sae, feature, op code) of every edit slot filled in `row`."""
+    if row == NO_ROW:
+        return set()
+    return {
+        (sae, int(f), int(o))
+        for sae, table in tables.tables.items()
+        for f, o in zip(table.feature[row], table.op[row], strict=True)
+        if f >= 0
+    }
+
+
+def test_edits_with_their_own_scopes_get_a_row_per_distinct_edit_set():
+    tables = make(max_rows=8)
+    two_scopes = scoped_spec(
+        {"sae": "a", "feature": 1, "op": "set", "value": 1.0},  # the spec's: generated
+        {"sae": "b", "feature": 2, "op": "ablate", "apply_to": "all", "window": {"end": 5}},
+    )
+    tables.admit("r", two_scopes, 4)
+    assert tables.rows_in_use == 3
+    rows, scope = step(tables, ["r"], [4], [0])
+    rows += [step(tables, ["r"], [1], [p])[0][0] for p in range(4, 8)]
+    # positions 0..2: b's edit alone; 3 and 4: both; 5 and on: a's alone
+    only_b, both, only_a = rows[0], rows[3], rows[5]
+    assert rows == [only_b] * 3 + [both] * 2 + [only_a] * 3 and scope == [True] * 4
+    set_a, ablate_b = ("a", 1, OP_CODES["set"]), ("b", 2, OP_CODES["ablate"])
+    assert row_edits(tables, only_b) == {ablate_b}
+    assert row_edits(tables, both) == {set_a, ablate_b}
+    assert row_edits(tables, only_a) == {set_a}
+    tables.release("r")
+    assert tables.rows_in_use == 0
+    assert all(row_edits(tables, row) == set() for row in (only_b, both, only_a))
+
+
+def test_a_spec_of_max_scopes_staggered_windows_takes_rows_per_request_rows():
+    staggered = scoped_spec(
+        *[
+            {
+                "sae": "a",
+                "feature": i,
+                "op": "add",
+                "value": 1.0,
+                "window": {"start": i, "end": i + 5},
+            }
+            for i in range(MAX_SCOPES)
+        ],
+        apply_to="all",
+    )
+    tables = SteeringTables(["a", "b"], ROWS_PER_REQUEST + 1, MAX_SCOPES, 16, torch.device("cpu"))
+    tables.admit("r", staggered, 4)
+    assert tables.rows_in_use == ROWS_PER_REQUEST
+    with pytest.raises(RuntimeError, match="exhausted"):
+        tables.admit("s", staggered, 4)
+    assert tables.rows_in_use == ROWS_PER_REQUEST and not tables.knows("s")  # nothing taken
+    rows, _ = step(tables, ["r"], [12], [0])
+    sets = [row_edits(tables, row) for row in rows]
+    expected = [
+        {("a", i, OP_CODES["add"]) for i in range(MAX_SCOPES) if i <= p < i + 5} for p in range(12)
+    ]
+    assert sets == expected
+
+
+def random_scoped_edit(rng, feature: int) -> dict:
+    edit = {"sae": ("a", "b")[int(rng.integers(2))], "feature": feature, "op": "set", "value": 1.0}
+    if rng.random() < 0.6:
+        apply_to = ("generated", "all", "prompt")[int(rng.integers(3))]
+        edit["apply_to"] = apply_to
+        window = random_window(rng, negative=apply_to == "prompt")
+        if window is not None:
+            edit["window"] = window
+    return edit
+
+
+def test_each_tokens_row_holds_exactly_its_edits_in_scope_through_random_batches():
+    """Specs whose edits have scopes of their own: each token's row holds exactly the edits
+    whose Python slice of positions contains it."""
+
+    def draw_spec(rng):
+        features = rng.choice(32, size=int(rng.integers(1, 5)), replace=False)
+        return scoped_spec(
+            *[random_scoped_edit(rng, int(f)) for f in features],
+            apply_to=("generated", "all")[int(rng.integers(2))],
+        )
+
+    tables = SteeringTables(["a", "b"], 6 * ROWS_PER_REQUEST, 4, 64, torch.device("cpu"))
+    multi_edit_tokens = 0
+    batches = random_steps(tables, np.random.default_rng(2), 300, draw_spec)
+    for step_index, rows, scope, scheduled in batches:
+        for request, positions, tokens in scheduled:
+            request_spec = request["spec"]
+            for position, row, steered in zip(positions, rows[tokens], scope[tokens], strict=True):
+                expected = set()
+                for edit in request_spec.edits:
+                    edit_scope = request_spec.scope_of(edit)
+                    window = edit_scope.window and edit_scope.window.model_dump(exclude_none=True)
+                    prompt, apply_to = request["prompt"], edit_scope.apply_to.value
+                    if python_slice_mask(apply_to, window, prompt, [position])[0]:
+                        expected.add((edit.sae, edit.feature, OP_CODES["set"]))
+                assert row_edits(tables, row) == expected, (step_index, position)
+                assert steered == bool(expected)
+                multi_edit_tokens += len(expected) > 1
+    assert multi_edit_tokens > 100

@@ -5,9 +5,10 @@ Steering a position at layer L changes the KV of that position and of every late
 attend to it), and nothing before it. So a block of positions [start, end) holds the KV of an
 unsteered request with the same tokens when no position before `end` is steered, and otherwise
 the KV of exactly those requests with the same spec, the same tokens and the same steered
-positions before `end`. vLLM chains each block's hash to its parent's, so keying a block by the
-steered span clipped to `end` is exact, and a request whose prompt extends another's (the next
-turn of a chat, a resubmitted beam) never reads KV steered at positions it does not steer."""
+positions before `end`, scope by scope (a spec's edits may steer different spans). vLLM chains
+each block's hash to its parent's, so keying a block by the steered spans clipped to `end` is
+exact, and a request whose prompt extends another's (the next turn of a chat, a resubmitted
+beam) never reads KV steered at positions it does not steer."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Any
 
 from ..config import PREFIX_CACHE_KEY
 from ..resolved_specs import ResolvedSpec
-from .scopes import UNBOUNDED, steered_span
+from .scopes import UNBOUNDED, steered_spans
 
 _TAG = "sae_steering"
 
@@ -23,10 +24,13 @@ _TAG = "sae_steering"
 def key_fields(
     steering: ResolvedSpec, num_prompt_tokens: int, generation_start: int | None
 ) -> list:
-    """What block_key needs of a steered request: [spec fingerprint, lo, hi or None when the
-    span has no end], the span as the worker steers it (a list: it travels in extra_args)."""
-    lo, hi = steered_span(steering.spec, num_prompt_tokens, generation_start)
-    return [steering.fingerprint, lo, None if hi == UNBOUNDED else hi]
+    """What block_key needs of a steered request: [spec fingerprint, then lo and hi (None when
+    it has no end) of each of its scopes' spans], as the worker steers them (a list: it
+    travels in extra_args)."""
+    fields: list = [steering.fingerprint]
+    for lo, hi in steered_spans(steering.spec, num_prompt_tokens, generation_start):
+        fields += [lo, None if hi == UNBOUNDED else hi]
+    return fields
 
 
 def session_key_fields(steering: ResolvedSpec, request_id: str) -> list:
@@ -53,9 +57,12 @@ def block_key(extra_args: dict[str, Any], start: int, end: int) -> tuple[str, st
     fields = extra_args.get(PREFIX_CACHE_KEY)
     if fields is None:
         return None
-    fingerprint, lo, hi = fields
-    # Nothing steered before `end`, or nothing at all (a window past a short prompt's end).
-    if end <= lo or hi == lo:
+    fingerprint, *bounds = fields
+    # Each span clipped to the block's end: empty when it starts at or after `end` or holds
+    # nothing at all (a window past a short prompt's end).
+    spans = zip(bounds[::2], bounds[1::2], strict=True)
+    clipped = [(lo, end if hi is None else min(hi, end)) for lo, hi in spans]
+    if all(lo >= until for lo, until in clipped):
         return None
-    steered_until = end if hi is None else min(hi, end)
-    return (_TAG, f"{fingerprint}:{lo}:{steered_until}")
+    steered = "".join(f":{lo}:{until}" if lo < until else ":-" for lo, until in clipped)
+    return (_TAG, fingerprint + steered)

@@ -1,28 +1,60 @@
-"""Which positions a steering spec steers: one rule for the worker's per-token scope mask and the
-prefix-cache keys of steered KV blocks."""
+"""Which positions a steering spec steers, edit by edit: one rule for the worker's per-token rows
+and scope mask and the prefix-cache keys of steered KV blocks."""
 
 from __future__ import annotations
 
-from ..spec import ApplyTo, SteeringSpec
+from ..spec import ApplyTo, Scope, SteeringSpec
 
 UNBOUNDED = 2**63 - 1  # past every position: a span with no end (int64's largest, for numpy)
 
 
-def steered_span(
+def segments(
     spec: SteeringSpec, num_prompt_tokens: int, generation_start: int | None = None
+) -> tuple[list[int], list[tuple[int, ...]]]:
+    """The request's positions cut where the set of edits in scope changes: the sorted finite
+    edges, and for each edge the indices (into spec.edits, in order) of the edits that steer
+    from it to the next edge, or on for good. Nothing is steered before the first edge."""
+    if all(edit.apply_to is None and edit.window is None for edit in spec.edits):
+        lo, hi = scope_span(Scope(spec.apply_to, spec.window), num_prompt_tokens, generation_start)
+        if lo == hi:
+            return [], []
+        every = tuple(range(len(spec.edits)))
+        return ([lo], [every]) if hi == UNBOUNDED else ([lo, hi], [every, ()])
+    spans = {
+        scope: scope_span(scope, num_prompt_tokens, generation_start) for scope, _ in spec.scopes()
+    }
+    edit_spans = [spans[spec.scope_of(edit)] for edit in spec.edits]
+    edges = sorted({edge for lo, hi in edit_spans if lo < hi for edge in (lo, hi)})
+    edges = [edge for edge in edges if edge != UNBOUNDED]
+    in_scope = [
+        tuple(index for index, (lo, hi) in enumerate(edit_spans) if lo <= start < hi)
+        for start in edges
+    ]
+    return edges, in_scope
+
+
+def steered_spans(
+    spec: SteeringSpec, num_prompt_tokens: int, generation_start: int | None = None
+) -> list[tuple[int, int]]:
+    """The span (see scope_span) of each of the spec's scopes, in `spec.scopes()` order."""
+    return [scope_span(scope, num_prompt_tokens, generation_start) for scope, _ in spec.scopes()]
+
+
+def scope_span(
+    scope: Scope, num_prompt_tokens: int, generation_start: int | None = None
 ) -> tuple[int, int]:
-    """(lo, hi): the request steers the positions lo <= position < hi (none when lo == hi).
+    """(lo, hi): the scope holds the positions lo <= position < hi (none when lo == hi).
 
     Its generated tokens start at `generation_start` when given (a beam-search step re-submits
     the tokens generated so far as prompt, and they stay generated), else at the prompt's end.
     `generated` starts at the last prompt position, whose output is the first generated token;
-    hi is UNBOUNDED past the prompt. The spec's window slices the scope's positions as a Python
+    hi is UNBOUNDED past the prompt. The scope's window slices its positions as a Python
     slice would: offsets count from the scope's first position, negative ones back from the
-    prompt's end (the spec allows them in the `prompt` scope only)."""
+    prompt's end (specs allow them in the `prompt` scope only)."""
     prompt_len = num_prompt_tokens if generation_start is None else generation_start
-    scope_lo = prompt_len - 1 if spec.apply_to is ApplyTo.GENERATED else 0
-    scope_hi = prompt_len if spec.apply_to is ApplyTo.PROMPT else UNBOUNDED
-    window = spec.window
+    scope_lo = prompt_len - 1 if scope.apply_to is ApplyTo.GENERATED else 0
+    scope_hi = prompt_len if scope.apply_to is ApplyTo.PROMPT else UNBOUNDED
+    window = scope.window
     if window is None:
         return scope_lo, scope_hi
 

@@ -10,13 +10,15 @@ import torch
 
 from .. import LOGGER_NAME
 from ..kernels import OP_CODES
-from ..spec import SteeringSpec
-from .scopes import UNBOUNDED, steered_span
+from ..spec import MAX_SCOPES, FeatureEdit, SteeringSpec
+from .scopes import UNBOUNDED, segments
 from .staging import StagedTensor
 
 logger = logging.getLogger(LOGGER_NAME)
 
 NO_ROW = -1
+MAX_EDGES = 2 * MAX_SCOPES  # each scope's span starts and ends once
+ROWS_PER_REQUEST = 2 * MAX_SCOPES - 1  # distinct edit sets along one request's positions
 
 
 class EditTable:
@@ -62,11 +64,14 @@ class EditTable:
 class SteeringTables:
     """Rows handed to steered requests, their edit tables per SAE, and the token->row map.
 
-    A request gets a row the first time the runner schedules it and gives it back when it
-    finishes, is aborted or is preempted; the positions it steers are fixed then. Every step the
-    token buffers are rewritten with vectorised numpy from the batch layout; rows past the
-    step's tokens read -1. All of it is written on the host and reaches the device without a
-    host-device sync (`staged`: through pinned host copies; default on CUDA devices)."""
+    A request is admitted the first time the runner schedules it and released when it
+    finishes, is aborted or is preempted. At admission its positions are cut into segments
+    where the set of edits in scope does not change (one segment for a spec with one scope);
+    each distinct set gets a row, and the segment bounds are kept under the request's first
+    row. Every step the token buffers are rewritten with vectorised numpy from the batch
+    layout; rows past the step's tokens read -1. All of it is written on the host and reaches
+    the device without a host-device sync (`staged`: through pinned host copies; default on
+    CUDA devices)."""
 
     def __init__(
         self,
@@ -84,13 +89,21 @@ class SteeringTables:
         self._tok_scope = StagedTensor(self.tok_scope, staged)
         self.rows_total = max_rows
         self._free_rows = list(range(max_rows - 1, -1, -1))
-        # Each row's steered positions, lo <= position < hi, and the position from which its
-        # tokens stay in or out of that span for good. One entry more than there are rows: the
-        # last, read through NO_ROW (-1), is an empty span that every position has settled in.
-        self._row_lo = np.zeros(max_rows + 1, dtype=np.int64)
-        self._row_hi = np.zeros(max_rows + 1, dtype=np.int64)
-        self._row_settles_at = np.zeros(max_rows + 1, dtype=np.int64)
-        self._row_of: dict[str, int] = {}
+        # Per request, under its first row: the sorted finite edges of its segments (edge j of
+        # every request in _edges[j], padded with UNBOUNDED), the row of each segment (segment
+        # j holds the positions with j edges at or below them; NO_ROW where nothing is
+        # steered), and the position from which its tokens stay in one segment for good. One
+        # entry more than there are rows: the last, read through NO_ROW (-1), steers nothing.
+        self._edges = np.full((MAX_EDGES, max_rows + 1), UNBOUNDED, dtype=np.int64)
+        self._segment_rows = np.full((max_rows + 1, MAX_EDGES + 1), NO_ROW, dtype=np.int32)
+        self._settles_at = np.zeros(max_rows + 1, dtype=np.int64)
+        self._first_row_of: dict[str, int] = {}
+        self._rows_of: dict[str, list[int]] = {}
+        # A step compares positions with as many edges as the most any admitted request has
+        # (two for a spec with one scope); counted again at a step after such a one leaves.
+        self._edge_count_of: dict[str, int] = {}
+        self._edges_in_use = 0
+        self._recount_edges = False
         self._written_tokens = 0
         self._steady_layout: tuple | None = None
 
@@ -105,10 +118,10 @@ class SteeringTables:
     @property
     def requests_known(self) -> int:
         """Requests (steered or not) the tables still track; 0 once all have finished."""
-        return len(self._row_of)
+        return len(self._first_row_of)
 
     def knows(self, req_id: str) -> bool:
-        return req_id in self._row_of
+        return req_id in self._first_row_of
 
     def admit(
         self,
@@ -117,42 +130,56 @@ class SteeringTables:
         num_prompt_tokens: int,
         generation_start: int | None = None,
     ) -> int:
-        """Give a request its row (NO_ROW when it is not steered), fill its edit slots and fix
-        the positions it steers.
+        """Give a request its rows, fill their edit slots and fix the positions each edit
+        steers; returns its first row (NO_ROW when it steers nothing).
 
         `generation_start` is the position of the first generated token when it is not the end
         of the request's prompt: a beam-search step re-submits the tokens generated so far as
         prompt, and they must still be scoped as generated."""
         if spec is None:
-            self._row_of[req_id] = NO_ROW
-            return NO_ROW
-        if not self._free_rows:
+            return self._admit_unsteered(req_id)
+        edges, segment_edits = segments(spec, num_prompt_tokens, generation_start)
+        edit_sets = list(dict.fromkeys(edit_set for edit_set in segment_edits if edit_set))
+        if not edit_sets:
+            return self._admit_unsteered(req_id)  # its windows hold no position
+        if len(edit_sets) > len(self._free_rows):
             raise RuntimeError("steering table exhausted: more steered requests than rows")
-        row = self._free_rows.pop()
         self._steady_layout = None
-        for sae_id, table in self.tables.items():
-            edits = [edit for edit in spec.edits if edit.sae == sae_id]
-            table.write_row(
-                row,
-                [edit.feature for edit in edits],
-                [edit.value or 0.0 for edit in edits],
-                [OP_CODES[edit.op.value] for edit in edits],
-            )
-        lo, hi = steered_span(spec, num_prompt_tokens, generation_start)
-        self._row_lo[row], self._row_hi[row] = lo, hi
-        # Past its last edge ahead (lo when the span has no end), a token's bit never changes.
-        self._row_settles_at[row] = lo if hi == UNBOUNDED else hi
-        self._row_of[req_id] = row
-        return row
+        row_of = {edit_set: self._free_rows.pop() for edit_set in edit_sets}
+        for edit_set, row in row_of.items():
+            self._write_row(row, [spec.edits[index] for index in edit_set])
+        first = row_of[edit_sets[0]]
+        padding = MAX_EDGES - len(edges)
+        self._edges[:, first] = edges + [UNBOUNDED] * padding
+        self._segment_rows[first] = (
+            [NO_ROW]
+            + [row_of[edit_set] if edit_set else NO_ROW for edit_set in segment_edits]
+            + [NO_ROW] * padding
+        )
+        # Past its last finite edge, a token stays in one segment for good.
+        self._settles_at[first] = edges[-1]
+        self._first_row_of[req_id] = first
+        self._rows_of[req_id] = list(row_of.values())
+        self._edge_count_of[req_id] = len(edges)
+        self._edges_in_use = max(self._edges_in_use, len(edges))
+        return first
+
+    def _admit_unsteered(self, req_id: str) -> int:
+        self._first_row_of[req_id] = NO_ROW
+        return NO_ROW
 
     def release(self, req_id: str) -> None:
-        row = self._row_of.pop(req_id, NO_ROW)
-        if row == NO_ROW:
+        self._first_row_of.pop(req_id, None)
+        rows = self._rows_of.pop(req_id, None)
+        if not rows:
             return
+        if self._edge_count_of.pop(req_id) == self._edges_in_use:
+            self._recount_edges = True
         self._steady_layout = None
-        for table in self.tables.values():
-            table.clear_row(row)
-        self._free_rows.append(row)
+        for row in rows:
+            for table in self.tables.values():
+                table.clear_row(row)
+            self._free_rows.append(row)
 
     def write_step(
         self,
@@ -169,9 +196,11 @@ class SteeringTables:
         layout = (tuple(req_ids), num_scheduled_tokens.tobytes())
         if layout == self._steady_layout:
             return  # same batch, every token settled: the buffers already hold this step
-        rows = np.fromiter((self._row_of.get(r, NO_ROW) for r in req_ids), np.int32, len(req_ids))
+        firsts = np.fromiter(
+            (self._first_row_of.get(r, NO_ROW) for r in req_ids), np.int32, len(req_ids)
+        )
         num_tokens = int(num_scheduled_tokens.sum())
-        if not (rows >= 0).any():
+        if not (firsts >= 0).any():
             self._write_tokens(0)
             return
         token_req = np.repeat(np.arange(len(req_ids)), num_scheduled_tokens)
@@ -179,13 +208,31 @@ class SteeringTables:
         positions = num_computed_tokens[token_req] + (
             np.arange(num_tokens) - first_token[token_req]
         )
-        token_rows = rows[token_req]
-        in_scope = (positions >= self._row_lo[token_rows]) & (positions < self._row_hi[token_rows])
-        self._write_tokens(num_tokens, token_rows, in_scope)
+        token_firsts = firsts[token_req]
+        if self._recount_edges:
+            self._edges_in_use = max(self._edge_count_of.values(), default=0)
+            self._recount_edges = False
+        # Each token's index into _segment_rows: its request's entry, then one segment on for
+        # each of the request's edges at or below its position.
+        segment_index = token_firsts * (MAX_EDGES + 1)
+        for edges in self._edges[: self._edges_in_use]:
+            segment_index += positions >= edges[token_firsts]
+        token_rows = self._segment_rows.ravel()[segment_index]
+        self._write_tokens(num_tokens, token_rows, token_rows != NO_ROW)
         # Once every token has settled, a step with the same batch layout has the same rows and
-        # the same scope (each token stays in or out of its span), so it can skip the write.
-        settled = bool((positions >= self._row_settles_at[token_rows]).all())
+        # the same scope (each token stays in its segment), so it can skip the write.
+        settled = bool((positions >= self._settles_at[token_firsts]).all())
         self._steady_layout = layout if settled else None
+
+    def _write_row(self, row: int, edits: Sequence[FeatureEdit]) -> None:
+        for sae_id, table in self.tables.items():
+            own = [edit for edit in edits if edit.sae == sae_id]
+            table.write_row(
+                row,
+                [edit.feature for edit in own],
+                [edit.value or 0.0 for edit in own],
+                [OP_CODES[edit.op.value] for edit in own],
+            )
 
     def _write_tokens(
         self, count: int, rows: np.ndarray | None = None, scope: np.ndarray | None = None

@@ -18,7 +18,7 @@ from .intake import generation_start_of
 from .sae_sizes import config_resolver
 from .sae_weights import steering_weights
 from .steered_layer import SAESteering, steer_layer
-from .tables import SteeringTables
+from .tables import ROWS_PER_REQUEST, SteeringTables
 
 logger = logging.getLogger(LOGGER_NAME)
 
@@ -37,7 +37,7 @@ class WorkerSteering:
         info = vllm.runner_info(runner)
         self.config = config
         self.sae_sizes: dict[str, int] = {}
-        max_rows = 2 * info.max_num_seqs
+        max_rows = 2 * info.max_num_seqs * ROWS_PER_REQUEST
         self.tables = SteeringTables(
             [entry.id for entry in config.saes],
             max_rows=max_rows,
