@@ -1,8 +1,8 @@
 """Offline engine throughput with and without steering, variants interleaved in one run.
 
 Axes: plugin absent / loaded but idle / steered share / distinct specs per batch / edits per
-request / output length / eager vs compiled. Each variant's median throughput is reported as a
-ratio to the same-mode "absent" baseline measured in the same run."""
+request / scopes per spec / output length / eager vs compiled. Each variant's median throughput
+is reported as a ratio to the same-mode "absent" baseline measured in the same run."""
 
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ class Variant:
     steered_share: float = 0.0
     distinct_specs: int = 1
     edits: int = 1
+    scopes: int = 1  # the edits split among this many windows of the generated tokens
     output_len: int = 32
     samples: list[float] = field(default_factory=list)
 
@@ -106,6 +107,7 @@ def build_variants(modes: list[str], batch: int, quick: bool) -> list[Variant]:
         shares = [0.5, 1.0]
         distinct = [1, batch] if quick else [1, 4, batch]
         edits = [1, 8] if quick else [1, 8, 32]
+        scopes = [1, 4] if quick else [1, 2, 4]
         lengths = [] if quick else [8, 128]
         for share in shares:
             variants.append(
@@ -139,6 +141,19 @@ def build_variants(modes: list[str], batch: int, quick: bool) -> list[Variant]:
                     steered_share=1.0,
                     distinct_specs=batch,
                     edits=k,
+                )
+            )
+        for count in scopes:
+            variants.append(
+                Variant(
+                    f"{mode}/scopes{count}",
+                    "scopes per spec (K=8)",
+                    count,
+                    f"{mode}-plugin",
+                    steered_share=1.0,
+                    distinct_specs=batch,
+                    edits=8,
+                    scopes=count,
                 )
             )
         for length in lengths:
@@ -185,11 +200,21 @@ def make_requests(variant: Variant, batch: int, d_sae: int, sae_id: str, prompts
                     "op": "add",
                     "value": 0.5,
                 }
+                | scope_window(j % variant.scopes, variant.scopes)
                 for j in range(variant.edits)
             ]
             params["extra_args"] = {"sae_steering": {"edits": edits}}
         requests.append(({"prompt_token_ids": prompts[i % len(prompts)]}, SamplingParams(**params)))
     return requests
+
+
+def scope_window(scope: int, scopes: int) -> dict[str, Any]:
+    """The window of an edit in the scope-th of `scopes` scopes (none when there is one):
+    overlapping, their edges spread over the first 32 generated tokens, so that most decode
+    steps still have an edge ahead and rewrite the step's token rows."""
+    if scopes == 1:
+        return {}
+    return {"window": {"start": 4 * scope, "end": 24 + 2 * scope}}
 
 
 def start_engines(

@@ -20,10 +20,9 @@ def segments(
             return [], []
         every = tuple(range(len(spec.edits)))
         return ([lo], [every]) if hi == UNBOUNDED else ([lo, hi], [every, ()])
-    spans = {
-        scope: scope_span(scope, num_prompt_tokens, generation_start) for scope, _ in spec.scopes()
-    }
-    edit_spans = [spans[spec.scope_of(edit)] for edit in spec.edits]
+    edit_spans = [
+        scope_span(spec.scope_of(edit), num_prompt_tokens, generation_start) for edit in spec.edits
+    ]
     edges = sorted({edge for lo, hi in edit_spans if lo < hi for edge in (lo, hi)})
     edges = [edge for edge in edges if edge != UNBOUNDED]
     in_scope = [

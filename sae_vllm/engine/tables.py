@@ -89,12 +89,12 @@ class SteeringTables:
         self._tok_scope = StagedTensor(self.tok_scope, staged)
         self.rows_total = max_rows
         self._free_rows = list(range(max_rows - 1, -1, -1))
-        # Per request, under its first row: the sorted finite edges of its segments (edge j of
-        # every request in _edges[j], padded with UNBOUNDED), the row of each segment (segment
-        # j holds the positions with j edges at or below them; NO_ROW where nothing is
-        # steered), and the position from which its tokens stay in one segment for good. One
-        # entry more than there are rows: the last, read through NO_ROW (-1), steers nothing.
-        self._edges = np.full((MAX_EDGES, max_rows + 1), UNBOUNDED, dtype=np.int64)
+        # Per request, under its first row: the sorted finite edges of its segments (padded
+        # with UNBOUNDED), the row of each segment (segment j holds the positions with j edges
+        # at or below them; NO_ROW where nothing is steered), and the position from which its
+        # tokens stay in one segment for good. One entry more than there are rows: the last,
+        # read through NO_ROW (-1), steers nothing.
+        self._edges = np.full((max_rows + 1, MAX_EDGES), UNBOUNDED, dtype=np.int64)
         self._segment_rows = np.full((max_rows + 1, MAX_EDGES + 1), NO_ROW, dtype=np.int32)
         self._settles_at = np.zeros(max_rows + 1, dtype=np.int64)
         self._first_row_of: dict[str, int] = {}
@@ -150,7 +150,7 @@ class SteeringTables:
             self._write_row(row, [spec.edits[index] for index in edit_set])
         first = row_of[edit_sets[0]]
         padding = MAX_EDGES - len(edges)
-        self._edges[:, first] = edges + [UNBOUNDED] * padding
+        self._edges[first] = edges + [UNBOUNDED] * padding
         self._segment_rows[first] = (
             [NO_ROW]
             + [row_of[edit_set] if edit_set else NO_ROW for edit_set in segment_edits]
@@ -214,9 +214,8 @@ class SteeringTables:
             self._recount_edges = False
         # Each token's index into _segment_rows: its request's entry, then one segment on for
         # each of the request's edges at or below its position.
-        segment_index = token_firsts * (MAX_EDGES + 1)
-        for edges in self._edges[: self._edges_in_use]:
-            segment_index += positions >= edges[token_firsts]
+        edges = self._edges[token_firsts, : self._edges_in_use]
+        segment_index = token_firsts * (MAX_EDGES + 1) + (positions[:, None] >= edges).sum(axis=1)
         token_rows = self._segment_rows.ravel()[segment_index]
         self._write_tokens(num_tokens, token_rows, token_rows != NO_ROW)
         # Once every token has settled, a step with the same batch layout has the same rows and
