@@ -100,7 +100,7 @@ class SteeringTables:
         self._first_row_of: dict[str, int] = {}
         self._rows_of: dict[str, list[int]] = {}
         # A step compares positions with as many edges as the most any admitted request has
-        # (two for a spec with one scope); counted again at a step after such a one leaves.
+        # (at most two for a spec of one scope); counted again at a step after such a one leaves.
         self._edge_count_of: dict[str, int] = {}
         self._edges_in_use = 0
         self._recount_edges = False
