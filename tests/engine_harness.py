@@ -129,13 +129,16 @@ def stop_llm(llm) -> None:
 def steered_params(
     artifacts: Artifacts, edits, apply_to: str, window: dict | None = None, **sampling
 ):
+    """Params steered by `edits`: (sae, feature, op, value) tuples, each optionally with a
+    fifth item, a dict of the edit's own scope (`apply_to`, `window`)."""
     from sae_vllm import steering_params
 
     spec = {
         "edits": [
             {"sae": sae, "feature": feature, "op": op}
             | ({"value": value} if value is not None else {})
-            for sae, feature, op, value in edits
+            | (own[0] if own else {})
+            for sae, feature, op, value, *own in edits
         ],
         "apply_to": apply_to,
     }

@@ -11,7 +11,9 @@ D_SAE = 512
 BATCH = 4
 
 
-@pytest.mark.parametrize("variant", build_variants(["eager"], BATCH, quick=False), ids=str)
+@pytest.mark.parametrize(
+    "variant", build_variants(["eager"], BATCH, quick=False), ids=lambda variant: variant.name
+)
 def test_every_variants_requests_carry_the_specs_it_names(variant):
     requests = make_requests(variant, BATCH, D_SAE, "bench", [[1, 5, 6]])
     specs = [
@@ -26,4 +28,4 @@ def test_every_variants_requests_carry_the_specs_it_names(variant):
     for spec in specs:
         assert len(spec.edits) == variant.edits
         assert len(spec.scopes()) == variant.scopes
-        assert all(params.max_tokens == variant.output_len for _, params in requests)
+    assert all(params.max_tokens == variant.output_len for _, params in requests)

@@ -193,18 +193,8 @@ def test_edits_with_scopes_of_their_own_match_the_float64_reference(
     prompt, which stays unsteered."""
     from vllm import SamplingParams
 
-    from sae_vllm import steering_params
-
     prompt = PROMPTS[prompt_index]
-    spec = {
-        "apply_to": apply_to,
-        "edits": [
-            {"sae": sae, "feature": feature, "op": op, "value": value, **own}
-            for sae, feature, op, value, own in edits
-        ],
-    } | ({"window": window} if window else {})
-    params = steering_params(spec, config=artifacts.additional_config(), temperature=0.0,
-                             max_tokens=MAX_TOKENS)  # fmt: skip
+    params = steered_params(artifacts, edits, apply_to, window, max_tokens=MAX_TOKENS)
     plain = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
     tokens, _ = greedy(llm, [prompt, prompt], [params, plain])
 
@@ -499,15 +489,13 @@ def test_offline_beam_search_is_steered_in_every_scope(llm, artifacts):
 
     plain = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
     unsteered, _ = greedy(llm, prompts, [plain] * 3)
-    scopes = [("generated", None), ("prompt", None), ("all", None), ("generated", {"end": 3})]
+    own_scopes = [(*edits[0], {"window": {"end": 3}}), (*edits[1], {"apply_to": "all"})]
+    cases = [("generated", None, edits), ("prompt", None, edits), ("all", None, edits),
+             ("generated", {"end": 3}, edits), ("generated", None, own_scopes)]  # fmt: skip
     specs = [
-        steered_params(artifacts, edits, apply_to, window).extra_args["sae_steering"]
-        for apply_to, window in scopes
+        steered_params(artifacts, case_edits, apply_to, window).extra_args["sae_steering"]
+        for apply_to, window, case_edits in cases
     ]
-    specs.append(  # edits with scopes of their own
-        {"edits": [{"sae": "relu", "feature": 5, "op": "set", "value": 6.0, "window": {"end": 3}},
-                   {"sae": "topk", "feature": 9, "op": "add", "value": 4.0, "apply_to": "all"}]}
-    )  # fmt: skip
     for spec in specs:
         params = steering_params(spec, config=config, temperature=0.0, max_tokens=MAX_TOKENS)
         expected, _ = greedy(llm, prompts, [params] * 3)
