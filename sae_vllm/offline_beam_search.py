@@ -13,6 +13,7 @@ import inspect
 from typing import Any
 
 from .config import BEAM_STEERING_ATTR, EXTRA_ARGS_KEY, GENERATION_START_KEY
+from .engine.intake import check_beam_reach
 from .engine.vllm_adapter import with_extra_args
 
 
@@ -64,6 +65,8 @@ def install() -> None:
                     f"{engine_input['type']!r} inputs"
                 )
             groups.setdefault(len(engine_input["prompt_token_ids"]), []).append(index)
+        for prompt_length in groups:  # every group before any runs
+            check_beam_reach(self.llm_engine.vllm_config, spec, prompt_length, params.max_tokens)
         outputs: list = [None] * len(engine_inputs)
         for prompt_length, indices in groups.items():
             step_args = {EXTRA_ARGS_KEY: spec, GENERATION_START_KEY: prompt_length}

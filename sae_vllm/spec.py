@@ -142,6 +142,8 @@ class SteeringSpec(BaseModel):
 
     def scopes(self) -> list[tuple[Scope, list[FeatureEdit]]]:
         """The spec's distinct scopes, in the order the edits first name them, with their edits."""
+        if all(edit.apply_to is None and edit.window is None for edit in self.edits):
+            return [(Scope(self.apply_to, self.window), list(self.edits))]
         grouped: dict[Scope, list[FeatureEdit]] = {}
         for edit in self.edits:
             grouped.setdefault(self.scope_of(edit), []).append(edit)

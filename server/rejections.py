@@ -10,6 +10,7 @@ CONFLICT = "conflict"  # a spec given both as `steering` and in vllm_xargs
 STEERING_DISABLED = "steering_disabled"  # the server has no SAEs
 UNSUPPORTED_ROUTE = "unsupported_route"  # `steering` sent to a route that cannot apply it
 MISPLACED = "misplaced"  # `steering` where no route reads it: the query string, `extra_body`
+STEERS_NOTHING = "steers_nothing"  # no position of the request lies in the spec's scope
 
 REASONS = (
     *(reason.value for reason in SpecErrorReason),
@@ -17,4 +18,5 @@ REASONS = (
     STEERING_DISABLED,
     UNSUPPORTED_ROUTE,
     MISPLACED,
+    STEERS_NOTHING,
 )

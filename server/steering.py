@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
 from http import HTTPStatus
 from typing import Any, NamedTuple
@@ -9,6 +10,7 @@ from typing import Any, NamedTuple
 from fastapi.responses import JSONResponse
 
 from sae_vllm.config import EXTRA_ARGS_KEY
+from sae_vllm.engine.intake import STEERS_NOTHING
 from sae_vllm.resolved_specs import ResolvedSpec, SpecResolver, resolver_for
 from sae_vllm.spec import SpecLimits, SteeringSpec, SteeringSpecError
 
@@ -38,6 +40,27 @@ class Rejection(Exception):
 
 def _join(field: str, path: str) -> str:
     return f"{field}.{path}" if path else field
+
+
+def steers_nothing_rejection(error_message: str, param: str) -> Rejection | None:
+    """The Rejection for vLLM's client error about a request whose spec steers none of its
+    positions (vLLM's frontend finds that out once the prompt is tokenized, past the gate);
+    None for any other error. `param` names where the spec came from."""
+    if not error_message.startswith(STEERS_NOTHING):
+        return None
+    problem = error_message.removeprefix(f"{STEERING_FIELD}: ")
+    problem = problem.removesuffix(f" (parameter={STEERING_FIELD})")  # vLLM's own addition
+    return Rejection(rejections.STEERS_NOTHING, param, f"{param}: {problem}")
+
+
+def error_message_of(body: bytes) -> str:
+    """The message of an error response's JSON body, in OpenAI's or Anthropic's shape ("" when
+    it has none)."""
+    try:
+        message = json.loads(body)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return ""
+    return message if isinstance(message, str) else ""
 
 
 def check_placement(steering: Any, xargs_spec: Any, extra_body: Any) -> None:

@@ -24,6 +24,7 @@ import inspect
 import json
 import os
 from collections.abc import Callable
+from http import HTTPStatus
 from typing import Any, ClassVar
 
 from fastapi import FastAPI, Request, Response
@@ -34,9 +35,11 @@ from vllm.entrypoints.anthropic.protocol import AnthropicMessagesRequest
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
+from vllm.exceptions import VLLMValidationError
 
 from sae_vllm.config import BEAM_STEERING_ATTR, EXTRA_ARGS_KEY, GENERATION_START_KEY
-from sae_vllm.engine.vllm_adapter import with_extra_args
+from sae_vllm.engine.intake import check_beam_reach, check_reach
+from sae_vllm.engine.vllm_adapter import prompt_length_of_input, with_extra_args
 from sae_vllm.spec import SteeringSpec
 
 from . import metrics, rejections
@@ -45,9 +48,12 @@ from .steering import (
     STEERING_FIELD,
     STEERING_HEADER,
     UNSTEERED,
+    XARGS_FIELD,
     Rejection,
     SteeringGate,
     check_placement,
+    error_message_of,
+    steers_nothing_rejection,
 )
 
 SUPPORTED_VLLM = "0.32."
@@ -218,6 +224,14 @@ STEERED_ROUTES: dict[str, tuple[type, str]] = {
 # --- beam search ----------------------------------------------------------------------------
 
 
+def _as_client_error(check: Callable[..., None], *args: Any) -> None:
+    """Run a steering check; its ValueError becomes the client error vLLM answers with 400."""
+    try:
+        check(*args)
+    except ValueError as exc:
+        raise VLLMValidationError(str(exc), parameter=STEERING_FIELD) from None
+
+
 class _SteeringEngineClient:
     """The engine client, with `extra_args` added to every request it is asked to generate."""
 
@@ -262,16 +276,40 @@ def install_steered_beam_search() -> None:
         serving = self
         if spec is not None:
             decoder_prompt = prompt["decoder_prompt"] if prompt["type"] == "enc_dec" else prompt
-            step_args = {
-                EXTRA_ARGS_KEY: spec,
-                GENERATION_START_KEY: len(decoder_prompt["prompt_token_ids"]),
-            }
+            prompt_length = len(decoder_prompt["prompt_token_ids"])
+            vllm_config = self.engine_client.vllm_config
+            _as_client_error(check_beam_reach, vllm_config, spec, prompt_length, params.max_tokens)
+            step_args = {EXTRA_ARGS_KEY: spec, GENERATION_START_KEY: prompt_length}
             serving = _WithEngineClient(self, _SteeringEngineClient(self.engine_client, step_args))
         async for output in original(serving, prompt, request_id, params, *args, **kwargs):
             yield output
 
     beam_search._sae_vllm_wrapped = True  # type: ignore[attr-defined]
     BeamSearchOnlineMixin.beam_search = beam_search  # type: ignore[method-assign]
+
+
+def check_responses_reach_before_streaming() -> None:
+    """Make the Responses API refuse a spec that steers none of a request's positions before
+    its stream starts, as the other routes do (see vllm_adapter.patch_request_intake): it asks
+    the engine for a generator only once its own generator runs, after a stream's headers."""
+    from vllm.entrypoints.openai.responses.serving import OpenAIServingResponses
+
+    original = OpenAIServingResponses._generate_with_builtin_tools
+    if getattr(original, "_sae_vllm_wrapped", False):
+        return
+    signature = inspect.signature(original)
+
+    def _generate_with_builtin_tools(self: Any, *args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(self, *args, **kwargs).arguments
+        params = bound["sampling_params"]
+        num_prompt_tokens = prompt_length_of_input(bound["engine_input"])
+        if num_prompt_tokens is not None:
+            vllm_config = self.engine_client.vllm_config
+            _as_client_error(check_reach, vllm_config, params, num_prompt_tokens, params.max_tokens)
+        return original(self, *args, **kwargs)
+
+    _generate_with_builtin_tools._sae_vllm_wrapped = True  # type: ignore[attr-defined]
+    OpenAIServingResponses._generate_with_builtin_tools = _generate_with_builtin_tools  # type: ignore[method-assign]
 
 
 # --- SageMaker /invocations ----------------------------------------------------------------
@@ -455,6 +493,25 @@ def run(args: argparse.Namespace) -> None:
 GATE_STATE = "sae_steering_gate"  # the app's SteeringGate, on app.state
 
 
+def _spec_field(from_variant: bool, from_xargs: bool) -> str:
+    """Where a request's spec came from, as an error's `param` names it."""
+    if from_variant:
+        return "model"
+    return XARGS_FIELD if from_xargs else STEERING_FIELD
+
+
+def _steers_nothing_refusal(
+    spec: str | None, message: str, param: str, raw_request: Request
+) -> JSONResponse | None:
+    """The 400 in the gate's shape, counted, when vLLM refused a steered request because its
+    spec steers none of its positions (`message` is vLLM's error); None otherwise."""
+    rejection = None if spec is None else steers_nothing_rejection(message, param)
+    if rejection is None:
+        return None
+    metrics.record_rejected(rejection.reason)
+    return rejection.response_for(raw_request.url.path)
+
+
 def _steered_endpoint(original: Callable, model: type, label: str):
     async def endpoint(request: Any, raw_request: Request) -> Any:
         gate: SteeringGate = getattr(raw_request.app.state, GATE_STATE)
@@ -474,9 +531,21 @@ def _steered_endpoint(original: Callable, model: type, label: str):
         if variant is not None:
             request.model = variant.model  # vLLM serves the model; the spec steers it
         request.carry_steering(spec)
-        response = await original(request, raw_request)
-        if isinstance(response, Response) and response.status_code < 400:
+        param = _spec_field(variant is not None, xargs_spec is not None)
+        try:
+            response = await original(request, raw_request)
+        except VLLMValidationError as exc:  # some routes leave vLLM's errors to its handler
+            refusal = _steers_nothing_refusal(spec, str(exc), param, raw_request)
+            if refusal is None:
+                raise
+            return refusal
+        if not isinstance(response, Response):
+            return response
+        if response.status_code < 400:
             response.headers[STEERING_HEADER] = UNSTEERED if spec is None else STEERED
+        elif response.status_code == HTTPStatus.BAD_REQUEST:
+            message = error_message_of(getattr(response, "body", b""))
+            return _steers_nothing_refusal(spec, message, param, raw_request) or response
         return response
 
     endpoint.__name__ = original.__name__

@@ -9,6 +9,8 @@ async ones, and theirs, in the test process (engine_harness: a start of seconds,
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -522,6 +524,52 @@ def test_bad_spec_fails_before_the_engine_and_engine_keeps_serving(llm, artifact
         llm.generate([{"prompt_token_ids": PROMPTS[0]}], bad, use_tqdm=False)
     tokens, _ = greedy(llm, [PROMPTS[0]], [SamplingParams(temperature=0, max_tokens=MAX_TOKENS)])
     assert tokens[0] == baseline["tokens"][0]
+
+
+def test_a_spec_that_steers_no_position_fails_before_the_engine(
+    llm, artifacts, reference, baseline
+):
+    """A request its spec cannot steer (every window past the positions it computes) would run
+    unsteered under a steered request's name: vLLM's frontend refuses it, and its beam search,
+    before any step. The last position it computes is still steered, as the reference does."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import BeamSearchParams
+
+    from sae_vllm import steering_beam_params
+
+    edit = [("relu", 5, "set", 6.0)]
+    prompt, short = PROMPTS[0], PROMPTS[1][:3]
+    late = steered_params(
+        artifacts, edit, "generated", {"start": MAX_TOKENS}, max_tokens=MAX_TOKENS
+    )
+    message = (
+        f"steers no position of this request: its prompt has {len(prompt)} tokens and it "
+        f"generates at most {MAX_TOKENS}, and the spec's scope (generated[{MAX_TOKENS}:])"
+    )
+    with pytest.raises(Exception, match=re.escape(message)):
+        llm.generate([{"prompt_token_ids": prompt}], late, use_tqdm=False)
+    past_short = steered_params(artifacts, edit, "prompt", {"start": 3}, max_tokens=MAX_TOKENS)
+    with pytest.raises(Exception, match=r"its prompt has 3 tokens .* \(prompt\[3:\]\)"):
+        llm.generate(
+            [{"prompt_token_ids": p} for p in (prompt, short)], past_short, use_tqdm=False
+        )  # one prompt of the list is too short: the call fails whole
+    config = artifacts.additional_config()
+    spec = {"edits": [{"sae": "relu", "feature": 5, "op": "set", "value": 6.0}],
+            "window": {"start": MAX_TOKENS}}  # fmt: skip
+    beam = steering_beam_params(spec, config=config, beam_width=2, max_tokens=MAX_TOKENS)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        llm.beam_search([{"prompt_token_ids": prompt}], beam)
+    last = {"start": MAX_TOKENS - 1}
+    tokens, _ = greedy(
+        llm, [prompt], [steered_params(artifacts, edit, "generated", last, max_tokens=MAX_TOKENS)]
+    )
+    edits = [Edit(artifacts.saes["relu"], 5, "set", 6.0)]
+    assert tokens[0] == reference.greedy(prompt, MAX_TOKENS, edits, "generated", last)[0]
+    assert llm.beam_search(
+        [{"prompt_token_ids": prompt}], BeamSearchParams(beam_width=2, max_tokens=MAX_TOKENS)
+    )
+    plain, _ = greedy(llm, [prompt], [SamplingParams(temperature=0, max_tokens=MAX_TOKENS)])
+    assert plain[0] == baseline["tokens"][0]
 
 
 def test_lifecycle_1000_requests_with_aborts_stops_and_max_tokens_leaks_no_row(llm, artifacts):

@@ -239,3 +239,22 @@ def test_a_session_steered_then_not_shares_no_block_holding_steered_kv(
         # the geometry shares the block when nothing steered it
         assert cached == (BLOCK_SIZE if kind == "unsteered" else 0), kind
         assert tokens == reference.greedy(replay, 4, [])[0], kind
+
+
+def test_a_session_is_not_judged_by_the_placeholder_vllm_checks_its_params_on(
+    engine, loop, artifacts, reference
+):
+    """AsyncLLM checks a session's params on a one-token placeholder prompt, which a prompt
+    window from position 2 does not reach; the frontend's steers_nothing check must leave that
+    to the session, whose prompt it does reach and steer."""
+    from vllm.sampling_params import RequestOutputKind
+
+    params = steered_params(
+        artifacts, SPECS["strong"], "prompt", {"start": 2}, max_tokens=MAX_TOKENS,
+        output_kind=RequestOutputKind.DELTA,
+    )  # fmt: skip
+    (tokens,) = loop.run_until_complete(run_session(engine, "windowed", [(PROMPTS[0], params)]))
+    edits = [Edit(artifacts.saes[s], f, op, v) for s, f, op, v in SPECS["strong"]]
+    expected = reference.greedy_in_spans(PROMPTS[0], MAX_TOKENS, [Span(2, len(PROMPTS[0]), edits)])
+    assert tokens == expected
+    assert expected != reference.greedy_in_spans(PROMPTS[0], MAX_TOKENS, [])

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import types
 
+import numpy as np
 import pytest
 
 from sae_vllm.config import EXTRA_ARGS_KEY, GENERATION_START_KEY
@@ -87,3 +88,132 @@ def test_bad_specs_and_generation_starts_and_steering_without_saes_raise(engine_
     with pytest.raises(ValueError, match="no SAEs configured"):
         intake.check_params(no_saes, sampling_params(**{EXTRA_ARGS_KEY: RAW}))
     assert intake.check_params(no_saes, sampling_params(other=1)).extra_args == {"other": 1}
+
+
+# --- a spec that steers none of a request's positions ----------------------------------------
+
+
+def reach(engine, spec: dict | None, num_prompt_tokens: int, max_tokens: int | None, **extra):
+    """check_reach of a request of that prompt length and max_tokens steered by `spec`."""
+    params = sampling_params(**({} if spec is None else {EXTRA_ARGS_KEY: spec}), **extra)
+    intake.check_reach(engine, params, num_prompt_tokens, max_tokens)
+
+
+def windowed(*scopes: tuple[str, dict | None]) -> dict:
+    """A spec with one edit per (apply_to, window) scope."""
+    edits = [
+        {"feature": index, "op": "ablate", "apply_to": apply_to}
+        | ({} if window is None else {"window": window})
+        for index, (apply_to, window) in enumerate(scopes)
+    ]
+    return {"edits": edits}
+
+
+def python_slice_reaches(scopes, num_prompt_tokens: int, max_tokens: int) -> bool:
+    """The oracle: list the positions a request computes (its prompt, then the inputs of its
+    first max_tokens - 1 generated tokens), slice each scope's list as Python does, and see
+    whether any slice holds one."""
+    computed = list(range(num_prompt_tokens + max_tokens - 1))
+    for apply_to, window in scopes:
+        held = {
+            "prompt": computed[:num_prompt_tokens],
+            "generated": computed[num_prompt_tokens - 1 :],
+            "all": computed,
+        }[apply_to]
+        window = window or {}
+        if held[window.get("start", 0) : window.get("end")]:
+            return True
+    return False
+
+
+def random_window(rng, apply_to: str) -> dict | None:
+    if rng.random() < 0.2:
+        return None
+    lowest = -12 if apply_to == "prompt" else 0
+    start = int(rng.integers(lowest, 16))
+    if rng.random() < 0.4:
+        return {"start": start}
+    end = int(rng.integers(start + 1, start + 8 if start >= 0 else 1))
+    return {"start": start} if end == 0 else {"start": start, "end": end}
+
+
+def test_a_spec_steering_no_position_of_the_request_is_found_as_python_slices_find_it(engine_a):
+    rng = np.random.default_rng(11)
+    reached = refused = 0
+    for _ in range(400):
+        scopes = [
+            (apply_to, random_window(rng, apply_to))
+            for apply_to in rng.choice(["prompt", "generated", "all"], size=rng.integers(1, 4))
+        ]
+        num_prompt_tokens, max_tokens = int(rng.integers(1, 14)), int(rng.integers(1, 8))
+        spec = windowed(*scopes)
+        if python_slice_reaches(scopes, num_prompt_tokens, max_tokens):
+            reach(engine_a, spec, num_prompt_tokens, max_tokens)
+            reached += 1
+        else:
+            with pytest.raises(ValueError, match=intake.STEERS_NOTHING):
+                reach(engine_a, spec, num_prompt_tokens, max_tokens)
+            refused += 1
+    assert reached > 100 and refused > 50
+
+
+@pytest.mark.parametrize(
+    ("apply_to", "window", "num_prompt_tokens", "max_tokens", "reaches"),
+    [
+        ("generated", {"start": 3}, 5, 4, True),  # the input of the 4th generated token
+        ("generated", {"start": 4}, 5, 4, False),  # the 5th: past max_tokens
+        ("prompt", {"start": 4}, 5, 1, True),
+        ("prompt", {"start": 5}, 5, 50, False),  # past the prompt, however long it generates
+        ("prompt", {"start": -100}, 1, 1, True),  # negative offsets clip to the prompt's start
+        ("all", {"start": 7}, 5, 4, True),  # prompt 0..4, then the inputs of tokens 2..3
+        ("all", {"start": 8}, 5, 4, False),
+        ("all", {"start": 4}, 5, 1, True),  # one token: its input is the last prompt position
+        ("all", {"start": 5}, 5, 1, False),
+    ],
+)
+def test_the_last_position_a_request_computes_is_reached_and_the_next_is_not(
+    engine_a, apply_to, window, num_prompt_tokens, max_tokens, reaches
+):
+    spec = windowed((apply_to, window))
+    if reaches:
+        reach(engine_a, spec, num_prompt_tokens, max_tokens)
+        return
+    with pytest.raises(ValueError) as info:
+        reach(engine_a, spec, num_prompt_tokens, max_tokens)
+    start = window["start"]
+    assert str(info.value) == (
+        f"{intake.STEERS_NOTHING}: its prompt has {num_prompt_tokens} tokens and it generates "
+        f"at most {max_tokens}, and the spec's scope ({apply_to}[{start}:]) holds none of their "
+        "positions"
+    )
+
+
+def test_one_scope_that_reaches_is_enough_and_the_message_names_every_scope(engine_a):
+    late = [("generated", {"start": 9}), ("prompt", {"start": 6, "end": 8})]
+    with pytest.raises(ValueError, match=r"\(generated\[9:\], prompt\[6:8\]\)"):
+        reach(engine_a, windowed(*late), 5, 4)
+    reach(engine_a, windowed(*late, ("all", None)), 5, 4)
+    spec_window = {"edits": [RAW["edits"][0]], "window": {"start": 4}}
+    with pytest.raises(ValueError, match=r"\(generated\[4:\]\)"):
+        reach(engine_a, spec_window, 5, 4)
+
+
+def test_without_max_tokens_a_request_may_generate_to_the_models_length(engine_a):
+    engine = types.SimpleNamespace(
+        additional_config=engine_a.additional_config,
+        model_config=types.SimpleNamespace(max_model_len=20),
+    )
+    reach(engine, windowed(("generated", {"start": 13})), 6, None)  # the input of the 14th token
+    with pytest.raises(ValueError, match="generates at most 14, "):
+        reach(engine, windowed(("generated", {"start": 14})), 6, None)
+
+
+def test_beam_steps_and_unsteered_requests_are_not_judged_alone(engine_a):
+    nothing = windowed(("generated", {"start": 20}))
+    # A beam step's prompt holds what the search generated so far; the search is checked whole.
+    reach(engine_a, nothing, 5, 1, **{GENERATION_START_KEY: 3})
+    with pytest.raises(ValueError, match=intake.STEERS_NOTHING):
+        intake.check_beam_reach(engine_a, json.dumps(nothing), 3, 20)
+    intake.check_beam_reach(engine_a, json.dumps(nothing), 3, 21)
+    reach(engine_a, None, 5, 1)
+    reach(engine_a, None, 5, 1, other=1)

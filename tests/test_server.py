@@ -52,8 +52,10 @@ MIXED = {
 }
 
 # Served model names that steer every request with a fixed spec (--steering-variant).
-STRONG_VARIANT, MIXED_VARIANT = "tiny-three", "tiny/mixed"
+STRONG_VARIANT, MIXED_VARIANT, LATE_VARIANT = "tiny-three", "tiny/mixed", "tiny-late"
 FIRST_TOKENS = {**STRONG, "window": {"end": 4}}  # the first 4 generated tokens only
+LAST_TOKEN = {**STRONG, "window": {"start": MAX_TOKENS - 1}}  # the last of MAX_TOKENS only
+LATE = {**STRONG, "window": {"start": 8}}  # from the 9th generated token on
 # The same positions through an edit's own window, beside an edit of another scope that steers
 # nothing here (positions from 10**6 on).
 SCOPED = {
@@ -101,6 +103,7 @@ def server(artifacts):
         "--sae", f"res1={artifacts['sae1']}@1", "--sae", f"res2={artifacts['sae2']}",
         "--steering-variant", f"{STRONG_VARIANT}={json.dumps(STRONG)}",
         "--steering-variant", f"{MIXED_VARIANT}={mixed_file}",
+        "--steering-variant", f"{LATE_VARIANT}={json.dumps(LATE)}",
         "--max-edits", str(MAX_EDITS), "--api-key", API_KEY, *engine_cli_args(),
     ]  # fmt: skip
     # The response store lets the Responses API run requests in the background.
@@ -188,7 +191,7 @@ def test_server_equals_offline_engine(client, artifacts):
         [],
         MAX_EDITS,
     )
-    specs = [None, STRONG, MIXED, FIRST_TOKENS, SCOPED]
+    specs = [None, STRONG, MIXED, FIRST_TOKENS, SCOPED, LAST_TOKEN]
     job = {
         "model": str(artifacts["model"]),
         "additional_config": config,
@@ -201,10 +204,15 @@ def test_server_equals_offline_engine(client, artifacts):
     assert served_completions == offline["completions"]
     assert served_chats == offline["chats"]
     # The window steers the first tokens as STRONG does, then lets the model go on its own;
-    # an edit's own window steers the same positions.
+    # an edit's own window steers the same positions. A window of the last position a request
+    # computes changes only its last token, and is no 400 (see the steers_nothing tests).
+    last_tokens_changed = 0
     for texts in (served_completions, served_chats):
-        for plain, strong, _, first, scoped in zip(*[iter(texts)] * len(specs), strict=True):
+        for plain, strong, _, first, scoped, last in zip(*[iter(texts)] * len(specs), strict=True):
             assert first not in (plain, strong) and scoped == first
+            assert last.rsplit(" ", 1)[0] == plain.rsplit(" ", 1)[0]
+            last_tokens_changed += last != plain
+    assert last_tokens_changed >= 1
 
 
 def test_streamed_equals_non_streamed(client):
@@ -764,14 +772,15 @@ def test_still_serving_after_bad_requests(client, http):
 def _resolved(spec: dict) -> dict:
     """A spec as the server resolves it: every edit names its SAE, defaults filled in."""
     edits = [{"value": None} | edit for edit in spec["edits"]]
-    return {"edits": edits, "apply_to": spec.get("apply_to", "generated")}
+    window = {"window": {"end": None} | spec["window"]} if "window" in spec else {}
+    return {"edits": edits, "apply_to": spec.get("apply_to", "generated")} | window
 
 
 def test_variants_are_listed_in_models(client):
     cards = {card.id: card for card in client.models.list().data}
-    assert set(cards) == {MODEL, STRONG_VARIANT, MIXED_VARIANT}
+    assert set(cards) == {MODEL, STRONG_VARIANT, MIXED_VARIANT, LATE_VARIANT}
     base = cards[MODEL].model_dump()
-    for name, spec in ((STRONG_VARIANT, STRONG), (MIXED_VARIANT, MIXED)):
+    for name, spec in ((STRONG_VARIANT, STRONG), (MIXED_VARIANT, MIXED), (LATE_VARIANT, LATE)):
         card = cards[name].model_dump()
         assert card["parent"] == MODEL and card["steering"] == _resolved(spec)
         assert card["root"] == base["root"] and card["max_model_len"] == base["max_model_len"]
@@ -855,6 +864,80 @@ def test_variant_requests_are_counted_and_unknown_models_are_still_refused(clien
     assert metric_samples(http)[counted] - before[counted] == 1
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="tiny-nope", prompt=PROMPTS[1], max_tokens=2)
+
+
+# --- a spec that steers none of a request's positions ----------------------------------------
+
+PAST_4 = {**STRONG, "window": {"start": 4}}  # past the 4 tokens _body's requests generate
+PAST_PROMPT = {**STRONG, "apply_to": "prompt", "window": {"start": 40}}
+NOTHING = [  # (id, endpoint, body fields, expected param); every one would run unsteered
+    ("completions", "completions", {"steering": PAST_4}, "steering"),
+    ("completions-stream", "completions", {"steering": PAST_4, "stream": True}, "steering"),
+    ("chat", "chat", {"steering": PAST_PROMPT}, "steering"),
+    ("chat-stream", "chat", {"steering": PAST_4, "stream": True}, "steering"),
+    ("responses", "responses", {"steering": PAST_PROMPT}, "steering"),
+    ("responses-stream", "responses", {"steering": PAST_4, "stream": True}, "steering"),
+    ("responses-background", "responses", {"steering": PAST_4, "background": True}, "steering"),
+    ("every-scope", "completions",
+     _steer(_edit(window={"start": 4}), _edit(feature=4, apply_to="prompt", window={"start": 40})),
+     "steering"),
+    ("one-prompt-of-a-list", "completions",
+     {"steering": {**STRONG, "apply_to": "prompt", "window": {"start": 5}}, "prompt": PROMPTS},
+     "steering"),
+    ("beam-search", "completions", {"steering": PAST_4, "use_beam_search": True}, "steering"),
+    ("xargs", "completions", {"vllm_xargs": {"sae_steering": json.dumps(PAST_4)}},
+     "vllm_xargs.sae_steering"),
+    ("variant", "chat", {"model": LATE_VARIANT}, "model"),
+    ("variant-stream", "completions", {"model": LATE_VARIANT, "stream": True}, "model"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "fields", "param"), [n[1:] for n in NOTHING], ids=[n[0] for n in NOTHING]
+)
+def test_a_spec_that_steers_no_position_gets_400_before_anything_streams(
+    http, endpoint, fields, param
+):
+    path = {"chat": "/v1/chat/completions", "responses": "/v1/responses"}.get(
+        endpoint, "/v1/completions"
+    )
+    counted = ("sae_steering_rejected_specs_total", (("reason", "steers_nothing"),))
+    before = metric_samples(http)
+    response = http.post(path, json=_body(endpoint, fields))
+    assert response.status_code == 400, response.text
+    assert "x-sae-steering" not in response.headers
+    error = response.json()["error"]
+    assert (error["param"], error["reason"], error["code"]) == (param, "steers_nothing", 400)
+    assert error["message"].startswith(f"{param}: steers no position of this request: ")
+    assert metric_samples(http)[counted] - before[counted] == 1
+
+
+def test_the_last_position_a_request_computes_can_be_steered_alone(client):
+    """The boundary of the steers_nothing refusal: 4 tokens reach position 3, not 4."""
+    raw = client.completions.with_raw_response.create(
+        model=MODEL, prompt=PROMPTS[0], max_tokens=4, temperature=0,
+        extra_body={"steering": {**STRONG, "window": {"start": 3}}},
+    )  # fmt: skip
+    assert raw.headers["x-sae-steering"] == "steered"
+    late = client.completions.with_raw_response.create(
+        model=LATE_VARIANT, prompt=PROMPTS[0], max_tokens=9, temperature=0
+    )
+    assert late.headers["x-sae-steering"] == "steered"
+    assert late.parse().usage.completion_tokens == 9
+
+
+def test_a_spec_that_steers_nothing_raises_in_the_official_clients(client, anthropic_client):
+    with pytest.raises(openai.BadRequestError) as info:
+        stream_chat(client, CHATS[0], PAST_4 | {"window": {"start": MAX_TOKENS}})
+    assert info.value.body["reason"] == "steers_nothing"
+    assert "generates at most 12, and the spec's scope (generated[12:])" in info.value.message
+    with pytest.raises(anthropic.BadRequestError) as info:
+        stream_message(anthropic_client, CHATS[0], PAST_PROMPT)
+    error = info.value.body["error"]
+    assert (error["type"], error["param"], error["reason"]) == (
+        "invalid_request_error", "steering", "steers_nothing"
+    )  # fmt: skip
+    assert "the spec's scope (prompt[40:]) holds none of their positions" in error["message"]
 
 
 # --- concurrency ----------------------------------------------------------------------------

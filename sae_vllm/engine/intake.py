@@ -7,9 +7,15 @@ from typing import Any
 
 from ..config import EXTRA_ARGS_KEY, GENERATION_START_KEY, PREFIX_CACHE_KEY, steering_config_from
 from ..resolved_specs import ResolvedSpec, SpecResolver
+from ..spec import SteeringSpec
 from . import vllm_adapter as vllm
 from .prefix_cache import key_fields, session_key_fields
 from .sae_sizes import config_resolver
+from .scopes import scope_text, unreached_scopes
+
+# How the message of a request whose spec steers none of its positions starts: the server
+# finds it in vLLM's error response by this text, the only thing that crosses vLLM's frontend.
+STEERS_NOTHING = "steering: steers no position of this request"
 
 
 def generation_start_of(extra_args: Mapping[str, Any]) -> int | None:
@@ -71,6 +77,52 @@ def check_params(vllm_config: Any, params: Any) -> Any:
     if extra_args[EXTRA_ARGS_KEY] == steering.text:
         return params
     return vllm.with_own_extra_args(params, {**extra_args, EXTRA_ARGS_KEY: steering.text})
+
+
+def reach_problem(spec: SteeringSpec, num_prompt_tokens: int, max_tokens: int) -> str | None:
+    """Why a request of this prompt length and max_tokens would run unsteered under `spec`
+    (every scope's window lies past the positions it can compute), or None when it would not."""
+    scopes = unreached_scopes(spec, num_prompt_tokens, max_tokens)
+    if not scopes:
+        return None
+    held = ", ".join(scope_text(scope) for scope in scopes)
+    return (
+        f"{STEERS_NOTHING}: its prompt has {num_prompt_tokens} tokens and it generates at most "
+        f"{max_tokens}, and the spec's scope ({held}) holds none of their positions"
+    )
+
+
+def check_reach(
+    vllm_config: Any, params: Any, num_prompt_tokens: int, max_tokens: int | None
+) -> None:
+    """Raises ValueError when the spec in `params` (SamplingParams) steers none of the positions
+    a request of this prompt length and max_tokens (None: to the model's length) computes: it
+    would run unsteered under a steered request's name. A beam-search step is not judged alone;
+    its search is, whole (check_beam_reach)."""
+    extra_args = vllm.extra_args_of(params)
+    if not extra_args or GENERATION_START_KEY in extra_args:
+        return
+    if max_tokens is None:
+        max_tokens = vllm.max_model_len(vllm_config) - num_prompt_tokens
+    _check_reach(vllm_config, extra_args, num_prompt_tokens, max_tokens)
+
+
+def check_beam_reach(
+    vllm_config: Any, spec_text: str, num_prompt_tokens: int, max_tokens: int
+) -> None:
+    """check_reach for a whole beam search, before its first step: raises ValueError."""
+    _check_reach(vllm_config, {EXTRA_ARGS_KEY: spec_text}, num_prompt_tokens, max_tokens)
+
+
+def _check_reach(
+    vllm_config: Any, extra_args: Mapping[str, Any], num_prompt_tokens: int, max_tokens: int
+) -> None:
+    steering = _resolve(vllm_config, extra_args)
+    if steering is None:
+        return
+    problem = reach_problem(steering.spec, num_prompt_tokens, max_tokens)
+    if problem is not None:
+        raise ValueError(problem)
 
 
 def key_request(vllm_config: Any, request: Any) -> None:

@@ -63,3 +63,26 @@ def scope_span(
     lo = max(scope_lo, position_of(window.start))
     hi = scope_hi if window.end is None else min(scope_hi, position_of(window.end))
     return lo, max(hi, lo)
+
+
+def computed_end(num_prompt_tokens: int, max_tokens: int) -> int:
+    """One past the last position a request can compute: its prompt and the inputs of its
+    first `max_tokens - 1` generated tokens (the last one is sampled, never fed back)."""
+    return num_prompt_tokens + max(max_tokens - 1, 0)
+
+
+def unreached_scopes(spec: SteeringSpec, num_prompt_tokens: int, max_tokens: int) -> list[Scope]:
+    """The spec's scopes, when none of them holds a position the request can compute (it
+    would run unsteered however it ends); else an empty list."""
+    end = computed_end(num_prompt_tokens, max_tokens)
+    scopes = [scope for scope, _ in spec.scopes()]
+    spans = [scope_span(scope, num_prompt_tokens) for scope in scopes]
+    return [] if any(lo < min(hi, end) for lo, hi in spans) else scopes
+
+
+def scope_text(scope: Scope) -> str:
+    """A scope as a user reads it: `generated`, or with its window as a slice, `prompt[-8:]`."""
+    if scope.window is None:
+        return scope.apply_to.value
+    end = "" if scope.window.end is None else scope.window.end
+    return f"{scope.apply_to.value}[{scope.window.start}:{end}]"

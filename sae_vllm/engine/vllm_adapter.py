@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,30 +76,75 @@ def _wrap_once(owner: type, name: str, make: Callable[[Callable], Callable]) -> 
 
 # --- frontend and engine-core request hooks ------------------------------------------------
 
+# Set while AsyncLLM opens a streaming-input session: it processes a placeholder request (a
+# one-token prompt) to validate the session's params, and its chunks' prompts grow, so neither
+# is a request whose positions check_reach can judge.
+_opening_session: ContextVar[bool] = ContextVar("sae_vllm_opening_session", default=False)
+
+
+ReachCheck = Callable[[Any, Any, int, int | None], None]
+
 
 def patch_request_intake(
     check_params: Callable[[Any, Any], Any],
+    check_reach: ReachCheck,
     key_request: Callable[[Any, Any], None],
 ) -> None:
     """Validate steering where requests enter (frontend: `check_params(vllm_config, params)`
-    returns the params to submit, raising becomes a client error) and again in the engine core,
-    before the request's KV blocks are first hashed (`key_request(vllm_config,
-    engine_core_request)`)."""
+    returns the params to submit; once the prompt is processed, `check_reach(vllm_config,
+    params, num_prompt_tokens, max_tokens)`; raising ValueError in either becomes a client
+    error) and again in the engine core, before the request's KV blocks are first hashed
+    (`key_request(vllm_config, engine_core_request)`)."""
     from vllm.exceptions import VLLMValidationError
+    from vllm.v1.engine.async_llm import AsyncLLM
     from vllm.v1.engine.core import EngineCore
     from vllm.v1.engine.input_processor import InputProcessor
+
+    def as_client_error(check: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return check(*args)
+        except ValueError as exc:
+            raise VLLMValidationError(str(exc), parameter="steering") from None
 
     def make_process_inputs(original: Callable) -> Callable:
         def process_inputs(
             self: Any, request_id: str, prompt: Any, params: Any, *a: Any, **kw: Any
         ):
-            try:
-                params = check_params(self.vllm_config, params)
-            except ValueError as exc:
-                raise VLLMValidationError(str(exc), parameter="steering") from None
-            return original(self, request_id, prompt, params, *a, **kw)
+            params = as_client_error(check_params, self.vllm_config, params)
+            request = original(self, request_id, prompt, params, *a, **kw)
+            sampling = request.sampling_params
+            if sampling is not None and not request.resumable and not _opening_session.get():
+                num_prompt_tokens = num_prompt_tokens_of(request)
+                as_client_error(
+                    check_reach, self.vllm_config, sampling, num_prompt_tokens, sampling.max_tokens
+                )
+            return request
 
         return process_inputs
+
+    def make_generate(original: Callable) -> Callable:
+        def generate(self: Any, prompt: Any, sampling_params: Any, *a: Any, **kw: Any) -> Any:
+            # Checked now, not at the generator's first step: vLLM's servers create it before a
+            # stream's headers go out and run it after, when a client error can only be a
+            # streamed event. process_inputs checks again (and alone, offline).
+            num_prompt_tokens = prompt_length_of_input(prompt)
+            if num_prompt_tokens is not None and extra_args_of(sampling_params):
+                max_tokens = getattr(sampling_params, "max_tokens", None)
+                args = (self.vllm_config, sampling_params, num_prompt_tokens, max_tokens)
+                as_client_error(check_reach, *args)
+            return original(self, prompt, sampling_params, *a, **kw)
+
+        return generate
+
+    def make_open_session(original: Callable) -> Callable:
+        async def _add_streaming_input_request(self: Any, *a: Any, **kw: Any):
+            opening = _opening_session.set(True)  # the chunks' task copies this context
+            try:
+                return await original(self, *a, **kw)
+            finally:
+                _opening_session.reset(opening)
+
+        return _add_streaming_input_request
 
     def make_preprocess(original: Callable) -> Callable:
         def preprocess_add_request(self: Any, request: Any):
@@ -108,6 +154,8 @@ def patch_request_intake(
         return preprocess_add_request
 
     _wrap_once(InputProcessor, "process_inputs", make_process_inputs)
+    _wrap_once(AsyncLLM, "_add_streaming_input_request", make_open_session)
+    _wrap_once(AsyncLLM, "generate", make_generate)
     _wrap_once(EngineCore, "preprocess_add_request", make_preprocess)
 
 
@@ -169,6 +217,25 @@ def num_prompt_tokens_of(request: Any) -> int:
     from vllm.utils import length_from_prompt_token_ids_or_embeds
 
     return length_from_prompt_token_ids_or_embeds(request.prompt_token_ids, request.prompt_embeds)
+
+
+def prompt_length_of_input(prompt: Any) -> int | None:
+    """The decoder token count of a rendered prompt (an EngineInput, what vLLM's servers hand
+    the engine); None for anything else (text, an EngineCoreRequest, a stream of inputs)."""
+    if not isinstance(prompt, dict) or "type" not in prompt:
+        return None
+    from vllm.inputs.engine import split_enc_dec_input
+    from vllm.utils import length_from_prompt_token_ids_or_embeds
+
+    _, decoder = split_enc_dec_input(prompt)
+    token_ids, embeds = decoder.get("prompt_token_ids"), decoder.get("prompt_embeds")
+    if token_ids is None and embeds is None:
+        return None
+    return length_from_prompt_token_ids_or_embeds(token_ids, embeds)
+
+
+def max_model_len(vllm_config: Any) -> int:
+    return vllm_config.model_config.max_model_len
 
 
 def is_resumable(request: Any) -> bool:
