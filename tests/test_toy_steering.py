@@ -68,6 +68,27 @@ def test_setting_a_topic_feature_high_moves_completions_onto_that_topic(toy, eng
         assert steered.get(topic, 0.0) > baseline.get(topic, 0.0)
 
 
+def test_steering_the_tokens_that_open_a_sentence_sets_its_topic(toy, engine):
+    """A window of the first generated tokens: the toy's sentences name their topic early, so
+    the first four (the demo's window) pick it and the model stays on it; the first alone (its
+    output is "the" or "i") does not."""
+    from sae_vllm import steering_params
+    from sae_vllm.toy.demo import NEUTRAL_PROMPT, TOPIC_WINDOW
+
+    llm, config = engine
+    topics = json.loads(toy.labels_path.read_text())["topics"]
+    sampling = {"temperature": 0.7, "max_tokens": MAX_TOKENS, "n": SAMPLES, "seed": 0}
+    for topic, info in topics.items():
+        edit = {"feature": info["feature"], "op": "set", "value": info["steering_value"]}
+        share = {}
+        for end in (1, TOPIC_WINDOW):
+            spec = {"edits": [edit], "window": {"end": end}}
+            params = steering_params(spec, config=config, **sampling)
+            share[end] = shares(llm, NEUTRAL_PROMPT, params).get(topic, 0.0)
+        print(f"\nset {topic} for the first 1 / {TOPIC_WINDOW} tokens: share {share}")
+        assert share[TOPIC_WINDOW] >= 0.8 and share[1] <= 0.5, (topic, share)
+
+
 def test_ablating_a_topic_feature_lowers_that_topics_share(toy, engine):
     """From a prompt that starts on topic T, ablating T's feature at every position lowers T's
     share of the completions, for every topic."""
@@ -123,4 +144,6 @@ def test_demo_command_prints_set_and_ablate_rows_for_every_topic(toy):
     # Every sampled completion is printed after its classified topic in brackets.
     names = "|".join(topics)
     classified = re.compile(rf"\[ *({names}|-) *\]  ")
-    assert sum(bool(classified.search(line)) for line in lines) == 2 * (1 + 3 * len(topics))
+    assert sum(bool(classified.search(line)) for line in lines) == 2 * (1 + 4 * len(topics))
+    windowed = [re.match(r"(\w+), first 4 tokens only +\[", line) for line in lines]
+    assert [match[1] for match in windowed if match] == list(topics)

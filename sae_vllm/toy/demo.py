@@ -39,11 +39,23 @@ def start_engine(toy):
 Row = tuple[str, str, object]  # (label, prompt, SamplingParams)
 
 
-def _spec(toy, feature: int, op: str, value: float | None = None, apply_to: str = "generated"):
+# The toy's sentences name their topic early ("the <noun>", "i like the <adjective>"), so
+# steering their first tokens picks the topic, and the model stays on it.
+TOPIC_WINDOW = 4
+
+
+def _spec(
+    toy,
+    feature: int,
+    op: str,
+    value: float | None = None,
+    apply_to: str = "generated",
+    window: dict | None = None,
+):
     edit = {"sae": toy.sae_id, "feature": feature, "op": op}
     if value is not None:
         edit["value"] = value
-    return {"edits": [edit], "apply_to": apply_to}
+    return {"edits": [edit], "apply_to": apply_to} | ({"window": window} if window else {})
 
 
 def _print_rows(rows: list[Row], outputs) -> None:
@@ -83,24 +95,35 @@ def main(argv: list[str] | None = None) -> int:
     unsteered = SamplingParams(**sampling)
     set_rows: list[Row] = [("unsteered", args.prompt, unsteered)]
     ablate_rows: list[Row] = []
+    window_rows: list[Row] = []
     for topic, info in topics.items():
         feature, value = info["feature"], info["steering_value"]
         spec = _spec(toy, feature, "set", value)
         label = f"{topic} (feature {feature} = {value:.1f})"
         set_rows.append((label, args.prompt, steering_params(spec, config=config, **sampling)))
+        spec = _spec(toy, feature, "set", value, window={"end": TOPIC_WINDOW})
+        label = f"{topic}, first {TOPIC_WINDOW} tokens only"
+        window_rows.append((label, args.prompt, steering_params(spec, config=config, **sampling)))
         spec = _spec(toy, feature, "ablate", apply_to="all")
         ablated = steering_params(spec, config=config, **sampling)
         prompt = on_topic_prompt(topic)
         ablate_rows.append((f"{topic}: unsteered", prompt, unsteered))
         ablate_rows.append((f"{topic}: ablate feature {feature}", prompt, ablated))
-    rows = set_rows + ablate_rows
-    outputs = llm.generate(
-        [prompt for _, prompt, _ in rows], [params for _, _, params in rows], use_tqdm=False
+    rows = set_rows + window_rows + ablate_rows
+    outputs = iter(
+        llm.generate(
+            [prompt for _, prompt, _ in rows], [params for _, _, params in rows], use_tqdm=False
+        )
     )
     print(f"\nset: layer {toy.layer} SAE '{toy.sae_id}', temperature 0.7\n")
-    _print_rows(set_rows, outputs[: len(set_rows)])
+    _print_rows(set_rows, [next(outputs) for _ in set_rows])
+    print(
+        f'window: set for the first {TOPIC_WINDOW} generated tokens only ("window": '
+        f'{{"end": {TOPIC_WINDOW}}}); the model stays on the topic they open\n'
+    )
+    _print_rows(window_rows, [next(outputs) for _ in window_rows])
     print("ablate: the prompt starts on the topic; its feature is ablated at every position\n")
-    _print_rows(ablate_rows, outputs[len(set_rows) :])
+    _print_rows(ablate_rows, [next(outputs) for _ in ablate_rows])
     return 0
 
 
