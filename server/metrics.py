@@ -12,7 +12,7 @@ ENDPOINTS = ("completions", "chat.completions", "responses")
 
 STEERED = Counter(
     "sae_steering_steered_requests",
-    "Requests admitted with a steering spec.",
+    "Requests admitted with a steering spec (and not refused by vLLM for steering nothing).",
     ["endpoint"],
 )
 UNSTEERED = Counter(

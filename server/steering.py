@@ -121,7 +121,7 @@ class SteeringGate:
         variant: str | None = None,
     ) -> str | None:
         """The resolved spec's wire text to hand the engine (None when unsteered); raises
-        Rejection.
+        Rejection, and counts it (record_admitted counts the requests the engine takes).
 
         `steering` is the raw body field; `xargs_spec` a spec passed the low-level way, as
         `vllm_xargs["sae_steering"]`; `extra_body` the body's own `extra_body` field, if any
@@ -133,13 +133,17 @@ class SteeringGate:
         except Rejection as rejection:
             metrics.record_rejected(rejection.reason)
             raise
+        return None if spec is None else spec.text
+
+    def record_admitted(self, endpoint: str, spec: str | None, variant: str | None) -> None:
+        """Count a request admitted with `spec` (admit's answer) that vLLM took on: not one
+        its frontend refused for a spec that steers none of its positions."""
         if spec is None:
             metrics.record_unsteered(endpoint)
-            return None
-        metrics.record_steered(endpoint, len(spec.spec.edits))
+            return
+        metrics.record_steered(endpoint, len(self.resolver.resolve(spec).spec.edits))
         if variant is not None:
             metrics.record_variant(variant)
-        return spec.text
 
     def _resolve(
         self, steering: Any, xargs_spec: Any, extra_body: Any, variant: str | None

@@ -518,34 +518,32 @@ def _steered_endpoint(original: Callable, model: type, label: str):
         xargs_spec = (request.vllm_xargs or {}).get(EXTRA_ARGS_KEY)
         extra_body = (request.model_extra or {}).get("extra_body")
         variant = gate.variant_named(request.model)
+        variant_name = request.model if variant is not None else None
         try:
-            spec = gate.admit(
-                label,
-                request.steering,
-                xargs_spec,
-                extra_body,
-                request.model if variant is not None else None,
-            )
+            spec = gate.admit(label, request.steering, xargs_spec, extra_body, variant_name)
         except Rejection as rejection:
             return rejection.response_for(raw_request.url.path)
         if variant is not None:
             request.model = variant.model  # vLLM serves the model; the spec steers it
         request.carry_steering(spec)
         param = _spec_field(variant is not None, xargs_spec is not None)
+        refusal = None  # vLLM's refusal of a spec that steers none of the request's positions
         try:
             response = await original(request, raw_request)
+            if isinstance(response, Response) and response.status_code == HTTPStatus.BAD_REQUEST:
+                message = error_message_of(getattr(response, "body", b""))
+                refusal = _steers_nothing_refusal(spec, message, param, raw_request)
         except VLLMValidationError as exc:  # some routes leave vLLM's errors to its handler
             refusal = _steers_nothing_refusal(spec, str(exc), param, raw_request)
             if refusal is None:
                 raise
+        finally:
+            if refusal is None:
+                gate.record_admitted(label, spec, variant_name)
+        if refusal is not None:
             return refusal
-        if not isinstance(response, Response):
-            return response
-        if response.status_code < 400:
+        if isinstance(response, Response) and response.status_code < 400:
             response.headers[STEERING_HEADER] = UNSTEERED if spec is None else STEERED
-        elif response.status_code == HTTPStatus.BAD_REQUEST:
-            message = error_message_of(getattr(response, "body", b""))
-            return _steers_nothing_refusal(spec, message, param, raw_request) or response
         return response
 
     endpoint.__name__ = original.__name__

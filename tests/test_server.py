@@ -902,6 +902,8 @@ def test_a_spec_that_steers_no_position_gets_400_before_anything_streams(
         endpoint, "/v1/completions"
     )
     counted = ("sae_steering_rejected_specs_total", (("reason", "steers_nothing"),))
+    label = {"chat": "chat.completions"}.get(endpoint, endpoint)
+    steered = ("sae_steering_steered_requests_total", (("endpoint", label),))
     before = metric_samples(http)
     response = http.post(path, json=_body(endpoint, fields))
     assert response.status_code == 400, response.text
@@ -909,7 +911,8 @@ def test_a_spec_that_steers_no_position_gets_400_before_anything_streams(
     error = response.json()["error"]
     assert (error["param"], error["reason"], error["code"]) == (param, "steers_nothing", 400)
     assert error["message"].startswith(f"{param}: steers no position of this request: ")
-    assert metric_samples(http)[counted] - before[counted] == 1
+    after = metric_samples(http)
+    assert (after[counted] - before[counted], after[steered] - before[steered]) == (1, 0)
 
 
 def test_the_last_position_a_request_computes_can_be_steered_alone(client):

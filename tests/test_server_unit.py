@@ -408,10 +408,13 @@ def test_gate_counts(monkeypatch):
         value("sae_steering_edits_per_request_sum"),
         value("sae_steering_rejected_specs_total", reason=Reason.UNKNOWN_SAE),
     )
-    GATE.admit("completions", {"edits": [edit(), edit(feature=2)]})
-    GATE.admit("completions", None)
+    steered = GATE.admit("completions", {"edits": [edit(), edit(feature=2)]})
+    unsteered = GATE.admit("completions", None)
     with pytest.raises(Rejection):
         GATE.admit("completions", {"edits": [edit(sae="zz")]})
+    assert value("sae_steering_steered_requests_total", endpoint="completions") == before[0]
+    GATE.record_admitted("completions", steered, None)  # once vLLM took them on
+    GATE.record_admitted("completions", unsteered, None)
     after = (
         value("sae_steering_steered_requests_total", endpoint="completions"),
         value("sae_steering_unsteered_requests_total", endpoint="completions"),
