@@ -38,11 +38,14 @@ class EditTable:
         self._dirty = (max_rows, 0)  # rows [lo, hi) written since the last flush
 
     def write_row(self, row: int, features: list[int], values: list[float], ops: list[int]) -> None:
-        feature, value, op = self._feature.writable(), self._value.writable(), self._op.writable()
+        """Fill the first slots of a row that is empty (new, or cleared since its last use):
+        its other feature slots stay -1, which is all the kernels read of a slot."""
         n = len(features)
-        feature[row, :n], feature[row, n:] = features, -1
-        value[row, :n], value[row, n:] = values, 0.0
-        op[row, :n], op[row, n:] = ops, 0
+        if n == 0:
+            return
+        self._feature.writable()[row, :n] = features
+        self._value.writable()[row, :n] = values
+        self._op.writable()[row, :n] = ops
         self._mark_dirty(row)
 
     def clear_row(self, row: int) -> None:
