@@ -233,7 +233,10 @@ def test_vllm_run_batch_steers_chat_lines_and_refuses_misplaced_steering(artifac
     bad = {"edits": [{"feature": D_SAE, "op": "ablate"}]}
     batch_in = artifacts["root"] / "batch_in.jsonl"
     batch_out = artifacts["root"] / "batch_out.jsonl"
+    # A window past the tokens the line generates would run it unsteered.
+    nothing = {**STEERING, "window": {"start": MAX_TOKENS}}
     lines = [line("plain", None), line("steered", STEERING), line("bad", bad)]
+    lines.append(line("steers-nothing", nothing))
     # Nested in a literal extra_body, or given twice, the spec would be dropped or overridden.
     nested, twice = line("nested", None), line("twice", STEERING)
     nested["body"]["extra_body"] = {"steering": STEERING}
@@ -269,6 +272,11 @@ def test_vllm_run_batch_steers_chat_lines_and_refuses_misplaced_steering(artifac
     assert steered_ids != results["plain"]["response"]["body"]["choices"][0]["token_ids"]
     assert results["bad"]["response"]["status_code"] == 400
     assert "out of range" in results["bad"]["error"]["error"]["message"]
+    assert results["steers-nothing"]["response"]["status_code"] == 400
+    message = results["steers-nothing"]["error"]["error"]["message"]
+    assert message.startswith("steering: steers no position of this request: its prompt has ")
+    scope = f"generates at most {MAX_TOKENS}, and the spec's scope (generated[{MAX_TOKENS}:])"
+    assert scope in message
     for custom_id, message in (
         ("nested", "extra_body.steering: put `steering` at the top level of the JSON body"),
         ("twice", "vllm_xargs.sae_steering: give the steering spec once, in `steering`"),
