@@ -105,6 +105,11 @@ class FeatureEdit(BaseModel):
     apply_to: ApplyTo | None = Field(default=None, exclude_if=lambda apply_to: apply_to is None)
     window: ScopeWindow | None = Field(default=None, exclude_if=lambda window: window is None)
 
+    @property
+    def has_own_scope(self) -> bool:
+        """Whether the edit names an apply_to or a window of its own."""
+        return self.apply_to is not None or self.window is not None
+
     @field_validator("value", mode="before")
     @classmethod
     def _value_is_a_finite_number(cls, value: Any) -> Any:
@@ -136,13 +141,19 @@ class SteeringSpec(BaseModel):
     def scope_of(self, edit: FeatureEdit) -> Scope:
         """The positions `edit` steers: its own scope when it names one (its apply_to, else
         the spec's; its window, else none), else the spec's."""
-        if edit.apply_to is None and edit.window is None:
+        if not edit.has_own_scope:
             return Scope(self.apply_to, self.window)
         return Scope(edit.apply_to or self.apply_to, _narrowing(edit.window))
 
+    @property
+    def has_edit_scopes(self) -> bool:
+        """Whether any edit names a scope of its own (else the spec's scope is every edit's)."""
+        # FeatureEdit.has_own_scope inlined: this runs at every stage a request passes
+        return any(edit.apply_to is not None or edit.window is not None for edit in self.edits)
+
     def scopes(self) -> list[tuple[Scope, list[FeatureEdit]]]:
         """The spec's distinct scopes, in the order the edits first name them, with their edits."""
-        if all(edit.apply_to is None and edit.window is None for edit in self.edits):
+        if not self.has_edit_scopes:
             return [(Scope(self.apply_to, self.window), list(self.edits))]
         grouped: dict[Scope, list[FeatureEdit]] = {}
         for edit in self.edits:
@@ -276,12 +287,11 @@ def parse_spec(data: Any, limits: SpecLimits | None = None) -> SteeringSpec:
             errors.append(SpecIssue(where, message, SpecErrorReason.VALUE_OUT_OF_RANGE))
     if spec.window is not None:
         errors.extend(_window_issues(spec.window, spec.apply_to, "window"))
-    own_scopes = any(edit.apply_to is not None or edit.window is not None for edit in spec.edits)
-    if own_scopes:
+    if spec.has_edit_scopes:
         errors.extend(_edit_scope_issues(spec))
     if errors:
         raise SteeringSpecError(errors)
-    return _with_canonical_scopes(spec) if own_scopes else spec
+    return _with_canonical_scopes(spec) if spec.has_edit_scopes else spec
 
 
 def _edit_scope_issues(spec: SteeringSpec) -> list[SpecIssue]:

@@ -39,7 +39,11 @@ from vllm.exceptions import VLLMValidationError
 
 from sae_vllm.config import BEAM_STEERING_ATTR, EXTRA_ARGS_KEY, GENERATION_START_KEY
 from sae_vllm.engine.intake import check_beam_reach, check_reach
-from sae_vllm.engine.vllm_adapter import prompt_length_of_input, with_extra_args
+from sae_vllm.engine.vllm_adapter import (
+    as_client_error,
+    prompt_length_of_input,
+    with_extra_args,
+)
 from sae_vllm.spec import SteeringSpec
 
 from . import metrics, rejections
@@ -224,14 +228,6 @@ STEERED_ROUTES: dict[str, tuple[type, str]] = {
 # --- beam search ----------------------------------------------------------------------------
 
 
-def _as_client_error(check: Callable[..., None], *args: Any) -> None:
-    """Run a steering check; its ValueError becomes the client error vLLM answers with 400."""
-    try:
-        check(*args)
-    except ValueError as exc:
-        raise VLLMValidationError(str(exc), parameter=STEERING_FIELD) from None
-
-
 class _SteeringEngineClient:
     """The engine client, with `extra_args` added to every request it is asked to generate."""
 
@@ -278,7 +274,7 @@ def install_steered_beam_search() -> None:
             decoder_prompt = prompt["decoder_prompt"] if prompt["type"] == "enc_dec" else prompt
             prompt_length = len(decoder_prompt["prompt_token_ids"])
             vllm_config = self.engine_client.vllm_config
-            _as_client_error(check_beam_reach, vllm_config, spec, prompt_length, params.max_tokens)
+            as_client_error(check_beam_reach, vllm_config, spec, prompt_length, params.max_tokens)
             step_args = {EXTRA_ARGS_KEY: spec, GENERATION_START_KEY: prompt_length}
             serving = _WithEngineClient(self, _SteeringEngineClient(self.engine_client, step_args))
         async for output in original(serving, prompt, request_id, params, *args, **kwargs):
@@ -305,7 +301,7 @@ def check_responses_reach_before_streaming() -> None:
         num_prompt_tokens = prompt_length_of_input(bound["engine_input"])
         if num_prompt_tokens is not None:
             vllm_config = self.engine_client.vllm_config
-            _as_client_error(check_reach, vllm_config, params, num_prompt_tokens, params.max_tokens)
+            as_client_error(check_reach, vllm_config, params, num_prompt_tokens, params.max_tokens)
         return original(self, *args, **kwargs)
 
     _generate_with_builtin_tools._sae_vllm_wrapped = True  # type: ignore[attr-defined]

@@ -14,7 +14,7 @@ def segments(
     """The request's positions cut where the set of edits in scope changes: the sorted finite
     edges, and for each edge the indices (into spec.edits, in order) of the edits that steer
     from it to the next edge, or on for good. Nothing is steered before the first edge."""
-    if all(edit.apply_to is None and edit.window is None for edit in spec.edits):
+    if not spec.has_edit_scopes:
         lo, hi = scope_span(Scope(spec.apply_to, spec.window), num_prompt_tokens, generation_start)
         if lo == hi:
             return [], []
@@ -75,9 +75,9 @@ def unreached_scopes(spec: SteeringSpec, num_prompt_tokens: int, max_tokens: int
     """The spec's scopes, when none of them holds a position the request can compute (it
     would run unsteered however it ends); else an empty list."""
     end = computed_end(num_prompt_tokens, max_tokens)
-    scopes = [scope for scope, _ in spec.scopes()]
-    spans = [scope_span(scope, num_prompt_tokens) for scope in scopes]
-    return [] if any(lo < min(hi, end) for lo, hi in spans) else scopes
+    if any(lo < min(hi, end) for lo, hi in steered_spans(spec, num_prompt_tokens)):
+        return []
+    return [scope for scope, _ in spec.scopes()]
 
 
 def scope_text(scope: Scope) -> str:

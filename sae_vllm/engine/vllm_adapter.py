@@ -85,6 +85,17 @@ _opening_session: ContextVar[bool] = ContextVar("sae_vllm_opening_session", defa
 ReachCheck = Callable[[Any, Any, int, int | None], None]
 
 
+def as_client_error(check: Callable[..., Any], *args: Any) -> Any:
+    """`check(*args)`, its ValueError raised as the client error vLLM answers with a 400
+    naming `steering`."""
+    from vllm.exceptions import VLLMValidationError
+
+    try:
+        return check(*args)
+    except ValueError as exc:
+        raise VLLMValidationError(str(exc), parameter="steering") from None
+
+
 def patch_request_intake(
     check_params: Callable[[Any, Any], Any],
     check_reach: ReachCheck,
@@ -95,16 +106,9 @@ def patch_request_intake(
     params, num_prompt_tokens, max_tokens)`; raising ValueError in either becomes a client
     error) and again in the engine core, before the request's KV blocks are first hashed
     (`key_request(vllm_config, engine_core_request)`)."""
-    from vllm.exceptions import VLLMValidationError
     from vllm.v1.engine.async_llm import AsyncLLM
     from vllm.v1.engine.core import EngineCore
     from vllm.v1.engine.input_processor import InputProcessor
-
-    def as_client_error(check: Callable[..., Any], *args: Any) -> Any:
-        try:
-            return check(*args)
-        except ValueError as exc:
-            raise VLLMValidationError(str(exc), parameter="steering") from None
 
     def make_process_inputs(original: Callable) -> Callable:
         def process_inputs(
