@@ -160,12 +160,12 @@ def test_a_spec_steering_no_position_of_the_request_is_found_as_python_slices_fi
 @pytest.mark.parametrize(
     ("apply_to", "window", "num_prompt_tokens", "max_tokens", "reaches"),
     [
-        ("generated", {"start": 3}, 5, 4, True),  # the input of the 4th generated token
+        ("generated", {"start": 3}, 5, 4, True),  # the position whose output is token 4
         ("generated", {"start": 4}, 5, 4, False),  # the 5th: past max_tokens
         ("prompt", {"start": 4}, 5, 1, True),
         ("prompt", {"start": 5}, 5, 50, False),  # past the prompt, however long it generates
         ("prompt", {"start": -100}, 1, 1, True),  # negative offsets clip to the prompt's start
-        ("all", {"start": 7}, 5, 4, True),  # prompt 0..4, then the inputs of tokens 2..3
+        ("all", {"start": 7}, 5, 4, True),  # prompt 0..4, then generated tokens 1..3 fed back
         ("all", {"start": 8}, 5, 4, False),
         ("all", {"start": 4}, 5, 1, True),  # one token: its input is the last prompt position
         ("all", {"start": 5}, 5, 1, False),
@@ -203,7 +203,7 @@ def test_without_max_tokens_a_request_may_generate_to_the_models_length(engine_a
         additional_config=engine_a.additional_config,
         model_config=types.SimpleNamespace(max_model_len=20),
     )
-    reach(engine, windowed(("generated", {"start": 13})), 6, None)  # the input of the 14th token
+    reach(engine, windowed(("generated", {"start": 13})), 6, None)  # its output: token 14
     with pytest.raises(ValueError, match="generates at most 14, "):
         reach(engine, windowed(("generated", {"start": 14})), 6, None)
 
