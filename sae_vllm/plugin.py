@@ -20,13 +20,18 @@ def register() -> None:
         return
     from . import kernels  # noqa: F401  (registers torch.ops.sae_vllm.steer_)
     from .cpu_amx import request_amx_permission
-    from .engine import intake, prefix_cache, worker
+    from .engine import intake, prefix_cache, reach_report, worker
     from .engine import vllm_adapter as vllm
 
     vllm.check_vllm_version()
     request_amx_permission()  # also its own plugin; here too for VLLM_PLUGINS=sae_vllm alone
     vllm.prefer_v1_runner()
-    vllm.patch_request_intake(intake.check_params, intake.check_reach, intake.key_request)
+    vllm.patch_request_intake(
+        intake.check_params,
+        intake.check_reach,
+        intake.key_request,
+        reach_report.sequence_end_watcher,
+    )
     vllm.patch_prefix_cache_keys(prefix_cache.block_key)
     vllm.patch_session_updates(prefix_cache.continued_session_extra_args)
     vllm.patch_worker(worker.after_load_model, worker.after_update_states, worker.before_forward)

@@ -11,6 +11,7 @@ from fastapi import FastAPI
 
 from sae_vllm import LOGGER_NAME
 from sae_vllm.config import SteeringConfig, steering_config_from
+from sae_vllm.engine import reach_report
 from sae_vllm.spec import SpecLimits
 
 from . import metrics, vllm_app
@@ -102,6 +103,7 @@ def install() -> None:
     server builds gets the steering routes and checks (SageMaker's /invocations included), its
     own request models hand the field to the engine instead of dropping it, and `vllm
     run-batch` fails lines that carry it where it cannot apply."""
+    reach_report.add_unreached_listener(metrics.record_unreached)
     vllm_app.carry_steering_extra_field()
     vllm_app.refuse_misplaced_steering_in_batch_lines()
     vllm_app.install_steered_beam_search()

@@ -30,6 +30,11 @@ VARIANT = Counter(
     "Requests admitted to a steering variant (a served model name with its own spec).",
     ["variant"],
 )
+UNREACHED = Counter(
+    "sae_steering_unreached_sequences",
+    "Sequences of steered requests that ended before the first position their spec steers "
+    "(so came back unsteered), streamed or not.",
+)
 REJECTED = Counter(
     "sae_steering_rejected_specs",
     "Steering specs refused with HTTP 400, by reason.",
@@ -60,6 +65,10 @@ def export_variants(variants: Iterable[str]) -> None:
 
 def record_unsteered(endpoint: str) -> None:
     UNSTEERED.labels(endpoint=endpoint).inc()
+
+
+def record_unreached() -> None:
+    UNREACHED.inc()
 
 
 def record_rejected(reason: str) -> None:

@@ -22,6 +22,9 @@ STEERING_FIELD = "steering"
 # client behind a proxy that drops unknown body fields can tell its spec never arrived.
 STEERING_HEADER = "X-SAE-Steering"
 STEERED, UNSTEERED = "steered", "unsteered"
+# On a steered response sent whole: how many of its sequences ended (end of sequence, a stop
+# string) before the first position its spec steers, and so came back unsteered.
+UNREACHED_HEADER = "X-SAE-Steering-Unreached"
 XARGS_FIELD = f"vllm_xargs.{EXTRA_ARGS_KEY}"
 
 

@@ -28,7 +28,7 @@ from http import HTTPStatus
 from typing import Any, ClassVar
 
 from fastapi import FastAPI, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
 from pydantic import ConfigDict, Field, PrivateAttr, SkipValidation
 from vllm.entrypoints.anthropic.protocol import AnthropicMessagesRequest
@@ -38,10 +38,12 @@ from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
 from vllm.exceptions import VLLMValidationError
 
 from sae_vllm.config import BEAM_STEERING_ATTR, EXTRA_ARGS_KEY, GENERATION_START_KEY
-from sae_vllm.engine.intake import check_beam_reach, check_reach
+from sae_vllm.engine import reach_report
+from sae_vllm.engine.intake import beam_spec, check_beam_reach, check_reach
 from sae_vllm.engine.vllm_adapter import (
     as_client_error,
     prompt_length_of_input,
+    reporting_sequence_ends,
     with_extra_args,
 )
 from sae_vllm.spec import SteeringSpec
@@ -51,6 +53,7 @@ from .steering import (
     STEERED,
     STEERING_FIELD,
     STEERING_HEADER,
+    UNREACHED_HEADER,
     UNSTEERED,
     XARGS_FIELD,
     Rejection,
@@ -277,7 +280,13 @@ def install_steered_beam_search() -> None:
             as_client_error(check_beam_reach, vllm_config, spec, prompt_length, params.max_tokens)
             step_args = {EXTRA_ARGS_KEY: spec, GENERATION_START_KEY: prompt_length}
             serving = _WithEngineClient(self, _SteeringEngineClient(self.engine_client, step_args))
-        async for output in original(serving, prompt, request_id, params, *args, **kwargs):
+        outputs = original(serving, prompt, request_id, params, *args, **kwargs)
+        if spec is not None:  # its steps are not judged alone: its beams are, as they end
+            beam_ended = reach_report.sequence_end_reporter(
+                beam_spec(vllm_config, spec), prompt_length, request_id
+            )
+            outputs = reporting_sequence_ends(outputs, False, beam_ended)
+        async for output in outputs:
             yield output
 
     beam_search._sae_vllm_wrapped = True  # type: ignore[attr-defined]
@@ -525,7 +534,8 @@ def _steered_endpoint(original: Callable, model: type, label: str):
         param = _spec_field(variant is not None, xargs_spec is not None)
         refusal = None  # vLLM's refusal of a spec that steers none of the request's positions
         try:
-            response = await original(request, raw_request)
+            with reach_report.tallying() as sequences:
+                response = await original(request, raw_request)
             if isinstance(response, Response) and response.status_code == HTTPStatus.BAD_REQUEST:
                 message = error_message_of(getattr(response, "body", b""))
                 refusal = _steers_nothing_refusal(spec, message, param, raw_request)
@@ -540,6 +550,10 @@ def _steered_endpoint(original: Callable, model: type, label: str):
             return refusal
         if isinstance(response, Response) and response.status_code < 400:
             response.headers[STEERING_HEADER] = UNSTEERED if spec is None else STEERED
+            # Only a response whose sequences all ended before it was sent can say: not a
+            # stream, nor a background response.
+            if sequences.ended and not isinstance(response, StreamingResponse):
+                response.headers[UNREACHED_HEADER] = str(sequences.unreached)
         return response
 
     endpoint.__name__ = original.__name__

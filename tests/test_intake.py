@@ -11,30 +11,22 @@ import types
 import numpy as np
 import pytest
 
+from reach_oracle import python_slice_reaches, random_scopes, windowed
 from sae_vllm.config import EXTRA_ARGS_KEY, GENERATION_START_KEY
 from sae_vllm.engine import intake
-from tiny_model import write_random_sae
+from tiny_model import stand_in_vllm_config
 
 RAW = {"edits": [{"feature": 3, "op": "set", "value": 2.0}]}
 
 
-def engine_config(tmp_path_factory, sae_id: str, d_sae: int):
-    from sae_vllm import steering_config
-
-    sae_dir = tmp_path_factory.mktemp(sae_id)
-    write_random_sae(sae_dir, "relu", layer=1, d_sae=d_sae)
-    config = steering_config([{"id": sae_id, "path": str(sae_dir), "layer": 1}])
-    return types.SimpleNamespace(additional_config=config)
-
-
 @pytest.fixture(scope="module")
 def engine_a(tmp_path_factory):
-    return engine_config(tmp_path_factory, "a", 64)
+    return stand_in_vllm_config(tmp_path_factory.mktemp("a"), "a", 64)
 
 
 @pytest.fixture(scope="module")
 def engine_b(tmp_path_factory):
-    return engine_config(tmp_path_factory, "b", 8)
+    return stand_in_vllm_config(tmp_path_factory.mktemp("b"), "b", 8)
 
 
 def sampling_params(**extra_args):
@@ -99,52 +91,11 @@ def reach(engine, spec: dict | None, num_prompt_tokens: int, max_tokens: int | N
     intake.check_reach(engine, params, num_prompt_tokens, max_tokens)
 
 
-def windowed(*scopes: tuple[str, dict | None]) -> dict:
-    """A spec with one edit per (apply_to, window) scope."""
-    edits = [
-        {"feature": index, "op": "ablate", "apply_to": apply_to}
-        | ({} if window is None else {"window": window})
-        for index, (apply_to, window) in enumerate(scopes)
-    ]
-    return {"edits": edits}
-
-
-def python_slice_reaches(scopes, num_prompt_tokens: int, max_tokens: int) -> bool:
-    """The oracle: list the positions a request computes (its prompt, then the inputs of its
-    first max_tokens - 1 generated tokens), slice each scope's list as Python does, and see
-    whether any slice holds one."""
-    computed = list(range(num_prompt_tokens + max_tokens - 1))
-    for apply_to, window in scopes:
-        held = {
-            "prompt": computed[:num_prompt_tokens],
-            "generated": computed[num_prompt_tokens - 1 :],
-            "all": computed,
-        }[apply_to]
-        window = window or {}
-        if held[window.get("start", 0) : window.get("end")]:
-            return True
-    return False
-
-
-def random_window(rng, apply_to: str) -> dict | None:
-    if rng.random() < 0.2:
-        return None
-    lowest = -12 if apply_to == "prompt" else 0
-    start = int(rng.integers(lowest, 16))
-    if rng.random() < 0.4:
-        return {"start": start}
-    end = int(rng.integers(start + 1, start + 8 if start >= 0 else 1))
-    return {"start": start} if end == 0 else {"start": start, "end": end}
-
-
 def test_a_spec_steering_no_position_of_the_request_is_found_as_python_slices_find_it(engine_a):
     rng = np.random.default_rng(11)
     reached = refused = 0
     for _ in range(400):
-        scopes = [
-            (apply_to, random_window(rng, apply_to))
-            for apply_to in rng.choice(["prompt", "generated", "all"], size=rng.integers(1, 4))
-        ]
+        scopes = random_scopes(rng)
         num_prompt_tokens, max_tokens = int(rng.integers(1, 14)), int(rng.integers(1, 8))
         spec = windowed(*scopes)
         if python_slice_reaches(scopes, num_prompt_tokens, max_tokens):

@@ -5,8 +5,6 @@ EngineCoreRequest (the engine-level behaviour is in test_engine.py)."""
 
 from __future__ import annotations
 
-import types
-
 import numpy as np
 import pytest
 
@@ -16,7 +14,7 @@ from sae_vllm.engine import vllm_adapter as vllm
 from sae_vllm.engine.tables import SteeringTables
 from sae_vllm.resolved_specs import SpecResolver
 from sae_vllm.spec import SpecLimits
-from tiny_model import write_random_sae
+from tiny_model import stand_in_vllm_config
 
 BLOCK = 16
 SIZES = {"a": 64}
@@ -225,12 +223,7 @@ def test_vllm_keeps_its_own_keys_beside_the_steering_key(hasher):
 
 @pytest.fixture(scope="module")
 def vllm_config(tmp_path_factory):
-    from sae_vllm import steering_config
-
-    sae_dir = tmp_path_factory.mktemp("sae")
-    write_random_sae(sae_dir, "relu", layer=1, d_sae=64)
-    config = steering_config([{"id": "a", "path": str(sae_dir), "layer": 1}])
-    return types.SimpleNamespace(additional_config=config)
+    return stand_in_vllm_config(tmp_path_factory.mktemp("sae"))
 
 
 def engine_core_request(extra_args, prompt_len=40, request_id="r", resumable=False):

@@ -943,6 +943,80 @@ def test_a_spec_that_steers_nothing_raises_in_the_official_clients(client, anthr
     assert "the spec's scope (prompt[40:]) holds none of their positions" in error["message"]
 
 
+def sampled_count(choice) -> int:
+    """The tokens a sequence sampled: its own, and a stop token that beam search leaves out."""
+    stop, tokens = choice.stop_reason, choice.token_ids
+    return len(tokens) + (type(stop) is int and (not tokens or tokens[-1] != stop))
+
+
+def unreached_by_oracle(choices, window_start: int) -> int:
+    """The sequences that ended before a `generated` window starting at `window_start`: k
+    sampled tokens come from the positions P - 1 .. P + k - 2, and the window starts at
+    P - 1 + window_start."""
+    return sum(sampled_count(choice) - 1 < window_start for choice in choices)
+
+
+def test_sequences_that_end_before_their_window_are_counted_in_a_header_and_a_metric(
+    client, anthropic_client, http
+):
+    """A request may reach its window by max_tokens and still stop first (a stop token, a stop
+    string, end of sequence): it comes back unsteered. A response sent whole says how many of
+    its sequences did; the metric counts them, streamed or not."""
+    greedy = client.completions.create(
+        model=MODEL, prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0,
+        extra_body={"return_token_ids": True},
+    ).choices[0].token_ids  # fmt: skip
+    # Steered from the 6th generated token on, the first 5 are these: PROMPTS[0] stops by its
+    # 3rd. Other prompts of the list may stop early, or not.
+    start = 5
+    early = {"steering": {**STRONG, "window": {"start": start}}, "stop_token_ids": [greedy[2]]}
+    counted = ("sae_steering_unreached_sequences_total", ())
+    before = metric_samples(http)
+
+    def completions(prompt, n: int = 1, **extra):
+        raw = client.completions.with_raw_response.create(
+            model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, n=n, temperature=0,
+            extra_body={"return_token_ids": True} | early | extra,
+        )  # fmt: skip
+        assert raw.headers["x-sae-steering"] == "steered"
+        return raw.headers.get("x-sae-steering-unreached"), raw.parse().choices
+
+    told, choices = completions(PROMPTS)
+    unreached = unreached_by_oracle(choices, start)
+    assert told == str(unreached) and 1 <= unreached < len(PROMPTS) + 1
+    told, choices = completions(PROMPTS[1:], stop_token_ids=[])  # every one reaches its window
+    assert (told, unreached_by_oracle(choices, start)) == ("0", 0)
+    told, choices = completions(PROMPTS[0], n=2, use_beam_search=True)
+    assert told == str(unreached_by_oracle(choices, start)) and len(choices) == 2
+    expected = unreached + int(told)
+
+    # The LATE variant steers from the 9th generated token on; each of these stops by its 2nd.
+    chat_greedy = client.chat.completions.create(
+        model=MODEL, messages=CHATS[0], max_tokens=MAX_TOKENS, temperature=0,
+        extra_body={"return_token_ids": True},
+    ).choices[0].token_ids  # fmt: skip
+    raw = client.chat.completions.with_raw_response.create(
+        model=LATE_VARIANT, messages=CHATS[0], max_tokens=MAX_TOKENS, temperature=0,
+        extra_body={"stop_token_ids": [chat_greedy[1]]},
+    )  # fmt: skip
+    assert raw.headers["x-sae-steering-unreached"] == "1"
+    first_word = message(anthropic_client, CHATS[1]).split()[0]
+    raw = anthropic_client.messages.with_raw_response.create(
+        model=LATE_VARIANT, messages=CHATS[1], max_tokens=MAX_TOKENS,
+        stop_sequences=[first_word], extra_body={"temperature": 0},
+    )  # fmt: skip
+    assert raw.headers["x-sae-steering-unreached"] == "1"
+    assert raw.parse().stop_reason == "stop_sequence"
+    body = _body("completions", early) | {"prompt": PROMPTS[0], "max_tokens": MAX_TOKENS}
+    with http.stream("POST", "/v1/completions", json=body | {"stream": True}) as streamed:
+        assert streamed.headers["x-sae-steering"] == "steered"
+        assert "x-sae-steering-unreached" not in streamed.headers  # its headers went out first
+        assert streamed.read()
+    expected += 3
+    after = metric_samples(http)
+    assert after[counted] - before.get(counted, 0.0) == expected
+
+
 # --- concurrency ----------------------------------------------------------------------------
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -313,3 +314,13 @@ def write_random_sae(
         apply_b_dec,
         layer,
     )
+
+
+def stand_in_vllm_config(directory: Path, sae_id: str = "a", d_sae: int = 64):
+    """What the plugin's frontend hooks read of a vLLM config (its `additional_config`), with
+    one random SAE at layer 1 written to `directory`."""
+    from sae_vllm import steering_config
+
+    write_random_sae(directory, "relu", layer=1, d_sae=d_sae)
+    config = steering_config([{"id": sae_id, "path": str(directory), "layer": 1}])
+    return types.SimpleNamespace(additional_config=config)

@@ -92,35 +92,47 @@ def reach_problem(spec: SteeringSpec, num_prompt_tokens: int, max_tokens: int) -
     )
 
 
+def judged_spec(vllm_config: Any, params: Any) -> SteeringSpec | None:
+    """The spec whose reach a request (SamplingParams) is judged by: None when it is unsteered
+    or a beam-search step (its search is judged whole, check_beam_reach); raises ValueError on
+    a bad spec."""
+    extra_args = vllm.extra_args_of(params)
+    if not extra_args or GENERATION_START_KEY in extra_args:
+        return None
+    steering = _resolve(vllm_config, extra_args)
+    return None if steering is None else steering.spec
+
+
 def check_reach(
     vllm_config: Any, params: Any, num_prompt_tokens: int, max_tokens: int | None
 ) -> None:
     """Raises ValueError when the spec in `params` (SamplingParams) steers none of the positions
     a request of this prompt length and max_tokens (None: to the model's length) computes: it
-    would run unsteered under a steered request's name. A beam-search step is not judged alone;
-    its search is, whole (check_beam_reach)."""
-    extra_args = vllm.extra_args_of(params)
-    if not extra_args or GENERATION_START_KEY in extra_args:
+    would run unsteered under a steered request's name."""
+    spec = judged_spec(vllm_config, params)
+    if spec is None:
         return
     if max_tokens is None:
         max_tokens = vllm.max_model_len(vllm_config) - num_prompt_tokens
-    _check_reach(vllm_config, extra_args, num_prompt_tokens, max_tokens)
+    _raise_if_unreached(spec, num_prompt_tokens, max_tokens)
 
 
 def check_beam_reach(
     vllm_config: Any, spec_text: str, num_prompt_tokens: int, max_tokens: int
 ) -> None:
     """check_reach for a whole beam search, before its first step: raises ValueError."""
-    _check_reach(vllm_config, {EXTRA_ARGS_KEY: spec_text}, num_prompt_tokens, max_tokens)
+    _raise_if_unreached(beam_spec(vllm_config, spec_text), num_prompt_tokens, max_tokens)
 
 
-def _check_reach(
-    vllm_config: Any, extra_args: Mapping[str, Any], num_prompt_tokens: int, max_tokens: int
-) -> None:
-    steering = _resolve(vllm_config, extra_args)
-    if steering is None:
-        return
-    problem = reach_problem(steering.spec, num_prompt_tokens, max_tokens)
+def beam_spec(vllm_config: Any, spec_text: str) -> SteeringSpec:
+    """The spec a beam search carries into its steps; raises ValueError on a bad one."""
+    steering = _resolve(vllm_config, {EXTRA_ARGS_KEY: spec_text})
+    assert steering is not None  # a spec text is steering
+    return steering.spec
+
+
+def _raise_if_unreached(spec: SteeringSpec, num_prompt_tokens: int, max_tokens: int) -> None:
+    problem = reach_problem(spec, num_prompt_tokens, max_tokens)
     if problem is not None:
         raise ValueError(problem)
 

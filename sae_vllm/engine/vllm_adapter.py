@@ -7,7 +7,7 @@ import functools
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -83,6 +83,9 @@ _opening_session: ContextVar[bool] = ContextVar("sae_vllm_opening_session", defa
 
 
 ReachCheck = Callable[[Any, Any, int, int | None], None]
+# (vllm_config, params, num_prompt_tokens, request_id) -> what to call with the generated-token
+# count of each of the request's sequences as it ends, or None to watch none.
+SequenceWatch = Callable[[Any, Any, int, str], Callable[[int], None] | None]
 
 
 def as_client_error(check: Callable[..., Any], *args: Any) -> Any:
@@ -100,12 +103,14 @@ def patch_request_intake(
     check_params: Callable[[Any, Any], Any],
     check_reach: ReachCheck,
     key_request: Callable[[Any, Any], None],
+    watch_sequences: SequenceWatch,
 ) -> None:
     """Validate steering where requests enter (frontend: `check_params(vllm_config, params)`
     returns the params to submit; once the prompt is processed, `check_reach(vllm_config,
     params, num_prompt_tokens, max_tokens)`; raising ValueError in either becomes a client
     error) and again in the engine core, before the request's KV blocks are first hashed
-    (`key_request(vllm_config, engine_core_request)`)."""
+    (`key_request(vllm_config, engine_core_request)`). The sequences of a request served by
+    AsyncLLM (vLLM's servers) are reported to `watch_sequences` as they end."""
     from vllm.v1.engine.async_llm import AsyncLLM
     from vllm.v1.engine.core import EngineCore
     from vllm.v1.engine.input_processor import InputProcessor
@@ -127,16 +132,27 @@ def patch_request_intake(
         return process_inputs
 
     def make_generate(original: Callable) -> Callable:
-        def generate(self: Any, prompt: Any, sampling_params: Any, *a: Any, **kw: Any) -> Any:
+        def generate(
+            self: Any, prompt: Any, sampling_params: Any, request_id: str, *a: Any, **kw: Any
+        ) -> Any:
             # Checked now, not at the generator's first step: vLLM's servers create it before a
             # stream's headers go out and run it after, when a client error can only be a
             # streamed event. process_inputs checks again (and alone, offline).
             num_prompt_tokens = prompt_length_of_input(prompt)
-            if num_prompt_tokens is not None and extra_args_of(sampling_params):
+            steered = num_prompt_tokens is not None and bool(extra_args_of(sampling_params))
+            if steered:
                 max_tokens = getattr(sampling_params, "max_tokens", None)
                 args = (self.vllm_config, sampling_params, num_prompt_tokens, max_tokens)
                 as_client_error(check_reach, *args)
-            return original(self, prompt, sampling_params, *a, **kw)
+            outputs = original(self, prompt, sampling_params, request_id, *a, **kw)
+            if not steered or _opening_session.get():
+                return outputs
+            args = (self.vllm_config, sampling_params, num_prompt_tokens, request_id)
+            sequence_ended = as_client_error(watch_sequences, *args)
+            if sequence_ended is None:
+                return outputs
+            delta = _streams_deltas(sampling_params)
+            return reporting_sequence_ends(outputs, delta, sequence_ended)
 
         return generate
 
@@ -161,6 +177,48 @@ def patch_request_intake(
     _wrap_once(AsyncLLM, "_add_streaming_input_request", make_open_session)
     _wrap_once(AsyncLLM, "generate", make_generate)
     _wrap_once(EngineCore, "preprocess_add_request", make_preprocess)
+
+
+def _streams_deltas(params: Any) -> bool:
+    """Whether the RequestOutputs of a request with these SamplingParams carry only new tokens."""
+    from vllm.sampling_params import RequestOutputKind
+
+    return params.output_kind == RequestOutputKind.DELTA
+
+
+async def reporting_sequence_ends(
+    outputs: AsyncGenerator[Any, None], delta: bool, sequence_ended: Callable[[int], None]
+) -> AsyncGenerator[Any, None]:
+    """vLLM's RequestOutputs (`delta`: each carries only its new tokens), unchanged, calling
+    `sequence_ended(count of the tokens it sampled)` once for each sequence that finishes (not
+    for one aborted or failed)."""
+    generated: dict[int, int] = {}
+    last_token: dict[int, int | None] = {}
+    ended: set[int] = set()
+    try:
+        async for output in outputs:
+            for sequence in output.outputs:
+                index, token_ids = sequence.index, sequence.token_ids
+                count = len(token_ids)
+                if delta:
+                    count += generated.get(index, 0)
+                    generated[index] = count
+                if token_ids:
+                    last_token[index] = token_ids[-1]
+                reason = sequence.finish_reason
+                if reason is None or reason in _CUT_SHORT or index in ended:
+                    continue
+                ended.add(index)
+                # A stop token is sampled too; beam search leaves it out of the tokens
+                stop = sequence.stop_reason
+                left_out = type(stop) is int and last_token.get(index) != stop
+                sequence_ended(count + left_out)
+            yield output
+    finally:
+        await outputs.aclose()  # closing vLLM's generator aborts its request
+
+
+_CUT_SHORT = ("abort", "error")  # finish reasons of sequences the client does not get whole
 
 
 def patch_session_updates(

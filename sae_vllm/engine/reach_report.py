@@ -1,0 +1,91 @@
+"""Sequences of steered requests that ended before any position their spec steers: each is
+logged, announced to listeners (the server's metric) and counted in the caller's tally."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+from .. import LOGGER_NAME
+from ..spec import SteeringSpec
+from . import intake
+from .scopes import scope_text, unreached_scopes
+
+logger = logging.getLogger(LOGGER_NAME)
+
+
+@dataclass
+class SequenceTally:
+    """The sequences of steered requests that ended while this tally was open (see tallying),
+    and how many of them ended before their first steered position (they came back unsteered)."""
+
+    ended: int = 0
+    unreached: int = 0
+
+
+SequenceEnd = Callable[[int], None]
+
+_open_tally: ContextVar[SequenceTally | None] = ContextVar("sae_vllm_sequence_tally", default=None)
+_listeners: list[Callable[[], None]] = []
+
+
+def add_unreached_listener(listener: Callable[[], None]) -> None:
+    """Call `listener()` for every sequence that ends unreached, in this process."""
+    if listener not in _listeners:
+        _listeners.append(listener)
+
+
+@contextmanager
+def tallying() -> Iterator[SequenceTally]:
+    """A tally of the sequences that end in this context and the tasks it starts (vLLM fans a
+    request's prompts out to tasks, which copy the context and so share the tally)."""
+    tally = SequenceTally()
+    token = _open_tally.set(tally)
+    try:
+        yield tally
+    finally:
+        _open_tally.reset(token)
+
+
+def sequence_end_watcher(
+    vllm_config: Any, params: Any, num_prompt_tokens: int, request_id: str
+) -> SequenceEnd | None:
+    """For a steered request (SamplingParams; not a beam-search step), the function to call with
+    the generated-token count of each of its sequences as it ends; None for any other."""
+    spec = intake.judged_spec(vllm_config, params)
+    return None if spec is None else sequence_end_reporter(spec, num_prompt_tokens, request_id)
+
+
+def sequence_end_reporter(
+    spec: SteeringSpec, num_prompt_tokens: int, request_id: str
+) -> SequenceEnd:
+    """What to call with the generated-token count of each sequence of a request steered by
+    `spec` (a beam search's beams included) as it ends."""
+
+    def sequence_ended(num_generated: int) -> None:
+        tally = _open_tally.get()
+        if tally is not None:
+            tally.ended += 1
+        # Its k tokens were sampled from positions before P + k - 1: a sequence that ends
+        # before a scope starts is unsteered, as a request that could not reach one would be.
+        if not unreached_scopes(spec, num_prompt_tokens, num_generated):
+            return
+        if tally is not None:
+            tally.unreached += 1
+        for listener in _listeners:
+            listener()
+        held = ", ".join(scope_text(scope) for scope, _ in spec.scopes())
+        logger.warning(
+            "Request %s: a sequence ended after %d generated tokens, before any position its "
+            "steering steers (prompt of %d tokens, scope %s); it came back unsteered.",
+            request_id,
+            num_generated,
+            num_prompt_tokens,
+            held,
+        )
+
+    return sequence_ended
