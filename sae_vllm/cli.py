@@ -10,7 +10,8 @@ USAGE = """usage: sae-vllm {serve,demo,inspect} [options]
 
   serve [MODEL] --sae ID=PATH[@LAYER] ... [vllm serve options]
         vLLM's OpenAI-compatible server with per-request SAE steering; without a model,
-        the embedded default model and SAE (`sae-vllm serve --help` lists every option)
+        the embedded default model and SAE (`sae-vllm serve --help=SAESteering` describes
+        the steering options, `--help=all` every option)
   demo  steer the embedded default model and show what changes
   inspect PATH [--format F]
         an SAE file's format, sizes, architecture and the layer it steers, as JSON

@@ -13,6 +13,10 @@ EXTRA_ARGS_KEY = "sae_steering"
 # Internal: the position of a request's first generated token, when it is not the end of its
 # prompt (set by the server for each step of a steered beam search).
 GENERATION_START_KEY = "sae_steering_generation_start"
+# Internal: set by the server on a completion that echoes its prompt with max_tokens 0, which
+# vLLM runs for one generated token and drops: it returns the outputs of its prompt positions
+# but the last, so the reach check counts no generated token.
+DROPPED_GENERATION_KEY = "sae_steering_drops_generation"
 # Internal: what the engine core records of a steered request for its prefix-cache keys
 # (engine/prefix_cache.py); removed from every request that arrives with it.
 PREFIX_CACHE_KEY = "sae_steering_prefix_cache"

@@ -117,9 +117,15 @@ class FeatureEdit(BaseModel):
             return value
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise PydanticCustomError(SpecErrorReason.INVALID_TYPE.value, "must be a number")
-        if not math.isfinite(value):
+        try:
+            number = float(value)
+        except OverflowError:  # an integer past the largest float
+            raise PydanticCustomError(
+                SpecErrorReason.VALUE_OUT_OF_RANGE.value, "magnitude must fit a float"
+            ) from None
+        if not math.isfinite(number):
             raise PydanticCustomError(SpecErrorReason.NON_FINITE.value, "must be finite")
-        return float(value)
+        return number
 
 
 class SteeringSpec(BaseModel):
@@ -230,8 +236,8 @@ def _reason(error: Mapping[str, Any]) -> SpecErrorReason:
         return SpecErrorReason.UNKNOWN_FIELD
     if kind == "missing":
         return SpecErrorReason.MISSING_FIELD
-    if kind.endswith("_type") or kind in _TYPE_ERRORS:
-        return SpecErrorReason.INVALID_TYPE
+    if kind.endswith("_type") or kind in _TYPE_ERRORS or error.get("input", ...) is None:
+        return SpecErrorReason.INVALID_TYPE  # a null where a field takes none is one too
     leaf = loc[-1] if loc else ""
     if leaf == "op":
         return SpecErrorReason.UNKNOWN_OP
@@ -340,7 +346,7 @@ def _window_issues(window: ScopeWindow, apply_to: ApplyTo, path: str) -> list[Sp
                 issues.append(SpecIssue(f"{path}.{name}", message, SpecErrorReason.INVALID_VALUE))
     end = window.end
     if end is not None and (window.start < 0) == (end < 0) and end <= window.start:
-        message = f"must be greater than {path}.start ({window.start}): the window is empty"
+        message = f"must be greater than start ({window.start}): the window is empty"
         issues.append(SpecIssue(f"{path}.end", message, SpecErrorReason.INVALID_VALUE))
     return issues
 

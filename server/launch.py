@@ -20,7 +20,7 @@ PROG = "sae-vllm serve"
 DESCRIPTION = (
     "vLLM's OpenAI-compatible server with per-request SAE steering (the `steering` body "
     "field). Takes every `vllm serve` option. Without a model it serves the embedded default "
-    "model and SAE."
+    "model and SAE. --help=SAESteering describes the steering options, --help=all every option."
 )
 TOY_SERVED_NAME = "sae-vllm-toy"
 TOY_KV_CACHE_BYTES = 1 << 30

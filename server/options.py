@@ -62,8 +62,16 @@ def variant_argument(text: str) -> tuple[str, Any]:
         raise argparse.ArgumentTypeError(message) from None
 
 
+# Titled as vLLM titles its own option groups, so that `--help=SAESteering` shows this one
+STEERING_GROUP = "SAESteering"
+
+
 def add_steering_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("SAE steering (sae-vllm)")
+    group = parser.add_argument_group(
+        STEERING_GROUP,
+        "Per-request SAE feature steering (sae-vllm): the SAEs requests may steer, their "
+        f"labels, steering variants and the edit limit (--help={STEERING_GROUP}).",
+    )
     group.add_argument(
         "--sae",
         action="append",

@@ -12,7 +12,6 @@ steering variant named in the body of a route that takes its model from a header
 
 from __future__ import annotations
 
-import functools
 import json
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from http import HTTPStatus
@@ -33,7 +32,6 @@ Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
-_FIELD_BYTES = STEERING_FIELD.encode()
 _FORM_CONTENT_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 _DENIAL_EXTENSION = "websocket.http.response"  # ASGI: the server can answer a handshake with HTTP
 _POLICY_VIOLATION = 1008  # websocket close code
@@ -187,14 +185,26 @@ async def _buffer(receive: Receive) -> tuple[bytes, Receive]:
     return body, replay
 
 
+# How a name can be spelled without its letters: a JSON string's \u escapes, a URL's %XX
+_ESCAPES = ("\\u", "%")
+_ESCAPE_BYTES = tuple(escape.encode() for escape in _ESCAPES)
+
+
+def _may_spell(text: str | bytes, name: str) -> bool:
+    """Whether `text` may hold `name`, plainly or escaped: only such text need be parsed."""
+    if isinstance(text, bytes):
+        return name.encode() in text or any(escape in text for escape in _ESCAPE_BYTES)
+    return name in text or any(escape in text for escape in _ESCAPES)
+
+
 def _query_names_steering(query_string: bytes) -> bool:
-    if _FIELD_BYTES not in query_string:  # the usual case: no parsing
+    if not _may_spell(query_string, STEERING_FIELD):  # the usual case: no parsing
         return False
     return STEERING_FIELD in parse_qs(query_string.decode("latin-1"))
 
 
 async def _names_steering(scope: Scope, body: bytes) -> bool:
-    if _FIELD_BYTES not in body:  # the usual case: no parsing
+    if not _may_spell(body, STEERING_FIELD):  # the usual case: no parsing
         return False
     content_type = dict(scope["headers"]).get(b"content-type", b"").decode("latin-1").lower()
     if content_type.startswith(_FORM_CONTENT_TYPES):
@@ -202,17 +212,10 @@ async def _names_steering(scope: Scope, body: bytes) -> bool:
     return _json_object_names_steering(body)
 
 
-@functools.cache
-def _quoted(field: str) -> tuple[str, bytes]:
-    """`"field"` as text and as bytes, what a JSON object naming it holds."""
-    return f'"{field}"', f'"{field}"'.encode()
-
-
 def _json_object_naming(text: str | bytes, field: str) -> dict | None:
-    """The JSON object `text` holds, when its text names `field` (None otherwise, or when it is
-    not a JSON object); the usual text, which does not name it, is not parsed."""
-    quoted_text, quoted_bytes = _quoted(field)
-    if (quoted_bytes if isinstance(text, bytes) else quoted_text) not in text:
+    """The JSON object `text` holds, when its text may name `field` (None otherwise, or when it
+    is not a JSON object); the usual text, which does not name it, is not parsed."""
+    if not _may_spell(text, f'"{field}"'):
         return None
     try:
         data = json.loads(text)

@@ -37,7 +37,12 @@ from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
 from vllm.exceptions import VLLMValidationError
 
-from sae_vllm.config import BEAM_STEERING_ATTR, EXTRA_ARGS_KEY, GENERATION_START_KEY
+from sae_vllm.config import (
+    BEAM_STEERING_ATTR,
+    DROPPED_GENERATION_KEY,
+    EXTRA_ARGS_KEY,
+    GENERATION_START_KEY,
+)
 from sae_vllm.engine import reach_report
 from sae_vllm.engine.intake import beam_spec, check_beam_reach, check_reach
 from sae_vllm.engine.vllm_adapter import (
@@ -119,6 +124,12 @@ class SteeredCompletionRequest(_SpecCarriedToSamplingParams, CompletionRequest):
     def to_beam_search_params(self, *args: Any, **kwargs: Any) -> Any:
         params = super().to_beam_search_params(*args, **kwargs)
         return _beam_with_steering(params, self._sae_steering)
+
+    def to_sampling_params(self, *args: Any, **kwargs: Any) -> Any:
+        params = super().to_sampling_params(*args, **kwargs)
+        if self._sae_steering is not None and self.echo and self.max_tokens == 0:
+            params.extra_args[DROPPED_GENERATION_KEY] = True  # a dict of its own
+        return params
 
 
 class SteeredChatCompletionRequest(_SpecCarriedToSamplingParams, ChatCompletionRequest):

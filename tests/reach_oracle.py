@@ -14,18 +14,20 @@ def windowed(*scopes: tuple[str, dict | None]) -> dict:
 
 
 def python_slice_reaches(scopes, num_prompt_tokens: int, max_tokens: int) -> bool:
-    """The oracle: list the positions a request computes (its prompt, then the inputs of its
-    first max_tokens - 1 generated tokens), slice each scope's list as Python does, and see
-    whether any slice holds one."""
-    computed = list(range(num_prompt_tokens + max_tokens - 1))
+    """The oracle: list each scope's positions (far past any window drawn here), slice them as
+    Python does, and see whether a slice holds a position whose output the request returns:
+    one of its prompt's, or the input of one of its first max_tokens - 1 generated tokens
+    (max_tokens 0: a prompt echoed for its logprobs, the last position's output dropped)."""
+    positions = list(range(num_prompt_tokens + max_tokens + 64))
+    returned = num_prompt_tokens + max_tokens - 1
     for apply_to, window in scopes:
         held = {
-            "prompt": computed[:num_prompt_tokens],
-            "generated": computed[num_prompt_tokens - 1 :],
-            "all": computed,
+            "prompt": positions[:num_prompt_tokens],
+            "generated": positions[num_prompt_tokens - 1 :],
+            "all": positions,
         }[apply_to]
         window = window or {}
-        if held[window.get("start", 0) : window.get("end")]:
+        if any(p < returned for p in held[window.get("start", 0) : window.get("end")]):
             return True
     return False
 

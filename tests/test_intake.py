@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from reach_oracle import python_slice_reaches, random_scopes, windowed
-from sae_vllm.config import EXTRA_ARGS_KEY, GENERATION_START_KEY
+from sae_vllm.config import DROPPED_GENERATION_KEY, EXTRA_ARGS_KEY, GENERATION_START_KEY
 from sae_vllm.engine import intake
 from tiny_model import stand_in_vllm_config
 
@@ -157,6 +157,31 @@ def test_without_max_tokens_a_request_may_generate_to_the_models_length(engine_a
     reach(engine, windowed(("generated", {"start": 13})), 6, None)  # its output: token 14
     with pytest.raises(ValueError, match="generates at most 14, "):
         reach(engine, windowed(("generated", {"start": 14})), 6, None)
+
+
+@pytest.mark.parametrize(
+    ("scope", "reaches"),
+    [
+        (("generated", None), False),  # its one position's output is the dropped token
+        (("all", {"start": 4}), False),
+        (("prompt", {"start": -1}), False),
+        (("all", {"start": 3}), True),  # its output is the logprob of prompt token 4
+        (("prompt", {"start": -2, "end": -1}), True),
+    ],
+)
+def test_an_echo_without_generation_returns_the_outputs_of_its_prompt_but_the_last(
+    engine_a, scope, reaches
+):
+    """vLLM runs a completion that echoes its 5-token prompt with max_tokens 0 for one token
+    and drops it; the server marks such a request, and only prompt positions 0..3 count."""
+    assert python_slice_reaches([scope], 5, 0) == reaches  # the oracle agrees
+    args = (engine_a, windowed(scope), 5, 1)
+    if reaches:
+        reach(*args, **{DROPPED_GENERATION_KEY: True})
+    else:
+        with pytest.raises(ValueError, match="it generates at most 0, "):
+            reach(*args, **{DROPPED_GENERATION_KEY: True})
+    reach(*args)  # without the mark, its generated token counts
 
 
 def test_beam_steps_and_unsteered_requests_are_not_judged_alone(engine_a):

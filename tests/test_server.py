@@ -321,6 +321,10 @@ def test_bad_steering_on_anthropic_messages_raises_in_the_anthropic_client(anthr
     assert (error["type"], error["reason"]) == ("invalid_request_error", "feature_out_of_range")
     assert error["param"] == "steering.edits[0].feature"
     assert f"out of range for SAE 'res1' (d_sae {D_SAE})" in error["message"]
+    with pytest.raises(anthropic.BadRequestError) as info:  # an integer no float can hold
+        message(anthropic_client, CHATS[0], {"edits": [_edit(value=10**400)]})
+    error = info.value.body["error"]
+    assert (error["param"], error["reason"]) == ("steering.edits[0].value", "value_out_of_range")
     with pytest.raises(anthropic.BadRequestError) as info:  # count_tokens cannot apply it
         anthropic_client.messages.count_tokens(
             model=MODEL, messages=CHATS[0], extra_body={"steering": STRONG}
@@ -488,6 +492,8 @@ BAD = [  # (id, endpoint, body fields, expected param, expected reason)
      "invalid_type"),
     ("value-too-big", "completions", _steer(_edit(value=1e5)), "steering.edits[0].value",
      "value_out_of_range"),
+    ("value-int-past-floats", "chat", _steer(_edit(value=10**400)), "steering.edits[0].value",
+     "value_out_of_range"),
     ("value-missing", "completions", _steer(_edit(value=None)), "steering.edits[0].value",
      "missing_field"),
     ("value-with-ablate", "chat", _steer(_edit(op="ablate")), "steering.edits[0].value",
@@ -637,6 +643,39 @@ def test_steering_in_a_form_is_refused(http):
     # The word alone is no field: the form reaches vLLM, which has no such route for this model.
     plain = http.post(path, data={"model": MODEL, "prompt": "steering"}, files=audio)
     assert plain.status_code == 404, plain.text
+
+
+def test_a_steering_field_spelled_with_escapes_is_refused_where_it_cannot_apply(http):
+    """JSON's \\u escapes and a URL's %XX spell the field without its letters: vLLM decodes
+    them, so the guard must too, or the field would be silently ignored."""
+
+    def escaped_json(body: dict) -> dict:
+        text = json.dumps(body).replace('"steering"', '"\\u0073teering"')
+        assert json.loads(text)["steering"] == STRONG
+        return {"content": text, "headers": {"Content-Type": "application/json"}}
+
+    body = {"model": MODEL, "input": "hi", "prompt": "hi", "steering": STRONG}
+    response = http.post("/tokenize", **escaped_json(body))
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["reason"] == "unsupported_route"
+    response = http.get("/v1/models?%73teering=x")
+    assert (response.status_code, response.json()["error"]["param"]) == (400, "steering")
+    form = f"model={MODEL}&%73teering=" + json.dumps(STRONG)
+    content_type = {"Content-Type": "application/x-www-form-urlencoded"}
+    response = http.post("/v1/audio/transcriptions", content=form, headers=content_type)
+    assert response.json()["error"]["reason"] == "unsupported_route"
+    # Escapes alone are no field; on a steered route the escaped field steers.
+    plain = json.dumps({"model": MODEL, "prompt": "caf\u00e9 50%"})
+    assert http.post("/tokenize", content=plain, headers=escaped_json(body)["headers"]).is_success
+    steered = _body("completions", {"steering": STRONG})
+    response = http.post("/v1/completions", **escaped_json(steered))
+    assert response.headers["x-sae-steering"] == "steered"
+    assert response.json()["choices"][0]["text"] == complete_text(http, STRONG)
+
+
+def complete_text(http, steering: dict) -> str:
+    response = http.post("/v1/completions", json=_body("completions", {"steering": steering}))
+    return response.json()["choices"][0]["text"]
 
 
 # A small body for each route that steers (SageMaker's /invocations: a chat body).
@@ -887,6 +926,8 @@ NOTHING = [  # (id, endpoint, body fields, expected param); every one would run 
     ("beam-search", "completions", {"steering": PAST_4, "use_beam_search": True}, "steering"),
     ("xargs", "completions", {"vllm_xargs": {"sae_steering": json.dumps(PAST_4)}},
      "vllm_xargs.sae_steering"),
+    ("echo-only", "completions",  # vLLM generates one token and drops it
+     {"steering": STRONG, "echo": True, "max_tokens": 0, "logprobs": 1}, "steering"),
     ("variant", "chat", {"model": LATE_VARIANT}, "model"),
     ("variant-stream", "completions", {"model": LATE_VARIANT, "stream": True}, "model"),
 ]  # fmt: skip
@@ -927,6 +968,23 @@ def test_the_last_position_a_request_computes_can_be_steered_alone(client):
     )
     assert late.headers["x-sae-steering"] == "steered"
     assert late.parse().usage.completion_tokens == 9
+
+
+def test_an_echo_without_generation_is_steered_in_its_prompt(http):
+    """max_tokens 0 with echo returns the prompt's logprobs: steering position i changes those
+    of tokens i + 1 on, so a spec that steers the prompt's start shows in them."""
+
+    def echoed(steering: dict | None) -> tuple[list, dict]:
+        fields = {"echo": True, "max_tokens": 0, "logprobs": 1}
+        body = _body("completions", fields | ({"steering": steering} if steering else {}))
+        response = http.post("/v1/completions", json=body)
+        assert response.status_code == 200, response.text
+        return response.json()["choices"][0]["logprobs"]["token_logprobs"], response.headers
+
+    plain, _ = echoed(None)
+    steered, headers = echoed({**STRONG, "apply_to": "all", "window": {"start": 1, "end": 2}})
+    assert headers["x-sae-steering"] == "steered"
+    assert plain[:2] == steered[:2] and plain[2] != steered[2]
 
 
 def test_a_spec_that_steers_nothing_raises_in_the_official_clients(client, anthropic_client):

@@ -73,6 +73,10 @@ CASES = [  # (id, args after the model, expected end of the error line)
     ("variant-feature-out-of-range",
      ["--sae", "s={sae}", "--steering-variant", VARIANT.format(name="v", feature=64)],
      "steering variant 'v': edits[0].feature: 64 is out of range for SAE 's' (d_sae 64)"),
+    ("variant-value-past-floats",
+     ["--sae", "s={sae}", "--steering-variant",
+      'v={{"edits": [{{"feature": 1, "op": "add", "value": 1' + "0" * 400 + "}}]}}"],
+     "edits.0.value: magnitude must fit a float"),
     ("variant-named-like-the-model",
      ["--sae", "s={sae}", "--served-model-name", "m", "--steering-variant",
       VARIANT.format(name="m", feature=1)],
@@ -164,14 +168,30 @@ def test_malformed_variant_option_is_a_usage_error(paths, serve_in_process, caps
     )
 
 
-def test_help_lists_steering_and_vllm_options(serve_in_process, capsys):
+def help_text(serve_in_process, capsys, option: str) -> str:
     with pytest.raises(SystemExit) as info:
-        serve_in_process("--help")
+        serve_in_process(option)
     assert info.value.code == 0
-    out = capsys.readouterr().out
-    for option in ("--sae ID=PATH[@LAYER]", "--sae-labels", "--steering-variant NAME=SPEC",
-                   "--max-edits", "--api-key"):  # fmt: skip
-        assert option in out
+    return capsys.readouterr().out
+
+
+STEERING_HELP = {  # each steering option, and a phrase of its description
+    "--sae ID=PATH[@LAYER]": "An SAE requests may steer with",
+    "--sae-labels ID=PATH": "A feature-labels JSON",
+    "--steering-variant NAME=SPEC": "A served model name that steers every request",
+    "--max-edits": "Most feature edits one request may make",
+}
+
+
+def test_help_lists_steering_and_vllm_options(serve_in_process, capsys):
+    usage = help_text(serve_in_process, capsys, "--help")
+    for option in (*STEERING_HELP, "--api-key"):
+        assert option.split()[0] in usage
+    # vLLM's --help lists option groups; ours says where its options are described
+    assert "SAESteering" in usage and "--help=SAESteering" in usage
+    described = help_text(serve_in_process, capsys, "--help=SAESteering")
+    for option, phrase in STEERING_HELP.items():
+        assert option in described and phrase in " ".join(described.split())
 
 
 def test_cli_usage_and_unknown_command():

@@ -72,6 +72,8 @@ def test_json_string_input_is_accepted():
         ({"edits": [edit(value=...)]}, "edits[0].value", "required with op 'set'"),
         ({"edits": [edit(op="ablate", value=1.0)]}, "edits[0].value", "not allowed"),
         ({"edits": [edit(value=1e9)]}, "edits[0].value", "at most"),
+        ({"edits": [edit(value=10**400)]}, "edits[0].value", "must fit a float"),
+        ({"edits": [edit(value=-(10**400))]}, "edits[0].value", "must fit a float"),
         ({"edits": [edit(op="boost")]}, "edits[0].op", ""),
         ({"edits": [edit(feature=-1)]}, "edits[0].feature", ""),
         ({"edits": [edit(feature=1.5)]}, "edits[0].feature", ""),
@@ -92,7 +94,11 @@ def test_json_string_input_is_accepted():
             "window.end",
             "only apply_to 'prompt'",
         ),
-        ({"edits": [edit()], "window": {"start": 4, "end": 4}}, "window.end", "window is empty"),
+        (
+            {"edits": [edit()], "window": {"start": 4, "end": 4}},
+            "window.end",
+            "must be greater than start (4): the window is empty",
+        ),
         (
             {"edits": [edit()], "apply_to": "prompt", "window": {"start": -2, "end": -3}},
             "window.end",
@@ -238,6 +244,13 @@ def test_every_error_carries_a_reason_code_without_reading_its_message():
         '{"edits": [{"feature": 1, "op": "set", "value": 1e9}]}': (
             SpecErrorReason.VALUE_OUT_OF_RANGE
         ),
+        '{"edits": [{"feature": 1, "op": "set", "value": 1' + "0" * 400 + "}]}": (
+            SpecErrorReason.VALUE_OUT_OF_RANGE
+        ),
+        '{"edits": [{"feature": 1, "op": "set", "value": 1}], "apply_to": null}': (
+            SpecErrorReason.INVALID_TYPE
+        ),
+        '{"edits": [{"feature": 1, "op": null, "value": 1}]}': SpecErrorReason.INVALID_TYPE,
         '{"edits": [{"feature": 1, "op": "set", "value": 1}], "apply_to": "x"}': (
             SpecErrorReason.INVALID_VALUE
         ),

@@ -81,6 +81,24 @@ def test_a_steered_session_update_is_refused_and_not_processed(realtime):
     assert _rejected(rejections.UNSUPPORTED_ROUTE) == before + 1
 
 
+def test_a_steering_field_spelled_with_json_escapes_is_refused_too(realtime):
+    client, serving = realtime
+    escaped = json.dumps({"type": "session.update", "model": MODEL, "steering": SPEC})
+    escaped = escaped.replace('"steering"', '"\\u0073teering"')
+    assert json.loads(escaped)["steering"] == SPEC
+    with client.websocket_connect("/v1/realtime") as socket:
+        assert socket.receive_json()["type"] == "session.created"
+        socket.send_text(escaped)
+        socket.send_json(SENTINEL)  # answered, so a missed refusal fails instead of waiting
+        error = socket.receive_json()
+        assert (error["code"], error["param"]) == ("unsupported_route", "steering")
+        assert socket.receive_json()["code"] == "unknown_event"
+        socket.send_json({"type": "session.update", "model": "caf\u00e9"})  # escapes alone pass
+        socket.send_json(SENTINEL)
+        assert socket.receive_json()["code"] == "unknown_event"
+    assert serving.models_checked == ["caf\u00e9"]
+
+
 def test_messages_that_only_mention_steering_pass(realtime):
     client, serving = realtime
     messages = [

@@ -5,7 +5,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ..config import EXTRA_ARGS_KEY, GENERATION_START_KEY, PREFIX_CACHE_KEY, steering_config_from
+from ..config import (
+    DROPPED_GENERATION_KEY,
+    EXTRA_ARGS_KEY,
+    GENERATION_START_KEY,
+    PREFIX_CACHE_KEY,
+    steering_config_from,
+)
 from ..resolved_specs import ResolvedSpec, SpecResolver
 from ..spec import SteeringSpec
 from . import vllm_adapter as vllm
@@ -107,12 +113,14 @@ def check_reach(
     vllm_config: Any, params: Any, num_prompt_tokens: int, max_tokens: int | None
 ) -> None:
     """Raises ValueError when the spec in `params` (SamplingParams) steers none of the positions
-    a request of this prompt length and max_tokens (None: to the model's length) computes: it
-    would run unsteered under a steered request's name."""
+    whose outputs a request of this prompt length and max_tokens (None: to the model's length)
+    can return: it would run unsteered under a steered request's name."""
     spec = judged_spec(vllm_config, params)
     if spec is None:
         return
-    if max_tokens is None:
+    if vllm.extra_args_of(params).get(DROPPED_GENERATION_KEY):
+        max_tokens = 0
+    elif max_tokens is None:
         max_tokens = vllm.max_model_len(vllm_config) - num_prompt_tokens
     _raise_if_unreached(spec, num_prompt_tokens, max_tokens)
 

@@ -66,9 +66,11 @@ def scope_span(
 
 
 def computed_end(num_prompt_tokens: int, max_tokens: int) -> int:
-    """One past the last position a request can compute: its prompt and the inputs of its
-    first `max_tokens - 1` generated tokens (the last one is sampled, never fed back)."""
-    return num_prompt_tokens + max(max_tokens - 1, 0)
+    """One past the last position whose output a request can return: its prompt and the inputs
+    of its first `max_tokens - 1` generated tokens (the last one is sampled, never fed back).
+    With max_tokens 0 (a prompt echoed for its logprobs), the prompt's positions but the last,
+    whose output would be the first generated token."""
+    return num_prompt_tokens + max_tokens - 1
 
 
 def unreached_scopes(spec: SteeringSpec, num_prompt_tokens: int, max_tokens: int) -> list[Scope]:
