@@ -8,7 +8,7 @@ from prometheus_client import Counter, Histogram
 
 from .rejections import REASONS
 
-ENDPOINTS = ("completions", "chat.completions", "responses")
+ENDPOINTS = ("completions", "chat.completions", "responses", "messages")  # steered routes
 
 STEERED = Counter(
     "sae_steering_steered_requests",

@@ -25,8 +25,12 @@ def sae(hook: str | None, layer: int | None) -> SAE:
         ("blocks.12.hook_resid_pre", 12, 11),
         ("layers.7", 7, 7),
         ("model.layers.7", 7, 7),
+        ("gpt_neox.layers.7", 7, 7),  # sparsify hookpoints: a decoder layer's module
+        ("h.7", 7, 7),
+        ("transformer.h.7", 7, 7),
         (None, 3, 3),
         (None, None, None),
+        ("resid_7", None, None),  # a site this module cannot place: the user's layer decides
     ],
 )
 def test_residual_sites_map_to_the_layer_whose_output_they_read(hook, layer, expected):
@@ -40,3 +44,12 @@ def test_residual_sites_map_to_the_layer_whose_output_they_read(hook, layer, exp
 def test_sites_that_are_not_a_layer_output_are_refused(hook):
     with pytest.raises(NotALayerOutputError, match="not the output of a decoder layer"):
         residual_layer(sae(hook, int(hook.split(".")[1])))
+
+
+@pytest.mark.parametrize(
+    "hook", ["hook_embed", "blocks.0.hook_embed", "embed_tokens", "model.embed_tokens", "wte"]
+)
+def test_the_embeddings_are_refused_though_they_name_no_layer(hook):
+    """Before any layer: an explicit layer must not make a decoder layer's output read them."""
+    with pytest.raises(NotALayerOutputError, match=f"reads {hook}, not the output of a decoder"):
+        residual_layer(sae(hook, None))

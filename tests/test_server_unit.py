@@ -516,3 +516,17 @@ def test_the_gate_survives_pickling_into_another_api_server_process():
     with_variant = pickle.loads(pickle.dumps(SteeringGate(SIZES, SpecLimits(), {"v": variant})))
     assert with_variant.variant_named("v") == variant
     assert json.loads(with_variant.admit("completions", None, variant="v"))["apply_to"] == "all"
+
+
+def test_every_steered_route_exports_its_counters_at_zero():
+    """A dashboard's rate over a steered route reads 0 before its first request, not nothing."""
+    from prometheus_client import REGISTRY
+
+    from sae_vllm.server import metrics
+    from sae_vllm.server.vllm_app import STEERED_ROUTES
+
+    for _, endpoint in STEERED_ROUTES.values():
+        assert endpoint in metrics.ENDPOINTS
+        for kind in ("steered", "unsteered"):
+            name = f"sae_steering_{kind}_requests_total"
+            assert REGISTRY.get_sample_value(name, {"endpoint": endpoint}) is not None, name

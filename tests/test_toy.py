@@ -409,3 +409,18 @@ def test_a_second_builder_waits_for_the_first_instead_of_training_again(tmp_path
     second.join(timeout=10)
     assert not second.is_alive()
     assert [r.root for r in results] == [final] and results[0].layer == 1
+
+
+@pytest.mark.parametrize("option", ["--samples", "--max-tokens"])
+@pytest.mark.parametrize("value", ["0", "-2", "many"])
+def test_demo_refuses_counts_below_one_in_one_line(option, value, capsys):
+    from sae_vllm.toy.demo import main
+
+    with pytest.raises(SystemExit) as info:
+        main([option, value])
+    assert info.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == (
+        f"sae-vllm demo: error: argument {option}: expected a whole number of at least 1, "
+        f"got '{value}'"
+    )

@@ -147,3 +147,43 @@ def test_demo_command_prints_set_and_ablate_rows_for_every_topic(toy):
     assert sum(bool(classified.search(line)) for line in lines) == 2 * (1 + 4 * len(topics))
     windowed = [re.match(r"(\w+), first 4 tokens only +\[", line) for line in lines]
     assert [match[1] for match in windowed if match] == list(topics)
+
+
+def test_the_readmes_offline_example_runs_as_a_script(toy, tmp_path):
+    """The README's offline example as a user saves and runs it, on the toy with a topic's
+    feature: vLLM's engine process imports the script again (spawn), so it needs its guard."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from sae_vllm.toy.corpus import classify
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    example = readme.split("### Offline (Python)", 1)[1].split("```python\n", 1)[1]
+    example = example.split("```", 1)[0]
+    topic, info = next(iter(json.loads(toy.labels_path.read_text())["topics"].items()))
+    substitutions = {
+        "/path/to/sae": str(toy.sae_dir),
+        "/path/to/model": str(toy.model_dir),
+        '"layer": 12': f'"layer": {toy.layer}',
+        '"feature": 1234': f'"feature": {info["feature"]}',
+        '"value": 8.0': f'"value": {info["steering_value"]}',
+    }
+    for written, toy_value in substitutions.items():
+        assert example.count(written) == 1, written
+        example = example.replace(written, toy_value)
+    script = tmp_path / "example.py"
+    script.write_text(example)
+    env = os.environ.copy()
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # vLLM's default, as a user runs it
+    env["VLLM_CPU_KVCACHE_SPACE"] = "1"  # GiB: beside the other tests' engines
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=600, env=env,
+        cwd=tmp_path, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    # vLLM logs to stdout too, each line opened by its process or level
+    printed = [line for line in done.stdout.splitlines() if not re.match(r"\(|[A-Z]+ ", line)]
+    assert len(printed) == 1 and classify(printed[0]) == topic, done.stdout[-3000:]

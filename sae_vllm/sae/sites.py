@@ -6,8 +6,14 @@ import re
 
 from .model import SAE
 
-_RESID_POST = re.compile(r"^(blocks\.\d+\.hook_resid_post|(model\.)?layers\.\d+)$")
+# TransformerLens' resid_post; a decoder layer's module (sparsify's hookpoints), with any
+# prefix: layers.N, model.layers.N, gpt_neox.layers.N, GPT-2's h.N and transformer.h.N
+_RESID_POST = re.compile(r"^(?:\w+\.)*(?:blocks\.\d+\.hook_resid_post|(?:layers|h)\.\d+)$")
 _RESID_PRE = re.compile(r"^blocks\.\d+\.hook_resid_pre$")
+# The embeddings: the residual stream before layer 0, which no layer's output is
+_EMBEDDINGS = re.compile(
+    r"(?:^|\.)(?:hook_embed|hook_pos_embed|embed_tokens|embed_in|embeddings?|wte|wpe)(?:\.|$)"
+)
 
 
 class NotALayerOutputError(ValueError):
@@ -16,15 +22,18 @@ class NotALayerOutputError(ValueError):
 
 
 def residual_layer(sae: SAE) -> int | None:
-    """The layer whose output (resid_post) the SAE reads; None when the file names no layer.
+    """The layer whose output (resid_post) the SAE reads; None when the file names no layer
+    (the user's layer decides, for a site this module cannot place).
 
-    `blocks.L.hook_resid_pre` is resid_post of layer L-1; other sites raise
-    NotALayerOutputError."""
+    `blocks.L.hook_resid_pre` is resid_post of layer L-1; the embeddings, and other sites of
+    a known layer, raise NotALayerOutputError."""
     hook = sae.hook_name
-    if hook is None or sae.layer is None or _RESID_POST.match(hook):
+    if hook is None or _RESID_POST.match(hook):
         return sae.layer
-    if _RESID_PRE.match(hook) and sae.layer > 0:
+    if _RESID_PRE.match(hook) and sae.layer is not None and sae.layer > 0:
         return sae.layer - 1
+    if sae.layer is None and not _EMBEDDINGS.search(hook):
+        return None
     raise NotALayerOutputError(
         f"SAE at {sae.source} reads {hook}, not the output of a decoder layer"
     )

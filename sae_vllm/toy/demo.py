@@ -70,11 +70,22 @@ def _print_rows(rows: list[Row], outputs) -> None:
         print()
 
 
+def _positive(text: str) -> int:
+    """An argument that must be a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sae-vllm demo", description=__doc__)
     parser.add_argument("--prompt", default=NEUTRAL_PROMPT)
-    parser.add_argument("--samples", type=int, default=3, help="sampled completions per row")
-    parser.add_argument("--max-tokens", type=int, default=12)
+    parser.add_argument("--samples", type=_positive, default=3, help="sampled completions per row")
+    parser.add_argument("--max-tokens", type=_positive, default=12)
     args = parser.parse_args(argv)
     # The demo's one engine runs in this process: on CPU vLLM's engine-core and worker
     # processes, each importing vLLM, made a run take 46-47 s instead of 16-22 s.
