@@ -58,6 +58,12 @@ def _load_interpreted() -> ModuleType:
 
 @pytest.fixture(scope="module")
 def interp() -> Iterator[ModuleType]:
+    # Triton reads the mode when it is imported: imported earlier, every kernel here fails with
+    # "Cannot call @triton.jit'd outside of the scope of a kernel".
+    assert "triton" not in sys.modules, (
+        "Triton was imported before these tests set its interpreter mode: a test module imports "
+        "vLLM or Triton while pytest collects; import it inside its tests"
+    )
     # Set only while these tests run, so it never leaks into engine processes started later.
     before = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"

@@ -2,7 +2,8 @@
 the Python-slice oracle finds them, each reported once, vLLM's outputs passed on unchanged.
 
 The vLLM config is a stand-in (only its `additional_config` is read); SamplingParams,
-RequestOutput and CompletionOutput are vLLM's own."""
+RequestOutput and CompletionOutput are vLLM's own, imported inside the tests: vLLM imported
+while pytest collects would import Triton before test_kernels.py sets its interpreter mode."""
 
 from __future__ import annotations
 
@@ -156,18 +157,20 @@ def test_whole_outputs_are_counted_as_they_stand_and_repeated_endings_once():
     assert reported(final_only, delta=False) == [7, 1]
 
 
-@pytest.mark.parametrize(
+@pytest.mark.parametrize(  # (token ids, finish reason, stop reason), as vLLM's outputs end
     ("ending", "count"),
     [
-        (sequence(0, [4, 5], "stop", stop_reason=2), 3),  # beam search leaves the EOS out
-        (sequence(0, [4, 5, 2], "stop", stop_reason=2), 3),  # a stop token kept in the tokens
-        (sequence(0, [4, 5], "stop", stop_reason="x"), 2),  # a stop string
-        (sequence(0, [4, 5, 2], "stop"), 3),  # end of sequence
-        (sequence(0, [4, 5], "repetition"), 2),
+        (([4, 5], "stop", 2), 3),  # beam search leaves the EOS out
+        (([4, 5, 2], "stop", 2), 3),  # a stop token kept in the tokens
+        (([4, 5], "stop", "x"), 2),  # a stop string
+        (([4, 5, 2], "stop", None), 3),  # end of sequence
+        (([4, 5], "repetition", None), 2),
     ],
 )
 def test_a_sequence_counts_every_token_it_sampled(ending, count):
-    assert reported([output(ending, finished=True)], delta=False) == [count]
+    token_ids, finish_reason, stop_reason = ending
+    ended = sequence(0, token_ids, finish_reason, stop_reason)
+    assert reported([output(ended, finished=True)], delta=False) == [count]
 
 
 @pytest.mark.parametrize("reason", ["abort", "error"])
