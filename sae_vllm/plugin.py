@@ -30,7 +30,7 @@ def register() -> None:
         intake.check_params,
         intake.check_reach,
         intake.key_request,
-        reach_report.sequence_end_watcher,
+        reach_report.sequence_end_reporter,
     )
     vllm.patch_prefix_cache_keys(prefix_cache.block_key)
     vllm.patch_session_updates(prefix_cache.continued_session_extra_args)

@@ -44,7 +44,7 @@ from sae_vllm.config import (
     GENERATION_START_KEY,
 )
 from sae_vllm.engine import reach_report
-from sae_vllm.engine.intake import beam_spec, check_beam_reach, check_reach
+from sae_vllm.engine.intake import check_beam_reach, check_reach
 from sae_vllm.engine.vllm_adapter import (
     as_client_error,
     prompt_length_of_input,
@@ -283,19 +283,18 @@ def install_steered_beam_search() -> None:
         self: Any, prompt: Any, request_id: str, params: Any, *args: Any, **kwargs: Any
     ) -> Any:
         spec = getattr(params, BEAM_STEERING_ATTR, None)
-        serving = self
+        serving, beam_ended = self, None
         if spec is not None:
             decoder_prompt = prompt["decoder_prompt"] if prompt["type"] == "enc_dec" else prompt
             prompt_length = len(decoder_prompt["prompt_token_ids"])
-            vllm_config = self.engine_client.vllm_config
-            as_client_error(check_beam_reach, vllm_config, spec, prompt_length, params.max_tokens)
+            search = (self.engine_client.vllm_config, spec, prompt_length, params.max_tokens)
+            steering = as_client_error(check_beam_reach, *search)
             step_args = {EXTRA_ARGS_KEY: spec, GENERATION_START_KEY: prompt_length}
             serving = _WithEngineClient(self, _SteeringEngineClient(self.engine_client, step_args))
+            # its steps are not judged alone: its beams are, as they end
+            beam_ended = reach_report.sequence_end_reporter(steering, prompt_length, request_id)
         outputs = original(serving, prompt, request_id, params, *args, **kwargs)
-        if spec is not None:  # its steps are not judged alone: its beams are, as they end
-            beam_ended = reach_report.sequence_end_reporter(
-                beam_spec(vllm_config, spec), prompt_length, request_id
-            )
+        if beam_ended is not None:
             outputs = reporting_sequence_ends(outputs, False, beam_ended)
         async for output in outputs:
             yield output

@@ -16,7 +16,7 @@ import pytest
 from reach_oracle import python_slice_reaches, random_scopes, windowed
 from sae_vllm import LOGGER_NAME
 from sae_vllm.config import EXTRA_ARGS_KEY, GENERATION_START_KEY
-from sae_vllm.engine import reach_report
+from sae_vllm.engine import intake, reach_report
 from sae_vllm.engine.vllm_adapter import reporting_sequence_ends
 from tiny_model import stand_in_vllm_config
 
@@ -50,10 +50,9 @@ def test_sequences_that_end_unsteered_are_found_as_python_slices_find_them(engin
         scopes = random_scopes(rng)
         num_prompt_tokens, num_sampled = int(rng.integers(1, 14)), int(rng.integers(1, 8))
         params = sampling_params(**{EXTRA_ARGS_KEY: windowed(*scopes)})
+        spec = intake.judged_spec(engine, params)
         with reach_report.tallying() as tally:
-            ended = reach_report.sequence_end_watcher(engine, params, num_prompt_tokens, "r")
-            assert ended is not None
-            ended(num_sampled)
+            reach_report.sequence_end_reporter(spec, num_prompt_tokens, "r")(num_sampled)
         steered = python_slice_reaches(scopes, num_prompt_tokens, num_sampled)
         assert (tally.ended, tally.unreached) == (1, 0 if steered else 1), (scopes, tally)
         reached += steered
@@ -63,17 +62,19 @@ def test_sequences_that_end_unsteered_are_found_as_python_slices_find_them(engin
 
 
 def test_unsteered_requests_and_beam_steps_are_not_watched(engine):
-    assert reach_report.sequence_end_watcher(engine, sampling_params(), 4, "r") is None
+    """The frontend watches the sequences of a request whose spec check_reach judged."""
+    assert intake.check_reach(engine, sampling_params(), 4, 16) is None
     step = sampling_params(**{EXTRA_ARGS_KEY: LATE, GENERATION_START_KEY: 4})
-    assert reach_report.sequence_end_watcher(engine, step, 9, "r") is None
+    assert intake.check_reach(engine, step, 9, 16) is None
+    steered = sampling_params(**{EXTRA_ARGS_KEY: LATE})
+    assert intake.check_reach(engine, steered, 3, 16) == intake.judged_spec(engine, steered)
 
 
 def test_the_tally_is_shared_by_the_tasks_a_request_fans_out_to_and_ends_with_its_context(
     engine, unreached_calls
 ):
     params = sampling_params(**{EXTRA_ARGS_KEY: LATE})  # steers positions P + 4 on
-    ended = reach_report.sequence_end_watcher(engine, params, 3, "cmpl-7")
-    assert ended is not None
+    ended = reach_report.sequence_end_reporter(intake.judged_spec(engine, params), 3, "cmpl-7")
 
     async def end(num_sampled: int) -> None:
         ended(num_sampled)

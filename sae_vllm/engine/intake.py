@@ -17,7 +17,7 @@ from ..spec import SteeringSpec
 from . import vllm_adapter as vllm
 from .prefix_cache import key_fields, session_key_fields
 from .sae_sizes import config_resolver
-from .scopes import scope_text, unreached_scopes
+from .scopes import scopes_text, unreached_scopes
 
 # How the message of a request whose spec steers none of its positions starts: the server
 # finds it in vLLM's error response by this text, the only thing that crosses vLLM's frontend.
@@ -91,10 +91,9 @@ def reach_problem(spec: SteeringSpec, num_prompt_tokens: int, max_tokens: int) -
     scopes = unreached_scopes(spec, num_prompt_tokens, max_tokens)
     if not scopes:
         return None
-    held = ", ".join(scope_text(scope) for scope in scopes)
     return (
         f"{STEERS_NOTHING}: its prompt has {num_prompt_tokens} tokens and it generates at most "
-        f"{max_tokens}, and the spec's scope ({held}) holds none of their positions"
+        f"{max_tokens}, and the spec's scope ({scopes_text(scopes)}) holds none of their positions"
     )
 
 
@@ -111,31 +110,30 @@ def judged_spec(vllm_config: Any, params: Any) -> SteeringSpec | None:
 
 def check_reach(
     vllm_config: Any, params: Any, num_prompt_tokens: int, max_tokens: int | None
-) -> None:
+) -> SteeringSpec | None:
     """Raises ValueError when the spec in `params` (SamplingParams) steers none of the positions
     whose outputs a request of this prompt length and max_tokens (None: to the model's length)
-    can return: it would run unsteered under a steered request's name."""
+    can return: it would run unsteered under a steered request's name. Returns the spec it
+    judged (None: unsteered, or a beam-search step)."""
     spec = judged_spec(vllm_config, params)
     if spec is None:
-        return
+        return None
     if vllm.extra_args_of(params).get(DROPPED_GENERATION_KEY):
         max_tokens = 0
     elif max_tokens is None:
         max_tokens = vllm.max_model_len(vllm_config) - num_prompt_tokens
     _raise_if_unreached(spec, num_prompt_tokens, max_tokens)
+    return spec
 
 
 def check_beam_reach(
     vllm_config: Any, spec_text: str, num_prompt_tokens: int, max_tokens: int
-) -> None:
-    """check_reach for a whole beam search, before its first step: raises ValueError."""
-    _raise_if_unreached(beam_spec(vllm_config, spec_text), num_prompt_tokens, max_tokens)
-
-
-def beam_spec(vllm_config: Any, spec_text: str) -> SteeringSpec:
-    """The spec a beam search carries into its steps; raises ValueError on a bad one."""
+) -> SteeringSpec:
+    """check_reach for a whole beam search, before its first step: raises ValueError. Returns
+    the spec the search carries into its steps."""
     steering = _resolve(vllm_config, {EXTRA_ARGS_KEY: spec_text})
     assert steering is not None  # a spec text is steering
+    _raise_if_unreached(steering.spec, num_prompt_tokens, max_tokens)
     return steering.spec
 
 

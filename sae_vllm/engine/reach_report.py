@@ -8,12 +8,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any
 
 from .. import LOGGER_NAME
 from ..spec import SteeringSpec
-from . import intake
-from .scopes import scope_text, unreached_scopes
+from .scopes import scopes_text, unreached_scopes
 
 logger = logging.getLogger(LOGGER_NAME)
 
@@ -51,15 +49,6 @@ def tallying() -> Iterator[SequenceTally]:
         _open_tally.reset(token)
 
 
-def sequence_end_watcher(
-    vllm_config: Any, params: Any, num_prompt_tokens: int, request_id: str
-) -> SequenceEnd | None:
-    """For a steered request (SamplingParams; not a beam-search step), the function to call with
-    the generated-token count of each of its sequences as it ends; None for any other."""
-    spec = intake.judged_spec(vllm_config, params)
-    return None if spec is None else sequence_end_reporter(spec, num_prompt_tokens, request_id)
-
-
 def sequence_end_reporter(
     spec: SteeringSpec, num_prompt_tokens: int, request_id: str
 ) -> SequenceEnd:
@@ -72,20 +61,20 @@ def sequence_end_reporter(
             tally.ended += 1
         # Its k tokens were sampled from positions before P + k - 1: a sequence that ends
         # before a scope starts is unsteered, as a request that could not reach one would be.
-        if not unreached_scopes(spec, num_prompt_tokens, num_generated):
+        scopes = unreached_scopes(spec, num_prompt_tokens, num_generated)
+        if not scopes:
             return
         if tally is not None:
             tally.unreached += 1
         for listener in _listeners:
             listener()
-        held = ", ".join(scope_text(scope) for scope, _ in spec.scopes())
         logger.warning(
             "Request %s: a sequence ended after %d generated tokens, before any position its "
             "steering steers (prompt of %d tokens, scope %s); it came back unsteered.",
             request_id,
             num_generated,
             num_prompt_tokens,
-            held,
+            scopes_text(scopes),
         )
 
     return sequence_ended

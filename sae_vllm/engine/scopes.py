@@ -88,3 +88,8 @@ def scope_text(scope: Scope) -> str:
         return scope.apply_to.value
     end = "" if scope.window.end is None else scope.window.end
     return f"{scope.apply_to.value}[{scope.window.start}:{end}]"
+
+
+def scopes_text(scopes: list[Scope]) -> str:
+    """Scopes as a user reads them, comma-separated: `generated[4:], prompt[-8:]`."""
+    return ", ".join(scope_text(scope) for scope in scopes)

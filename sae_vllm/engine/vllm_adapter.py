@@ -82,10 +82,11 @@ def _wrap_once(owner: type, name: str, make: Callable[[Callable], Callable]) -> 
 _opening_session: ContextVar[bool] = ContextVar("sae_vllm_opening_session", default=False)
 
 
-ReachCheck = Callable[[Any, Any, int, int | None], None]
-# (vllm_config, params, num_prompt_tokens, request_id) -> what to call with the generated-token
-# count of each of the request's sequences as it ends, or None to watch none.
-SequenceWatch = Callable[[Any, Any, int, str], Callable[[int], None] | None]
+# (vllm_config, params, num_prompt_tokens, max_tokens) -> the spec it judged, or None
+ReachCheck = Callable[[Any, Any, int, int | None], Any]
+# (judged spec, num_prompt_tokens, request_id) -> what to call with the sampled-token count of
+# each of the request's sequences as it ends
+SequenceWatch = Callable[[Any, int, str], Callable[[int], None]]
 
 
 def as_client_error(check: Callable[..., Any], *args: Any) -> Any:
@@ -109,8 +110,9 @@ def patch_request_intake(
     returns the params to submit; once the prompt is processed, `check_reach(vllm_config,
     params, num_prompt_tokens, max_tokens)`; raising ValueError in either becomes a client
     error) and again in the engine core, before the request's KV blocks are first hashed
-    (`key_request(vllm_config, engine_core_request)`). The sequences of a request served by
-    AsyncLLM (vLLM's servers) are reported to `watch_sequences` as they end."""
+    (`key_request(vllm_config, engine_core_request)`). The sequences of a request that
+    AsyncLLM (vLLM's servers) serves and check_reach judged are reported, as they end, to
+    `watch_sequences(spec, num_prompt_tokens, request_id)`."""
     from vllm.v1.engine.async_llm import AsyncLLM
     from vllm.v1.engine.core import EngineCore
     from vllm.v1.engine.input_processor import InputProcessor
@@ -138,19 +140,16 @@ def patch_request_intake(
             # Checked now, not at the generator's first step: vLLM's servers create it before a
             # stream's headers go out and run it after, when a client error can only be a
             # streamed event. process_inputs checks again (and alone, offline).
-            num_prompt_tokens = prompt_length_of_input(prompt)
-            steered = num_prompt_tokens is not None and bool(extra_args_of(sampling_params))
-            if steered:
+            num_prompt_tokens = prompt_length_of_input(prompt)  # None for a stream of inputs
+            spec = None
+            if num_prompt_tokens is not None and extra_args_of(sampling_params):
                 max_tokens = getattr(sampling_params, "max_tokens", None)
                 args = (self.vllm_config, sampling_params, num_prompt_tokens, max_tokens)
-                as_client_error(check_reach, *args)
+                spec = as_client_error(check_reach, *args)
             outputs = original(self, prompt, sampling_params, request_id, *a, **kw)
-            if not steered or _opening_session.get():
+            if spec is None:
                 return outputs
-            args = (self.vllm_config, sampling_params, num_prompt_tokens, request_id)
-            sequence_ended = as_client_error(watch_sequences, *args)
-            if sequence_ended is None:
-                return outputs
+            sequence_ended = watch_sequences(spec, num_prompt_tokens, request_id)
             delta = _streams_deltas(sampling_params)
             return reporting_sequence_ends(outputs, delta, sequence_ended)
 
