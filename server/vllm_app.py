@@ -67,6 +67,7 @@ from .steering import (
     error_message_of,
     steers_nothing_rejection,
 )
+from .stream_report import reporting_unreached
 
 SUPPORTED_VLLM = "0.32."
 _MEMORY_DEFAULT = "_sae_vllm_gpu_memory_utilization_default"
@@ -560,9 +561,10 @@ def _steered_endpoint(original: Callable, model: type, label: str):
             return refusal
         if isinstance(response, Response) and response.status_code < 400:
             response.headers[STEERING_HEADER] = UNSTEERED if spec is None else STEERED
-            # Only a response whose sequences all ended before it was sent can say: not a
-            # stream, nor a background response.
-            if sequences.ended and not isinstance(response, StreamingResponse):
+            if isinstance(response, StreamingResponse):
+                if spec is not None:  # its sequences end after its headers are sent
+                    response.body_iterator = reporting_unreached(response.body_iterator, sequences)
+            elif sequences.ended:  # not a background response, whose sequences end later
                 response.headers[UNREACHED_HEADER] = str(sequences.unreached)
         return response
 

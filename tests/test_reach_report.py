@@ -70,20 +70,22 @@ def test_unsteered_requests_and_beam_steps_are_not_watched(engine):
     assert intake.check_reach(engine, steered, 3, 16) == intake.judged_spec(engine, steered)
 
 
-def test_the_tally_is_shared_by_the_tasks_a_request_fans_out_to_and_ends_with_its_context(
+def test_the_tally_open_where_a_request_is_made_counts_its_sequences_wherever_they_end(
     engine, unreached_calls
 ):
-    params = sampling_params(**{EXTRA_ARGS_KEY: LATE})  # steers positions P + 4 on
-    ended = reach_report.sequence_end_reporter(intake.judged_spec(engine, params), 3, "cmpl-7")
+    """vLLM fans a request's prompts out to tasks (which copy the context), and a stream's
+    sequences end after the request's context has closed: both count in the request's tally."""
+    spec = intake.judged_spec(engine, sampling_params(**{EXTRA_ARGS_KEY: LATE}))  # P + 4 on
 
-    async def end(num_sampled: int) -> None:
+    async def end(ended: reach_report.SequenceEnd, num_sampled: int) -> None:
         ended(num_sampled)
 
-    async def fan_out() -> reach_report.SequenceTally:
+    async def fan_out() -> tuple[reach_report.SequenceTally, reach_report.SequenceEnd]:
         with reach_report.tallying() as tally:
-            sampled = [1, 5, 6, 9]  # 5 tokens come from positions 2..6, the 6th from 7
-            await asyncio.gather(*(end(n) for n in sampled))  # a task each, as vLLM's
-        return tally
+            ended = reach_report.sequence_end_reporter(spec, 3, "cmpl-7")
+            sampled = [1, 5, 6]  # 5 tokens come from positions 2..6, the 6th from 7
+            await asyncio.gather(*(end(ended, n) for n in sampled))  # a task each, as vLLM's
+        return tally, ended
 
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
@@ -91,14 +93,20 @@ def test_the_tally_is_shared_by_the_tasks_a_request_fans_out_to_and_ends_with_it
     logger = logging.getLogger(LOGGER_NAME)
     logger.addHandler(handler)
     try:
-        tally = asyncio.run(fan_out())
-        ended(1)  # no tally open: counted by the listener only
+        tally, ended = asyncio.run(fan_out())
+        ended(9)  # after its context closed, as a stream's last sequence ends
+        with reach_report.tallying() as elsewhere:
+            reach_report.sequence_end_reporter(spec, 3, "cmpl-8")(2)
+        made_outside = reach_report.sequence_end_reporter(spec, 3, "cmpl-9")
+        with reach_report.tallying() as unrelated:
+            made_outside(1)  # made where no tally was open: counted by the listener only
     finally:
         logger.removeHandler(handler)
     assert (tally.ended, tally.unreached) == (4, 2)
-    assert len(unreached_calls) == 3
-    assert [r.levelno for r in records] == [logging.WARNING] * 3
-    message = records[-1].getMessage()
+    assert (elsewhere.ended, elsewhere.unreached, unrelated.ended) == (1, 1, 0)
+    assert len(unreached_calls) == 4
+    assert [r.levelno for r in records] == [logging.WARNING] * 4
+    message = records[0].getMessage()
     assert message.startswith("Request cmpl-7: a sequence ended after 1 generated tokens")
     assert "prompt of 3 tokens, scope generated[5:]" in message
 

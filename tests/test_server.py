@@ -1075,6 +1075,81 @@ def test_sequences_that_end_before_their_window_are_counted_in_a_header_and_a_me
     assert after[counted] - before.get(counted, 0.0) == expected
 
 
+def reports(events) -> list[dict | None]:
+    """Each streamed event's (chunk's) `sae_steering` field, None where it has none."""
+    return [(event.model_extra or {}).get("sae_steering") for event in events]
+
+
+def test_a_steered_stream_says_in_its_closing_event_how_many_sequences_ended_unsteered(
+    client, anthropic_client, http
+):
+    """A stream's headers go out before its sequences end, so the count rides in the event
+    sent once every one has: the usage chunk (completions, chat), message_delta, and
+    response.completed. Each count equals the header of the same request sent whole."""
+    greedy = client.completions.create(
+        model=MODEL, prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0,
+        extra_body={"return_token_ids": True},
+    ).choices[0].token_ids  # fmt: skip
+    early = {"steering": {**STRONG, "window": {"start": 5}}, "stop_token_ids": [greedy[2]]}
+    usage = {"include_usage": True}
+
+    def completions(**kwargs):
+        return client.completions.with_raw_response.create(
+            model=MODEL, prompt=PROMPTS, max_tokens=MAX_TOKENS, temperature=0, extra_body=early,
+            **kwargs,
+        )  # fmt: skip
+
+    whole = int(completions().headers["x-sae-steering-unreached"])
+    streamed = list(completions(stream=True, stream_options=usage).parse())
+    assert whole >= 1 and reports(streamed)[-1] == {"unreached": whole}
+    assert reports(streamed)[:-1] == [None] * (len(streamed) - 1)
+    assert streamed[-1].choices == [] and streamed[-1].usage.completion_tokens > 0
+
+    chat_greedy = client.chat.completions.create(
+        model=MODEL, messages=CHATS[0], max_tokens=MAX_TOKENS, temperature=0,
+        extra_body={"return_token_ids": True},
+    ).choices[0].token_ids  # fmt: skip
+    stop_early = {"stop_token_ids": [chat_greedy[1]]}
+    for stop, unreached in ((stop_early, 1), ({}, 0)):
+        chunks = list(
+            client.chat.completions.create(
+                model=LATE_VARIANT, messages=CHATS[0], max_tokens=MAX_TOKENS, temperature=0,
+                stream=True, stream_options=usage, extra_body=stop,
+            )
+        )  # fmt: skip
+        assert reports(chunks)[-1] == {"unreached": unreached}
+        assert reports(chunks)[:-1] == [None] * (len(chunks) - 1)
+
+    for stop, unreached in ((stop_early, 1), ({}, 0)):
+        kwargs = dict(model=LATE_VARIANT, input=CHATS[0], temperature=0, extra_body=stop)
+        raw = client.responses.with_raw_response.create(**kwargs, max_output_tokens=MAX_TOKENS)
+        assert raw.headers["x-sae-steering-unreached"] == str(unreached)
+        events = list(client.responses.create(**kwargs, max_output_tokens=MAX_TOKENS, stream=True))
+        assert events[-1].type == "response.completed"
+        assert reports(events) == [None] * (len(events) - 1) + [{"unreached": unreached}]
+
+    first_word = message(anthropic_client, CHATS[1]).split()[0]
+    events = list(
+        anthropic_client.messages.create(
+            model=LATE_VARIANT, messages=CHATS[1], max_tokens=MAX_TOKENS, stream=True,
+            stop_sequences=[first_word], extra_body={"temperature": 0},
+        )
+    )  # fmt: skip
+    closing = [i for i, event in enumerate(events) if event.type == "message_delta"]
+    assert len(closing) == 1 and events[closing[0]].delta.stop_reason == "stop_sequence"
+    expected = [None] * len(events)
+    expected[closing[0]] = {"unreached": 1}
+    assert reports(events) == expected
+
+    # No count where the client asked for no usage chunk, nor on an unsteered stream.
+    body = _body("completions", early) | {"prompt": PROMPTS[0], "max_tokens": MAX_TOKENS}
+    plain = {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": MAX_TOKENS, "temperature": 0}
+    for request in (body, plain | {"stream_options": usage}):
+        with http.stream("POST", "/v1/completions", json=request | {"stream": True}) as events:
+            text = events.read().decode()
+        assert text.endswith("data: [DONE]\n\n") and "sae_steering" not in text
+
+
 # --- concurrency ----------------------------------------------------------------------------
 
 

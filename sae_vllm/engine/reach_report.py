@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from contextvars import ContextVar
 from dataclasses import dataclass
 
@@ -38,25 +38,27 @@ def add_unreached_listener(listener: Callable[[], None]) -> None:
 
 
 @contextmanager
-def tallying() -> Iterator[SequenceTally]:
-    """A tally of the sequences that end in this context and the tasks it starts (vLLM fans a
-    request's prompts out to tasks, which copy the context and so share the tally)."""
-    tally = SequenceTally()
+def tallying(tally: SequenceTally | None = None) -> Iterator[SequenceTally]:
+    """A tally (`tally`, else a new one) of the sequences of the requests made in this context
+    and the tasks it starts (vLLM fans a request's prompts out to tasks, which copy the context
+    and so share the tally), as they end, wherever they are then consumed."""
+    tally = SequenceTally() if tally is None else tally
     token = _open_tally.set(tally)
     try:
         yield tally
     finally:
-        _open_tally.reset(token)
+        with suppress(ValueError):  # an async generator closed from another context (it ends)
+            _open_tally.reset(token)
 
 
 def sequence_end_reporter(
     spec: SteeringSpec, num_prompt_tokens: int, request_id: str
 ) -> SequenceEnd:
     """What to call with the generated-token count of each sequence of a request steered by
-    `spec` (a beam search's beams included) as it ends."""
+    `spec` (a beam search's beams included) as it ends, counted in the tally open now."""
+    tally = _open_tally.get()  # a stream's sequences end after the request's context has closed
 
     def sequence_ended(num_generated: int) -> None:
-        tally = _open_tally.get()
         if tally is not None:
             tally.ended += 1
         # Its k tokens were sampled from positions before P + k - 1: a sequence that ends

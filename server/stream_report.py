@@ -1,0 +1,73 @@
+"""A steered stream's closing event says how many of its sequences came back unsteered."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+from sae_vllm.engine import reach_report
+from sae_vllm.engine.reach_report import SequenceTally
+
+REPORT_FIELD = "sae_steering"  # {"unreached": N}, added to the closing event's data
+_DATA = "data: "
+# Events sent once every sequence has ended: Anthropic's message_delta and the Responses API's
+# response.completed, by name; completions and chat have the usage chunk (below).
+_CLOSING_EVENT_NAMES = ("message_delta", "response.completed")
+
+
+def _is_usage_chunk(data: dict) -> bool:
+    """The chunk a completion or chat stream sends last when its client asked for usage."""
+    return data.get("choices") == [] and "usage" in data
+
+
+def _closing_data(event: str) -> tuple[int, dict] | None:
+    """(index of the data line among the event's lines, its JSON object) when `event` is a
+    stream's closing event; None for every other event."""
+    if "event: " not in event and '"choices":[]' not in event:  # most chunks: cheap to tell
+        return None
+    lines = event.split("\n")
+    names = {line.removeprefix("event: ") for line in lines if line.startswith("event: ")}
+    if names and names.isdisjoint(_CLOSING_EVENT_NAMES):
+        return None
+    index = next((i for i, line in enumerate(lines) if line.startswith(_DATA)), None)
+    if index is None:
+        return None
+    try:
+        data = json.loads(lines[index].removeprefix(_DATA))
+    except ValueError:  # "[DONE]", or not JSON
+        return None
+    if isinstance(data, dict) and data and (names or _is_usage_chunk(data)):
+        return index, data
+    return None
+
+
+def with_unreached_count(event: str, unreached: int) -> str:
+    """`event` with `"sae_steering": {"unreached": unreached}` added to its data when it is a
+    stream's closing event, else `event` unchanged. The rest of its data is kept byte for byte."""
+    found = _closing_data(event)
+    if found is None or REPORT_FIELD in found[1]:
+        return event
+    index, _ = found
+    lines = event.split("\n")
+    data_text = lines[index].rstrip()
+    report = json.dumps({REPORT_FIELD: {"unreached": unreached}}, separators=(",", ":"))
+    lines[index] = data_text[:-1] + "," + report[1:]  # both objects: join "{...}" and "{...}"
+    return "\n".join(lines)
+
+
+async def reporting_unreached(
+    events: AsyncIterator[str | bytes], tally: SequenceTally
+) -> AsyncIterator[str | bytes]:
+    """A steered stream's events, its closing event carrying how many of its sequences ended
+    before their first steered position. `tally` stays open while the stream runs: a stream's
+    sequences, and the Responses API's generator, start only then."""
+    try:
+        with reach_report.tallying(tally):
+            async for event in events:
+                if isinstance(event, str):
+                    event = with_unreached_count(event, tally.unreached)
+                yield event
+    finally:
+        close = getattr(events, "aclose", None)
+        if close is not None:
+            await close()  # as the server would have closed vLLM's stream (a disconnect aborts)
