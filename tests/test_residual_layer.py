@@ -28,6 +28,7 @@ def sae(hook: str | None, layer: int | None) -> SAE:
         ("gpt_neox.layers.7", 7, 7),  # sparsify hookpoints: a decoder layer's module
         ("h.7", 7, 7),
         ("transformer.h.7", 7, 7),
+        ("model.layers.7.output", 7, 7),  # Gemma Scope 2's configs
         (None, 3, 3),
         (None, None, None),
         ("resid_7", None, None),  # a site this module cannot place: the user's layer decides
@@ -39,11 +40,20 @@ def test_residual_sites_map_to_the_layer_whose_output_they_read(hook, layer, exp
 
 @pytest.mark.parametrize(
     "hook",
-    ["blocks.3.hook_mlp_out", "blocks.3.attn.hook_z", "layers.3.mlp", "blocks.0.hook_resid_pre"],
+    [
+        "blocks.3.hook_mlp_out",
+        "blocks.3.attn.hook_z",
+        "layers.3.mlp",
+        "blocks.0.hook_resid_pre",
+        "model.layers.3.self_attn.o_proj.input",  # Gemma Scope 2's attention SAEs
+        "model.layers.3.post_feedforward_layernorm.output",
+        "model.layers.3.mlp.output",
+    ],
 )
 def test_sites_that_are_not_a_layer_output_are_refused(hook):
+    layer = int(next(part for part in hook.split(".") if part.isdigit()))
     with pytest.raises(NotALayerOutputError, match="not the output of a decoder layer"):
-        residual_layer(sae(hook, int(hook.split(".")[1])))
+        residual_layer(sae(hook, layer))
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 import subprocess
 import sys
@@ -410,7 +411,9 @@ def test_gemma_scope_npz(tmp_path):
         assert_math(sae, x, *gemma_reference(x, arrays))
 
 
-@pytest.mark.parametrize("layout", ["compressed", "fortran", "float16"])
+@pytest.mark.parametrize(
+    "layout", ["compressed", "fortran", "float16", "big-endian", "big-endian compressed"]
+)
 def test_gemma_scope_npz_members_that_cannot_be_mapped_as_stored(tmp_path, layout):
     # decoder_norms maps stored C-ordered members and reads the others: every case must agree.
     arrays = gemma_arrays(np.random.default_rng(11))
@@ -418,10 +421,13 @@ def test_gemma_scope_npz_members_that_cannot_be_mapped_as_stored(tmp_path, layou
         arrays = {name: np.asfortranarray(array) for name, array in arrays.items()}
     if layout == "float16":
         arrays = {name: array.astype(np.float16) for name, array in arrays.items()}
+    if layout.startswith("big-endian"):  # numpy reads these as any other
+        arrays = {name: array.astype(">f4") for name, array in arrays.items()}
     file = tmp_path / "params.npz"
-    (np.savez_compressed if layout == "compressed" else np.savez)(file, **arrays)
+    (np.savez_compressed if layout.endswith("compressed") else np.savez)(file, **arrays)
     loaded = load_sae(file)
     np.testing.assert_array_equal(loaded.W_dec.numpy(), arrays["W_dec"])
+    assert loaded.W_dec.dtype == torch.float32 or layout == "float16"
     assert_inspection_matches(file, "gemma_scope")
     assert_streaming_matches(file, "gemma_scope")
 
@@ -445,12 +451,27 @@ def test_gemma_scope_2_safetensors(tmp_path, with_config):
     }
     folder = tmp_path / "resid_post_all" / "layer_9_width_16k_l0_small"
     write_gemma_scope_2(folder, arrays, config if with_config else None)
+    hook = "model.layers.9.output" if with_config else "blocks.9.hook_resid_post"
     for path in (folder, folder / "params.safetensors"):
         sae = load_both(path, "gemma_scope_2")
         assert (sae.architecture, sae.apply_b_dec_to_input) == ("jumprelu", False)
-        assert (sae.layer, sae.hook_name) == (9, "blocks.9.hook_resid_post")
+        assert (sae.layer, sae.hook_name) == (9, hook)
+        assert residual_layer(sae) == 9
     x = inputs(rng)
     assert_math(sae, x, *gemma_reference(x, arrays))
+
+
+@pytest.mark.parametrize("folder", ["attn_out_all/layer_4_width_16k_l0_small", "my_saes/l4"])
+def test_gemma_scope_2_site_comes_from_its_config_wherever_the_folder_is(tmp_path, folder):
+    """An attention SAE is refused in its release folder and out of it: its config says what
+    it reads. (The folder used to decide, and a renamed one was steered as layer 4's output.)"""
+    arrays = {k.lower(): v for k, v in gemma_arrays(np.random.default_rng(3)).items()}
+    hook = "model.layers.4.self_attn.o_proj.input"
+    config = {"architecture": "jump_relu", "hf_hook_point_in": hook, "hf_hook_point_out": hook}
+    sae = inspect_sae(write_gemma_scope_2(tmp_path / folder, arrays, config))
+    assert (sae.layer, sae.hook_name) == (4, hook)
+    with pytest.raises(NotALayerOutputError, match=f"reads {re.escape(hook)}, not the output"):
+        residual_layer(sae)
 
 
 # ---- sparsify, Goodfire, Llama Scope ----------------------------------------------------------
@@ -809,6 +830,12 @@ def _corrupt_npz(tmp: Path):
     return tmp / "params.npz", None
 
 
+def _float128_npz(tmp: Path):
+    arrays = gemma_arrays(np.random.default_rng(0))
+    arrays["W_enc"] = arrays["W_enc"].astype(np.longdouble)
+    return write_gemma_scope(tmp / "params.npz", arrays), None
+
+
 def _llama_scope(tmp: Path, **hp_changes):
     rng = np.random.default_rng(0)
     arrays = {
@@ -943,6 +970,25 @@ BAD_FILES: dict[str, tuple[Callable[[Path], tuple[Path, str | None]], str]] = {
         lambda t: _sparsify(t, activation="groupmax"),
         "unsupported architecture",
     ),
+    **{
+        f"llama scope {key} not Llama Scope's": (
+            lambda t, key=key, value=value: _llama_scope(t, **{key: value}),
+            f"{key} is {value!r}; only Llama Scope's",
+        )
+        for key, value in [
+            ("apply_decoder_bias_to_pre_encoder", True),
+            ("act_fn", "topk"),
+            ("norm_activation", "token-wise"),
+            ("use_glu_encoder", True),
+            ("use_decoder_bias", False),
+            ("sae_type", "crosscoder"),
+        ]
+    },
+    "llama scope output norm differs": (
+        lambda t: _llama_scope(t, dataset_average_activation_norm={"in": 3.0, "out": 6.0}),
+        r"dataset_average_activation_norm.out \(6.0\) differs from .in \(3.0\)",
+    ),
+    "npz float128": (_float128_npz, "W_enc has unsupported dtype float128"),
     "llama scope transcoder": (
         lambda t: _llama_scope(t, hook_point_out="blocks.1.hook_mlp_out"),
         "unsupported architecture",

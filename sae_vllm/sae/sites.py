@@ -7,8 +7,11 @@ import re
 from .model import SAE
 
 # TransformerLens' resid_post; a decoder layer's module (sparsify's hookpoints), with any
-# prefix: layers.N, model.layers.N, gpt_neox.layers.N, GPT-2's h.N and transformer.h.N
-_RESID_POST = re.compile(r"^(?:\w+\.)*(?:blocks\.\d+\.hook_resid_post|(?:layers|h)\.\d+)$")
+# prefix: layers.N, model.layers.N, gpt_neox.layers.N, GPT-2's h.N and transformer.h.N, or its
+# output (Gemma Scope 2's model.layers.N.output)
+_RESID_POST = re.compile(
+    r"^(?:\w+\.)*(?:blocks\.\d+\.hook_resid_post|(?:layers|h)\.\d+(?:\.output)?)$"
+)
 _RESID_PRE = re.compile(r"^blocks\.\d+\.hook_resid_pre$")
 # The embeddings: the residual stream before layer 0, which no layer's output is
 _EMBEDDINGS = re.compile(

@@ -157,8 +157,17 @@ def _stored_data_offset(file: Path, info: zipfile.ZipInfo, npy_header: int) -> i
     return info.header_offset + 30 + name_length + extra_length + npy_header
 
 
+def _float_dtype(file: Path, name: str, dtype: np.dtype) -> torch.dtype:
+    """torch's dtype for an npz member's float dtype; SAEFormatError for one torch lacks."""
+    try:
+        return _torch_dtype(dtype)
+    except TypeError:  # float128: numpy has it, torch does not
+        raise SAEFormatError(f"{file}: {name} has unsupported dtype {dtype}") from None
+
+
 def _torch_dtype(dtype: np.dtype) -> torch.dtype:
-    return torch.from_numpy(np.empty(0, dtype)).dtype
+    """torch's dtype for a float dtype of either byte order (torch holds native order only)."""
+    return torch.from_numpy(np.empty(0, dtype.newbyteorder("="))).dtype
 
 
 def read_npz(file: Path, *, mode: ReadMode) -> dict[str, torch.Tensor]:
@@ -173,16 +182,22 @@ def read_npz(file: Path, *, mode: ReadMode) -> dict[str, torch.Tensor]:
                     shape, fortran_order, dtype = _npy_layout(stream)
                     npy_header = stream.tell()
                 layouts[name] = (shape, dtype)
-                if pages is None or dtype.kind != "f":
+                if dtype.kind != "f":
+                    continue  # refused below
+                torch_dtype = _float_dtype(file, name, dtype)
+                if pages is None:
                     continue
                 stored = info.compress_type == zipfile.ZIP_STORED
                 if stored and not fortran_order and dtype.isnative:
                     offset = _stored_data_offset(file, info, npy_header)
-                    tensors[name] = _mapped_tensor(pages, offset, shape, _torch_dtype(dtype))
+                    tensors[name] = _mapped_tensor(pages, offset, shape, torch_dtype)
                 else:  # compressed, Fortran-ordered or byte-swapped: read into memory
                     with archive.open(info) as stream:
                         array = np.lib.format.read_array(stream, allow_pickle=False)
-                    tensors[name] = torch.from_numpy(np.ascontiguousarray(array))
+                    native = array.dtype.newbyteorder("=")
+                    tensors[name] = torch.from_numpy(np.ascontiguousarray(array, native))
+    except SAEFormatError:
+        raise
     except Exception as exc:
         raise SAEFormatError(f"{file}: cannot read npz ({_reason(exc)})") from None
     for name, (shape, dtype) in layouts.items():

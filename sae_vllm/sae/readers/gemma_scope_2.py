@@ -36,8 +36,9 @@ def _site(folder: Path) -> str | None:
     return None
 
 
-def _layer_from_config(folder: Path) -> int | None:
-    """The layer the release's config.json names; refuses transcoders (input != output)."""
+def _hook_from_config(folder: Path) -> str | None:
+    """The site the release's config.json says the SAE reads (`model.layers.12.output`, the
+    layer's output; `model.layers.12.self_attn.o_proj.input`, ...); refuses transcoders."""
     file = folder / CONFIG
     if not file.is_file():
         return None
@@ -50,20 +51,25 @@ def _layer_from_config(folder: Path) -> int | None:
         raise SAEFormatError(
             f"{file}: unsupported architecture (transcoder: reads {hook_in}, writes {hook_out})"
         )
-    return layer_from_hook(hook_in)
+    if hook_in is not None and not isinstance(hook_in, str):
+        raise SAEFormatError(f"{file}: hf_hook_point_in must be a string, got {hook_in!r}")
+    return hook_in
 
 
 def read(path: Path, *, mode: ReadMode) -> RawSAE:
     folder = folder_of(path)
     file = path if path.is_file() else require_file(folder, PARAMS)
     site = _site(folder)
-    layer = _layer_from_config(folder)
-    if layer is None:
+    # The SAE's own config names its site; a folder's name is only where it was released.
+    hook_name = _hook_from_config(folder)
+    layer = layer_from_hook(hook_name)
+    if hook_name is None:
         layer = layer_from_path(folder)
+        if site is not None and layer is not None:
+            hook_name = f"blocks.{layer}.{_SITE_HOOKS[site]}"
     tensors = read_safetensors(file, mode=mode)
     if "affine_skip_connection" in tensors:
         raise SAEFormatError(f"{file}: unsupported architecture (skip transcoder)")
-    hook_name = None if site is None or layer is None else f"blocks.{layer}.{_SITE_HOOKS[site]}"
     return RawSAE(
         W_enc=take(tensors, "w_enc", file),
         b_enc=take(tensors, "b_enc", file),

@@ -32,6 +32,27 @@ def claims(path: Path) -> bool:
     return (folder / CONFIG).is_file() and (folder / WEIGHTS).is_file()
 
 
+# lm-saes (the library Llama Scope was trained with) settings that change what the SAE computes,
+# with the value every Llama Scope release has: a file with another is refused, not misread.
+_RELEASE_SETTINGS = {
+    "sae_type": "sae",
+    "act_fn": "jumprelu",
+    "apply_decoder_bias_to_pre_encoder": False,
+    "norm_activation": "dataset-wise",
+    "use_glu_encoder": False,
+    "use_decoder_bias": True,
+}
+
+
+def _refuse_other_encoders(cfg: dict, cfg_file: Path) -> None:
+    for key, release_value in _RELEASE_SETTINGS.items():
+        value = cfg.get(key, release_value)
+        if value != release_value or type(value) is not type(release_value):
+            raise SAEFormatError(
+                f"{cfg_file}: {key} is {value!r}; only Llama Scope's {release_value!r} is supported"
+            )
+
+
 def read(path: Path, *, mode: ReadMode) -> RawSAE:
     folder = folder_of(path)
     cfg_file = require_file(folder, CONFIG)
@@ -45,9 +66,15 @@ def read(path: Path, *, mode: ReadMode) -> RawSAE:
         raise SAEFormatError(
             f"{cfg_file}: unsupported architecture (transcoder: reads {hook_in}, writes {hook_out})"
         )
+    _refuse_other_encoders(cfg, cfg_file)
     norms = config_value(cfg, "dataset_average_activation_norm", cfg_file)
     norm_in = norms.get("in") if isinstance(norms, dict) else None
     norm_in = positive_float(norm_in, "dataset_average_activation_norm.in", cfg_file)
+    if norms.get("out", norm_in) != norm_in:  # the decoder would be in other units
+        raise SAEFormatError(
+            f"{cfg_file}: dataset_average_activation_norm.out ({norms['out']}) differs from .in "
+            f"({norm_in}), which is not supported"
+        )
     threshold = config_value(cfg, "jump_relu_threshold", cfg_file)
     if isinstance(threshold, bool) or not isinstance(threshold, int | float):
         raise SAEFormatError(f"{cfg_file}: jump_relu_threshold must be a number, got {threshold!r}")
