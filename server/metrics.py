@@ -12,12 +12,13 @@ ENDPOINTS = ("completions", "chat.completions", "responses", "messages")  # stee
 
 STEERED = Counter(
     "sae_steering_steered_requests",
-    "Requests admitted with a steering spec (and not refused by vLLM for steering nothing).",
+    "Requests with a steering spec that vLLM took on (not refused, for their spec or another "
+    "reason).",
     ["endpoint"],
 )
 UNSTEERED = Counter(
     "sae_steering_unsteered_requests",
-    "Requests admitted without steering.",
+    "Requests without steering that vLLM took on (not refused).",
     ["endpoint"],
 )
 EDITS = Histogram(
@@ -27,7 +28,7 @@ EDITS = Histogram(
 )
 VARIANT = Counter(
     "sae_steering_variant_requests",
-    "Requests admitted to a steering variant (a served model name with its own spec).",
+    "Requests to a steering variant (a served model name with its own spec) that vLLM took on.",
     ["variant"],
 )
 UNREACHED = Counter(

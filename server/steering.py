@@ -140,7 +140,7 @@ class SteeringGate:
 
     def record_admitted(self, endpoint: str, spec: str | None, variant: str | None) -> None:
         """Count a request admitted with `spec` (admit's answer) that vLLM took on: not one
-        its frontend refused for a spec that steers none of its positions."""
+        it refused (a spec that steers none of its positions, or any other reason)."""
         if spec is None:
             metrics.record_unsteered(endpoint)
             return

@@ -543,23 +543,24 @@ def _steered_endpoint(original: Callable, model: type, label: str):
             request.model = variant.model  # vLLM serves the model; the spec steers it
         request.carry_steering(spec)
         param = _spec_field(variant is not None, xargs_spec is not None)
-        refusal = None  # vLLM's refusal of a spec that steers none of the request's positions
         try:
             with reach_report.tallying() as sequences:
                 response = await original(request, raw_request)
-            if isinstance(response, Response) and response.status_code == HTTPStatus.BAD_REQUEST:
-                message = error_message_of(getattr(response, "body", b""))
-                refusal = _steers_nothing_refusal(spec, message, param, raw_request)
         except VLLMValidationError as exc:  # some routes leave vLLM's errors to its handler
             refusal = _steers_nothing_refusal(spec, str(exc), param, raw_request)
             if refusal is None:
                 raise
-        finally:
-            if refusal is None:
-                gate.record_admitted(label, spec, variant_name)
-        if refusal is not None:
             return refusal
-        if isinstance(response, Response) and response.status_code < 400:
+        if isinstance(response, Response) and response.status_code >= 400:
+            # vLLM refused it (not counted as taken on): for its spec, the gate's 400
+            if response.status_code == HTTPStatus.BAD_REQUEST:
+                message = error_message_of(getattr(response, "body", b""))
+                refusal = _steers_nothing_refusal(spec, message, param, raw_request)
+                if refusal is not None:
+                    return refusal
+            return response
+        gate.record_admitted(label, spec, variant_name)
+        if isinstance(response, Response):
             response.headers[STEERING_HEADER] = UNSTEERED if spec is None else STEERED
             if isinstance(response, StreamingResponse):
                 if spec is not None:  # its sequences end after its headers are sent

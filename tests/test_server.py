@@ -1306,6 +1306,12 @@ def test_metrics_count_requests(client, http):
     nan_body = json.dumps(_body("completions", _steer(_edit(value=math.nan))))
     http.post("/v1/completions", content=nan_body, headers={"Content-Type": "application/json"})
     http.post("/tokenize", json={"model": MODEL, "prompt": "hi", "steering": STRONG})
+    # vLLM refuses these for reasons of its own (n > 1 greedy; more tokens than the model
+    # holds): not requests it took on, steered or not
+    for refused in ({"n": 2}, {"max_tokens": ENGINE["max_model_len"] + 1}):
+        for spec in ({"steering": MIXED}, {}):
+            response = http.post("/v1/completions", json=_body("completions", spec | refused))
+            assert response.status_code == 400 and "reason" not in response.json()["error"]
     after = metric_samples(http)
     assert [after[k] - before.get(k, 0.0) for k in keys] == [1, 1, 1, 2, 5, 3, 1, 1, 1]
 
