@@ -13,6 +13,7 @@ SUITES = {
     "sae_reads": "bench.sae_reads",
     "prefix_cache": "bench.prefix_cache",
     "admission": "bench.admission",
+    "tables": "bench.tables",
 }
 
 
