@@ -67,6 +67,7 @@ from .steering import (
     error_message_of,
     steers_nothing_rejection,
 )
+from .stream_admission import counting_once_taken
 from .stream_report import reporting_unreached
 
 SUPPORTED_VLLM = "0.32."
@@ -559,10 +560,15 @@ def _steered_endpoint(original: Callable, model: type, label: str):
                 if refusal is not None:
                     return refusal
             return response
-        gate.record_admitted(label, spec, variant_name)
+        if not isinstance(response, StreamingResponse):
+            gate.record_admitted(label, spec, variant_name)
         if isinstance(response, Response):
             response.headers[STEERING_HEADER] = UNSTEERED if spec is None else STEERED
             if isinstance(response, StreamingResponse):
+                response.body_iterator = counting_once_taken(
+                    response.body_iterator,
+                    functools.partial(gate.record_admitted, label, spec, variant_name),
+                )
                 if spec is not None:  # its sequences end after its headers are sent
                     response.body_iterator = reporting_unreached(response.body_iterator, sequences)
             elif sequences.ended:  # not a background response, whose sequences end later

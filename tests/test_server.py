@@ -1312,8 +1312,14 @@ def test_metrics_count_requests(client, http):
         for spec in ({"steering": MIXED}, {}):
             response = http.post("/v1/completions", json=_body("completions", spec | refused))
             assert response.status_code == 400 and "reason" not in response.json()["error"]
+    # ... and this one only once its stream runs, in the stream
+    for spec in ({"steering": MIXED}, {}):
+        body = _body("completions", spec | {"logprobs": 50, "stream": True})
+        with http.stream("POST", "/v1/completions", json=body) as streamed:
+            assert streamed.read().decode().startswith('data: {"error"')
+    stream_complete(client, PROMPTS[0], MIXED)  # taken on: counted once
     after = metric_samples(http)
-    assert [after[k] - before.get(k, 0.0) for k in keys] == [1, 1, 1, 2, 5, 3, 1, 1, 1]
+    assert [after[k] - before.get(k, 0.0) for k in keys] == [2, 1, 1, 2, 8, 4, 1, 1, 1]
 
 
 def test_no_server_errors_anywhere(http):
