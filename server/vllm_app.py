@@ -67,6 +67,13 @@ from .steering import (
     error_message_of,
     steers_nothing_rejection,
 )
+from .stored_responses import (
+    FINISHED,
+    StoredResponses,
+    StoredSteering,
+    field_of,
+    remembering_response_id,
+)
 from .stream_admission import counting_once_taken
 from .stream_report import reporting_unreached
 
@@ -508,6 +515,8 @@ def run(args: argparse.Namespace) -> None:
 
 
 GATE_STATE = "sae_steering_gate"  # the app's SteeringGate, on app.state
+STORED_STATE = "sae_steering_stored_responses"  # the app's StoredResponses, on app.state
+STORED_RESPONSE_PATH = "/v1/responses/{response_id}"
 
 
 def _spec_field(from_variant: bool, from_xargs: bool) -> str:
@@ -527,6 +536,20 @@ def _steers_nothing_refusal(
         return None
     metrics.record_rejected(rejection.reason)
     return rejection.response_for(raw_request.url.path)
+
+
+def _remember_response(response: Response, raw_request: Request, steering: StoredSteering) -> None:
+    """Remember a Responses API response's steering under its id: a client may fetch it again
+    (GET /v1/responses/{id}). A stream names its id in its first event."""
+    stored: StoredResponses = getattr(raw_request.app.state, STORED_STATE)
+
+    def remember(response_id: str) -> None:
+        stored.remember(response_id, steering)
+
+    if isinstance(response, StreamingResponse):
+        response.body_iterator = remembering_response_id(response.body_iterator, remember)
+    elif (response_id := field_of(response.body, "id")) is not None:
+        remember(response_id)
 
 
 def _steered_endpoint(original: Callable, model: type, label: str):
@@ -562,6 +585,8 @@ def _steered_endpoint(original: Callable, model: type, label: str):
             return response
         if not isinstance(response, StreamingResponse):
             gate.record_admitted(label, spec, variant_name)
+        if isinstance(response, Response) and model is SteeredResponsesRequest:
+            _remember_response(response, raw_request, StoredSteering(spec is not None, sequences))
         if isinstance(response, Response):
             response.headers[STEERING_HEADER] = UNSTEERED if spec is None else STEERED
             if isinstance(response, StreamingResponse):
@@ -616,6 +641,7 @@ def install_steering_field(app: FastAPI, gate: SteeringGate) -> frozenset[str]:
     Returns the paths rebuilt: all of STEERED_ROUTES, or none when the model does not generate
     (vLLM serves pooling models without them); some but not all means vLLM changed."""
     setattr(app.state, GATE_STATE, gate)
+    setattr(app.state, STORED_STATE, StoredResponses())
     found: set[str] = set()
     routes = app.router.routes
     for index, route in enumerate(list(routes)):
@@ -629,8 +655,49 @@ def install_steering_field(app: FastAPI, gate: SteeringGate) -> frozenset[str]:
     missing = set(STEERED_ROUTES) - found
     if found and missing:
         raise RuntimeError(f"vLLM's app has no POST route for {', '.join(sorted(missing))}")
+    if found:
+        _tell_stored_responses_steering(app)
     app.openapi_schema = None
     return frozenset(found)
+
+
+def _tell_stored_responses_steering(app: FastAPI) -> None:
+    """Make `GET /v1/responses/{id}` say what the response's POST would have: X-SAE-Steering,
+    and for a steered one that has finished X-SAE-Steering-Unreached, or in its stream the
+    closing event's count (see stream_report)."""
+    routes = app.router.routes
+    index = next(
+        (
+            i
+            for i, route in enumerate(routes)
+            if isinstance(route, APIRoute)
+            and route.path == STORED_RESPONSE_PATH
+            and "GET" in route.methods
+        ),
+        None,
+    )
+    if index is None:
+        raise RuntimeError(f"vLLM's app has no GET route for {STORED_RESPONSE_PATH}")
+    original = routes[index].endpoint
+
+    @functools.wraps(original)
+    async def retrieve_responses(*args: Any, **kwargs: Any) -> Any:
+        response = await original(*args, **kwargs)
+        raw_request: Request = kwargs["raw_request"]
+        stored: StoredResponses = getattr(raw_request.app.state, STORED_STATE)
+        steering = stored.recall(kwargs["response_id"])
+        if steering is None or not isinstance(response, Response) or response.status_code >= 400:
+            return response
+        response.headers[STEERING_HEADER] = STEERED if steering.steered else UNSTEERED
+        if not steering.steered:
+            return response
+        if isinstance(response, StreamingResponse):
+            response.body_iterator = reporting_unreached(response.body_iterator, steering.sequences)
+        elif field_of(response.body, "status") in FINISHED:
+            response.headers[UNREACHED_HEADER] = str(steering.sequences.unreached)
+        return response
+
+    _replace_route(app, index, retrieve_responses)
 
 
 MODELS_PATH = "/v1/models"

@@ -283,6 +283,55 @@ def test_background_responses_are_steered(client):
     assert chat(client, CHATS[0], STRONG) != chat(client, CHATS[0])
 
 
+def test_a_stored_response_fetched_again_says_how_it_was_steered(client, http):
+    """A background response is polled (GET /v1/responses/{id}), or its stream resumed (with
+    ?stream=true, for one whose POST streamed), after its POST has answered: each fetch says
+    what the POST would have, count included."""
+    chat_greedy = client.chat.completions.create(
+        model=MODEL, messages=CHATS[0], max_tokens=MAX_TOKENS, temperature=0,
+        extra_body={"return_token_ids": True},
+    ).choices[0].token_ids  # fmt: skip
+    cases = [  # model, the stop token ids, the header it says, the unreached count
+        (LATE_VARIANT, [chat_greedy[1]], "steered", 1),  # stops before its window
+        (LATE_VARIANT, [], "steered", 0),
+        (MODEL, [], "unsteered", None),
+    ]
+    for model, stop, header, unreached in cases:
+        body = {
+            "model": model, "input": CHATS[0], "temperature": 0,
+            "max_output_tokens": MAX_TOKENS, "background": True, "store": True,
+            "stop_token_ids": stop,
+        }  # fmt: skip
+        posted = http.post("/v1/responses", json=body).json()
+        deadline = time.monotonic() + 120
+        while (polled := http.get(f"/v1/responses/{posted['id']}")).json()["status"] in (
+            "queued",
+            "in_progress",
+        ):
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert polled.json()["status"] in ("completed", "incomplete")
+        assert polled.headers["x-sae-steering"] == header
+        told = polled.headers.get("x-sae-steering-unreached")
+        assert told == (None if unreached is None else str(unreached))
+
+        report = None if unreached is None else {"unreached": unreached}
+        with http.stream("POST", "/v1/responses", json=body | {"stream": True}) as streamed:
+            events = streamed.read().decode().split("\n\n")
+        response_id = json.loads(events[0].split("data: ", 1)[1])["response"]["id"]
+        for fetch in ("POST", "GET"):
+            if fetch == "GET":
+                path = f"/v1/responses/{response_id}"
+                with http.stream("GET", path, params={"stream": "true"}) as resumed:
+                    assert resumed.headers["x-sae-steering"] == header
+                    events = resumed.read().decode().split("\n\n")
+            closing = [e for e in events if e.startswith("event: response.completed")]
+            assert len(closing) == 1 and sum("sae_steering" in e for e in events) == bool(report)
+            assert json.loads(closing[0].split("data: ", 1)[1]).get("sae_steering") == report
+    missing = http.get("/v1/responses/resp_unknown")
+    assert missing.status_code == 404 and "x-sae-steering" not in missing.headers
+
+
 def message(anthropic_client, messages: list, steering: dict | None = None) -> str:
     # This anthropic SDK has no `temperature` argument; vLLM's Messages route still reads it.
     extra = {"temperature": 0} | ({"steering": steering} if steering is not None else {})

@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from server.stream_admission import counting_once_taken, is_error_event
+from stream_fakes import through
 
 OPENAI_ERROR = 'data: {"error": {"message": "logprobs: at most 20", "code": 400}}\n\n'
 ANTHROPIC_ERROR = (
@@ -30,20 +31,10 @@ def test_other_events_are_not(event):
 
 def consume(events: list[str]) -> tuple[list[str], int, list[bool]]:
     counted: list[None] = []
-    closed: list[bool] = []
-
-    async def stream():
-        try:
-            for event in events:
-                yield event
-        finally:
-            closed.append(True)
-
-    async def run() -> list[str]:
-        wrapped = counting_once_taken(stream(), lambda: counted.append(None))
-        return [event async for event in wrapped]
-
-    return asyncio.run(run()), len(counted), closed
+    passed, closed = through(
+        lambda stream: counting_once_taken(stream, lambda: counted.append(None)), events
+    )
+    return passed, len(counted), closed
 
 
 @pytest.mark.parametrize(
