@@ -169,7 +169,9 @@ class SteeringGate:
             raise Rejection(
                 rejections.STEERING_DISABLED,
                 field,
-                f"{field}: this server has no SAEs configured (start it with --sae ID=PATH)",
+                f"{field}: this server has no SAEs configured (start sae-vllm serve with --sae "
+                'ID=PATH, or vllm serve with --additional-config \'{"sae_steering": {"saes": '
+                "[...]}}')",
             )
         try:
             return self.resolver.resolve(raw)

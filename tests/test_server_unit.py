@@ -354,6 +354,9 @@ def test_gate_refuses_two_specs_and_steering_without_saes():
     with pytest.raises(Rejection) as info:
         SteeringGate({}, SpecLimits()).admit("completions", {"edits": [edit()]})
     assert info.value.reason == rejections.STEERING_DISABLED
+    # both ways to start a server with SAEs: `vllm serve` has no --sae
+    assert "sae-vllm serve with --sae ID=PATH" in str(info.value)
+    assert 'vllm serve with --additional-config \'{"sae_steering"' in str(info.value)
 
 
 def test_variants_resolve_against_the_saes_at_startup():
