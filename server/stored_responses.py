@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 from sae_vllm.engine.reach_report import SequenceTally
 
+from .event_streams import Event, on_first_event
+
 REMEMBERED = 10_000  # the newest responses; vLLM's own store keeps every response it stores
 FINISHED = ("completed", "incomplete")  # statuses of a response whose sequences have all ended
 
@@ -48,25 +50,19 @@ def field_of(body: bytes | memoryview, name: str) -> str | None:
     return value if isinstance(value, str) else None
 
 
-async def remembering_response_id(
-    events: AsyncIterator[str | bytes], remember: Callable[[str], None]
-) -> AsyncIterator[str | bytes]:
+def remembering_response_id(
+    events: AsyncIterator[Event], remember: Callable[[str], None]
+) -> AsyncIterator[Event]:
     """A Responses API stream's events, unchanged; `remember(id)` with the response's id, which
     its first event (`response.created`) carries."""
-    first = True
-    try:
-        async for event in events:
-            if first and isinstance(event, str):
-                first = False
-                data = event.split("data: ", 1)[-1]
-                response = _json_object(data).get("response")
-                if isinstance(response, dict) and isinstance(response.get("id"), str):
-                    remember(response["id"])
-            yield event
-    finally:
-        close = getattr(events, "aclose", None)
-        if close is not None:
-            await close()  # as the server would have closed vLLM's stream (a disconnect aborts)
+
+    def first_event(event: Event) -> None:
+        text = event.decode(errors="replace") if isinstance(event, bytes) else event
+        response = _json_object(text.split("data: ", 1)[-1]).get("response")
+        if isinstance(response, dict) and isinstance(response.get("id"), str):
+            remember(response["id"])
+
+    return on_first_event(events, first_event)
 
 
 def _json_object(text: str | bytes | memoryview) -> dict:

@@ -5,29 +5,25 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 
+from .event_streams import Event, on_first_event
+
 # How vLLM's streams open when it refuses the request there: the OpenAI routes' `data:
 # {"error": ...}` chunk, and a named `error` event (Anthropic's Messages API).
 _ERROR_OPENINGS = ('data: {"error"', "event: error")
 
 
-def is_error_event(event: str | bytes) -> bool:
+def is_error_event(event: Event) -> bool:
     text = event.decode(errors="replace") if isinstance(event, bytes) else event
     return text.lstrip().startswith(_ERROR_OPENINGS)
 
 
-async def counting_once_taken(
-    events: AsyncIterator[str | bytes], count: Callable[[], None]
-) -> AsyncIterator[str | bytes]:
+def counting_once_taken(
+    events: AsyncIterator[Event], count: Callable[[], None]
+) -> AsyncIterator[Event]:
     """A stream's events, unchanged; `count()` runs at its first event unless that is an error."""
-    first = True
-    try:
-        async for event in events:
-            if first:
-                first = False
-                if not is_error_event(event):
-                    count()
-            yield event
-    finally:
-        close = getattr(events, "aclose", None)
-        if close is not None:
-            await close()  # as the server would have closed vLLM's stream (a disconnect aborts)
+
+    def first_event(event: Event) -> None:
+        if not is_error_event(event):
+            count()
+
+    return on_first_event(events, first_event)

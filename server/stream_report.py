@@ -8,6 +8,8 @@ from collections.abc import AsyncIterator
 from sae_vllm.engine import reach_report
 from sae_vllm.engine.reach_report import SequenceTally
 
+from .event_streams import Event, close_stream
+
 REPORT_FIELD = "sae_steering"  # {"unreached": N}, added to the closing event's data
 _DATA = "data: "
 # Events sent once every sequence has ended: Anthropic's message_delta and the Responses API's
@@ -56,8 +58,8 @@ def with_unreached_count(event: str, unreached: int) -> str:
 
 
 async def reporting_unreached(
-    events: AsyncIterator[str | bytes], tally: SequenceTally
-) -> AsyncIterator[str | bytes]:
+    events: AsyncIterator[Event], tally: SequenceTally
+) -> AsyncIterator[Event]:
     """A steered stream's events, its closing event carrying how many of its sequences ended
     before their first steered position. `tally` stays open while the stream runs: a stream's
     sequences, and the Responses API's generator, start only then."""
@@ -68,6 +70,4 @@ async def reporting_unreached(
                     event = with_unreached_count(event, tally.unreached)
                 yield event
     finally:
-        close = getattr(events, "aclose", None)
-        if close is not None:
-            await close()  # as the server would have closed vLLM's stream (a disconnect aborts)
+        await close_stream(events)

@@ -583,21 +583,21 @@ def _steered_endpoint(original: Callable, model: type, label: str):
                 if refusal is not None:
                     return refusal
             return response
-        if not isinstance(response, StreamingResponse):
-            gate.record_admitted(label, spec, variant_name)
-        if isinstance(response, Response) and model is SteeredResponsesRequest:
+        taken_on = functools.partial(gate.record_admitted, label, spec, variant_name)
+        if not isinstance(response, Response):
+            taken_on()
+            return response
+        response.headers[STEERING_HEADER] = UNSTEERED if spec is None else STEERED
+        if model is SteeredResponsesRequest:
             _remember_response(response, raw_request, StoredSteering(spec is not None, sequences))
-        if isinstance(response, Response):
-            response.headers[STEERING_HEADER] = UNSTEERED if spec is None else STEERED
-            if isinstance(response, StreamingResponse):
-                response.body_iterator = counting_once_taken(
-                    response.body_iterator,
-                    functools.partial(gate.record_admitted, label, spec, variant_name),
-                )
-                if spec is not None:  # its sequences end after its headers are sent
-                    response.body_iterator = reporting_unreached(response.body_iterator, sequences)
-            elif sequences.ended:  # not a background response, whose sequences end later
-                response.headers[UNREACHED_HEADER] = str(sequences.unreached)
+        if isinstance(response, StreamingResponse):
+            response.body_iterator = counting_once_taken(response.body_iterator, taken_on)
+            if spec is not None:  # its sequences end after its headers are sent
+                response.body_iterator = reporting_unreached(response.body_iterator, sequences)
+            return response
+        taken_on()
+        if sequences.ended:  # not a background response, whose sequences end later
+            response.headers[UNREACHED_HEADER] = str(sequences.unreached)
         return response
 
     endpoint.__name__ = original.__name__
@@ -611,6 +611,14 @@ def _steered_endpoint(original: Callable, model: type, label: str):
         ]
     )
     return endpoint
+
+
+def _route_index(app: FastAPI, path: str, method: str) -> int:
+    """Where in the app's route table vLLM's `method` route for `path` is."""
+    for index, route in enumerate(app.router.routes):
+        if isinstance(route, APIRoute) and route.path == path and method in route.methods:
+            return index
+    raise RuntimeError(f"vLLM's app has no {method} route for {path}")
 
 
 def _replace_route(app: FastAPI, index: int, endpoint: Callable) -> None:
@@ -665,20 +673,8 @@ def _tell_stored_responses_steering(app: FastAPI) -> None:
     """Make `GET /v1/responses/{id}` say what the response's POST would have: X-SAE-Steering,
     and for a steered one that has finished X-SAE-Steering-Unreached, or in its stream the
     closing event's count (see stream_report)."""
-    routes = app.router.routes
-    index = next(
-        (
-            i
-            for i, route in enumerate(routes)
-            if isinstance(route, APIRoute)
-            and route.path == STORED_RESPONSE_PATH
-            and "GET" in route.methods
-        ),
-        None,
-    )
-    if index is None:
-        raise RuntimeError(f"vLLM's app has no GET route for {STORED_RESPONSE_PATH}")
-    original = routes[index].endpoint
+    index = _route_index(app, STORED_RESPONSE_PATH, "GET")
+    original = app.router.routes[index].endpoint
 
     @functools.wraps(original)
     async def retrieve_responses(*args: Any, **kwargs: Any) -> Any:
@@ -707,18 +703,8 @@ def list_steering_variants(app: FastAPI, variants: dict[str, tuple[str, dict]]) 
     """Make `GET /v1/models` list each steering variant (name -> the served model it steers and
     its spec) after vLLM's own cards: a copy of that model's card, its `parent`, with the
     variant's name and its `steering` spec."""
-    routes = app.router.routes
-    index = next(
-        (
-            i
-            for i, route in enumerate(routes)
-            if isinstance(route, APIRoute) and route.path == MODELS_PATH and "GET" in route.methods
-        ),
-        None,
-    )
-    if index is None:
-        raise RuntimeError(f"vLLM's app has no GET route for {MODELS_PATH}")
-    original = routes[index].endpoint
+    index = _route_index(app, MODELS_PATH, "GET")
+    original = app.router.routes[index].endpoint
 
     @functools.wraps(original)
     async def show_available_models(raw_request: Request) -> Any:
