@@ -35,6 +35,7 @@ _EXPORTS = {
     "steering_config": "offline",
     "steering_beam_params": "offline",
     "steering_params": "offline",
+    "unreached_sequences": "offline_reach",
 }
 
 __all__ = sorted(_EXPORTS)

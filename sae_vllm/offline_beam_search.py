@@ -14,7 +14,10 @@ from typing import Any
 
 from .config import BEAM_STEERING_ATTR, EXTRA_ARGS_KEY, GENERATION_START_KEY
 from .engine.intake import check_beam_reach
+from .engine.reach_report import sequence_end_reporter
+from .engine.sequence_ends import CUT_SHORT
 from .engine.vllm_adapter import with_extra_args
+from .offline_reach import beam_sampled_count
 
 
 class _SteeringLLM:
@@ -41,6 +44,14 @@ class _SteeringLLM:
         return getattr(self._llm, name)
 
 
+def _report_beams(output: Any, spec: Any, prompt_length: int, prompt_index: int) -> None:
+    """Report each beam a search returns as a sequence that ended (see reach_report)."""
+    beam_ended = sequence_end_reporter(spec, prompt_length, f"beam_search[{prompt_index}]")
+    for beam in output.sequences:
+        if beam.finish_reason not in CUT_SHORT:
+            beam_ended(beam_sampled_count(beam))
+
+
 def install() -> None:
     """Wrap vLLM's offline beam search (idempotent); unsteered searches run unchanged."""
     from vllm.entrypoints.generate.beam_search.offline import BeamSearchOfflineMixin
@@ -65,8 +76,11 @@ def install() -> None:
                     f"{engine_input['type']!r} inputs"
                 )
             groups.setdefault(len(engine_input["prompt_token_ids"]), []).append(index)
-        for prompt_length in groups:  # every group before any runs
-            check_beam_reach(self.llm_engine.vllm_config, spec, prompt_length, params.max_tokens)
+        vllm_config = self.llm_engine.vllm_config
+        judged = {  # every group before any runs
+            prompt_length: check_beam_reach(vllm_config, spec, prompt_length, params.max_tokens)
+            for prompt_length in groups
+        }
         outputs: list = [None] * len(engine_inputs)
         for prompt_length, indices in groups.items():
             step_args = {EXTRA_ARGS_KEY: spec, GENERATION_START_KEY: prompt_length}
@@ -80,6 +94,7 @@ def install() -> None:
             )
             for index, output in zip(indices, group_outputs, strict=True):
                 outputs[index] = output
+                _report_beams(output, judged[prompt_length], prompt_length, index)
         return outputs
 
     beam_search._sae_vllm_wrapped = True  # type: ignore[attr-defined]

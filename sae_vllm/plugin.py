@@ -36,6 +36,8 @@ def register() -> None:
     vllm.patch_session_updates(prefix_cache.continued_session_extra_args)
     vllm.patch_worker(worker.after_load_model, worker.after_update_states, worker.before_forward)
     vllm.add_worker_method("sae_steering_stats", worker.stats)
+    if vllm.runs_llm_engine():  # offline: sequences of steered requests that end unsteered
+        vllm.patch_offline_sequence_reports(intake.judged_spec, reach_report.sequence_end_reporter)
     if vllm.runs_offline_llm():  # LLM.beam_search with steering_beam_params
         from . import offline_beam_search
 

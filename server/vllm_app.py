@@ -45,12 +45,8 @@ from sae_vllm.config import (
 )
 from sae_vllm.engine import reach_report
 from sae_vllm.engine.intake import check_beam_reach, check_reach
-from sae_vllm.engine.vllm_adapter import (
-    as_client_error,
-    prompt_length_of_input,
-    reporting_sequence_ends,
-    with_extra_args,
-)
+from sae_vllm.engine.sequence_ends import reporting_sequence_ends
+from sae_vllm.engine.vllm_adapter import as_client_error, prompt_length_of_input, with_extra_args
 from sae_vllm.spec import SteeringSpec
 
 from . import metrics, rejections

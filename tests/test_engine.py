@@ -9,7 +9,10 @@ async ones, and theirs, in the test process (engine_harness: a start of seconds,
 
 from __future__ import annotations
 
+import logging
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -27,6 +30,7 @@ from engine_harness import (
     unsteered_outputs,
 )
 from hf_reference import Edit, HFReference, scope_span
+from sae_vllm import LOGGER_NAME
 
 pytestmark = pytest.mark.engine
 
@@ -572,6 +576,62 @@ def test_a_spec_that_steers_no_position_fails_before_the_engine(
     assert plain[0] == baseline["tokens"][0]
 
 
+@contextmanager
+def plugin_warnings() -> Iterator[list[str]]:
+    """The messages the plugin logs at WARNING while the context is open."""
+    messages: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: messages.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger(LOGGER_NAME)
+    logger.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+
+
+def test_offline_sequences_that_end_before_their_window_are_reported(llm, artifacts):
+    """A steered request that stops before its window came back unsteered: offline, as on the
+    server, the engine logs a warning naming it, and unreached_sequences finds it; one that
+    reached its window, a beam search that did, and an unsteered request are not reported."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import BeamSearchParams
+
+    from sae_vllm import steering_beam_params, unreached_sequences
+
+    prompt = PROMPTS[0]
+    plain = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
+    (unsteered,), _ = greedy(llm, [prompt], [plain])
+    edit, window = [("relu", 5, "set", 6.0)], {"start": 3}  # steers the 4th token on
+    late = steered_params(artifacts, edit, "generated", window, max_tokens=MAX_TOKENS)
+    stopping = steered_params(
+        artifacts, edit, "generated", window, max_tokens=MAX_TOKENS, stop_token_ids=[unsteered[1]]
+    )
+    spec = late.extra_args["sae_steering"]
+    beams = steering_beam_params(
+        spec, config=artifacts.additional_config(), beam_width=2, max_tokens=MAX_TOKENS
+    )
+    with plugin_warnings() as warnings:
+        _, outputs = greedy(llm, [prompt] * 3, [stopping, late, plain])
+        searched = llm.beam_search([{"prompt_token_ids": prompt}], beams)
+    stopped, reached, unsteered_output = outputs
+    num_stopped = len(stopped.outputs[0].token_ids)
+    assert num_stopped <= 2 and stopped.outputs[0].token_ids[-1] == unsteered[1]
+    assert len(reached.outputs[0].token_ids) == MAX_TOKENS
+    assert unreached_sequences(stopped, stopping) == [0]
+    assert unreached_sequences(reached, late) == []
+    assert unreached_sequences(unsteered_output, plain) == []
+    assert unreached_sequences(searched[0], beams) == []
+    plain_beams = BeamSearchParams(beam_width=2, max_tokens=MAX_TOKENS)
+    assert unreached_sequences(searched[0], plain_beams) == []
+    assert [w for w in warnings if "came back unsteered" in w] == [
+        f"Request {stopped.request_id}: a sequence ended after {num_stopped} generated tokens, "
+        f"before any position its steering steers (prompt of {len(prompt)} tokens, scope "
+        "generated[3:]); it came back unsteered."
+    ]
+    assert llm.llm_engine.__dict__.get("_sae_vllm_watches") == {}
+
+
 def test_lifecycle_1000_requests_with_aborts_stops_and_max_tokens_leaks_no_row(llm, artifacts):
     from vllm import SamplingParams
 
@@ -610,3 +670,4 @@ def test_lifecycle_1000_requests_with_aborts_stops_and_max_tokens_leaks_no_row(l
     stats = settled_row_stats(llm)
     assert stats["rows_in_use"] == 0, stats
     assert stats["rows_free"] == stats["rows_total"], stats
+    assert engine.__dict__.get("_sae_vllm_watches") == {}  # aborted requests' too

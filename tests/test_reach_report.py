@@ -17,7 +17,7 @@ from reach_oracle import python_slice_reaches, random_scopes, windowed
 from sae_vllm import LOGGER_NAME
 from sae_vllm.config import EXTRA_ARGS_KEY, GENERATION_START_KEY
 from sae_vllm.engine import intake, reach_report
-from sae_vllm.engine.vllm_adapter import reporting_sequence_ends
+from sae_vllm.engine.sequence_ends import reporting_sequence_ends
 from tiny_model import stand_in_vllm_config
 
 LATE = {"edits": [{"feature": 3, "op": "set", "value": 2.0}], "window": {"start": 5}}

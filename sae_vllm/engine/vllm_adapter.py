@@ -7,7 +7,7 @@ import functools
 import logging
 import os
 import sys
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .. import LOGGER_NAME
+from .sequence_ends import SequenceEnds, reporting_sequence_ends
 
 logger = logging.getLogger(LOGGER_NAME)
 
@@ -43,6 +44,11 @@ def check_vllm_version() -> None:
 def runs_offline_llm() -> bool:
     """Whether this process has vLLM's offline `LLM` class (it loads plugins in its __init__)."""
     return "vllm.entrypoints.llm" in sys.modules
+
+
+def runs_llm_engine() -> bool:
+    """Whether this process has vLLM's offline engine, LLMEngine (the `LLM` class runs one)."""
+    return "vllm.v1.engine.llm_engine" in sys.modules
 
 
 def runs_openai_frontend() -> bool:
@@ -185,39 +191,79 @@ def _streams_deltas(params: Any) -> bool:
     return params.output_kind == RequestOutputKind.DELTA
 
 
-async def reporting_sequence_ends(
-    outputs: AsyncGenerator[Any, None], delta: bool, sequence_ended: Callable[[int], None]
-) -> AsyncGenerator[Any, None]:
-    """vLLM's RequestOutputs (`delta`: each carries only its new tokens), unchanged, calling
-    `sequence_ended(count of the tokens it sampled)` once for each sequence that finishes (not
-    for one aborted or failed)."""
-    generated: dict[int, int] = {}
-    last_token: dict[int, int | None] = {}
-    ended: set[int] = set()
-    try:
-        async for output in outputs:
-            for sequence in output.outputs:
-                index, token_ids = sequence.index, sequence.token_ids
-                count = len(token_ids)
-                if delta:
-                    count += generated.get(index, 0)
-                    generated[index] = count
-                if token_ids:
-                    last_token[index] = token_ids[-1]
-                reason = sequence.finish_reason
-                if reason is None or reason in _CUT_SHORT or index in ended:
+@dataclass
+class _OfflineWatch:
+    """A steered request LLMEngine runs: its spec, until its first output gives its prompt's
+    length; then what reads its outputs."""
+
+    spec: Any
+    delta: bool
+    internal_id: str
+    ends: SequenceEnds | None = None
+
+
+_OFFLINE_WATCHES = "_sae_vllm_watches"  # an LLMEngine's {external request id: _OfflineWatch}
+
+
+def patch_offline_sequence_reports(
+    judged_spec: Callable[[Any, Any], Any], watch_sequences: SequenceWatch
+) -> None:
+    """Report the sequences of the steered requests that LLMEngine (vLLM's offline `LLM`)
+    runs to `watch_sequences(spec, num_prompt_tokens, request_id)` as they end, as
+    patch_request_intake does for AsyncLLM's. `judged_spec(vllm_config, params)` gives the
+    spec a request is judged by (None: not watched)."""
+    from vllm.v1.engine.llm_engine import LLMEngine
+
+    def watches(engine: Any) -> dict[str, _OfflineWatch]:
+        return engine.__dict__.setdefault(_OFFLINE_WATCHES, {})
+
+    def make_add_request(original: Callable) -> Callable:
+        def add_request(self: Any, request_id: str, prompt: Any, params: Any, *a: Any, **kw: Any):
+            internal_id = original(self, request_id, prompt, params, *a, **kw)
+            own_params = getattr(prompt, "sampling_params", None) or params  # a core request's
+            spec = judged_spec(self.vllm_config, own_params)
+            if spec is not None:
+                external_id = getattr(prompt, "external_req_id", None) or request_id
+                delta = _streams_deltas(own_params)
+                watches(self)[external_id] = _OfflineWatch(spec, delta, internal_id)
+            return internal_id
+
+        return add_request
+
+    def make_step(original: Callable) -> Callable:
+        def step(self: Any) -> list:
+            outputs = original(self)
+            watched = watches(self)
+            if not watched:
+                return outputs
+            for output in outputs:
+                watch = watched.get(output.request_id)
+                if watch is None:
                     continue
-                ended.add(index)
-                # A stop token is sampled too; beam search leaves it out of the tokens
-                stop = sequence.stop_reason
-                left_out = type(stop) is int and last_token.get(index) != stop
-                sequence_ended(count + left_out)
-            yield output
-    finally:
-        await outputs.aclose()  # closing vLLM's generator aborts its request
+                if watch.ends is None:
+                    prompt_length = len(output.prompt_token_ids)
+                    ended = watch_sequences(watch.spec, prompt_length, output.request_id)
+                    watch.ends = SequenceEnds(watch.delta, ended)
+                watch.ends.see(output)
+                if output.finished:
+                    del watched[output.request_id]
+            return outputs
 
+        return step
 
-_CUT_SHORT = ("abort", "error")  # finish reasons of sequences the client does not get whole
+    def make_abort_request(original: Callable) -> Callable:
+        def abort_request(self: Any, request_ids: list[str], internal: bool = False) -> None:
+            original(self, request_ids, internal)
+            watched, aborted = watches(self), set(request_ids)
+            for external_id, watch in list(watched.items()):
+                if (watch.internal_id if internal else external_id) in aborted:
+                    del watched[external_id]
+
+        return abort_request
+
+    _wrap_once(LLMEngine, "add_request", make_add_request)
+    _wrap_once(LLMEngine, "step", make_step)
+    _wrap_once(LLMEngine, "abort_request", make_abort_request)
 
 
 def patch_session_updates(
