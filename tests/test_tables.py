@@ -159,6 +159,19 @@ def test_steady_decode_steps_reuse_the_buffers_and_changes_invalidate_them():
     assert step(tables, ["g", "p"], [1, 1], [6, 6]) == ([g, NO_ROW], [True, False])
 
 
+def test_a_settled_batch_is_written_again_after_a_step_without_its_steered_request():
+    """vLLM's runner drops a running request that a step does not schedule from its batch, and
+    adds it back at the end when it is: a step of the unsteered requests alone clears the
+    buffers, so the settled batch that follows is written again, not reused."""
+    tables = make()
+    tables.admit("plain", None, 4)
+    g = tables.admit("g", spec("generated"), 4)
+    assert step(tables, ["plain", "g"], [1, 1], [4, 4]) == ([NO_ROW, g], [False, True])
+    assert step(tables, ["plain"], [1], [5]) == ([NO_ROW], [False])
+    assert step(tables, ["plain", "g"], [1, 1], [6, 5]) == ([NO_ROW, g], [False, True])
+    assert step(tables, ["plain", "g"], [1, 1], [7, 6]) == ([NO_ROW, g], [False, True])
+
+
 def test_staged_tables_reach_the_device_exactly_as_direct_writes_do():
     """The staged path (host copies flushed to the device, used on CUDA) run on CPU against the
     direct one, through admissions, releases, prefill, decode, steady and idle steps."""
@@ -267,9 +280,10 @@ def random_window(rng, negative: bool) -> dict | None:
 
 def random_steps(tables, rng, steps: int, draw_spec):
     """Drive `tables` through random admissions (specs from `draw_spec(rng)`), releases,
-    chunked prefills and decode runs (steady steps included). Yields, for each step, its index,
-    its rows and scope, and each scheduled request (a dict: spec, prompt, row) with its
-    positions and its tokens' slice of the step."""
+    chunked prefills and decode runs (steady steps included, and steps that leave some running
+    requests out, as vLLM's runner drops a request a step does not schedule). Yields, for
+    each step, its index, its rows and scope, and each scheduled request (a dict: spec,
+    prompt, row) with its positions and its tokens' slice of the step."""
     requests: dict[str, dict] = {}
     for step_index in range(steps):
         if requests and rng.random() < 0.08:
@@ -282,6 +296,8 @@ def random_steps(tables, rng, steps: int, draw_spec):
             row = tables.admit(new, request_spec, prompt_len)
             requests[new] = {"spec": request_spec, "prompt": prompt_len, "computed": 0, "row": row}
         ids = list(requests)
+        if len(ids) > 1 and rng.random() < 0.15:  # a step that leaves some running ones out
+            ids = [r for r in ids if rng.random() < 0.5] or ids[:1]
         if not ids:
             continue
         scheduled = []

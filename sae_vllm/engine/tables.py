@@ -241,6 +241,7 @@ class SteeringTables:
     ) -> None:
         """Token buffers: rows and scope for the first `count` tokens, -1 / False after them up
         to where the last write reached."""
+        self._steady_layout = None  # the buffers no longer hold the step it names
         end = max(count, self._written_tokens)
         if end == 0:
             return
