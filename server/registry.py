@@ -10,6 +10,7 @@ import numpy as np
 
 from sae_vllm.config import SAEEntry, SteeringConfig
 from sae_vllm.sae import SAEFormatError, decoder_norms, inspect_sae
+from sae_vllm.sae.hub import local_sae_path
 from sae_vllm.sae.sites import NotALayerOutputError, residual_layer
 
 from .errors import StartupError
@@ -59,11 +60,12 @@ class SAERecord:
 def load_record(entry: SAEEntry) -> SAERecord:
     """Read one configured SAE (and its labels); a problem raises a one-line StartupError."""
     where = f"SAE '{entry.id}'"
-    if not Path(entry.path).exists():
-        raise StartupError(f"{where}: {entry.path} does not exist")
     try:
-        sae = inspect_sae(entry.path, format=entry.format)
-        norms = decoder_norms(entry.path, format=entry.format).numpy()
+        path = local_sae_path(entry.path)  # `vllm serve` hands hf:// paths on as given
+        if not Path(path).exists():
+            raise StartupError(f"{where}: {entry.path} does not exist")
+        sae = inspect_sae(path, format=entry.format)
+        norms = decoder_norms(path, format=entry.format).numpy()
     except SAEFormatError as exc:
         raise StartupError(f"{where}: {exc}") from None
     try:
@@ -75,7 +77,7 @@ def load_record(entry: SAEEntry) -> SAERecord:
         raise StartupError(
             f"{where}: no layer given and none found in {entry.path} (use --sae ID=PATH@LAYER)"
         )
-    labels_path = entry.labels or default_labels_path(entry.path)
+    labels_path = entry.labels or default_labels_path(path)
     labels: dict[int, FeatureLabel] = {}
     if labels_path is not None:
         try:

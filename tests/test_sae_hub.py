@@ -13,11 +13,12 @@ import pytest
 import torch
 
 from sae_vllm import steering_config
-from sae_vllm.config import SteeringConfig
+from sae_vllm.config import SAEEntry, SteeringConfig
 from sae_vllm.sae import SAEFormatError, decoder_norms, inspect_sae, load_sae
 from sae_vllm.sae.hub import parse_hub_path
 from sae_vllm.server.errors import StartupError
 from sae_vllm.server.options import sae_argument, steering_additional_config
+from sae_vllm.server.registry import load_record
 from sae_writers import saelens_v6_cfg, write_goodfire, write_saelens
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -138,6 +139,17 @@ def test_serve_resolves_hub_saes_once_before_the_engine_starts(hub):
     missing = sae_argument(f"res=hf://{REPO}/nowhere")
     with pytest.raises(StartupError, match="has no file or folder 'nowhere'"):
         steering_additional_config({}, [missing], [], None)
+
+
+def test_the_api_server_of_vllm_serve_reads_hub_saes_as_given(hub):
+    # `vllm serve --additional-config` hands the API server the config's paths as written:
+    # its SAE registry (the /v1/saes routes, feature checks) reads an hf:// path itself.
+    record = load_record(SAEEntry(id="res", path=f"hf://{REPO}@v1/{SUBFOLDER}"))
+    assert (record.info.layer, record.info.d_in, record.info.d_sae) == (3, D_IN, D_SAE)
+    expected = decoder_norms(hub["old"] / SUBFOLDER).numpy()
+    np.testing.assert_array_equal(record.decoder_norms, expected)
+    with pytest.raises(StartupError, match="has no file or folder 'nowhere'"):
+        load_record(SAEEntry(id="res", path=f"hf://{REPO}/nowhere", layer=3))
 
 
 def test_only_the_saes_files_are_fetched(hub, monkeypatch):
