@@ -19,7 +19,9 @@ import torch
 NUMBA_AVAILABLE = importlib.util.find_spec("numba") is not None
 _COMPILED_DTYPES = (torch.float32, torch.bfloat16)
 
-logger = logging.getLogger("sae_vllm")
+# sae_vllm.LOGGER_NAME's tree (vLLM's logger, its format and level), written out: kernels/
+# imports nothing of sae_vllm, so that it runs where only torch and triton are installed.
+logger = logging.getLogger("vllm.sae_vllm.kernels")
 
 
 def _loop() -> ModuleType:
