@@ -1,1 +1,1 @@
-"""sae-vllm benchmarks: `python -m bench {overhead,latency,kernels,ci}`."""
+"""sae-vllm benchmarks: `python -m bench SUITE`, the suites listed in bench/__main__.py."""

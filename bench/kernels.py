@@ -7,7 +7,8 @@ working copy the steered layer hands the op, whose cast inductor fuses into the 
 kernels and is not timed here) against the device's copy bandwidth measured in the same run; and
 the call's time as a share of a decode-step proxy, the dense GEMMs of one Llama-3.1-8B step at
 the same token count, also measured in the same run. On CUDA the Triton kernels run (L2 flushed
-before each call); on CPU the torch reference does."""
+before each call); on CPU the op's CPU path does, as in a CPU engine (kernels/cpu_decode.py: a
+compiled loop for float32 and bfloat16, numpy for float16, the torch reference for TopK)."""
 
 from __future__ import annotations
 
@@ -213,7 +214,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     bw = statistics.median(copy_bw)
     summary = [summarize(cfg, statistics.median(proxies[cfg.tokens]), bw) for cfg in chosen]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    impl = "Triton kernels" if device.type == "cuda" else "torch reference (Triton runs on CUDA)"
+    impl = "Triton kernels" if device.type == "cuda" else "the CPU op (Triton runs on CUDA)"
     note = (
         f"device: {name}; timed: {impl}; dtype: {args.dtype};"
         f" CPU threads: {torch.get_num_threads()}; copy bandwidth: {bw / 1e9:.1f} GB/s;"

@@ -1,4 +1,4 @@
-"""The custom op torch.ops.sae_vllm.steer_ (Triton on CUDA, torch elsewhere) and its wrapper."""
+"""The custom op torch.ops.sae_vllm.steer_ (Triton on CUDA, cpu_decode on CPU) and its wrapper."""
 
 import torch
 

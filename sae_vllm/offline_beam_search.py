@@ -10,13 +10,14 @@ groups of equal token count, each group with its own step arguments."""
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 from .config import BEAM_STEERING_ATTR, EXTRA_ARGS_KEY, GENERATION_START_KEY
 from .engine.intake import check_beam_reach
 from .engine.reach_report import sequence_end_reporter
 from .engine.sequence_ends import CUT_SHORT
-from .engine.vllm_adapter import with_extra_args
+from .engine.vllm_adapter import with_extra_args, wrap_once
 from .offline_reach import beam_sampled_count
 
 
@@ -56,46 +57,49 @@ def install() -> None:
     """Wrap vLLM's offline beam search (idempotent); unsteered searches run unchanged."""
     from vllm.entrypoints.generate.beam_search.offline import BeamSearchOfflineMixin
 
-    original = BeamSearchOfflineMixin.beam_search
-    if getattr(original, "_sae_vllm_wrapped", False):
-        return
-
-    def beam_search(
-        self: Any, prompts: list, params: Any, lora_request: Any = None, *args: Any, **kwargs: Any
-    ) -> list:
-        spec = getattr(params, BEAM_STEERING_ATTR, None)
-        if spec is None:
-            return original(self, prompts, params, lora_request, *args, **kwargs)
-        engine_inputs = self._preprocess_cmpl(prompts)
-        lora_requests = self._lora_request_to_seq(lora_request, len(engine_inputs))
-        groups: dict[int, list[int]] = {}
-        for index, engine_input in enumerate(engine_inputs):
-            if engine_input["type"] != "token":
-                raise NotImplementedError(
-                    "steered beam search takes text or token prompts, not "
-                    f"{engine_input['type']!r} inputs"
+    def make(original: Callable) -> Callable:
+        def beam_search(
+            self: Any,
+            prompts: list,
+            params: Any,
+            lora_request: Any = None,
+            *args: Any,
+            **kwargs: Any,
+        ) -> list:
+            spec = getattr(params, BEAM_STEERING_ATTR, None)
+            if spec is None:
+                return original(self, prompts, params, lora_request, *args, **kwargs)
+            engine_inputs = self._preprocess_cmpl(prompts)
+            lora_requests = self._lora_request_to_seq(lora_request, len(engine_inputs))
+            groups: dict[int, list[int]] = {}
+            for index, engine_input in enumerate(engine_inputs):
+                if engine_input["type"] != "token":
+                    raise NotImplementedError(
+                        "steered beam search takes text or token prompts, not "
+                        f"{engine_input['type']!r} inputs"
+                    )
+                groups.setdefault(len(engine_input["prompt_token_ids"]), []).append(index)
+            vllm_config = self.llm_engine.vllm_config
+            judged = {  # every group before any runs
+                prompt_length: check_beam_reach(vllm_config, spec, prompt_length, params.max_tokens)
+                for prompt_length in groups
+            }
+            outputs: list = [None] * len(engine_inputs)
+            for prompt_length, indices in groups.items():
+                step_args = {EXTRA_ARGS_KEY: spec, GENERATION_START_KEY: prompt_length}
+                group_outputs = original(
+                    _SteeringLLM(self, step_args),
+                    [prompts[i] for i in indices],
+                    params,
+                    [lora_requests[i] for i in indices],
+                    *args,
+                    **kwargs,
                 )
-            groups.setdefault(len(engine_input["prompt_token_ids"]), []).append(index)
-        vllm_config = self.llm_engine.vllm_config
-        judged = {  # every group before any runs
-            prompt_length: check_beam_reach(vllm_config, spec, prompt_length, params.max_tokens)
-            for prompt_length in groups
-        }
-        outputs: list = [None] * len(engine_inputs)
-        for prompt_length, indices in groups.items():
-            step_args = {EXTRA_ARGS_KEY: spec, GENERATION_START_KEY: prompt_length}
-            group_outputs = original(
-                _SteeringLLM(self, step_args),
-                [prompts[i] for i in indices],
-                params,
-                [lora_requests[i] for i in indices],
-                *args,
-                **kwargs,
-            )
-            for index, output in zip(indices, group_outputs, strict=True):
-                outputs[index] = output
-                _report_beams(output, judged[prompt_length], prompt_length, index)
-        return outputs
+                for index, output in zip(indices, group_outputs, strict=True):
+                    outputs[index] = output
+                    _report_beams(output, judged[prompt_length], prompt_length, index)
+            return outputs
 
-    beam_search._sae_vllm_wrapped = True  # type: ignore[attr-defined]
-    BeamSearchOfflineMixin.beam_search = beam_search  # type: ignore[method-assign]
+        return beam_search
+
+    wrap_once(BeamSearchOfflineMixin, "beam_search", make)

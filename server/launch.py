@@ -103,10 +103,12 @@ def _line(exc: BaseException) -> str:
 def serve(argv: list[str]) -> int:
     """Parse `sae-vllm serve` arguments and serve until stopped; 1 with one line on stderr when
     the server cannot start."""
+    from sae_vllm.engine.vllm_adapter import check_vllm_version
+
     from . import app, vllm_app
 
     try:
-        vllm_app.check_vllm_version()
+        check_vllm_version()
         parser = vllm_app.make_parser(PROG, DESCRIPTION)
         add_steering_options(parser)
         args = parser.parse_args(argv)

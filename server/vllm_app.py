@@ -46,7 +46,12 @@ from sae_vllm.config import (
 from sae_vllm.engine import reach_report
 from sae_vllm.engine.intake import check_beam_reach, check_reach
 from sae_vllm.engine.sequence_ends import reporting_sequence_ends
-from sae_vllm.engine.vllm_adapter import as_client_error, prompt_length_of_input, with_extra_args
+from sae_vllm.engine.vllm_adapter import (
+    as_client_error,
+    prompt_length_of_input,
+    with_extra_args,
+    wrap_once,
+)
 from sae_vllm.spec import SteeringSpec
 
 from . import metrics, rejections
@@ -73,7 +78,6 @@ from .stored_responses import (
 from .stream_admission import counting_once_taken
 from .stream_report import reporting_unreached
 
-SUPPORTED_VLLM = "0.32."
 _MEMORY_DEFAULT = "_sae_vllm_gpu_memory_utilization_default"
 
 STEERING_DOC = (
@@ -172,14 +176,15 @@ class SteeredMessagesRequest(AnthropicMessagesRequest):
         self.vllm_xargs = xargs or None
 
 
-def _carrying_extra_steering(original: Callable, attach: Callable[[Any, dict | None], Any]):
-    @functools.wraps(original)
-    def to_params(self: Any, *args: Any, **kwargs: Any) -> Any:
-        params = original(self, *args, **kwargs)
-        return attach(params, (self.model_extra or {}).get(STEERING_FIELD))
+def _carrying_extra_steering(attach: Callable[[Any, dict | None], Any]):
+    def make(original: Callable) -> Callable:
+        def to_params(self: Any, *args: Any, **kwargs: Any) -> Any:
+            params = original(self, *args, **kwargs)
+            return attach(params, (self.model_extra or {}).get(STEERING_FIELD))
 
-    to_params._sae_vllm_wrapped = True  # type: ignore[attr-defined]
-    return to_params
+        return to_params
+
+    return make
 
 
 def carry_steering_extra_field() -> None:
@@ -193,9 +198,8 @@ def carry_steering_extra_field() -> None:
             ("to_sampling_params", _with_steering),
             ("to_beam_search_params", _beam_with_steering),
         ):
-            original = getattr(model, name, None)
-            if original is not None and not getattr(original, "_sae_vllm_wrapped", False):
-                setattr(model, name, _carrying_extra_steering(original, attach))
+            if hasattr(model, name):
+                wrap_once(model, name, _carrying_extra_steering(attach))
 
 
 BATCH_STEERED_ROUTE = "/v1/chat/completions"  # the one generative text route run-batch has
@@ -220,19 +224,16 @@ def refuse_misplaced_steering_in_batch_lines() -> None:
     nests it in a literal `extra_body` field, or gives it twice."""
     from vllm.entrypoints.launchers import run_batch
 
-    original = run_batch.handle_endpoint_request
-    if getattr(original, "_sae_vllm_wrapped", False):
-        return
+    def make(original: Callable) -> Callable:
+        def handle_endpoint_request(request: Any, *args: Any, **kwargs: Any) -> Any:
+            problem = _batch_line_problem(request)
+            if problem is not None:
+                return run_batch.make_async_error_request_output(request, error_msg=problem)
+            return original(request, *args, **kwargs)
 
-    @functools.wraps(original)
-    def handle_endpoint_request(request: Any, *args: Any, **kwargs: Any) -> Any:
-        problem = _batch_line_problem(request)
-        if problem is not None:
-            return run_batch.make_async_error_request_output(request, error_msg=problem)
-        return original(request, *args, **kwargs)
+        return handle_endpoint_request
 
-    handle_endpoint_request._sae_vllm_wrapped = True  # type: ignore[attr-defined]
-    run_batch.handle_endpoint_request = handle_endpoint_request
+    wrap_once(run_batch, "handle_endpoint_request", make)
 
 
 # path -> (request model, metrics endpoint label)
@@ -280,32 +281,32 @@ def install_steered_beam_search() -> None:
     original prompt ends, so the spec's scope still counts those tokens as generated."""
     from vllm.entrypoints.generate.beam_search.online import BeamSearchOnlineMixin
 
-    original = BeamSearchOnlineMixin.beam_search
-    if getattr(original, "_sae_vllm_wrapped", False):
-        return
+    def make(original: Callable) -> Callable:
+        async def beam_search(
+            self: Any, prompt: Any, request_id: str, params: Any, *args: Any, **kwargs: Any
+        ) -> Any:
+            spec = getattr(params, BEAM_STEERING_ATTR, None)
+            serving, beam_ended = self, None
+            if spec is not None:
+                decoder_prompt = prompt["decoder_prompt"] if prompt["type"] == "enc_dec" else prompt
+                prompt_length = len(decoder_prompt["prompt_token_ids"])
+                search = (self.engine_client.vllm_config, spec, prompt_length, params.max_tokens)
+                steering = as_client_error(check_beam_reach, *search)
+                step_args = {EXTRA_ARGS_KEY: spec, GENERATION_START_KEY: prompt_length}
+                serving = _WithEngineClient(
+                    self, _SteeringEngineClient(self.engine_client, step_args)
+                )
+                # its steps are not judged alone: its beams are, as they end
+                beam_ended = reach_report.sequence_end_reporter(steering, prompt_length, request_id)
+            outputs = original(serving, prompt, request_id, params, *args, **kwargs)
+            if beam_ended is not None:
+                outputs = reporting_sequence_ends(outputs, False, beam_ended)
+            async for output in outputs:
+                yield output
 
-    async def beam_search(
-        self: Any, prompt: Any, request_id: str, params: Any, *args: Any, **kwargs: Any
-    ) -> Any:
-        spec = getattr(params, BEAM_STEERING_ATTR, None)
-        serving, beam_ended = self, None
-        if spec is not None:
-            decoder_prompt = prompt["decoder_prompt"] if prompt["type"] == "enc_dec" else prompt
-            prompt_length = len(decoder_prompt["prompt_token_ids"])
-            search = (self.engine_client.vllm_config, spec, prompt_length, params.max_tokens)
-            steering = as_client_error(check_beam_reach, *search)
-            step_args = {EXTRA_ARGS_KEY: spec, GENERATION_START_KEY: prompt_length}
-            serving = _WithEngineClient(self, _SteeringEngineClient(self.engine_client, step_args))
-            # its steps are not judged alone: its beams are, as they end
-            beam_ended = reach_report.sequence_end_reporter(steering, prompt_length, request_id)
-        outputs = original(serving, prompt, request_id, params, *args, **kwargs)
-        if beam_ended is not None:
-            outputs = reporting_sequence_ends(outputs, False, beam_ended)
-        async for output in outputs:
-            yield output
+        return beam_search
 
-    beam_search._sae_vllm_wrapped = True  # type: ignore[attr-defined]
-    BeamSearchOnlineMixin.beam_search = beam_search  # type: ignore[method-assign]
+    wrap_once(BeamSearchOnlineMixin, "beam_search", make)
 
 
 def check_responses_reach_before_streaming() -> None:
@@ -314,22 +315,23 @@ def check_responses_reach_before_streaming() -> None:
     the engine for a generator only once its own generator runs, after a stream's headers."""
     from vllm.entrypoints.openai.responses.serving import OpenAIServingResponses
 
-    original = OpenAIServingResponses._generate_with_builtin_tools
-    if getattr(original, "_sae_vllm_wrapped", False):
-        return
-    signature = inspect.signature(original)
+    def make(original: Callable) -> Callable:
+        signature = inspect.signature(original)
 
-    def _generate_with_builtin_tools(self: Any, *args: Any, **kwargs: Any) -> Any:
-        bound = signature.bind(self, *args, **kwargs).arguments
-        params = bound["sampling_params"]
-        num_prompt_tokens = prompt_length_of_input(bound["engine_input"])
-        if num_prompt_tokens is not None:
-            vllm_config = self.engine_client.vllm_config
-            as_client_error(check_reach, vllm_config, params, num_prompt_tokens, params.max_tokens)
-        return original(self, *args, **kwargs)
+        def _generate_with_builtin_tools(self: Any, *args: Any, **kwargs: Any) -> Any:
+            bound = signature.bind(self, *args, **kwargs).arguments
+            params = bound["sampling_params"]
+            num_prompt_tokens = prompt_length_of_input(bound["engine_input"])
+            if num_prompt_tokens is not None:
+                vllm_config = self.engine_client.vllm_config
+                as_client_error(
+                    check_reach, vllm_config, params, num_prompt_tokens, params.max_tokens
+                )
+            return original(self, *args, **kwargs)
 
-    _generate_with_builtin_tools._sae_vllm_wrapped = True  # type: ignore[attr-defined]
-    OpenAIServingResponses._generate_with_builtin_tools = _generate_with_builtin_tools  # type: ignore[method-assign]
+        return _generate_with_builtin_tools
+
+    wrap_once(OpenAIServingResponses, "_generate_with_builtin_tools", make)
 
 
 # --- SageMaker /invocations ----------------------------------------------------------------
@@ -377,16 +379,14 @@ def steer_sagemaker_invocations() -> None:
     and pooling endpoints, steer completion and chat bodies like their own routes do."""
     from vllm.entrypoints.serve.sagemaker import api_router as sagemaker
 
+    def make(original: Callable) -> Callable:
+        def invocation_types(*args: Any, **kwargs: Any) -> list:
+            return _steered_invocation_types(original(*args, **kwargs))
+
+        return invocation_types
+
     for name in ("get_generate_invocation_types", "get_pooling_invocation_types"):
-        original = getattr(sagemaker, name)
-        if getattr(original, "_sae_vllm_wrapped", False):
-            continue
-
-        def invocation_types(*args: Any, _original: Callable = original, **kwargs: Any) -> list:
-            return _steered_invocation_types(_original(*args, **kwargs))
-
-        invocation_types._sae_vllm_wrapped = True  # type: ignore[attr-defined]
-        setattr(sagemaker, name, invocation_types)
+        wrap_once(sagemaker, name, make)
 
 
 def serves_sagemaker_invocations(app: FastAPI) -> bool:
@@ -407,15 +407,6 @@ def served_model_names(args: argparse.Namespace) -> list[str]:
 def lora_adapter_names(args: argparse.Namespace) -> list[str]:
     """The names of the LoRA adapters given on the command line (--lora-modules)."""
     return [module.name for module in getattr(args, "lora_modules", None) or []]
-
-
-def check_vllm_version() -> None:
-    import vllm
-
-    if not vllm.__version__.startswith(SUPPORTED_VLLM):
-        raise RuntimeError(
-            f"sae-vllm serve supports vLLM {SUPPORTED_VLLM}x; found {vllm.__version__}"
-        )
 
 
 def make_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -483,20 +474,17 @@ def customize_every_app(customize: APIServerCustomizer) -> None:
     model_config)` (model_config may be None), right after vLLM builds it (idempotent)."""
     from vllm.entrypoints.launchers.api_server import entry
 
-    original = entry.build_app
-    if getattr(original, "_sae_vllm_wrapped", False):
-        return
+    def make(original: Callable) -> Callable:
+        def build_app(
+            args: argparse.Namespace, supported_tasks: Any = None, model_config: Any = None
+        ) -> FastAPI:
+            app = original(args, supported_tasks, model_config)
+            customize(app, args, model_config)
+            return app
 
-    @functools.wraps(original)
-    def build_app(
-        args: argparse.Namespace, supported_tasks: Any = None, model_config: Any = None
-    ) -> FastAPI:
-        app = original(args, supported_tasks, model_config)
-        customize(app, args, model_config)
-        return app
+        return build_app
 
-    build_app._sae_vllm_wrapped = True  # type: ignore[attr-defined]
-    entry.build_app = build_app
+    wrap_once(entry, "build_app", make)
 
 
 def run(args: argparse.Namespace) -> None:

@@ -130,7 +130,7 @@ def check_beam_reach(
     vllm_config: Any, spec_text: str, num_prompt_tokens: int, max_tokens: int
 ) -> SteeringSpec:
     """check_reach for a whole beam search, before its first step: raises ValueError. Returns
-    the spec the search carries into its steps."""
+    the spec it judged, by which the search's beams are reported as they end."""
     steering = _resolve(vllm_config, {EXTRA_ARGS_KEY: spec_text})
     assert steering is not None  # a spec text is steering
     _raise_if_unreached(steering.spec, num_prompt_tokens, max_tokens)

@@ -1,4 +1,5 @@
-"""Feature counts of the configured SAEs, for validating specs outside the worker."""
+"""Feature counts of the configured SAEs, read from their files' headers, and the spec resolver
+built on them (every process that validates specs: frontend, engine core, worker)."""
 
 from __future__ import annotations
 

@@ -71,7 +71,9 @@ def prefer_v1_runner() -> None:
         os.environ[RUNNER_ENV] = "0"
 
 
-def _wrap_once(owner: type, name: str, make: Callable[[Callable], Callable]) -> None:
+def wrap_once(owner: Any, name: str, make: Callable[[Callable], Callable]) -> None:
+    """Replace `owner.name` (a class's method or a module's function) by `make(original)`,
+    unless it is already one of this package's wrappers."""
     original = getattr(owner, name)
     if getattr(original, "_sae_vllm_wrapped", False):
         return
@@ -178,10 +180,10 @@ def patch_request_intake(
 
         return preprocess_add_request
 
-    _wrap_once(InputProcessor, "process_inputs", make_process_inputs)
-    _wrap_once(AsyncLLM, "_add_streaming_input_request", make_open_session)
-    _wrap_once(AsyncLLM, "generate", make_generate)
-    _wrap_once(EngineCore, "preprocess_add_request", make_preprocess)
+    wrap_once(InputProcessor, "process_inputs", make_process_inputs)
+    wrap_once(AsyncLLM, "_add_streaming_input_request", make_open_session)
+    wrap_once(AsyncLLM, "generate", make_generate)
+    wrap_once(EngineCore, "preprocess_add_request", make_preprocess)
 
 
 def _streams_deltas(params: Any) -> bool:
@@ -261,9 +263,9 @@ def patch_offline_sequence_reports(
 
         return abort_request
 
-    _wrap_once(LLMEngine, "add_request", make_add_request)
-    _wrap_once(LLMEngine, "step", make_step)
-    _wrap_once(LLMEngine, "abort_request", make_abort_request)
+    wrap_once(LLMEngine, "add_request", make_add_request)
+    wrap_once(LLMEngine, "step", make_step)
+    wrap_once(LLMEngine, "abort_request", make_abort_request)
 
 
 def patch_session_updates(
@@ -287,7 +289,7 @@ def patch_session_updates(
 
         return _update_request_as_session
 
-    _wrap_once(Scheduler, "_update_request_as_session", make)
+    wrap_once(Scheduler, "_update_request_as_session", make)
 
 
 def with_extra_args(params: Any, extra_args: dict[str, Any]) -> Any:
@@ -429,9 +431,9 @@ def patch_worker(
 
         return _prepare_inputs
 
-    _wrap_once(Worker, "load_model", make_load_model)
-    _wrap_once(GPUModelRunner, "_update_states", make_update_states)
-    _wrap_once(GPUModelRunner, "_prepare_inputs", make_prepare_inputs)
+    wrap_once(Worker, "load_model", make_load_model)
+    wrap_once(GPUModelRunner, "_update_states", make_update_states)
+    wrap_once(GPUModelRunner, "_prepare_inputs", make_prepare_inputs)
 
 
 def add_worker_method(name: str, method: Callable[[Any], Any]) -> None:
