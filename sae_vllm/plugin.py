@@ -18,7 +18,10 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    from . import kernels  # noqa: F401  (registers torch.ops.sae_vllm.steer_)
+    from . import (
+        kernels,  # noqa: F401  (registers torch.ops.sae_vllm.steer_)
+        offline_beam_search,
+    )
     from .cpu_amx import request_amx_permission
     from .engine import intake, prefix_cache, reach_report, worker
     from .engine import vllm_adapter as vllm
@@ -36,12 +39,10 @@ def register() -> None:
     vllm.patch_session_updates(prefix_cache.continued_session_extra_args)
     vllm.patch_worker(worker.after_load_model, worker.after_update_states, worker.before_forward)
     vllm.add_worker_method("sae_steering_stats", worker.stats)
-    if vllm.runs_llm_engine():  # offline: sequences of steered requests that end unsteered
-        vllm.patch_offline_sequence_reports(intake.judged_spec, reach_report.sequence_end_reporter)
-    if vllm.runs_offline_llm():  # LLM.beam_search with steering_beam_params
-        from . import offline_beam_search
-
-        offline_beam_search.install()
+    # Offline (LLM, LLMEngine): installed whatever this process has imported, since vLLM may
+    # load plugins (EngineArgs) before the script imports LLM or LLMEngine.
+    vllm.patch_offline_sequence_reports(intake.judged_spec, reach_report.sequence_end_reporter)
+    offline_beam_search.install()  # LLM.beam_search with steering_beam_params
     if vllm.runs_openai_frontend():  # `vllm serve` and `vllm run-batch` learn the steering field
         from .server import app
 

@@ -632,6 +632,35 @@ def test_offline_sequences_that_end_before_their_window_are_reported(llm, artifa
     assert llm.llm_engine.__dict__.get("_sae_vllm_watches") == {}
 
 
+def test_offline_requests_sharing_an_id_are_not_misreported(llm, artifacts):
+    """vLLM lets requests running at once share an id, and their outputs carry only that id:
+    rather than judge one request's sequences by another's spec, the report is left out for
+    that id, saying so; a request with an id of its own is reported as before."""
+    from vllm import SamplingParams
+
+    engine, prompt = llm.llm_engine, PROMPTS[0]
+    (unsteered,), _ = greedy(llm, [prompt], [SamplingParams(temperature=0, max_tokens=MAX_TOKENS)])
+    edit, window = [("relu", 5, "set", 6.0)], {"start": 3}
+    stop = {"stop_token_ids": [unsteered[1]], "max_tokens": MAX_TOKENS}
+    stopping = steered_params(artifacts, edit, "generated", window, **stop)
+    reaching = steered_params(artifacts, edit, "generated", {"start": 0}, max_tokens=MAX_TOKENS)
+    plain = SamplingParams(temperature=0, **stop)
+    requests = [("dup", reaching), ("dup", stopping), ("dup2", plain), ("dup2", stopping)]
+    requests.append(("own", stopping))
+    with plugin_warnings() as warnings:
+        for request_id, params in requests:
+            engine.add_request(request_id, {"prompt_token_ids": prompt}, params)
+        outputs = []
+        while engine.has_unfinished_requests():
+            outputs += [output for output in engine.step() if output.finished]
+    unreached = [w for w in warnings if "came back unsteered" in w]
+    assert len(unreached) == 1 and unreached[0].startswith("Request own: a sequence ended")
+    shared = [w for w in warnings if "share the id" in w]
+    assert len(shared) == 2 and "'dup'" in shared[0] and "'dup2'" in shared[1]
+    assert sorted(output.request_id for output in outputs) == ["dup", "dup", "dup2", "dup2", "own"]
+    assert engine.__dict__.get("_sae_vllm_watches") == {}
+
+
 def test_lifecycle_1000_requests_with_aborts_stops_and_max_tokens_leaks_no_row(llm, artifacts):
     from vllm import SamplingParams
 

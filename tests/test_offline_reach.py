@@ -8,6 +8,10 @@ test_kernels.py sets its interpreter mode."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -130,3 +134,28 @@ def test_a_steered_beam_search_reports_each_beam_it_returns():
         _report_beams(beam_output(3, 2, 5, 6), spec, 3, prompt_index=0)
         _report_beams(beam_output(3, 1, 1, finish_reason="abort"), spec, 3, prompt_index=1)
     assert (tally.ended, tally.unreached) == (3, 2)
+
+
+def test_the_plugin_installs_the_offline_hooks_before_the_script_imports_llm():
+    """vLLM loads plugins when EngineArgs is built, which a script may do before it imports LLM
+    or LLMEngine (`EngineArgs(...)`, then `LLM.from_engine_args`): the offline report and the
+    steered beam search are installed all the same."""
+    script = """
+import sys
+import vllm.engine.arg_utils
+from vllm.plugins import load_general_plugins
+assert "vllm.entrypoints.llm" not in sys.modules
+assert "vllm.v1.engine.llm_engine" not in sys.modules
+load_general_plugins()
+from vllm.v1.engine.llm_engine import LLMEngine
+from vllm.entrypoints.generate.beam_search.offline import BeamSearchOfflineMixin
+wrapped = [LLMEngine.add_request, LLMEngine.step, LLMEngine.abort_request,
+           BeamSearchOfflineMixin.beam_search]
+print([getattr(method, "_sae_vllm_wrapped", False) for method in wrapped])
+"""
+    env = {key: value for key, value in os.environ.items() if key != "VLLM_PLUGINS"}
+    run = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip().splitlines()[-1] == "[True, True, True, True]"

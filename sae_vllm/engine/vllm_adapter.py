@@ -41,16 +41,6 @@ def check_vllm_version() -> None:
         )
 
 
-def runs_offline_llm() -> bool:
-    """Whether this process has vLLM's offline `LLM` class (it loads plugins in its __init__)."""
-    return "vllm.entrypoints.llm" in sys.modules
-
-
-def runs_llm_engine() -> bool:
-    """Whether this process has vLLM's offline engine, LLMEngine (the `LLM` class runs one)."""
-    return "vllm.v1.engine.llm_engine" in sys.modules
-
-
 def runs_openai_frontend() -> bool:
     """Whether this process runs vLLM's OpenAI server or batch runner."""
     return OPENAI_FRONTEND_MODULE in sys.modules
@@ -221,13 +211,24 @@ def patch_offline_sequence_reports(
 
     def make_add_request(original: Callable) -> Callable:
         def add_request(self: Any, request_id: str, prompt: Any, params: Any, *a: Any, **kw: Any):
+            external_id = getattr(prompt, "request_id", None) or request_id  # a core request's
+            # Outputs name their request by this id alone, which vLLM lets requests share.
+            shared = external_id in self.output_processor.external_req_ids
             internal_id = original(self, request_id, prompt, params, *a, **kw)
-            own_params = getattr(prompt, "sampling_params", None) or params  # a core request's
+            own_params = getattr(prompt, "sampling_params", None) or params
             spec = judged_spec(self.vllm_config, own_params)
-            if spec is not None:
-                external_id = getattr(prompt, "external_req_id", None) or request_id
+            watched = watches(self)
+            if shared or external_id in watched:
+                if watched.pop(external_id, None) is not None or spec is not None:
+                    logger.warning(
+                        "sae-vllm: requests running at once share the id %r, so a steered one "
+                        "among them that ends before its steering is not reported (give each "
+                        "request its own id; unreached_sequences still finds it)",
+                        external_id,
+                    )
+            elif spec is not None:
                 delta = _streams_deltas(own_params)
-                watches(self)[external_id] = _OfflineWatch(spec, delta, internal_id)
+                watched[external_id] = _OfflineWatch(spec, delta, internal_id)
             return internal_id
 
         return add_request
