@@ -17,7 +17,7 @@ from .config import BEAM_STEERING_ATTR, EXTRA_ARGS_KEY, GENERATION_START_KEY
 from .engine.intake import check_beam_reach
 from .engine.reach_report import sequence_end_reporter
 from .engine.sequence_ends import CUT_SHORT
-from .engine.vllm_adapter import with_extra_args, wrap_once
+from .engine.vllm_adapter import with_added_extra_args, wrap_once
 from .offline_reach import beam_sampled_count
 
 
@@ -32,7 +32,7 @@ class _SteeringLLM:
         steered = {}  # one steered copy per distinct params object (vLLM shares one per step)
         for p in params:
             if id(p) not in steered:
-                steered[id(p)] = with_extra_args(p, self._step_args)
+                steered[id(p)] = with_added_extra_args(p, self._step_args)
         steered_params = [steered[id(p)] for p in params]
         return self._llm._render_and_run_requests(prompts, steered_params, *args, **kwargs)
 

@@ -3,16 +3,12 @@ the first position their spec steers."""
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from .config import BEAM_STEERING_ATTR, EXTRA_ARGS_KEY
 from .engine.scopes import unreached_scopes
 from .engine.sequence_ends import CUT_SHORT, sampled_count
-from .spec import SpecLimits, SteeringSpec, parse_spec
-
-# The reach of a spec does not depend on its limits, which the engine has checked already.
-_NO_LIMITS = SpecLimits(max_edits=1024, max_abs_value=math.inf)
+from .spec import SteeringSpec, parse_spec_shape
 
 
 def spec_of_params(params: Any) -> SteeringSpec | None:
@@ -21,7 +17,10 @@ def spec_of_params(params: Any) -> SteeringSpec | None:
     if data is None:
         extra_args = getattr(params, "extra_args", None) or {}
         data = extra_args.get(EXTRA_ARGS_KEY)
-    return None if data is None else parse_spec(data, _NO_LIMITS)
+    if data is None:
+        return None
+    # Its reach needs its scopes only; the engine has checked its values against its limits.
+    return data if isinstance(data, SteeringSpec) else parse_spec_shape(data)
 
 
 def beam_sampled_count(beam: Any) -> int:

@@ -248,7 +248,9 @@ def _reason(error: Mapping[str, Any]) -> SpecErrorReason:
     return SpecErrorReason.INVALID_VALUE
 
 
-def _validated_model(data: Any) -> SteeringSpec:
+def parse_spec_shape(data: Any) -> SteeringSpec:
+    """The SteeringSpec raw data (a dict or JSON text) holds, its shape and types checked; a
+    server's limits and the value rules are parse_spec's. Raises SteeringSpecError."""
     if isinstance(data, str | bytes):
         try:  # well-formed text parses in one pass; anything else is diagnosed below
             return SteeringSpec.model_validate_json(data)
@@ -274,7 +276,7 @@ def _validated_model(data: Any) -> SteeringSpec:
 def parse_spec(data: Any, limits: SpecLimits | None = None) -> SteeringSpec:
     """Validate raw JSON-like data (a dict, a SteeringSpec or a JSON string) into a SteeringSpec."""
     limits = limits or SpecLimits()
-    spec = data if isinstance(data, SteeringSpec) else _validated_model(data)
+    spec = data if isinstance(data, SteeringSpec) else parse_spec_shape(data)
     errors: list[SpecIssue] = []
     if len(spec.edits) > limits.max_edits:
         message = f"at most {limits.max_edits} edits per request (got {len(spec.edits)})"

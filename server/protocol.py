@@ -60,7 +60,7 @@ class SAEInfo(BaseModel):
 
     object: Literal["sae"] = "sae"
     id: str = Field(description="The id requests name in `steering.edits[].sae`.")
-    layer: int | None = Field(description="The decoder layer whose output the SAE reads.")
+    layer: int = Field(description="The decoder layer whose output the SAE steers.")
     architecture: str = Field(description="relu, jumprelu or topk.")
     k: int | None = Field(default=None, description="Features kept per token (topk only).")
     format: str = Field(description="The file format it was read from (e.g. saelens).")

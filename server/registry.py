@@ -11,7 +11,7 @@ import numpy as np
 from sae_vllm.config import SAEEntry, SteeringConfig
 from sae_vllm.sae import SAEFormatError, decoder_norms, inspect_sae
 from sae_vllm.sae.hub import local_sae_path
-from sae_vllm.sae.sites import NotALayerOutputError, residual_layer
+from sae_vllm.sae.sites import NotALayerOutputError, model_misfit, steered_layer
 
 from .errors import StartupError
 from .labels import FeatureLabel, LabelFileError, default_labels_path, read_labels
@@ -69,10 +69,9 @@ def load_record(entry: SAEEntry) -> SAERecord:
     except SAEFormatError as exc:
         raise StartupError(f"{where}: {exc}") from None
     try:
-        file_layer = residual_layer(sae)
+        layer = steered_layer(sae, entry.layer)
     except NotALayerOutputError as exc:
         raise StartupError(f"{where}: {exc}") from None
-    layer = entry.layer if entry.layer is not None else file_layer
     if layer is None:
         raise StartupError(
             f"{where}: no layer given and none found in {entry.path} (use --sae ID=PATH@LAYER)"
@@ -123,14 +122,6 @@ class SAERegistry:
         """Refuse SAEs that do not fit the served model (the worker would refuse them later)."""
         for record in self._records.values():
             info = record.info
-            where = f"SAE '{info.id}'"
-            if info.d_in != hidden_size:
-                raise StartupError(
-                    f"{where}: d_in {info.d_in} does not match the model's hidden size "
-                    f"{hidden_size}"
-                )
-            if info.layer is not None and not 0 <= info.layer < num_layers:
-                raise StartupError(
-                    f"{where}: layer {info.layer} does not exist "
-                    f"(the model has layers 0..{num_layers - 1})"
-                )
+            misfit = model_misfit(info.d_in, info.layer, hidden_size, num_layers)
+            if misfit is not None:
+                raise StartupError(f"SAE '{info.id}': {misfit}")

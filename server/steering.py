@@ -117,7 +117,6 @@ class SteeringGate:
 
     def admit(
         self,
-        endpoint: str,
         steering: Any,
         xargs_spec: Any = None,
         extra_body: Any = None,

@@ -12,9 +12,14 @@
 # handler runs); SageMaker's `/invocations` table of body types and endpoints (the same
 # steered models and endpoints for completion and chat bodies; the others refuse `steering`);
 # run-batch's `handle_endpoint_request` (wrapped, so that lines carrying
-# `steering` to other routes, nested in `extra_body`, or twice, fail); and the online beam
+# `steering` to other routes, nested in `extra_body`, or twice, fail); the online beam
 # search (`BeamSearchOnlineMixin.beam_search`, wrapped so that each beam step's request carries
-# the spec: vLLM builds those SamplingParams itself, without extra_args).
+# the spec: vLLM builds those SamplingParams itself, without extra_args); the Responses API's
+# `OpenAIServingResponses._generate_with_builtin_tools` (wrapped, to judge a spec's reach before
+# a stream starts); the `GET /v1/responses/{id}` and `GET /v1/models` routes (wrapped: steering
+# headers, variants' cards); and, for `sae-vllm serve`'s start-up, `AsyncEngineArgs`
+# (`create_model_config`), `validate_parsed_serve_args`, `cli_env_setup` and
+# `configure_logging_from_args`.
 
 from __future__ import annotations
 
@@ -49,7 +54,7 @@ from sae_vllm.engine.sequence_ends import reporting_sequence_ends
 from sae_vllm.engine.vllm_adapter import (
     as_client_error,
     prompt_length_of_input,
-    with_extra_args,
+    with_added_extra_args,
     wrap_once,
 )
 from sae_vllm.spec import SteeringSpec
@@ -256,7 +261,7 @@ class _SteeringEngineClient:
         self._extra_args = extra_args
 
     def generate(self, prompt: Any, sampling_params: Any, *args: Any, **kwargs: Any) -> Any:
-        params = with_extra_args(sampling_params, self._extra_args)
+        params = with_added_extra_args(sampling_params, self._extra_args)
         return self._client.generate(prompt, params, *args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
@@ -544,7 +549,7 @@ def _steered_endpoint(original: Callable, model: type, label: str):
         variant = gate.variant_named(request.model)
         variant_name = request.model if variant is not None else None
         try:
-            spec = gate.admit(label, request.steering, xargs_spec, extra_body, variant_name)
+            spec = gate.admit(request.steering, xargs_spec, extra_body, variant_name)
         except Rejection as rejection:
             return rejection.response_for(raw_request.url.path)
         if variant is not None:

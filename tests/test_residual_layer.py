@@ -1,4 +1,5 @@
-"""Which decoder layer's output an SAE reads, from its hook name; non-residual sites refused."""
+"""Which decoder layer's output an SAE reads, from its hook name, and which it steers; sites
+that are no layer output refused, and a model without the layer or of another width named."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 
 from sae_vllm.sae import SAE
-from sae_vllm.sae.sites import NotALayerOutputError, residual_layer
+from sae_vllm.sae.sites import NotALayerOutputError, model_misfit, residual_layer, steered_layer
 
 
 def sae(hook: str | None, layer: int | None) -> SAE:
@@ -63,3 +64,18 @@ def test_the_embeddings_are_refused_though_they_name_no_layer(hook):
     """Before any layer: an explicit layer must not make a decoder layer's output read them."""
     with pytest.raises(NotALayerOutputError, match=f"reads {hook}, not the output of a decoder"):
         residual_layer(sae(hook, None))
+
+
+def test_a_configured_layer_wins_but_never_over_a_site_that_is_no_layer_output():
+    assert steered_layer(sae("blocks.12.hook_resid_post", 12), 5) == 5
+    assert steered_layer(sae("blocks.12.hook_resid_pre", 12), None) == 11
+    assert steered_layer(sae(None, None), None) is None
+    with pytest.raises(NotALayerOutputError):
+        steered_layer(sae("blocks.12.hook_mlp_out", 12), 12)
+
+
+def test_a_model_without_the_layer_or_of_another_width_is_named():
+    assert model_misfit(4, 3, hidden_size=4, num_layers=4) is None
+    assert model_misfit(4, 4, 4, 4) == "layer 4 does not exist (the model has layers 0..3)"
+    assert model_misfit(4, -1, 4, 4) == "layer -1 does not exist (the model has layers 0..3)"
+    assert model_misfit(8, 0, 4, 4) == "d_in 8 does not match the model's hidden size 4"

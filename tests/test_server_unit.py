@@ -307,7 +307,7 @@ REJECTED = [
 @pytest.mark.parametrize(("steering", "param", "reason"), REJECTED)
 def test_gate_rejects_with_field_and_reason(steering, param, reason):
     with pytest.raises(Rejection) as info:
-        GATE.admit("completions", steering)
+        GATE.admit(steering)
     response = info.value.response_for("/v1/completions")
     body = json.loads(response.body)
     assert response.status_code == 400
@@ -319,7 +319,7 @@ def test_gate_rejects_with_field_and_reason(steering, param, reason):
 
 def test_a_rejection_answers_in_the_shape_of_the_route():
     with pytest.raises(Rejection) as info:
-        GATE.admit("messages", {"edits": [edit(feature=16)]})
+        GATE.admit({"edits": [edit(feature=16)]})
     openai_style = json.loads(info.value.response_for("/v1/chat/completions").body)
     assert set(openai_style) == {"error"} and openai_style["error"]["code"] == 400
     for path in ("/v1/messages", "/v1/messages/count_tokens"):
@@ -337,22 +337,22 @@ def test_a_rejection_answers_in_the_shape_of_the_route():
 
 
 def test_gate_admits_and_resolves():
-    assert GATE.admit("completions", None) is None
-    text = GATE.admit("chat.completions", {"edits": [{"sae": "b", "feature": 31, "op": "ablate"}]})
+    assert GATE.admit(None) is None
+    text = GATE.admit({"edits": [{"sae": "b", "feature": 31, "op": "ablate"}]})
     spec = json.loads(text)
     assert spec["edits"] == [{"sae": "b", "feature": 31, "op": "ablate", "value": None}]
     assert spec["apply_to"] == "generated"
-    as_string = GATE.admit("completions", None, json.dumps({"edits": [edit()]}))
+    as_string = GATE.admit(None, json.dumps({"edits": [edit()]}))
     assert json.loads(as_string)["edits"][0]["sae"] == "a"
 
 
 def test_gate_refuses_two_specs_and_steering_without_saes():
     with pytest.raises(Rejection) as info:
-        GATE.admit("completions", {"edits": [edit()]}, {"edits": [edit()]})
+        GATE.admit({"edits": [edit()]}, {"edits": [edit()]})
     assert info.value.reason == rejections.CONFLICT
     assert info.value.param == "vllm_xargs.sae_steering"
     with pytest.raises(Rejection) as info:
-        SteeringGate({}, SpecLimits()).admit("completions", {"edits": [edit()]})
+        SteeringGate({}, SpecLimits()).admit({"edits": [edit()]})
     assert info.value.reason == rejections.STEERING_DISABLED
     # both ways to start a server with SAEs: `vllm serve` has no --sae
     assert "sae-vllm serve with --sae ID=PATH" in str(info.value)
@@ -385,17 +385,17 @@ def test_gate_hands_a_variant_its_spec_and_refuses_one_of_its_own():
     gate = SteeringGate(SIZES, SpecLimits(), {"v": ResolvedVariant("m", text)})
     assert gate.variant_named("v") == ResolvedVariant("m", text)
     assert gate.variant_named("m") is None and gate.variant_named(None) is None
-    assert json.loads(gate.admit("completions", None, variant="v")) == json.loads(text)
+    assert json.loads(gate.admit(None, variant="v")) == json.loads(text)
     own = {"edits": [edit()]}
     for steering, xargs, param in [
         (own, None, "steering"),
         (None, json.dumps(own), "vllm_xargs.sae_steering"),
     ]:
         with pytest.raises(Rejection) as info:
-            gate.admit("completions", steering, xargs, variant="v")
+            gate.admit(steering, xargs, variant="v")
         assert info.value.reason == rejections.CONFLICT and info.value.param == param
     with pytest.raises(Rejection) as info:  # nested where no route reads it: still misplaced
-        gate.admit("completions", None, extra_body={"steering": {}}, variant="v")
+        gate.admit(None, extra_body={"steering": {}}, variant="v")
     assert info.value.reason == rejections.MISPLACED
 
 
@@ -411,10 +411,10 @@ def test_gate_counts(monkeypatch):
         value("sae_steering_edits_per_request_sum"),
         value("sae_steering_rejected_specs_total", reason=Reason.UNKNOWN_SAE),
     )
-    steered = GATE.admit("completions", {"edits": [edit(), edit(feature=2)]})
-    unsteered = GATE.admit("completions", None)
+    steered = GATE.admit({"edits": [edit(), edit(feature=2)]})
+    unsteered = GATE.admit(None)
     with pytest.raises(Rejection):
-        GATE.admit("completions", {"edits": [edit(sae="zz")]})
+        GATE.admit({"edits": [edit(sae="zz")]})
     assert value("sae_steering_steered_requests_total", endpoint="completions") == before[0]
     GATE.record_admitted("completions", steered, None)  # once vLLM took them on
     GATE.record_admitted("completions", unsteered, None)
@@ -510,15 +510,15 @@ def test_the_gate_survives_pickling_into_another_api_server_process():
     # With --api-server-count > 1 (data parallelism), vLLM pickles the app's state to each.
     import pickle
 
-    GATE.admit("completions", {"edits": [edit()]})
+    GATE.admit({"edits": [edit()]})
     copy = pickle.loads(pickle.dumps(GATE))
-    assert json.loads(copy.admit("completions", {"edits": [edit()]}))["edits"][0]["sae"] == "a"
+    assert json.loads(copy.admit({"edits": [edit()]}))["edits"][0]["sae"] == "a"
     with pytest.raises(Rejection):
-        copy.admit("completions", {"edits": [edit(sae="zz")]})
+        copy.admit({"edits": [edit(sae="zz")]})
     variant = ResolvedVariant("m", json.dumps({"edits": [edit()], "apply_to": "all"}))
     with_variant = pickle.loads(pickle.dumps(SteeringGate(SIZES, SpecLimits(), {"v": variant})))
     assert with_variant.variant_named("v") == variant
-    assert json.loads(with_variant.admit("completions", None, variant="v"))["apply_to"] == "all"
+    assert json.loads(with_variant.admit(None, variant="v"))["apply_to"] == "all"
 
 
 def test_every_steered_route_exports_its_counters_at_zero():

@@ -54,6 +54,10 @@ def inputs(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     return hidden, torch.randn(TOKENS, D_IN, generator=gen).to(dtype)
 
 
+def test_the_steered_model_prints_which_sae_steers_a_layer():
+    assert "SAESteering(sae='s', d_sae=" in repr(steered_pair_layer(torch.float32))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_eager_steers_the_layer_output_in_place(dtype, monkeypatch):
     layer = steered_pair_layer(dtype)

@@ -82,7 +82,7 @@ def check_params(vllm_config: Any, params: Any) -> Any:
     generation_start_of(extra_args)  # raises on a bad one
     if extra_args[EXTRA_ARGS_KEY] == steering.text:
         return params
-    return vllm.with_own_extra_args(params, {**extra_args, EXTRA_ARGS_KEY: steering.text})
+    return vllm.with_replaced_extra_args(params, {**extra_args, EXTRA_ARGS_KEY: steering.text})
 
 
 def reach_problem(spec: SteeringSpec, num_prompt_tokens: int, max_tokens: int) -> str | None:

@@ -37,6 +37,9 @@ class SAESteering(nn.Module):
         ):
             self.register_buffer(name, tensor, persistent=False)
 
+    def extra_repr(self) -> str:  # how the steered model prints this module
+        return f"sae={self.sae_id!r}, d_sae={self.W_dec.shape[0]}, topk_k={self.topk_k}"
+
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> None:
         torch.ops.sae_vllm.steer_(
             hidden,

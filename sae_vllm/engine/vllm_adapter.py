@@ -293,14 +293,14 @@ def patch_session_updates(
     wrap_once(Scheduler, "_update_request_as_session", make)
 
 
-def with_extra_args(params: Any, extra_args: dict[str, Any]) -> Any:
-    """A copy of SamplingParams with `extra_args` added to its own."""
+def with_added_extra_args(params: Any, extra_args: dict[str, Any]) -> Any:
+    """A clone of SamplingParams with `extra_args` merged into its own."""
     clone = params.clone()
     clone.extra_args = {**(params.extra_args or {}), **extra_args}
     return clone
 
 
-def with_own_extra_args(params: Any, extra_args: dict[str, Any]) -> Any:
+def with_replaced_extra_args(params: Any, extra_args: dict[str, Any]) -> Any:
     """A shallow copy of SamplingParams with `extra_args` in place of its own (vLLM's frontend
     clones the params it is given before it changes any)."""
     own = copy.copy(params)
@@ -451,13 +451,17 @@ def add_worker_method(name: str, method: Callable[[Any], Any]) -> None:
 class RunnerInfo:
     """What the plugin needs to know about a loaded model runner."""
 
-    vllm_config: Any
     device: torch.device
     dtype: torch.dtype
     hidden_size: int
     num_layers: int
     max_num_seqs: int
     max_num_tokens: int
+
+
+def additional_config_of(runner: Any) -> Any:
+    """The engine's additional_config, as the runner holds it."""
+    return runner.vllm_config.additional_config
 
 
 def runner_info(runner: Any) -> RunnerInfo:
@@ -478,7 +482,6 @@ def runner_info(runner: Any) -> RunnerInfo:
         )
     model_config = runner.model_config
     return RunnerInfo(
-        vllm_config=runner.vllm_config,
         device=torch.device(runner.device),
         dtype=runner.dtype,
         hidden_size=model_config.get_hidden_size(),

@@ -11,7 +11,7 @@ from .. import LOGGER_NAME
 from ..config import EXTRA_ARGS_KEY, SteeringConfig, steering_config_from
 from ..kernels import warm_up_cpu_path
 from ..sae import SAEFormatError, open_sae
-from ..sae.sites import NotALayerOutputError, residual_layer
+from ..sae.sites import NotALayerOutputError, model_misfit, steered_layer
 from ..spec import SteeringSpec
 from . import vllm_adapter as vllm
 from .intake import generation_start_of
@@ -35,7 +35,6 @@ class WorkerSteering:
 
     def __init__(self, config: SteeringConfig, runner: Any):
         info = vllm.runner_info(runner)
-        self.config = config
         self.sae_sizes: dict[str, int] = {}
         max_rows = 2 * info.max_num_seqs * ROWS_PER_REQUEST
         self.tables = SteeringTables(
@@ -53,24 +52,16 @@ class WorkerSteering:
                 raise SteeringStartupError(f"SAE '{entry.id}': {exc}") from None
             sae = opened.header  # W_enc and W_dec stay in the file until steering_weights
             try:
-                file_layer = residual_layer(sae)
+                layer_index = steered_layer(sae, entry.layer)
             except NotALayerOutputError as exc:
                 raise SteeringStartupError(f"SAE '{entry.id}': {exc}") from None
-            layer_index = entry.layer if entry.layer is not None else file_layer
             if layer_index is None:
                 raise SteeringStartupError(
                     f"SAE '{entry.id}': no layer given and none found in {entry.path}"
                 )
-            if not 0 <= layer_index < info.num_layers:
-                raise SteeringStartupError(
-                    f"SAE '{entry.id}': layer {layer_index} does not exist "
-                    f"(the model has layers 0..{info.num_layers - 1})"
-                )
-            if sae.d_in != info.hidden_size:
-                raise SteeringStartupError(
-                    f"SAE '{entry.id}': d_in {sae.d_in} does not match the model's hidden size "
-                    f"{info.hidden_size}"
-                )
+            misfit = model_misfit(sae.d_in, layer_index, info.hidden_size, info.num_layers)
+            if misfit is not None:
+                raise SteeringStartupError(f"SAE '{entry.id}': {misfit}")
             layer = layers[layer_index]
             if vllm.is_missing_layer(layer):
                 continue  # another pipeline rank holds this layer
@@ -155,7 +146,7 @@ def stats(runner: Any) -> dict[str, Any]:
 
 
 def after_load_model(runner: Any) -> None:
-    config = steering_config_from(runner.vllm_config.additional_config)
+    config = steering_config_from(vllm.additional_config_of(runner))
     if config is None:
         return
     vllm.check_frontend_carries_steering()

@@ -1,4 +1,5 @@
-"""Which decoder layer's output an SAE reads, from its hook name: the layer steering edits."""
+"""Which decoder layer's output an SAE reads (from its hook name, or as configured): the layer
+steering edits, and whether a model has that layer at the SAE's width."""
 
 from __future__ import annotations
 
@@ -40,3 +41,21 @@ def residual_layer(sae: SAE) -> int | None:
     raise NotALayerOutputError(
         f"SAE at {sae.source} reads {hook}, not the output of a decoder layer"
     )
+
+
+def steered_layer(sae: SAE, configured: int | None) -> int | None:
+    """The decoder layer an SAE steers: the configured one when given, else the one its file
+    names; None when neither does. Raises NotALayerOutputError for a file that reads another
+    site, whatever layer is configured."""
+    file_layer = residual_layer(sae)
+    return configured if configured is not None else file_layer
+
+
+def model_misfit(d_in: int, layer: int, hidden_size: int, num_layers: int) -> str | None:
+    """Why an SAE of width `d_in` at `layer` cannot steer a model of this hidden size and
+    number of layers; None when it can."""
+    if not 0 <= layer < num_layers:
+        return f"layer {layer} does not exist (the model has layers 0..{num_layers - 1})"
+    if d_in != hidden_size:
+        return f"d_in {d_in} does not match the model's hidden size {hidden_size}"
+    return None
