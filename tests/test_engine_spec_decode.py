@@ -17,7 +17,9 @@ rejects most of their drafts: they show those proposers running beside steering;
 proposer and the draft model show accepted drafts steered.
 All but the n-gram engine run vLLM's async scheduling (its default on CUDA, where those
 proposers are the ones it supports; tests/cpu_async_scheduling.py): the engine schedules the
-next step, its drafts included, before it has the last one's output."""
+next step, its drafts included, before it has the last one's output. One more n-gram engine,
+with a token budget of 2, makes the scheduler leave a steered request out of steps and then
+restore its batch, which must not cost it its steering."""
 
 from __future__ import annotations
 
@@ -186,3 +188,62 @@ def test_unsteered_requests_accept_every_draft_of_the_unsteered_target(llm, prop
     proposed = after["proposed"] - before["proposed"]
     assert proposed >= 20
     assert after["accepted"] - before["accepted"] == proposed
+
+
+def left_out_and_restored(steps: list[tuple[tuple[str, ...], tuple[int, ...]]]) -> bool:
+    """Whether a two-request batch ran, then a step of its first request alone, then that
+    batch again with the same token counts."""
+    for i, batch in enumerate(steps):
+        ids = batch[0]
+        if len(ids) != 2:
+            continue
+        for j in range(i + 1, len(steps)):
+            if steps[j][0] == ids[:1] and batch in steps[j + 1 :]:
+                return True
+    return False
+
+
+def test_a_steered_request_left_out_of_steps_by_the_scheduler_stays_steered(artifacts, monkeypatch):
+    """Under a token budget of 2, an unsteered request whose n-gram draft takes the whole budget
+    leaves the steered request behind it out of the step; vLLM's runner drops it from the batch
+    and appends it again when it is scheduled, restoring the batch it left. Every step of it
+    is steered: before 51e8c62 the tables took the restored batch for an unchanged settled one
+    and skipped its write, though the steps without it had cleared the buffers, and it ran
+    unsteered from there (its tokens departed from the reference at the first restored step)."""
+    from vllm import SamplingParams
+
+    from sae_vllm.engine.tables import SteeringTables
+
+    steps: list[tuple[tuple[str, ...], tuple[int, ...]]] = []
+    write_step = SteeringTables.write_step
+
+    def recording(self, req_ids, num_scheduled_tokens, num_computed_tokens):
+        steps.append((tuple(req_ids), tuple(int(n) for n in num_scheduled_tokens)))
+        return write_step(self, req_ids, num_scheduled_tokens, num_computed_tokens)
+
+    monkeypatch.setattr(SteeringTables, "write_step", recording)
+    llm = make_llm(
+        artifacts,
+        in_process=True,
+        max_num_batched_tokens=2,  # the unsteered request with a draft leaves no token
+        max_num_seqs=2,
+        speculative_config=NGRAM | {"num_speculative_tokens": 1},
+    )
+    try:
+        drafting = [1, *([5, 6, 7, 8] * 10)]  # repeats, so the n-gram proposer drafts for it
+        steered_prompt = [1, 200]
+        edit = ("relu", 5, "set", 6.0)
+        steered = steered_params(artifacts, [edit], "all", max_tokens=MAX_TOKENS, ignore_eos=True)
+        plain = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+        prompts = [{"prompt_token_ids": drafting}, {"prompt_token_ids": steered_prompt}]
+        beside = llm.generate(prompts, [plain, steered], use_tqdm=False)[1].outputs[0].token_ids
+        beside_steps = list(steps)
+        alone = llm.generate(prompts[1:], [steered], use_tqdm=False)[0].outputs[0].token_ids
+    finally:
+        stop_llm(llm)
+    assert left_out_and_restored(beside_steps), "the scheduler never left it out: nothing tested"
+    reference = HFReference(artifacts.model_dir)
+    expected, _ = reference.greedy(
+        steered_prompt, MAX_TOKENS, [Edit(artifacts.saes["relu"], *edit[1:])], "all"
+    )
+    assert list(beside) == list(alone) == expected
