@@ -172,6 +172,16 @@ def test_a_settled_batch_is_written_again_after_a_step_without_its_steered_reque
     assert step(tables, ["plain", "g"], [1, 1], [7, 6]) == ([NO_ROW, g], [False, True])
 
 
+def test_a_settled_batch_whose_positions_move_back_is_written_again():
+    """vLLM recomputes a running request's KV that failed to load (kv_load_failure_policy
+    "recompute") by moving its position back, with no release: the same layout at lower
+    positions is written again, not reused."""
+    tables = make()
+    r = tables.admit("r", spec("all", window={"end": 8}), 100)
+    assert step(tables, ["r"], [16], [32]) == ([NO_ROW] * 16, [False] * 16)
+    assert step(tables, ["r"], [16], [0]) == ([r] * 8 + [NO_ROW] * 8, [True] * 8 + [False] * 8)
+
+
 def test_staged_tables_reach_the_device_exactly_as_direct_writes_do():
     """The staged path (host copies flushed to the device, used on CUDA) run on CPU against the
     direct one, through admissions, releases, prefill, decode, steady and idle steps."""
@@ -280,8 +290,9 @@ def random_window(rng, negative: bool) -> dict | None:
 
 def random_steps(tables, rng, steps: int, draw_spec):
     """Drive `tables` through random admissions (specs from `draw_spec(rng)`), releases,
-    chunked prefills and decode runs (steady steps included, and steps that leave some running
-    requests out, as vLLM's runner drops a request a step does not schedule). Yields, for
+    chunked prefills and decode runs (steady steps included, steps that leave some running
+    requests out, as vLLM's runner drops a request a step does not schedule, and positions
+    moved back, as vLLM recomputes KV that failed to load). Yields, for
     each step, its index, its rows and scope, and each scheduled request (a dict: spec,
     prompt, row) with its positions and its tokens' slice of the step."""
     requests: dict[str, dict] = {}
@@ -295,6 +306,9 @@ def random_steps(tables, rng, steps: int, draw_spec):
             new, prompt_len = f"r{step_index}", int(rng.integers(1, 12))
             row = tables.admit(new, request_spec, prompt_len)
             requests[new] = {"spec": request_spec, "prompt": prompt_len, "computed": 0, "row": row}
+        if requests and rng.random() < 0.03:  # KV recomputed after a failed load: no release
+            moved = requests[list(requests)[int(rng.integers(len(requests)))]]
+            moved["computed"] = int(rng.integers(0, moved["computed"] + 1))
         ids = list(requests)
         if len(ids) > 1 and rng.random() < 0.15:  # a step that leaves some running ones out
             ids = [r for r in ids if rng.random() < 0.5] or ids[:1]

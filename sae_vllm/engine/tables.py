@@ -109,6 +109,7 @@ class SteeringTables:
         self._recount_edges = False
         self._written_tokens = 0
         self._steady_layout: tuple | None = None
+        self._steady_from = np.zeros(0, np.int32)  # its requests' positions when it settled
 
     @property
     def rows_in_use(self) -> int:
@@ -197,7 +198,9 @@ class SteeringTables:
         if self.rows_in_use == 0 and self._written_tokens == 0:
             return  # nothing steered now or in the last write: the buffers are all -1 already
         layout = (tuple(req_ids), num_scheduled_tokens.tobytes())
-        if layout == self._steady_layout:
+        # A position moves back without a release when vLLM recomputes a running request's
+        # KV that failed to load (kv_load_failure_policy "recompute"): it may be unsettled.
+        if layout == self._steady_layout and (num_computed_tokens >= self._steady_from).all():
             return  # same batch, every token settled: the buffers already hold this step
         firsts = np.fromiter(
             (self._first_row_of.get(r, NO_ROW) for r in req_ids), np.int32, len(req_ids)
@@ -222,9 +225,10 @@ class SteeringTables:
         token_rows = self._segment_rows.ravel()[segment_index]
         self._write_tokens(num_tokens, token_rows, token_rows != NO_ROW)
         # Once every token has settled, a step with the same batch layout has the same rows and
-        # the same scope (each token stays in its segment), so it can skip the write.
-        settled = bool((positions >= self._settles_at[token_firsts]).all())
-        self._steady_layout = layout if settled else None
+        # the same scope while no position moves back (each token stays in its segment), so it
+        # can skip the write.
+        if (positions >= self._settles_at[token_firsts]).all():
+            self._steady_layout, self._steady_from = layout, num_computed_tokens.copy()
 
     def _write_row(self, row: int, edits: Sequence[FeatureEdit]) -> None:
         for sae_id, table in self.tables.items():
