@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 from fastapi.responses import JSONResponse
 
 from sae_vllm.config import EXTRA_ARGS_KEY
-from sae_vllm.engine.intake import STEERS_NOTHING
+from sae_vllm.engine.intake import STEERS_NOTHING, UNPLACEABLE_WINDOW
 from sae_vllm.resolved_specs import ResolvedSpec, SpecResolver, resolver_for
 from sae_vllm.spec import SpecLimits, SteeringSpec, SteeringSpecError
 
@@ -45,15 +45,27 @@ def _join(field: str, path: str) -> str:
     return f"{field}.{path}" if path else field
 
 
-def steers_nothing_rejection(error_message: str, param: str) -> Rejection | None:
-    """The Rejection for vLLM's client error about a request whose spec steers none of its
-    positions (vLLM's frontend finds that out once the prompt is tokenized, past the gate);
-    None for any other error. `param` names where the spec came from."""
-    if not error_message.startswith(STEERS_NOTHING):
+# How the engine's refusals of a spec start (checked once the prompt is tokenized, past the
+# gate), and the reason each is given.
+_ENGINE_REFUSALS = {
+    STEERS_NOTHING: rejections.STEERS_NOTHING,
+    UNPLACEABLE_WINDOW: rejections.UNPLACEABLE_WINDOW,
+}
+
+
+def engine_rejection(error_message: str, param: str) -> Rejection | None:
+    """The Rejection for vLLM's client error about a spec the engine refused for this request
+    (it steers none of its positions, or has a window this engine cannot place); None for any
+    other error. `param` names where the spec came from."""
+    reason = next(
+        (reason for start, reason in _ENGINE_REFUSALS.items() if error_message.startswith(start)),
+        None,
+    )
+    if reason is None:
         return None
     problem = error_message.removeprefix(f"{STEERING_FIELD}: ")
     problem = problem.removesuffix(f" (parameter={STEERING_FIELD})")  # vLLM's own addition
-    return Rejection(rejections.STEERS_NOTHING, param, f"{param}: {problem}")
+    return Rejection(reason, param, f"{param}: {problem}")
 
 
 def error_message_of(body: bytes) -> str:

@@ -70,8 +70,8 @@ from .steering import (
     Rejection,
     SteeringGate,
     check_placement,
+    engine_rejection,
     error_message_of,
-    steers_nothing_rejection,
 )
 from .stored_responses import (
     FINISHED,
@@ -515,12 +515,12 @@ def _spec_field(from_variant: bool, from_xargs: bool) -> str:
     return XARGS_FIELD if from_xargs else STEERING_FIELD
 
 
-def _steers_nothing_refusal(
+def _engine_refusal(
     spec: str | None, message: str, param: str, raw_request: Request
 ) -> JSONResponse | None:
-    """The 400 in the gate's shape, counted, when vLLM refused a steered request because its
-    spec steers none of its positions (`message` is vLLM's error); None otherwise."""
-    rejection = None if spec is None else steers_nothing_rejection(message, param)
+    """The 400 in the gate's shape, counted, when vLLM refused a steered request for its spec
+    (see steering.engine_rejection; `message` is vLLM's error); None otherwise."""
+    rejection = None if spec is None else engine_rejection(message, param)
     if rejection is None:
         return None
     metrics.record_rejected(rejection.reason)
@@ -560,7 +560,7 @@ def _steered_endpoint(original: Callable, model: type, label: str):
             with reach_report.tallying() as sequences:
                 response = await original(request, raw_request)
         except VLLMValidationError as exc:  # some routes leave vLLM's errors to its handler
-            refusal = _steers_nothing_refusal(spec, str(exc), param, raw_request)
+            refusal = _engine_refusal(spec, str(exc), param, raw_request)
             if refusal is None:
                 raise
             return refusal
@@ -568,7 +568,7 @@ def _steered_endpoint(original: Callable, model: type, label: str):
             # vLLM refused it (not counted as taken on): for its spec, the gate's 400
             if response.status_code == HTTPStatus.BAD_REQUEST:
                 message = error_message_of(getattr(response, "body", b""))
-                refusal = _steers_nothing_refusal(spec, message, param, raw_request)
+                refusal = _engine_refusal(spec, message, param, raw_request)
                 if refusal is not None:
                     return refusal
             return response

@@ -247,3 +247,38 @@ def test_a_steered_request_left_out_of_steps_by_the_scheduler_stays_steered(arti
         steered_prompt, MAX_TOKENS, [Edit(artifacts.saes["relu"], *edit[1:])], "all"
     )
     assert list(beside) == list(alone) == expected
+
+
+def test_windows_among_generated_tokens_are_exact_or_refused(llm, proposer, target, artifacts):
+    """A synchronously scheduled engine (n-gram) knows a step's positions when it prepares it,
+    so a window among the generated tokens steers exactly the reference's positions. Under async
+    scheduling the step is prepared before the last step's drafts are judged, at positions
+    that count them all as accepted, so such a window is refused: before, its edges moved by
+    the drafts rejected (5 of 12 windowed requests on the draft-model engine departed from the
+    reference), a wrong steering no one would have seen."""
+    from vllm import SamplingParams
+
+    prompts = [PROMPTS[0], PROMPTS[1], [1, *([5, 6, 7, 8] * 5)]]
+    edit, window = ("relu", 5, "set", 6.0), {"start": 3, "end": 9}
+    params = steered_params(
+        artifacts, [edit], "generated", window, max_tokens=MAX_TOKENS, ignore_eos=True
+    )
+    requests = [{"prompt_token_ids": p} for p in prompts]
+    if proposer != "ngram":
+        with pytest.raises(Exception, match="cannot place a window edge past the prompt"):
+            llm.generate(requests, params, use_tqdm=False)
+        last = [("relu", 5, "set", 6.0)]  # a window ending at the prompt's end is placed exactly
+        at_prompt_end = steered_params(artifacts, last, "generated", {"end": 1}, max_tokens=4)
+        assert llm.generate(requests[:1], at_prompt_end, use_tqdm=False)[0].outputs[0].token_ids
+        return
+    plain = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    before = spec_decode_counts(llm)
+    outputs = llm.generate(requests, [params] * len(prompts), use_tqdm=False)
+    assert spec_decode_counts(llm)["accepted"] - before["accepted"] >= 10
+    unsteered = llm.generate(requests, plain, use_tqdm=False)
+    reference = HFReference(target)
+    for prompt, output, plain_output in zip(prompts, outputs, unsteered, strict=True):
+        edits = [Edit(artifacts.saes["relu"], *edit[1:])]
+        expected, _ = reference.greedy(prompt, MAX_TOKENS, edits, "generated", window)
+        assert list(output.outputs[0].token_ids) == expected
+        assert expected != list(plain_output.outputs[0].token_ids)

@@ -151,8 +151,7 @@ def test_one_scope_that_reaches_is_enough_and_the_message_names_every_scope(engi
 
 def test_without_max_tokens_a_request_may_generate_to_the_models_length(engine_a):
     engine = types.SimpleNamespace(
-        additional_config=engine_a.additional_config,
-        model_config=types.SimpleNamespace(max_model_len=20),
+        **vars(engine_a), model_config=types.SimpleNamespace(max_model_len=20)
     )
     reach(engine, windowed(("generated", {"start": 13})), 6, None)  # its output: token 14
     with pytest.raises(ValueError, match="generates at most 14, "):
@@ -193,3 +192,37 @@ def test_beam_steps_and_unsteered_requests_are_not_judged_alone(engine_a):
     intake.check_beam_reach(engine_a, json.dumps(nothing), 3, 21)
     reach(engine_a, None, 5, 1)
     reach(engine_a, None, 5, 1, other=1)
+
+
+@pytest.mark.parametrize(
+    ("scope", "placeable"),
+    [
+        ({"window": {"start": 2}}, False),  # generated position 2: the prompt's end + 1
+        ({"window": {"end": 16}}, False),
+        ({"window": {"start": 1}}, True),  # the prompt's end: before every decode position
+        ({}, True),
+        ({"apply_to": "all", "window": {"end": 10}}, True),  # the prompt is 10 tokens
+        ({"apply_to": "all", "window": {"end": 11}}, False),
+        ({"apply_to": "prompt", "window": {"start": -4}}, True),
+    ],
+)
+def test_windows_cut_among_generated_tokens_are_refused_where_positions_run_ahead(
+    engine_a, scope, placeable
+):
+    """Under async scheduling with speculative decoding, the host prepares a step at positions
+    that count the last step's drafts as accepted: a window edge past the prompt would move by
+    the drafts rejected. Elsewhere, and on other engines, every window is taken."""
+    params = sampling_params(**{EXTRA_ARGS_KEY: RAW | scope})
+    assert intake.check_reach(engine_a, params, 10, 32) is not None
+    ahead = types.SimpleNamespace(
+        **vars(engine_a)
+        | {
+            "scheduler_config": types.SimpleNamespace(async_scheduling=True),
+            "speculative_config": object(),
+        }
+    )
+    if placeable:
+        assert intake.check_reach(ahead, params, 10, 32) is not None
+    else:
+        with pytest.raises(ValueError, match=intake.UNPLACEABLE_WINDOW):
+            intake.check_reach(ahead, params, 10, 32)

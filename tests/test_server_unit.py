@@ -23,7 +23,13 @@ from sae_vllm.server.options import (
 )
 from sae_vllm.server.registry import SAERegistry, load_record
 from sae_vllm.server.routes import REGISTRY_STATE, router
-from sae_vllm.server.steering import Rejection, ResolvedVariant, SteeringGate, resolve_variants
+from sae_vllm.server.steering import (
+    Rejection,
+    ResolvedVariant,
+    SteeringGate,
+    engine_rejection,
+    resolve_variants,
+)
 from sae_vllm.spec import SpecErrorReason as Reason
 from sae_vllm.spec import SpecLimits, SteeringSpec
 from tiny_model import HIDDEN, write_random_sae
@@ -533,3 +539,23 @@ def test_every_steered_route_exports_its_counters_at_zero():
         for kind in ("steered", "unsteered"):
             name = f"sae_steering_{kind}_requests_total"
             assert REGISTRY.get_sample_value(name, {"endpoint": endpoint}) is not None, name
+
+
+@pytest.mark.parametrize(
+    ("start", "reason"),
+    [
+        ("steering: steers no position of this request: its prompt has 3 tokens", "steers_nothing"),
+        (
+            "steering: this engine cannot place a window edge past the prompt: it",
+            "unplaceable_window",
+        ),
+    ],
+)
+def test_the_engines_refusals_of_a_spec_get_the_gates_shape_and_reason(start, reason):
+    """vLLM's frontend refuses these once the prompt is tokenized, past the gate; the server
+    answers with the gate's shape, naming where the spec came from."""
+    rejection = engine_rejection(f"{start} and so on (parameter=steering)", "vllm_xargs")
+    assert rejection is not None and rejection.reason == reason
+    assert str(rejection) == f"vllm_xargs: {start.removeprefix('steering: ')} and so on"
+    assert rejection.param == "vllm_xargs"
+    assert engine_rejection("steering: edits[0].feature: out of range", "steering") is None

@@ -317,10 +317,15 @@ def write_random_sae(
 
 
 def stand_in_vllm_config(directory: Path, sae_id: str = "a", d_sae: int = 64):
-    """What the plugin's frontend hooks read of a vLLM config (its `additional_config`), with
-    one random SAE at layer 1 written to `directory`."""
+    """What the plugin's frontend hooks read of a vLLM config (its `additional_config`, and
+    whether it schedules asynchronously with speculative decoding: here not), with one random
+    SAE at layer 1 written to `directory`."""
     from sae_vllm import steering_config
 
     write_random_sae(directory, "relu", layer=1, d_sae=d_sae)
     config = steering_config([{"id": sae_id, "path": str(directory), "layer": 1}])
-    return types.SimpleNamespace(additional_config=config)
+    return types.SimpleNamespace(
+        additional_config=config,
+        scheduler_config=types.SimpleNamespace(async_scheduling=False),
+        speculative_config=None,
+    )

@@ -87,6 +87,15 @@ ReachCheck = Callable[[Any, Any, int, int | None], Any]
 SequenceWatch = Callable[[Any, int, str], Callable[[int], None]]
 
 
+def positions_run_ahead(vllm_config: Any) -> bool:
+    """Whether a step's token positions, as the host has them when it prepares the step, can run
+    ahead of the model's: under async scheduling with speculative decoding, vLLM schedules a
+    step before it knows how many of the last step's draft tokens were accepted and counts
+    them all; the model reads positions corrected on the device, which the host sees later."""
+    scheduling = vllm_config.scheduler_config
+    return bool(scheduling.async_scheduling) and vllm_config.speculative_config is not None
+
+
 def as_client_error(check: Callable[..., Any], *args: Any) -> Any:
     """`check(*args)`, its ValueError raised as the client error vLLM answers with a 400
     naming `steering`."""
