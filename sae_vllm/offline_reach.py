@@ -45,7 +45,11 @@ def unreached_sequences(output: Any, params: Any) -> list[int]:
             for beam in output.sequences
         ]
     else:
-        sampled = [_completion_sampled(output, sequence, params) for sequence in output.outputs]
+        from vllm.sampling_params import RequestOutputKind
+
+        if getattr(params, "output_kind", None) == RequestOutputKind.DELTA:
+            raise ValueError("unreached_sequences reads whole outputs, not deltas (output_kind)")
+        sampled = [_completion_sampled(output, sequence) for sequence in output.outputs]
     return [
         position
         for position, judged in enumerate(sampled)
@@ -53,13 +57,9 @@ def unreached_sequences(output: Any, params: Any) -> list[int]:
     ]
 
 
-def _completion_sampled(output: Any, sequence: Any, params: Any) -> tuple[int, int] | None:
-    """(prompt length, tokens sampled) of a finished sequence of a RequestOutput; None when
-    it is not judged."""
-    from vllm.sampling_params import RequestOutputKind
-
-    if getattr(params, "output_kind", None) == RequestOutputKind.DELTA:
-        raise ValueError("unreached_sequences reads whole outputs, not deltas (output_kind)")
+def _completion_sampled(output: Any, sequence: Any) -> tuple[int, int] | None:
+    """(prompt length, tokens sampled) of a finished sequence of a whole RequestOutput; None
+    when it is not judged."""
     if sequence.finish_reason is None or sequence.finish_reason in CUT_SHORT:
         return None
     token_ids = sequence.token_ids
