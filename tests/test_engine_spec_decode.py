@@ -137,11 +137,14 @@ def test_the_engine_drafts_with_its_proposer(llm, proposer):
 
 def test_the_log_says_when_the_drafter_is_not_steered(started, proposer):
     """A draft model runs unsteered beside a steered target, and the startup log says so;
-    drafters that read the target's (steered) hidden states do not get that line."""
+    drafters that read the target's (steered) hidden states do not get that line. An engine
+    that schedules asynchronously says which windows it refuses."""
     messages = started[1]
     assert any("steers the residual stream after layer 1" in m for m in messages)  # captured
     unsteered_drafter = [m for m in messages if "the draft model is not steered" in m]
     assert len(unsteered_drafter) == (1 if proposer == "draft_model" else 0)
+    refused_windows = [m for m in messages if "window starts or ends among the generated" in m]
+    assert len(refused_windows) == (0 if proposer == "ngram" else 1)  # async scheduling
 
 
 def test_verified_draft_tokens_are_steered(llm, proposer, target, artifacts):

@@ -468,9 +468,9 @@ class RunnerInfo:
     max_num_tokens: int
 
 
-def additional_config_of(runner: Any) -> Any:
-    """The engine's additional_config, as the runner holds it."""
-    return runner.vllm_config.additional_config
+def vllm_config_of(runner: Any) -> Any:
+    """The engine's VllmConfig, as the runner holds it."""
+    return runner.vllm_config
 
 
 def runner_info(runner: Any) -> RunnerInfo:

@@ -92,6 +92,12 @@ class WorkerSteering:
                 "sae-vllm: the draft model is not steered (the SAEs edit the target's layers), "
                 "so steered requests accept fewer of its drafts"
             )
+        if vllm.positions_run_ahead(vllm.vllm_config_of(runner)):
+            logger.info(
+                "sae-vllm: this engine schedules asynchronously with speculative decoding, so "
+                "a spec whose window starts or ends among the generated tokens is refused "
+                "(unplaceable_window)"
+            )
         if info.device.type == "cpu":  # compile the CPU op's loop now, not in the first step
             warm_up_cpu_path(info.dtype)
 
@@ -146,7 +152,7 @@ def stats(runner: Any) -> dict[str, Any]:
 
 
 def after_load_model(runner: Any) -> None:
-    config = steering_config_from(vllm.additional_config_of(runner))
+    config = steering_config_from(vllm.vllm_config_of(runner).additional_config)
     if config is None:
         return
     vllm.check_frontend_carries_steering()
