@@ -47,6 +47,7 @@ from sae_vllm.config import (
     DROPPED_GENERATION_KEY,
     EXTRA_ARGS_KEY,
     GENERATION_START_KEY,
+    steering_config_from,
 )
 from sae_vllm.engine import reach_report
 from sae_vllm.engine.intake import check_beam_reach, check_reach
@@ -59,7 +60,7 @@ from sae_vllm.engine.vllm_adapter import (
 )
 from sae_vllm.spec import SteeringSpec
 
-from . import metrics, rejections
+from . import batch_lines, metrics, rejections
 from .steering import (
     STEERED,
     STEERING_FIELD,
@@ -69,7 +70,6 @@ from .steering import (
     XARGS_FIELD,
     Rejection,
     SteeringGate,
-    check_placement,
     engine_rejection,
     error_message_of,
 )
@@ -207,38 +207,56 @@ def carry_steering_extra_field() -> None:
                 wrap_once(model, name, _carrying_extra_steering(attach))
 
 
-BATCH_STEERED_ROUTE = "/v1/chat/completions"  # the one generative text route run-batch has
-
-
-def _batch_line_problem(request: Any) -> str | None:
-    """Why a run-batch line's steering cannot apply as sent, or None."""
-    extra = getattr(request.body, "model_extra", None) or {}
-    if STEERING_FIELD in extra and request.url != BATCH_STEERED_ROUTE:
-        return f"steering: not supported on {request.url} (use {BATCH_STEERED_ROUTE})"
-    xargs_spec = (getattr(request.body, "vllm_xargs", None) or {}).get(EXTRA_ARGS_KEY)
-    try:
-        check_placement(extra.get(STEERING_FIELD), xargs_spec, extra.get("extra_body"))
-    except Rejection as rejection:
-        return str(rejection)
-    return None
-
-
 def refuse_misplaced_steering_in_batch_lines() -> None:
-    """In `vllm run-batch`, fail with a 400 error line, instead of running unsteered, a line
-    that carries `steering` to a route that cannot apply it (embeddings, score, rerank, audio),
-    nests it in a literal `extra_body` field, or gives it twice."""
+    """In `vllm run-batch`, fail with a 400 error line, in the server's shape and with its
+    reason, instead of running unsteered, a line that carries `steering` to a route that cannot
+    apply it (embeddings, score, rerank, audio), nests it in a literal `extra_body` field, gives
+    it twice, or whose spec the server would refuse (see batch_lines)."""
     from vllm.entrypoints.launchers import run_batch
 
-    def make(original: Callable) -> Callable:
+    def make_run_batch(original: Callable) -> Callable:
+        async def run_batch_with_gate(engine_client: Any, args: Any, *a: Any, **kw: Any) -> Any:
+            config = steering_config_from(getattr(args, "additional_config", None))
+            token = batch_lines.batch_gate.set(batch_lines.gate_for(config))
+            try:
+                return await original(engine_client, args, *a, **kw)
+            finally:
+                batch_lines.batch_gate.reset(token)
+
+        return run_batch_with_gate
+
+    def make_handler(original: Callable) -> Callable:
         def handle_endpoint_request(request: Any, *args: Any, **kwargs: Any) -> Any:
-            problem = _batch_line_problem(request)
-            if problem is not None:
-                return run_batch.make_async_error_request_output(request, error_msg=problem)
-            return original(request, *args, **kwargs)
+            gate = batch_lines.batch_gate.get()
+            rejection = batch_lines.line_refusal(request.url, request.body, gate)
+            if rejection is not None:
+                line = run_batch.make_error_request_output(request, error_msg=str(rejection))
+                line.error = batch_lines.error_body(rejection)
+                return _ready(line)
+            pending = original(request, *args, **kwargs)
+            param = batch_lines.spec_field(request.body)
+            if pending is None or param is None:
+                return pending
+            return _with_engine_refusal_reason(pending, param)
 
         return handle_endpoint_request
 
-    wrap_once(run_batch, "handle_endpoint_request", make)
+    wrap_once(run_batch, "run_batch", make_run_batch)
+    wrap_once(run_batch, "handle_endpoint_request", make_handler)
+
+
+async def _ready(value: Any) -> Any:
+    return value
+
+
+async def _with_engine_refusal_reason(pending: Any, param: str) -> Any:
+    """A batch line's output, its error in the server's shape when the engine refused its spec
+    once the prompt was tokenized (as the server's 400 for the same request)."""
+    line = await pending
+    body = batch_lines.engine_refusal_body(line.error, param)
+    if body is not None:
+        line.error = body
+    return line
 
 
 # path -> (request model, metrics endpoint label)

@@ -237,6 +237,11 @@ def test_vllm_run_batch_steers_chat_lines_and_refuses_misplaced_steering(artifac
     nothing = {**STEERING, "window": {"start": MAX_TOKENS}}
     lines = [line("plain", None), line("steered", STEERING), line("bad", bad)]
     lines.append(line("steers-nothing", nothing))
+    bad_xargs = line("bad-xargs", None)  # the low-level way; errors name vllm_xargs
+    bad_xargs["body"]["vllm_xargs"] = {"sae_steering": json.dumps({"edits": [{"op": "ablate"}]})}
+    nothing_xargs = line("steers-nothing-xargs", None)
+    nothing_xargs["body"]["vllm_xargs"] = {"sae_steering": json.dumps(nothing)}
+    lines += [bad_xargs, nothing_xargs]
     # Nested in a literal extra_body, or given twice, the spec would be dropped or overridden.
     nested, twice = line("nested", None), line("twice", STEERING)
     nested["body"]["extra_body"] = {"steering": STEERING}
@@ -270,24 +275,51 @@ def test_vllm_run_batch_steers_chat_lines_and_refuses_misplaced_steering(artifac
         assert body["choices"][0]["token_ids"] == expected, custom_id
     steered_ids = results["steered"]["response"]["body"]["choices"][0]["token_ids"]
     assert steered_ids != results["plain"]["response"]["body"]["choices"][0]["token_ids"]
-    assert results["bad"]["response"]["status_code"] == 400
-    assert "out of range" in results["bad"]["error"]["error"]["message"]
-    assert results["steers-nothing"]["response"]["status_code"] == 400
-    message = results["steers-nothing"]["error"]["error"]["message"]
-    assert message.startswith("steering: steers no position of this request: its prompt has ")
+
+    # Each refused line's error is the server's 400 body for the same request, reason included.
+    def refusal(custom_id: str) -> dict:
+        assert results[custom_id]["response"]["status_code"] == 400, results[custom_id]
+        return results[custom_id]["error"]["error"]
+
+    bad_error = refusal("bad")
+    assert (bad_error["reason"], bad_error["param"]) == (
+        "feature_out_of_range",
+        "steering.edits[0].feature",
+    )
+    assert "out of range" in bad_error["message"] and bad_error["code"] == 400
+    xargs_error = refusal("bad-xargs")
+    assert (xargs_error["reason"], xargs_error["param"]) == (
+        "missing_field",
+        "vllm_xargs.sae_steering.edits[0].feature",
+    )
     scope = f"generates at most {MAX_TOKENS}, and the spec's scope (generated[{MAX_TOKENS}:])"
-    assert scope in message
-    for custom_id, message in (
-        ("nested", "extra_body.steering: put `steering` at the top level of the JSON body"),
-        ("twice", "vllm_xargs.sae_steering: give the steering spec once, in `steering`"),
+    for custom_id, param in (
+        ("steers-nothing", "steering"),
+        ("steers-nothing-xargs", "vllm_xargs.sae_steering"),
     ):
-        assert results[custom_id]["response"]["status_code"] == 400
-        assert results[custom_id]["error"].startswith(message), results[custom_id]["error"]
+        error = refusal(custom_id)
+        assert (error["reason"], error["param"]) == ("steers_nothing", param)
+        assert error["message"].startswith(f"{param}: steers no position of this request: its ")
+        assert scope in error["message"]
+    for custom_id, message, reason in (
+        (
+            "nested",
+            "extra_body.steering: put `steering` at the top level of the JSON body",
+            "misplaced",
+        ),
+        (
+            "twice",
+            "vllm_xargs.sae_steering: give the steering spec once, in `steering`",
+            "conflict",
+        ),
+    ):
+        error = refusal(custom_id)
+        assert error["message"].startswith(message) and error["reason"] == reason, error
     assert results["variant"]["response"]["status_code"] == 404
     assert (
         f"The model `{VARIANT}` does not exist" in results["variant"]["error"]["error"]["message"]
     )
     for route in ("/v1/embeddings", "/score"):
-        assert results[route]["response"]["status_code"] == 400
+        error = refusal(route)
         expected = f"steering: not supported on {route} (use /v1/chat/completions)"
-        assert results[route]["error"] == expected
+        assert (error["message"], error["reason"]) == (expected, "unsupported_route")
