@@ -6,8 +6,9 @@ the positions that chunk computes (its scope counted from the session's prompt s
 what earlier chunks computed keeps the steering it had. Checked against the HF float64
 reference, per chunk, for a spec that starts, stops or changes between chunks; two sessions at
 once keep their own; rows are given back when the sessions end; a session steered, then not,
-shares no block. On an eager engine and on one under vLLM's async scheduling (its default on
-CUDA). vLLM's AsyncLLM keeps its engine core in a process of its own (no in-process layout)."""
+or not, then steered, shares no block holding steered KV. On an eager engine and on one under
+vLLM's async scheduling (its default on CUDA). vLLM's AsyncLLM keeps its engine core in a
+process of its own (no in-process layout)."""
 
 from __future__ import annotations
 
@@ -237,6 +238,35 @@ def test_a_session_steered_then_not_shares_no_block_holding_steered_kv(
     for kind, first in first_chunks.items():
         cached, tokens, replay = loop.run_until_complete(session_then_replay(first))
         # the geometry shares the block when nothing steered it
+        assert cached == (BLOCK_SIZE if kind == "unsteered" else 0), kind
+        assert tokens == reference.greedy(replay, 4, [])[0], kind
+
+
+def test_a_session_unsteered_then_steered_shares_no_block_its_steered_chunk_fills(
+    engine, loop, artifacts, reference
+):
+    """A steered chunk after an unsteered one fills the session's first block from its prompt,
+    steering those positions: the block must not serve an unsteered request with those tokens
+    (vLLM hashes a chunk's new blocks before it hands the session the chunk's params; they
+    were keyed as the unsteered chunk's, and the replay read the steered KV)."""
+    from vllm import SamplingParams
+
+    long_chunk = [(i * 29) % 300 + 4 for i in range(BLOCK_SIZE - 4)]  # fills the first block
+
+    async def session_then_replay(second) -> tuple[int, list[int], list[int]]:
+        await engine.reset_prefix_cache()
+        first = chunk_params(artifacts, None)
+        name = f"late-{second.extra_args is not None}"
+        o1, _ = await run_session(engine, name, [(PROMPTS[0], first), (long_chunk, second)])
+        replay = [*PROMPTS[0], *o1[:-1], *long_chunk][: BLOCK_SIZE + 4]
+        params = SamplingParams(temperature=0, max_tokens=4)
+        outputs = engine.generate({"prompt_token_ids": replay}, params, f"{name}-r")
+        final = [output async for output in outputs][-1]
+        return final.num_cached_tokens, list(final.outputs[0].token_ids), replay
+
+    for kind in ("unsteered", "steered"):
+        second = chunk_params(artifacts, None if kind == "unsteered" else "strong", "all")
+        cached, tokens, replay = loop.run_until_complete(session_then_replay(second))
         assert cached == (BLOCK_SIZE if kind == "unsteered" else 0), kind
         assert tokens == reference.greedy(replay, 4, [])[0], kind
 

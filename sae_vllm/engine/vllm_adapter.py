@@ -283,7 +283,7 @@ def patch_session_updates(
 ) -> None:
     """When vLLM's scheduler moves a streaming-input session on to its next chunk, which brings
     its own SamplingParams, give those params `next_extra_args(session's extra_args, chunk's)`
-    where it is not None, before any of the chunk's KV blocks are hashed."""
+    where it is not None, and hash the chunk's KV blocks with them."""
     from vllm.v1.core.sched.scheduler import Scheduler
 
     def make(original: Callable) -> Callable:
@@ -295,7 +295,11 @@ def patch_session_updates(
                 )
                 if extra_args is not None:
                     chunk_params.extra_args = extra_args  # the engine core's own copy
-            return original(self, session, update)
+            original(self, session, update)
+            # vLLM hashes the chunk's new blocks before it hands the session the chunk's params,
+            # so under the last chunk's steering (none, for an unsteered one): hash them again.
+            del session.block_hashes[session.num_computed_tokens // self.hash_block_size :]
+            session.update_block_hashes()
 
         return _update_request_as_session
 
