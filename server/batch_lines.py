@@ -10,9 +10,7 @@ from typing import Any
 from sae_vllm.config import EXTRA_ARGS_KEY, SteeringConfig
 from sae_vllm.spec import SpecLimits
 
-from . import rejections
-from .errors import INVALID_REQUEST
-from .protocol import ErrorInfo, ErrorResponse
+from . import errors, rejections
 from .steering import (
     STEERING_FIELD,
     XARGS_FIELD,
@@ -37,9 +35,14 @@ def gate_for(config: SteeringConfig | None) -> SteeringGate:
     return SteeringGate(sae_sizes(config), config.limits)
 
 
+def _xargs_spec(body: Any) -> Any:
+    """The spec a line's body carries the low-level way, in `vllm_xargs` (None: none)."""
+    return (getattr(body, "vllm_xargs", None) or {}).get(EXTRA_ARGS_KEY)
+
+
 def spec_field(body: Any) -> str | None:
     """Where a line's body carries its spec (the error's `param`), or None when it has none."""
-    if ((getattr(body, "vllm_xargs", None) or {}).get(EXTRA_ARGS_KEY)) is not None:
+    if _xargs_spec(body) is not None:
         return XARGS_FIELD
     return STEERING_FIELD if STEERING_FIELD in (getattr(body, "model_extra", None) or {}) else None
 
@@ -52,7 +55,7 @@ def line_refusal(url: str, body: Any, gate: SteeringGate | None) -> Rejection | 
     if steering is not None and url != STEERED_ROUTE:
         message = f"{STEERING_FIELD}: not supported on {url} (use {STEERED_ROUTE})"
         return Rejection(rejections.UNSUPPORTED_ROUTE, STEERING_FIELD, message)
-    xargs_spec = (getattr(body, "vllm_xargs", None) or {}).get(EXTRA_ARGS_KEY)
+    xargs_spec = _xargs_spec(body)
     try:
         if gate is None or url != STEERED_ROUTE:
             check_placement(steering, xargs_spec, extra.get("extra_body"))
@@ -65,14 +68,8 @@ def line_refusal(url: str, body: Any, gate: SteeringGate | None) -> Rejection | 
 
 def error_body(rejection: Rejection) -> dict[str, Any]:
     """The line's `error`: the server's 400 body for the same refusal."""
-    info = ErrorInfo(
-        message=str(rejection),
-        type=INVALID_REQUEST,
-        param=rejection.param,
-        code=HTTPStatus.BAD_REQUEST,
-        reason=rejection.reason,
-    )
-    return ErrorResponse(error=info).model_dump()
+    status = HTTPStatus.BAD_REQUEST
+    return errors.error_body(status, str(rejection), rejection.param, rejection.reason)
 
 
 def engine_refusal_body(error: Any, param: str) -> dict[str, Any] | None:

@@ -16,6 +16,20 @@ class StartupError(Exception):
     """The server cannot start; the message is the one line the user sees."""
 
 
+def error_body(
+    status: HTTPStatus,
+    message: str,
+    param: str | None = None,
+    reason: str | None = None,
+    type: str = INVALID_REQUEST,
+) -> dict:
+    """An OpenAI-style error body (`{"error": {message, type, param, code, reason}}`);
+    `reason` is left out when None, so vLLM-shaped errors stay as vLLM writes them."""
+    info = ErrorInfo(message=message, type=type, param=param, code=status, reason=reason)
+    leave_out = {"error": {"reason"}} if reason is None else None
+    return ErrorResponse(error=info).model_dump(exclude=leave_out)
+
+
 def error_response(
     status: HTTPStatus,
     message: str,
@@ -23,12 +37,8 @@ def error_response(
     reason: str | None = None,
     type: str = INVALID_REQUEST,
 ) -> JSONResponse:
-    """An OpenAI-style error (`{"error": {message, type, param, code, reason}}`) with that
-    status; `reason` is left out when None, so vLLM-shaped errors stay as vLLM writes them."""
-    info = ErrorInfo(message=message, type=type, param=param, code=status, reason=reason)
-    body = ErrorResponse(error=info)
-    leave_out = {"error": {"reason"}} if reason is None else None
-    return JSONResponse(body.model_dump(exclude=leave_out), status_code=status)
+    """error_body's error as a response with that status."""
+    return JSONResponse(error_body(status, message, param, reason, type), status_code=status)
 
 
 def error_response_for(
