@@ -1,6 +1,8 @@
 """The worker's host-side steering bookkeeping alone: one decode step's table write
-(`SteeringTables.write_step`) at a batch of decoding requests, and a request's admission and
-release, each timed as the best of several runs of many calls (no engine, no model)."""
+(`SteeringTables.write_step`) at a batch of decoding requests, a request's admission and
+release, and, for engines whose host positions run ahead, the per-layer placement of each
+token on the device (`DevicePlacement`, here on the CPU); each timed as the best of several
+runs of many calls (no engine, no model)."""
 
 from __future__ import annotations
 
@@ -44,11 +46,13 @@ def staggered_scopes(num_scopes: int, first_feature: int = 0, sae_ids: tuple = (
 @dataclass(frozen=True)
 class StepCase:
     """A decode batch: how many of its requests are steered, their scopes, and whether the
-    batch's layout (request order) changes every step, which forces the full write."""
+    batch's layout (request order) changes every step, which forces the full write, and
+    whether the tables leave placing tokens in their segments to the device."""
 
     steered_share: float
     scopes: int
     layout_changes: bool
+    places_on_device: bool = False
 
 
 STEP_CASES = {
@@ -58,6 +62,12 @@ STEP_CASES = {
     "half steered, 1 scope, layout changing": StepCase(0.5, 1, layout_changes=True),
     "all steered, 2 scopes, layout changing": StepCase(1.0, 2, layout_changes=True),
     "all steered, 4 scopes, layout changing": StepCase(1.0, 4, layout_changes=True),
+    "device placement: all steered, 4 scopes, same layout": StepCase(
+        1.0, 4, layout_changes=False, places_on_device=True
+    ),
+    "device placement: all steered, 4 scopes, layout changing": StepCase(
+        1.0, 4, layout_changes=True, places_on_device=True
+    ),
 }
 
 ADMIT_CASES: dict[str, Callable[[], Any]] = {
@@ -77,20 +87,25 @@ def best_per_call(run: Callable[[int], None], calls: int, repeats: int) -> list[
     return times
 
 
-def new_tables(batch: int) -> Any:
+def new_tables(batch: int, places_on_device: bool = False) -> Any:
     import torch
 
     from sae_vllm.engine.tables import ROWS_PER_REQUEST, SteeringTables
 
-    rows = batch * ROWS_PER_REQUEST
-    cpu = torch.device("cpu")
-    return SteeringTables(list(SIZES), rows, max_edits=32, max_tokens=4 * batch, device=cpu)
+    return SteeringTables(
+        list(SIZES),
+        batch * ROWS_PER_REQUEST,
+        max_edits=32,
+        max_tokens=4 * batch,
+        device=torch.device("cpu"),
+        places_on_device=places_on_device,
+    )
 
 
 def decode_batch(case: StepCase, batch: int) -> tuple[Any, list[list[str]]]:
     """Tables with the case's `batch` requests admitted, and the request orders its steps take
     in turn."""
-    tables = new_tables(batch)
+    tables = new_tables(batch, case.places_on_device)
     req_ids = [f"r{i}" for i in range(batch)]
     steered = round(case.steered_share * batch)
     for index, req_id in enumerate(req_ids):
@@ -108,6 +123,24 @@ def time_steps(case: StepCase, batch: int, calls: int, repeats: int) -> list[flo
     def run(steps: int) -> None:
         for step in range(steps):
             tables.write_step(orders[step % len(orders)], one_token, computed[step])
+
+    return best_per_call(run, calls, repeats)
+
+
+def time_placement(batch: int, calls: int, repeats: int) -> list[float]:
+    """One steered layer's placement of a decode step's tokens, all steered with 4 scopes."""
+    import torch
+
+    tables, orders = decode_batch(
+        StepCase(1.0, 4, layout_changes=False, places_on_device=True), batch
+    )
+    tables.write_step(orders[0], np.ones(batch, dtype=np.int64), np.zeros(batch, np.int64))
+    positions = torch.full((4 * batch,), PROMPT_LEN + 2, dtype=torch.int64)
+    placement = tables.device_placement(positions)
+
+    def run(steps: int) -> None:
+        for _ in range(steps):
+            placement(batch)
 
     return best_per_call(run, calls, repeats)
 
@@ -134,6 +167,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         results[f"write_step: {name}"] = {"us_per_call": samples, "best_us": min(samples)}
         label = f"write_step, batch {args.batch}: {name}"
         rows.append([label, min(samples), report.median(samples)])
+    samples = time_placement(args.batch, args.calls, args.repeats)
+    results["device placement, per steered layer"] = {
+        "us_per_call": samples,
+        "best_us": min(samples),
+    }
+    label = f"DevicePlacement, batch {args.batch}, per steered layer"
+    rows.append([label, min(samples), report.median(samples)])
     for name, make_spec in ADMIT_CASES.items():
         samples = time_admissions(make_spec, args.batch, args.calls, args.repeats)
         results[f"admit + release: {name}"] = {"us_per_call": samples, "best_us": min(samples)}

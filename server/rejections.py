@@ -11,7 +11,6 @@ STEERING_DISABLED = "steering_disabled"  # the server has no SAEs
 UNSUPPORTED_ROUTE = "unsupported_route"  # `steering` sent to a route that cannot apply it
 MISPLACED = "misplaced"  # `steering` where no route reads it: the query string, `extra_body`
 STEERS_NOTHING = "steers_nothing"  # no position of the request lies in the spec's scope
-UNPLACEABLE_WINDOW = "unplaceable_window"  # a window edge this engine cannot place exactly
 
 REASONS = (
     *(reason.value for reason in SpecErrorReason),
@@ -20,5 +19,4 @@ REASONS = (
     UNSUPPORTED_ROUTE,
     MISPLACED,
     STEERS_NOTHING,
-    UNPLACEABLE_WINDOW,
 )

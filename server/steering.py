@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 from fastapi.responses import JSONResponse
 
 from sae_vllm.config import EXTRA_ARGS_KEY
-from sae_vllm.engine.intake import STEERS_NOTHING, UNPLACEABLE_WINDOW
+from sae_vllm.engine.intake import STEERS_NOTHING
 from sae_vllm.resolved_specs import ResolvedSpec, SpecResolver, resolver_for
 from sae_vllm.spec import SpecLimits, SteeringSpec, SteeringSpecError
 
@@ -49,13 +49,12 @@ def _join(field: str, path: str) -> str:
 # gate), and the reason each is given.
 _ENGINE_REFUSALS = {
     STEERS_NOTHING: rejections.STEERS_NOTHING,
-    UNPLACEABLE_WINDOW: rejections.UNPLACEABLE_WINDOW,
 }
 
 
 def engine_rejection(error_message: str, param: str) -> Rejection | None:
     """The Rejection for vLLM's client error about a spec the engine refused for this request
-    (it steers none of its positions, or has a window this engine cannot place); None for any
+    (it steers none of its positions); None for any
     other error. `param` names where the spec came from."""
     reason = next(
         (reason for start, reason in _ENGINE_REFUSALS.items() if error_message.startswith(start)),

@@ -545,10 +545,6 @@ def test_every_steered_route_exports_its_counters_at_zero():
     ("start", "reason"),
     [
         ("steering: steers no position of this request: its prompt has 3 tokens", "steers_nothing"),
-        (
-            "steering: this engine cannot place a window edge past the prompt: it",
-            "unplaceable_window",
-        ),
     ],
 )
 def test_the_engines_refusals_of_a_spec_get_the_gates_shape_and_reason(start, reason):

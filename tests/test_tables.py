@@ -24,8 +24,15 @@ def spec(apply_to="generated", sae="a", feature=3, op="set", value=2.0, window=N
     return resolve_spec(data, SIZES)
 
 
-def make(max_rows=4, max_tokens=32):
-    return SteeringTables(["a", "b"], max_rows, max_edits=3, max_tokens=max_tokens, device="cpu")
+def make(max_rows=4, max_tokens=32, places_on_device=False):
+    return SteeringTables(
+        ["a", "b"],
+        max_rows,
+        max_edits=3,
+        max_tokens=max_tokens,
+        device="cpu",
+        places_on_device=places_on_device,
+    )
 
 
 def test_admit_writes_each_saes_slots_and_release_clears_them():
@@ -64,10 +71,39 @@ def test_unsteered_requests_take_no_row_and_rows_are_reused():
     assert tables.admit("z", spec(), 4) in rows
 
 
+def placed_on_device(tables: SteeringTables) -> SteeringTables:
+    """`tables` (built with places_on_device) with a DevicePlacement reading a positions buffer
+    of its own, as the steered layer reads the runner's; `step` then reads its rows."""
+    positions = torch.zeros(tables.tok_first.shape[0], dtype=torch.int64)
+    tables.placement = tables.device_placement(positions)
+    return tables
+
+
+# How far ahead of the model's positions the host's run in `step` on device-placed tables, as
+# under async scheduling with speculative decoding when the last step's drafts were rejected.
+HOST_POSITIONS_AHEAD = 3
+PADDING_TOKENS = 2
+
+
 def step(tables, req_ids, scheduled, computed):
-    tables.write_step(req_ids, np.array(scheduled), np.array(computed))
+    """Write one step and return each token's row and scope: the token buffers, or for tables
+    placed on the device, what DevicePlacement derives from the true positions while the host
+    is given positions that run ahead."""
     n = sum(scheduled)
-    return tables.tok_row[:n].tolist(), tables.tok_scope[:n].tolist()
+    placement = getattr(tables, "placement", None)
+    if placement is None:
+        tables.write_step(req_ids, np.array(scheduled), np.array(computed))
+        return tables.tok_row[:n].tolist(), tables.tok_scope[:n].tolist()
+    host_computed = np.array(computed) + HOST_POSITIONS_AHEAD
+    tables.write_step(req_ids, np.array(scheduled), host_computed)
+    true_positions = [c + i for c, k in zip(computed, scheduled, strict=True) for i in range(k)]
+    placement.positions[:n] = torch.tensor(true_positions, dtype=torch.int64)
+    padding = min(PADDING_TOKENS, placement.positions.shape[0] - n)
+    placement.positions[n : n + padding] = 5  # whatever padding tokens hold
+    rows, scope = placement(n + padding)
+    assert rows[n:].tolist() == [NO_ROW] * padding and not scope[n:].any()
+    assert rows.dtype == torch.int32 and scope.dtype == torch.bool
+    return rows[:n].tolist(), scope[:n].tolist()
 
 
 def in_scope_rows(owners: list[int], scope: list[bool]) -> list[int]:
@@ -159,11 +195,23 @@ def test_steady_decode_steps_reuse_the_buffers_and_changes_invalidate_them():
     assert step(tables, ["g", "p"], [1, 1], [6, 6]) == ([g, NO_ROW], [True, False])
 
 
-def test_a_settled_batch_is_written_again_after_a_step_without_its_steered_request():
+BOTH_PLACEMENTS = pytest.mark.parametrize("places_on_device", [False, True], ids=["host", "device"])
+
+
+def made(places_on_device: bool) -> SteeringTables:
+    """make()'s tables, placed on the device when asked."""
+    tables = make(places_on_device=places_on_device)
+    return placed_on_device(tables) if places_on_device else tables
+
+
+@BOTH_PLACEMENTS
+def test_a_settled_batch_is_written_again_after_a_step_without_its_steered_request(
+    places_on_device,
+):
     """vLLM's runner drops a running request that a step does not schedule from its batch, and
     adds it back at the end when it is: a step of the unsteered requests alone clears the
     buffers, so the settled batch that follows is written again, not reused."""
-    tables = make()
+    tables = made(places_on_device)
     tables.admit("plain", None, 4)
     g = tables.admit("g", spec("generated"), 4)
     assert step(tables, ["plain", "g"], [1, 1], [4, 4]) == ([NO_ROW, g], [False, True])
@@ -172,21 +220,34 @@ def test_a_settled_batch_is_written_again_after_a_step_without_its_steered_reque
     assert step(tables, ["plain", "g"], [1, 1], [7, 6]) == ([NO_ROW, g], [False, True])
 
 
-def test_a_settled_batch_whose_positions_move_back_is_written_again():
+@BOTH_PLACEMENTS
+def test_a_settled_batch_whose_positions_move_back_is_written_again(places_on_device):
     """vLLM recomputes a running request's KV that failed to load (kv_load_failure_policy
     "recompute") by moving its position back, with no release: the same layout at lower
     positions is written again, not reused."""
-    tables = make()
+    tables = made(places_on_device)
     r = tables.admit("r", spec("all", window={"end": 8}), 100)
     assert step(tables, ["r"], [16], [32]) == ([NO_ROW] * 16, [False] * 16)
     assert step(tables, ["r"], [16], [0]) == ([r] * 8 + [NO_ROW] * 8, [True] * 8 + [False] * 8)
 
 
-def test_staged_tables_reach_the_device_exactly_as_direct_writes_do():
+@BOTH_PLACEMENTS
+def test_staged_tables_reach_the_device_exactly_as_direct_writes_do(places_on_device):
     """The staged path (host copies flushed to the device, used on CUDA) run on CPU against the
     direct one, through admissions, releases, prefill, decode, steady and idle steps."""
-    direct = SteeringTables(["a", "b"], 6, 3, 24, torch.device("cpu"), staged=False)
-    staged = SteeringTables(["a", "b"], 6, 3, 24, torch.device("cpu"), staged=True)
+    direct, staged = (
+        SteeringTables(
+            ["a", "b"],
+            6,
+            3,
+            24,
+            torch.device("cpu"),
+            staged=flag,
+            places_on_device=places_on_device,
+        )
+        for flag in (False, True)
+    )
+    token_buffers = ["tok_first"] if places_on_device else ["tok_row", "tok_scope"]
     rng = np.random.default_rng(0)
     computed: dict[str, int] = {}
     prompt_len: dict[str, int] = {}
@@ -220,14 +281,38 @@ def test_staged_tables_reach_the_device_exactly_as_direct_writes_do():
             tables.write_step(ids, *args)
         for r, n in zip(ids, scheduled, strict=True):
             computed[r] += n
-        assert torch.equal(staged.tok_row, direct.tok_row), step_index
-        assert torch.equal(staged.tok_scope, direct.tok_scope), step_index
+        for name in token_buffers:
+            assert torch.equal(getattr(staged, name), getattr(direct, name)), (step_index, name)
+        for name in ("edges", "rows"):
+            got = getattr(staged.segments, name)
+            assert torch.equal(got, getattr(direct.segments, name)), (step_index, name)
         for sae in ("a", "b"):
             for name in ("feature", "value", "op"):
                 got = getattr(staged.tables[sae], name)
                 assert torch.equal(got, getattr(direct.tables[sae], name)), (step_index, sae)
-        steered_steps += bool(direct.tok_row.ge(0).any())
+        steered_steps += bool(getattr(direct, token_buffers[0]).ge(0).any())
     assert steered_steps > 100  # the sequence steered tokens on most steps
+
+
+def test_device_placement_follows_the_models_positions_not_the_hosts():
+    """Under async scheduling with speculative decoding the host counts the last step's drafts
+    as accepted; the model's positions, corrected on the device, decide each token's segment.
+    The same batch layout reuses the first rows at every position, across window edges."""
+    tables = placed_on_device(make(max_tokens=16, places_on_device=True))
+    w = tables.admit("w", spec("generated", window={"start": 3, "end": 9}), 4)  # positions 6..11
+    tables.admit("plain", None, 4)
+    assert step(tables, ["w", "plain"], [4, 4], [0, 0]) == ([NO_ROW] * 8, [False] * 8)
+    for position in range(4, 16, 3):  # a decode step of a token and two drafts
+        rows, scope = step(tables, ["w", "plain"], [3, 1], [position, position])
+        expected = [w if 6 <= p < 12 else NO_ROW for p in range(position, position + 3)]
+        assert rows == [*expected, NO_ROW], position
+        assert scope == [row != NO_ROW for row in rows]
+    assert tables.tok_first[:4].tolist() == [w, w, w, NO_ROW]
+
+
+def test_device_placement_needs_tables_that_keep_their_bounds_on_the_device():
+    with pytest.raises(ValueError, match="on the host"):
+        make().device_placement(torch.zeros(32, dtype=torch.int64))
 
 
 def test_a_window_slices_its_scope_in_prefill_and_decode():
@@ -329,7 +414,8 @@ def random_steps(tables, rng, steps: int, draw_spec):
         yield step_index, rows, scope, scheduled_requests
 
 
-def test_windowed_masks_match_python_slices_through_random_batches():
+@pytest.mark.parametrize("places_on_device", [False, True], ids=["host", "device"])
+def test_windowed_masks_match_python_slices_through_random_batches(places_on_device):
     """Every token's scope bit equals the Python slice of its request's scope."""
 
     def draw_spec(rng):
@@ -337,7 +423,9 @@ def test_windowed_masks_match_python_slices_through_random_batches():
         window = random_window(rng, negative=apply_to == "prompt")
         return None if rng.random() < 0.2 else spec(apply_to, window=window)
 
-    tables = SteeringTables(["a"], 8, 2, 64, torch.device("cpu"))
+    tables = SteeringTables(["a"], 8, 2, 64, torch.device("cpu"), places_on_device=places_on_device)
+    if places_on_device:
+        placed_on_device(tables)
     checked_in = checked_out = 0
     batches = random_steps(tables, np.random.default_rng(1), 400, draw_spec)
     for step_index, rows, scope, scheduled in batches:
@@ -436,7 +524,10 @@ def random_scoped_edit(rng, feature: int) -> dict:
     return edit
 
 
-def test_each_tokens_row_holds_exactly_its_edits_in_scope_through_random_batches():
+@pytest.mark.parametrize("places_on_device", [False, True], ids=["host", "device"])
+def test_each_tokens_row_holds_exactly_its_edits_in_scope_through_random_batches(
+    places_on_device,
+):
     """Specs whose edits have scopes of their own: each token's row holds exactly the edits
     whose Python slice of positions contains it."""
 
@@ -447,7 +538,16 @@ def test_each_tokens_row_holds_exactly_its_edits_in_scope_through_random_batches
             apply_to=("generated", "all")[int(rng.integers(2))],
         )
 
-    tables = SteeringTables(["a", "b"], 6 * ROWS_PER_REQUEST, 4, 64, torch.device("cpu"))
+    tables = SteeringTables(
+        ["a", "b"],
+        6 * ROWS_PER_REQUEST,
+        4,
+        64,
+        torch.device("cpu"),
+        places_on_device=places_on_device,
+    )
+    if places_on_device:
+        placed_on_device(tables)
     multi_edit_tokens = 0
     batches = random_steps(tables, np.random.default_rng(2), 300, draw_spec)
     for step_index, rows, scope, scheduled in batches:

@@ -17,12 +17,11 @@ from ..spec import SteeringSpec
 from . import vllm_adapter as vllm
 from .prefix_cache import key_fields, session_key_fields
 from .sae_sizes import config_resolver
-from .scopes import scopes_text, segments, unreached_scopes
+from .scopes import scopes_text, unreached_scopes
 
 # How the messages of these refusals start: the server finds them in vLLM's error response by
 # this text, the only thing that crosses vLLM's frontend.
 STEERS_NOTHING = "steering: steers no position of this request"
-UNPLACEABLE_WINDOW = "steering: this engine cannot place a window edge past the prompt"
 
 
 def generation_start_of(extra_args: Mapping[str, Any]) -> int | None:
@@ -124,25 +123,7 @@ def check_reach(
     elif max_tokens is None:
         max_tokens = vllm.max_model_len(vllm_config) - num_prompt_tokens
     _raise_if_unreached(spec, num_prompt_tokens, max_tokens)
-    _raise_if_unplaceable(vllm_config, spec, num_prompt_tokens)
     return spec
-
-
-def _raise_if_unplaceable(vllm_config: Any, spec: SteeringSpec, num_prompt_tokens: int) -> None:
-    """Refuse a spec that changes its edits at a decode position on an engine whose decode
-    positions the host knows only approximately (vllm_adapter.positions_run_ahead): the edits
-    would switch a few positions off. Edges up to the prompt's end are placed exactly (the
-    prompt is prefilled at known positions, and every decode position lies past them)."""
-    if not vllm.positions_run_ahead(vllm_config):
-        return
-    edges, _ = segments(spec, num_prompt_tokens)
-    if any(edge > num_prompt_tokens for edge in edges):
-        raise ValueError(
-            f"{UNPLACEABLE_WINDOW}: it schedules asynchronously with speculative decoding, so a "
-            "decode step's positions are known only on the device, and the spec's window starts "
-            "or ends among the generated tokens; send it without that window, or start the "
-            "engine with --no-async-scheduling or without speculative decoding"
-        )
 
 
 def check_beam_reach(

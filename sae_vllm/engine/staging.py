@@ -35,6 +35,11 @@ class StagedTensor:
         self._copied = torch.cuda.Event() if device_tensor.is_cuda else None
         self._copy_in_flight = False
 
+    @property
+    def host(self) -> np.ndarray:
+        """The host copy as a numpy array, to read (a copy in flight only reads it too)."""
+        return self._host_array
+
     def writable(self) -> np.ndarray:
         """The host copy as a numpy array, safe to write."""
         if self._copy_in_flight:

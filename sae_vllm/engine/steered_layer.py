@@ -6,12 +6,15 @@ import torch
 from torch import nn
 
 from ..kernels import SteeringWeights
+from .device_placement import DevicePlacement
 from .tables import EditTable
 
 
 class SAESteering(nn.Module):
     """One SAE's steering weights, edit table and the shared token buffers, held as buffers so
-    torch.compile lifts them as graph inputs, and the op call that edits the residual stream."""
+    torch.compile lifts them as graph inputs, and the op call that edits the residual stream.
+    With a `placement` (shared by the SAEs), each token's row and scope are derived on the
+    device instead of read from the token buffers."""
 
     def __init__(
         self,
@@ -20,9 +23,11 @@ class SAESteering(nn.Module):
         table: EditTable,
         tok_row: torch.Tensor,
         tok_scope: torch.Tensor,
+        placement: DevicePlacement | None = None,
     ):
         super().__init__()
         self.sae_id = sae_id
+        self.placement = placement
         self.topk_k = int(weights.k)
         for name, tensor in (
             ("enc_t", weights.enc_t),
@@ -41,6 +46,9 @@ class SAESteering(nn.Module):
         return f"sae={self.sae_id!r}, d_sae={self.W_dec.shape[0]}, topk_k={self.topk_k}"
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> None:
+        tok_row, tok_scope = self.tok_row, self.tok_scope
+        if self.placement is not None:
+            tok_row, tok_scope = self.placement(hidden.shape[0])
         torch.ops.sae_vllm.steer_(
             hidden,
             residual,
@@ -51,8 +59,8 @@ class SAESteering(nn.Module):
             self.row_feat,
             self.row_val,
             self.row_op,
-            self.tok_row,
-            self.tok_scope,
+            tok_row,
+            tok_scope,
             self.topk_k,
         )
 

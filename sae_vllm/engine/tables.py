@@ -11,6 +11,7 @@ import torch
 from .. import LOGGER_NAME
 from ..kernels import OP_CODES
 from ..spec import MAX_SCOPES, FeatureEdit, SteeringSpec
+from .device_placement import DevicePlacement
 from .scopes import UNBOUNDED, segments
 from .staging import StagedTensor
 
@@ -64,6 +65,50 @@ class EditTable:
         self._dirty = (min(lo, row), max(hi, row + 1))
 
 
+class SegmentTable:
+    """Per request, under its first row: the sorted finite edges of its segments (padded with
+    UNBOUNDED) and the row of each segment (segment j holds the positions with j edges at or
+    below them; NO_ROW where nothing is steered). One entry more than there are rows: the
+    last, read through NO_ROW (-1), steers nothing. Held on the host, or on the device
+    (`device`, reached at the next `flush`) when the device places each token in its segment."""
+
+    def __init__(self, max_rows: int, device: torch.device, staged: bool | None = None):
+        self.edges = torch.full(
+            (max_rows + 1, MAX_EDGES), UNBOUNDED, dtype=torch.int64, device=device
+        )
+        self.rows = torch.full(
+            (max_rows + 1, MAX_EDGES + 1), NO_ROW, dtype=torch.int32, device=device
+        )
+        self._edges = StagedTensor(self.edges, staged)
+        self._rows = StagedTensor(self.rows, staged)
+        self._entries = max_rows + 1
+        self._dirty = (self._entries, 0)  # entries [lo, hi) written since the last flush
+
+    @property
+    def host_edges(self) -> np.ndarray:
+        return self._edges.host
+
+    @property
+    def host_rows(self) -> np.ndarray:
+        return self._rows.host
+
+    def write(self, first: int, edges: list[int], segment_rows: list[int]) -> None:
+        """Entry `first`: the edges, and the row of the segment before the first edge (always
+        NO_ROW) and after each edge."""
+        padding = MAX_EDGES - len(edges)
+        self._edges.writable()[first] = edges + [UNBOUNDED] * padding
+        self._rows.writable()[first] = segment_rows + [NO_ROW] * padding
+        lo, hi = self._dirty
+        self._dirty = (min(lo, first), max(hi, first + 1))
+
+    def flush(self) -> None:
+        lo, hi = self._dirty
+        if lo < hi:
+            self._edges.flush(lo, hi)
+            self._rows.flush(lo, hi)
+            self._dirty = (self._entries, 0)
+
+
 class SteeringTables:
     """Rows handed to steered requests, their edit tables per SAE, and the token->row map.
 
@@ -74,7 +119,13 @@ class SteeringTables:
     row. Every step the token buffers are rewritten with vectorised numpy from the batch
     layout; rows past the step's tokens read -1. All of it is written on the host and reaches
     the device without a host-device sync (`staged`: through pinned host copies; default on
-    CUDA devices)."""
+    CUDA devices).
+
+    Where the host does not know a step's positions when it prepares it (`places_on_device`:
+    vllm_adapter.positions_run_ahead), the host writes only `tok_first`, each token's request's
+    first row, and the segment bounds go to the device, where DevicePlacement derives each
+    token's row and scope from the positions the model reads; `tok_row` and `tok_scope` then
+    stay unwritten."""
 
     def __init__(
         self,
@@ -84,21 +135,26 @@ class SteeringTables:
         max_tokens: int,
         device: torch.device,
         staged: bool | None = None,
+        places_on_device: bool = False,
     ):
         self.tables = {sae_id: EditTable(max_rows, max_edits, device, staged) for sae_id in sae_ids}
         self.tok_row = torch.full((max_tokens,), NO_ROW, dtype=torch.int32, device=device)
         self.tok_scope = torch.zeros((max_tokens,), dtype=torch.bool, device=device)
-        self._tok_row = StagedTensor(self.tok_row, staged)
-        self._tok_scope = StagedTensor(self.tok_scope, staged)
+        self.places_on_device = places_on_device
+        if places_on_device:
+            self.tok_first = torch.full((max_tokens,), NO_ROW, dtype=torch.int32, device=device)
+            self.segments = SegmentTable(max_rows, device, staged)
+            self._token_buffers = [(StagedTensor(self.tok_first, staged), NO_ROW)]
+        else:
+            self.segments = SegmentTable(max_rows, torch.device("cpu"), staged=False)
+            self._token_buffers = [
+                (StagedTensor(self.tok_row, staged), NO_ROW),
+                (StagedTensor(self.tok_scope, staged), False),
+            ]
         self.rows_total = max_rows
         self._free_rows = list(range(max_rows - 1, -1, -1))
-        # Per request, under its first row: the sorted finite edges of its segments (padded
-        # with UNBOUNDED), the row of each segment (segment j holds the positions with j edges
-        # at or below them; NO_ROW where nothing is steered), and the position from which its
-        # tokens stay in one segment for good. One entry more than there are rows: the last,
-        # read through NO_ROW (-1), steers nothing.
-        self._edges = np.full((max_rows + 1, MAX_EDGES), UNBOUNDED, dtype=np.int64)
-        self._segment_rows = np.full((max_rows + 1, MAX_EDGES + 1), NO_ROW, dtype=np.int32)
+        # Per request, under its first row: the position from which its tokens stay in one
+        # segment for good.
         self._settles_at = np.zeros(max_rows + 1, dtype=np.int64)
         self._first_row_of: dict[str, int] = {}
         self._rows_of: dict[str, list[int]] = {}
@@ -110,6 +166,12 @@ class SteeringTables:
         self._written_tokens = 0
         self._steady_layout: tuple | None = None
         self._steady_from = np.zeros(0, np.int32)  # its requests' positions when it settled
+
+    def device_placement(self, positions: torch.Tensor) -> DevicePlacement:
+        """The module that places each token on the device, from `positions` (the runner's)."""
+        if not self.places_on_device:
+            raise ValueError("these steering tables keep their segment bounds on the host")
+        return DevicePlacement(positions, self.tok_first, self.segments.edges, self.segments.rows)
 
     @property
     def rows_in_use(self) -> int:
@@ -153,12 +215,10 @@ class SteeringTables:
         for edit_set, row in row_of.items():
             self._write_row(row, [spec.edits[index] for index in edit_set])
         first = row_of[edit_sets[0]]
-        padding = MAX_EDGES - len(edges)
-        self._edges[first] = edges + [UNBOUNDED] * padding
-        self._segment_rows[first] = (
-            [NO_ROW]
-            + [row_of[edit_set] if edit_set else NO_ROW for edit_set in segment_edits]
-            + [NO_ROW] * padding
+        self.segments.write(
+            first,
+            edges,
+            [NO_ROW] + [row_of[edit_set] if edit_set else NO_ROW for edit_set in segment_edits],
         )
         # Past its last finite edge, a token stays in one segment for good.
         self._settles_at[first] = edges[-1]
@@ -192,15 +252,19 @@ class SteeringTables:
         num_computed_tokens: np.ndarray,
     ) -> None:
         """Write the token->row map and scope mask for one step's batch (request order), and
-        bring the edit tables' changed rows to the device."""
+        bring the edit tables' changed rows to the device. With `places_on_device`, write each
+        token's first row instead; `num_computed_tokens` is not read."""
         for table in self.tables.values():
             table.flush()
+        self.segments.flush()
         if self.rows_in_use == 0 and self._written_tokens == 0:
             return  # nothing steered now or in the last write: the buffers are all -1 already
         layout = (tuple(req_ids), num_scheduled_tokens.tobytes())
         # A position moves back without a release when vLLM recomputes a running request's
         # KV that failed to load (kv_load_failure_policy "recompute"): it may be unsettled.
-        if layout == self._steady_layout and (num_computed_tokens >= self._steady_from).all():
+        if layout == self._steady_layout and (
+            self.places_on_device or (num_computed_tokens >= self._steady_from).all()
+        ):
             return  # same batch, every token settled: the buffers already hold this step
         firsts = np.fromiter(
             (self._first_row_of.get(r, NO_ROW) for r in req_ids), np.int32, len(req_ids)
@@ -208,6 +272,11 @@ class SteeringTables:
         num_tokens = int(num_scheduled_tokens.sum())
         if not (firsts >= 0).any():
             self._write_tokens(0)
+            return
+        if self.places_on_device:
+            # The first rows depend on the layout alone, so the same layout reuses them.
+            self._write_tokens(num_tokens, np.repeat(firsts, num_scheduled_tokens))
+            self._steady_layout = layout
             return
         token_req = np.repeat(np.arange(len(req_ids)), num_scheduled_tokens)
         first_token = np.cumsum(num_scheduled_tokens) - num_scheduled_tokens
@@ -218,11 +287,11 @@ class SteeringTables:
         if self._recount_edges:
             self._edges_in_use = max(self._edge_count_of.values(), default=0)
             self._recount_edges = False
-        # Each token's index into _segment_rows: its request's entry, then one segment on for
+        # Each token's index into the segment rows: its request's entry, then one segment on for
         # each of the request's edges at or below its position.
-        edges = self._edges[token_firsts, : self._edges_in_use]
+        edges = self.segments.host_edges[token_firsts, : self._edges_in_use]
         segment_index = token_firsts * (MAX_EDGES + 1) + (positions[:, None] >= edges).sum(axis=1)
-        token_rows = self._segment_rows.ravel()[segment_index]
+        token_rows = self.segments.host_rows.ravel()[segment_index]
         self._write_tokens(num_tokens, token_rows, token_rows != NO_ROW)
         # Once every token has settled, a step with the same batch layout has the same rows and
         # the same scope while no position moves back (each token stays in its segment), so it
@@ -240,19 +309,18 @@ class SteeringTables:
                 [OP_CODES[edit.op.value] for edit in own],
             )
 
-    def _write_tokens(
-        self, count: int, rows: np.ndarray | None = None, scope: np.ndarray | None = None
-    ) -> None:
-        """Token buffers: rows and scope for the first `count` tokens, -1 / False after them up
-        to where the last write reached."""
+    def _write_tokens(self, count: int, *values: np.ndarray) -> None:
+        """Token buffers (rows and scope, or first rows): `values` for the first `count` tokens,
+        one array per buffer, and the buffer's empty value after them up to where the last
+        write reached."""
         self._steady_layout = None  # the buffers no longer hold the step it names
         end = max(count, self._written_tokens)
         if end == 0:
             return
-        row_host, scope_host = self._tok_row.writable(), self._tok_scope.writable()
         if count:
-            row_host[:count], scope_host[:count] = rows, scope
-        row_host[count:end], scope_host[count:end] = NO_ROW, False
-        self._tok_row.flush(0, end)
-        self._tok_scope.flush(0, end)
+            for (buffer, _), token_values in zip(self._token_buffers, values, strict=True):
+                buffer.writable()[:count] = token_values
+        for buffer, empty in self._token_buffers:
+            buffer.writable()[count:end] = empty
+            buffer.flush(0, end)
         self._written_tokens = count

@@ -504,6 +504,18 @@ def runner_info(runner: Any) -> RunnerInfo:
     )
 
 
+def model_positions(runner: Any) -> torch.Tensor:
+    """The runner's persistent buffer of token positions on the device (index, not M-RoPE),
+    which the model's forward reads from its start; under async speculative decoding it holds
+    the positions corrected for the drafts the last step rejected."""
+    positions = runner.positions
+    if not (isinstance(positions, torch.Tensor) and positions.dtype == torch.int64):
+        raise RuntimeError(
+            "sae-vllm expects the model runner's `positions` to be an int64 device tensor"
+        )
+    return positions
+
+
 def speculative_method(runner: Any) -> str | None:
     """The engine's speculative-decoding method ("ngram", "draft_model", "eagle", "mtp", ...),
     None without speculative decoding."""

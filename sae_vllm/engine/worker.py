@@ -37,12 +37,17 @@ class WorkerSteering:
         info = vllm.runner_info(runner)
         self.sae_sizes: dict[str, int] = {}
         max_rows = 2 * info.max_num_seqs * ROWS_PER_REQUEST
+        places_on_device = vllm.positions_run_ahead(vllm.vllm_config_of(runner))
         self.tables = SteeringTables(
             [entry.id for entry in config.saes],
             max_rows=max_rows,
             max_edits=config.max_edits,
             max_tokens=info.max_num_tokens,
             device=info.device,
+            places_on_device=places_on_device,
+        )
+        placement = (
+            self.tables.device_placement(vllm.model_positions(runner)) if places_on_device else None
         )
         layers = vllm.decoder_layers(runner, info.num_layers)
         for entry in config.saes:
@@ -72,6 +77,7 @@ class WorkerSteering:
                 self.tables.tables[entry.id],
                 self.tables.tok_row,
                 self.tables.tok_scope,
+                placement,
             )
             steer_layer(layer, steering)
             self.sae_sizes[entry.id] = sae.d_sae
@@ -92,11 +98,10 @@ class WorkerSteering:
                 "sae-vllm: the draft model is not steered (the SAEs edit the target's layers), "
                 "so steered requests accept fewer of its drafts"
             )
-        if vllm.positions_run_ahead(vllm.vllm_config_of(runner)):
+        if places_on_device:
             logger.info(
                 "sae-vllm: this engine schedules asynchronously with speculative decoding, so "
-                "a spec whose window starts or ends among the generated tokens is refused "
-                "(unplaceable_window)"
+                "each token's steering is placed on the device from the model's positions"
             )
         if info.device.type == "cpu":  # compile the CPU op's loop now, not in the first step
             warm_up_cpu_path(info.dtype)
