@@ -62,6 +62,7 @@ def customize(app: FastAPI, registry: SAERegistry, gate: SteeringGate) -> bool:
     if steered_paths and gate.variants:
         cards = {name: (v.model, json.loads(v.spec)) for name, v in gate.variants.items()}
         vllm_app.list_steering_variants(app, cards)
+        vllm_app.refuse_runtime_adapters_named_like(gate.variants)
         metrics.export_variants(gate.variants)
     refusals = {
         "steered_paths": steered_paths,

@@ -17,9 +17,10 @@
 # the spec: vLLM builds those SamplingParams itself, without extra_args); the Responses API's
 # `OpenAIServingResponses._generate_with_builtin_tools` (wrapped, to judge a spec's reach before
 # a stream starts); the `GET /v1/responses/{id}` and `GET /v1/models` routes (wrapped: steering
-# headers, variants' cards); and, for `sae-vllm serve`'s start-up, `AsyncEngineArgs`
-# (`create_model_config`), `validate_parsed_serve_args`, `cli_env_setup` and
-# `configure_logging_from_args`.
+# headers, variants' cards); `OpenAIServingModels._check_load_lora_adapter_request` (wrapped:
+# runtime LoRA adapters may not take a steering variant's name); and, for `sae-vllm serve`'s
+# start-up, `AsyncEngineArgs` (`create_model_config`), `validate_parsed_serve_args`,
+# `cli_env_setup` and `configure_logging_from_args`.
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ import functools
 import inspect
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from http import HTTPStatus
 from typing import Any, ClassVar
 
@@ -419,6 +420,36 @@ def serves_sagemaker_invocations(app: FastAPI) -> bool:
 
 
 # --- command line ---------------------------------------------------------------------------
+
+
+# This process's steering variants: a LoRA adapter loaded at runtime may not take their names.
+_variant_names: set[str] = set()
+
+
+def refuse_runtime_adapters_named_like(variant_names: Iterable[str]) -> None:
+    """Make runtime LoRA loading (`/v1/load_lora_adapter` and SageMaker's adapter routes, under
+    VLLM_ALLOW_RUNTIME_LORA_UPDATING) refuse a steering variant's name with a 400, as vLLM
+    refuses a served model's: requests naming it would get the variant, never the adapter."""
+    from vllm.entrypoints.openai.models.serving import OpenAIServingModels
+    from vllm.entrypoints.serve import create_error_response
+
+    _variant_names.update(variant_names)
+
+    def make(original: Callable) -> Callable:
+        async def _check_load_lora_adapter_request(self: Any, request: Any) -> Any:
+            if request.lora_name in _variant_names:
+                return create_error_response(
+                    message=f"The lora adapter '{request.lora_name}' conflicts with a steering "
+                    "variant: requests naming it get the variant (its model steered), never an "
+                    "adapter; load the adapter under another name.",
+                    err_type="InvalidUserInput",
+                    status_code=HTTPStatus.BAD_REQUEST,
+                )
+            return await original(self, request)
+
+        return _check_load_lora_adapter_request
+
+    wrap_once(OpenAIServingModels, "_check_load_lora_adapter_request", make)
 
 
 def served_model_names(args: argparse.Namespace) -> list[str]:

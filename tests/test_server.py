@@ -108,10 +108,8 @@ def server(artifacts):
     ]  # fmt: skip
     # The response store lets the Responses API run requests in the background.
     env = {"VLLM_ENABLE_RESPONSES_API_STORE": "1"}
-    process = ServerProcess(args, artifacts["root"] / "server.log", env=env)
-    process.start()
-    yield process
-    process.stop()
+    with ServerProcess(args, artifacts["root"] / "server.log", env=env) as process:
+        yield process
 
 
 @pytest.fixture(scope="module")

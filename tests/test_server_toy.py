@@ -16,10 +16,9 @@ def server(toy, tmp_path_factory):
     from sae_vllm.server.process import ServerProcess
 
     log = tmp_path_factory.mktemp("toy-server") / "server.log"
-    process = ServerProcess(["--enforce-eager"], log)  # what `make serve` runs, minus compile
-    process.start()
-    yield process
-    process.stop()
+    # what `make serve` runs, minus compile
+    with ServerProcess(["--enforce-eager"], log) as process:
+        yield process
 
 
 @pytest.fixture(scope="module")

@@ -64,10 +64,8 @@ def server(artifacts):
     # Two API server processes: each must build its own steering app from the config.
     args = ["serve", str(artifacts["model"]), *ENGINE_ARGS, "--api-server-count", "2"]
     args += ["--additional-config", artifacts["additional_config"]]
-    process = ServerProcess(args, artifacts["root"] / "server.log", launcher=VLLM_CLI)
-    process.start()
-    yield process
-    process.stop()
+    with ServerProcess(args, artifacts["root"] / "server.log", launcher=VLLM_CLI) as process:
+        yield process
 
 
 @pytest.fixture(scope="module")
