@@ -63,6 +63,10 @@ def test_an_adapter_may_not_take_a_steering_variants_name(server, client, artifa
     steered = complete(client, MODEL, extra_body={"steering": SPEC})
     assert steered != complete(client, MODEL)
     assert complete(client, VARIANT) == steered
+    # SageMaker's adapter route loads through the same check
+    sagemaker = {"name": VARIANT, "src": str(artifacts["adapter"])}
+    response = httpx.post(f"{server.base_url}/adapters", json=sagemaker, timeout=60)
+    assert response.status_code == 400, response.text
     load = {"lora_name": VARIANT, "lora_path": str(artifacts["adapter"])}
     response = httpx.post(f"{server.base_url}/v1/load_lora_adapter", json=load, timeout=60)
     assert response.status_code == 400, response.text
