@@ -289,6 +289,39 @@ def test_windows_among_generated_tokens_steer_exactly_the_references_positions(
     check_windows_steer_exactly(llm, proposer, target, artifacts)
 
 
+def test_the_compile_cache_keys_the_placement_of_tokens_apart(artifacts):
+    """Async scheduling with speculative decoding places tokens on the device, a different
+    graph from the host placement's; vLLM's config hash, which keys its compile cache (whose
+    whole-model AOT cache skips guard checks), hashes neither async scheduling nor the plugin's
+    choice (it differs only through a parallel setting that async scheduling defaults, unless
+    given). Were a graph compiled for the host placement loaded by an async engine, it would read
+    token rows that engine never writes, and every steered request would run unsteered."""
+    from cpu_async_scheduling import honor_async_scheduling
+    from vllm.engine.arg_utils import EngineArgs
+
+    from engine_harness import engine_kwargs
+
+    honor_async_scheduling()
+    drafter = speculative_config("draft_model", artifacts.model_dir, artifacts.model_dir)
+
+    def config_hash(async_scheduling: bool, steering: bool) -> str:
+        extra = {"additional_config": artifacts.additional_config()} if steering else {}
+        kwargs = engine_kwargs(
+            artifacts.model_dir,
+            async_scheduling=async_scheduling,
+            speculative_config=drafter,
+            disable_nccl_for_dp_synchronization=True,  # else defaulted by async scheduling
+            **extra,
+        )
+        config = EngineArgs(**kwargs).create_engine_config()
+        assert config.scheduler_config.async_scheduling is async_scheduling
+        return config.compute_hash()
+
+    assert config_hash(True, steering=True) != config_hash(False, steering=True)
+    # vLLM's own hash does not tell the two apart: the reason for the plugin's mark
+    assert config_hash(True, steering=False) == config_hash(False, steering=False)
+
+
 def test_windows_steer_exactly_in_a_compiled_async_draft_model_engine(artifacts):
     """vLLM's CUDA default for a draft model: async scheduling and a torch.compile'd model, in
     which the device placement is traced into the graph and must read each step's first rows

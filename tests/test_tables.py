@@ -221,6 +221,27 @@ def test_a_settled_batch_is_written_again_after_a_step_without_its_steered_reque
 
 
 @BOTH_PLACEMENTS
+def test_a_request_admitted_again_under_its_id_reads_its_new_rows_in_the_same_layout(
+    places_on_device,
+):
+    """A streaming-input session's next chunk is released and admitted again under the same
+    id, and may bring another spec: the same batch layout must not keep the old rows, which
+    may belong to another request by then."""
+    tables = made(places_on_device)
+    s = tables.admit("s", spec("generated", feature=3), 4)
+    assert step(tables, ["s"], [1], [4]) == ([s], [True])
+    assert step(tables, ["s"], [1], [5]) == ([s], [True])
+    tables.release("s")
+    x = tables.admit("x", spec("generated", feature=9), 4)  # takes s's old row
+    s_again = tables.admit("s", spec("generated", feature=5), 6)
+    assert x == s and s_again != s
+    assert step(tables, ["s"], [1], [6]) == ([s_again], [True])
+    tables.release("s")
+    tables.admit("s", None, 7)  # the next chunk unsteered
+    assert step(tables, ["s"], [1], [7]) == ([NO_ROW], [False])
+
+
+@BOTH_PLACEMENTS
 def test_a_settled_batch_whose_positions_move_back_is_written_again(places_on_device):
     """vLLM recomputes a running request's KV that failed to load (kv_load_failure_policy
     "recompute") by moving its position back, with no release: the same layout at lower

@@ -96,6 +96,28 @@ def positions_run_ahead(vllm_config: Any) -> bool:
     return bool(scheduling.async_scheduling) and vllm_config.speculative_config is not None
 
 
+def patch_config_hash(steers: Callable[[Any], bool]) -> None:
+    """Make an engine config that `steers(vllm_config)` hash differently as its steered layers
+    read the host's token rows or place tokens on the device (positions_run_ahead): the two
+    trace different graphs, and vLLM's compile cache, which keys a compiled model by this hash,
+    does not hash async scheduling. A graph compiled for the other placement would read buffers
+    the worker never writes, and steer nothing."""
+    from vllm.config import VllmConfig
+    from vllm.utils.hashing import safe_hash
+
+    def make(original: Callable) -> Callable:
+        def compute_hash(self: Any) -> str:
+            config_hash = original(self)
+            if not steers(self) or not positions_run_ahead(self):
+                return config_hash
+            marked = f"{config_hash}:sae-vllm placement on the device".encode()
+            return safe_hash(marked, usedforsecurity=False).hexdigest()[:10]
+
+        return compute_hash
+
+    wrap_once(VllmConfig, "compute_hash", make)
+
+
 def as_client_error(check: Callable[..., Any], *args: Any) -> Any:
     """`check(*args)`, its ValueError raised as the client error vLLM answers with a 400
     naming `steering`."""
