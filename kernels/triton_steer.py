@@ -177,14 +177,17 @@ def _edit_decode_kernel(
         rows = feat.to(tl.int64) * stride_w
         h_row = hidden_ptr + t.to(tl.int64) * stride_h
         d_lo = s * chunk_d
-        for d0 in range(d_lo, d_lo + chunk_d, BLOCK_D):
-            offs = d0 + tl.arange(0, BLOCK_D)
-            dm = offs < d_in
-            w_mask = valid[:, None] & dm[None, :]
-            w = tl.load(dec_ptr + rows[:, None] + offs[None, :], mask=w_mask, other=0.0)
-            delta = tl.sum(coef[:, None] * w.to(tl.float32), axis=0)
-            h = tl.load(h_row + offs, mask=dm)
-            tl.store(h_row + offs, (h.to(tl.float32) + delta).to(h.dtype), mask=dm)
+        # A row with no edit of this SAE (its spec edits others) leaves the token's bits as
+        # they are: adding a zero delta would turn -0.0 into +0.0.
+        if tl.max(valid.to(tl.int32), axis=0) > 0:
+            for d0 in range(d_lo, d_lo + chunk_d, BLOCK_D):
+                offs = d0 + tl.arange(0, BLOCK_D)
+                dm = offs < d_in
+                w_mask = valid[:, None] & dm[None, :]
+                w = tl.load(dec_ptr + rows[:, None] + offs[None, :], mask=w_mask, other=0.0)
+                delta = tl.sum(coef[:, None] * w.to(tl.float32), axis=0)
+                h = tl.load(h_row + offs, mask=dm)
+                tl.store(h_row + offs, (h.to(tl.float32) + delta).to(h.dtype), mask=dm)
 
 
 def steer_triton_(

@@ -543,6 +543,22 @@ def test_unsteered_tokens_bit_identical(runner: Runner):
     assert not torch.equal(wide[: case.n_tok][steered], before[: case.n_tok][steered])
 
 
+def test_tokens_whose_row_holds_no_edit_of_this_sae_keep_their_bits(runner: Runner):
+    """A spec that edits only another SAE gives its tokens rows with every slot of this SAE's
+    table empty: this op leaves them as they are, -0.0 and NaN included."""
+    case = make_case(16, "relu", torch.bfloat16, n_tok=10)
+    steered = torch.from_numpy(case.steered())
+    empty_row = int(case.tok_row[: case.n_tok][steered][0])
+    case.row_feat[empty_row] = -1
+    no_edit = case.tok_row[: case.n_tok] == empty_row
+    specials = torch.tensor([float("nan"), -0.0, -0.0, float("-inf")], dtype=torch.bfloat16)
+    case.hidden[no_edit, :4] = specials
+    before = case.hidden.clone()
+    runner(case, case.hidden)
+    assert _bits(case.hidden[no_edit]).equal(_bits(before[no_edit]))
+    assert not torch.equal(case.hidden[steered & ~no_edit], before[steered & ~no_edit])
+
+
 def test_passthrough_edits_are_bit_exact(runner: Runner):
     """Edits that keep a (scale 1, add 0) change no value (-0.0 may come back as +0.0)."""
     case = make_case(7, "relu", torch.float16)
