@@ -95,7 +95,8 @@ def _scatter(t: torch.Tensor, index: np.ndarray, values: np.ndarray) -> None:
         t.numpy()[index] = values
         return
     if t.dtype == torch.float16:
-        t.view(torch.int16).numpy()[index] = values.astype(np.float16).view(np.int16)
+        with np.errstate(over="ignore"):  # past float16's range is inf, as torch rounds it
+            t.view(torch.int16).numpy()[index] = values.astype(np.float16).view(np.int16)
         return
     values = np.ascontiguousarray(values, dtype=np.float32)
     u = values.view(np.uint32)
