@@ -8,7 +8,11 @@ kernels and is not timed here) against the device's copy bandwidth measured in t
 the call's time as a share of a decode-step proxy, the dense GEMMs of one Llama-3.1-8B step at
 the same token count, also measured in the same run. On CUDA the Triton kernels run (L2 flushed
 before each call); on CPU the op's CPU path does, as in a CPU engine (kernels/cpu_decode.py: a
-compiled loop for float32 and bfloat16, numpy for float16, the torch reference for TopK)."""
+compiled loop for float32 and bfloat16, numpy for float16, the torch reference for TopK).
+
+Also timed: each steered layer's placement of a step's tokens on the device, which engines whose
+host positions run ahead (async scheduling with speculative decoding) add before the op
+(sae_vllm/engine/device_placement.py): called eagerly, and on CUDA replayed from a CUDA graph."""
 
 from __future__ import annotations
 
@@ -24,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from sae_vllm.engine.device_placement import DevicePlacement
 
 from . import report
 
@@ -125,6 +131,36 @@ def step_proxy(timer: Timer, device: torch.device, dtype: torch.dtype, tokens: i
     return [s * LLAMA_LAYERS / layers for s in timer.samples(run, n, warmup=1)]
 
 
+PLACEMENT_ROWS = 2 * 256 * 7  # the worker's rows at 256 sequences of 4 scopes each
+PLACEMENT_EDGES = 8
+
+
+def placement_samples(
+    timer: Timer, device: torch.device, tokens: int, n: int
+) -> dict[str, list[float]]:
+    """Seconds per placement of `tokens` tokens, each of a random request with four scopes:
+    called eagerly, and on CUDA replayed from a CUDA graph captured once."""
+    gen = torch.Generator(device=device).manual_seed(tokens)
+    shape = (PLACEMENT_ROWS + 1, PLACEMENT_EDGES)
+    edges = torch.randint(0, 4096, shape, generator=gen, device=device).sort(dim=1).values
+    rows = torch.randint(-1, PLACEMENT_ROWS, (shape[0], shape[1] + 1), generator=gen, device=device)
+    first = torch.randint(0, PLACEMENT_ROWS, (tokens,), generator=gen, device=device)
+    positions = torch.randint(0, 4096, (tokens,), generator=gen, device=device)
+    placement = DevicePlacement(positions, first.to(torch.int32), edges, rows.to(torch.int32))
+    samples = {"eager": timer.samples(lambda: placement(tokens), n)}
+    if device.type == "cuda":
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm up off the capture stream, as capture requires
+            placement(tokens)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            placement(tokens)
+        samples["cuda_graph"] = timer.samples(graph.replay, n)
+    return samples
+
+
 class Problem:
     """Random SAE weights of one shape, with edit tables and activations for a token count."""
 
@@ -211,6 +247,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 file=sys.stderr,
             )
 
+    placements = {t: placement_samples(timer, device, t, n) for t in TOKENS}
     bw = statistics.median(copy_bw)
     summary = [summarize(cfg, statistics.median(proxies[cfg.tokens]), bw) for cfg in chosen]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -223,6 +260,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     headers = list(summary[0])
     table = note + "\n\n" + report.markdown_table(headers, [list(r.values()) for r in summary])
+    ways = list(placements[TOKENS[0]])
+    placement_rows = [
+        [t, *(statistics.median(placements[t][way]) * 1e6 for way in ways)] for t in TOKENS
+    ]
+    table += "\n\nDevice placement, per steered layer (async scheduling with speculative decoding):"
+    table += "\n\n" + report.markdown_table(
+        ["tokens", *(f"{way} us/call" for way in ways)], placement_rows
+    )
     return {
         "suite": "kernels",
         "machine": {**report.machine(), "device": name},
@@ -237,6 +282,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "l2_flushed": device.type == "cuda",
         },
         "copy_bandwidth_Bps": {"samples": copy_bw, "median": bw},
+        "placement_s": {
+            str(t): {
+                way: {"samples": s, "median": statistics.median(s)} for way, s in ways_.items()
+            }
+            for t, ways_ in placements.items()
+        },
         "step_proxy_s": {
             str(t): {"samples": s, "median": statistics.median(s)} for t, s in proxies.items()
         },

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from bench import tables as bench_tables
 from sae_vllm.engine.tables import NO_ROW
@@ -19,7 +20,11 @@ def test_each_decode_batch_steers_the_share_and_scopes_it_is_named_for(name):
     assert len(orders) == (2 if case.layout_changes else 1) and len(set(orders[0])) == batch
     computed = np.full(batch, bench_tables.PROMPT_LEN + 3)  # a decode step in every window
     tables.write_step(orders[0], np.ones(batch, np.int64), computed)
-    steered_tokens = int((tables.tok_row[:batch] != NO_ROW).sum())
+    rows = tables.tok_row[:batch]
+    if case.places_on_device:
+        positions = torch.from_numpy(computed).to(torch.int64)
+        rows, _ = tables.device_placement(positions)(batch)
+    steered_tokens = int((rows != NO_ROW).sum())
     assert steered_tokens == round(case.steered_share * batch)
     assert len(bench_tables.staggered_scopes(case.scopes).scopes()) == case.scopes
 
@@ -37,6 +42,11 @@ def test_the_suite_reports_every_case(tmp_path, capsys):
         == 0
     )
     results = json.loads(out.read_text())["results"]
-    assert len(results) == len(bench_tables.STEP_CASES) + len(bench_tables.ADMIT_CASES)
+    placement = ["device placement, per steered layer"]
+    assert list(results) == [
+        *(f"write_step: {name}" for name in bench_tables.STEP_CASES),
+        *placement,
+        *(f"admit + release: {name}" for name in bench_tables.ADMIT_CASES),
+    ]
     assert all(len(r["us_per_call"]) == 2 and r["best_us"] > 0 for r in results.values())
     assert "admit + release: 8 edits" in capsys.readouterr().out
