@@ -266,20 +266,28 @@ WINDOWED_SPECS = [
         "generated",
         None,
     ),
+    (  # an edit's own apply_to without a window takes none, not the spec's
+        [("relu", 5, "set", 6.0), ("jumprelu", 3, "add", 3.0, {"apply_to": "all"})],
+        "generated",
+        {"start": 4, "end": 10},
+    ),
 ]
 
 
 def reference_spans(artifacts, prompt: list[int], edits, apply_to: str, window) -> list[Span]:
-    """The positions each edit of a windowed spec steers, for the HF reference."""
+    """The positions each edit of a windowed spec steers, for the HF reference: an edit with
+    a scope of its own takes its apply_to (else the spec's) and its window (else none)."""
     spans = []
     for sae, feature, op, value, *own in edits:
-        scope = own[0] if own else {}
         edit = Edit(artifacts.saes[sae], feature, op, value)
-        spans.append(
-            scope_span(
-                len(prompt), [edit], scope.get("apply_to", apply_to), scope.get("window", window)
+        if own:
+            scope = own[0]
+            span = scope_span(
+                len(prompt), [edit], scope.get("apply_to", apply_to), scope.get("window")
             )
-        )
+        else:
+            span = scope_span(len(prompt), [edit], apply_to, window)
+        spans.append(span)
     return spans
 
 
