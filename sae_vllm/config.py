@@ -80,13 +80,8 @@ def with_local_sae_paths(config: SteeringConfig) -> SteeringConfig:
     return config.model_copy(update={"saes": entries})
 
 
-def configures_steering(additional_config: Any) -> bool:
-    """Whether vLLM's additional_config turns steering on (see steering_config_from)."""
-    return isinstance(additional_config, dict) and CONFIG_KEY in additional_config
-
-
 def steering_config_from(additional_config: Any) -> SteeringConfig | None:
     """The steering config inside vLLM's additional_config, or None when steering is off."""
-    if not configures_steering(additional_config):
+    if not isinstance(additional_config, dict) or CONFIG_KEY not in additional_config:
         return None
     return SteeringConfig.model_validate(additional_config[CONFIG_KEY])

@@ -22,15 +22,14 @@ def register() -> None:
         kernels,  # noqa: F401  (registers torch.ops.sae_vllm.steer_)
         offline_beam_search,
     )
-    from .config import configures_steering
     from .cpu_amx import request_amx_permission
-    from .engine import intake, prefix_cache, reach_report, worker
+    from .engine import compile_key, intake, prefix_cache, reach_report, worker
     from .engine import vllm_adapter as vllm
 
     vllm.check_vllm_version()
     request_amx_permission()  # also its own plugin; here too for VLLM_PLUGINS=sae_vllm alone
     vllm.prefer_v1_runner()
-    vllm.patch_config_hash(lambda config: configures_steering(config.additional_config))
+    vllm.patch_config_hash(compile_key.compile_key_factors)
     vllm.patch_request_intake(
         intake.check_params,
         intake.check_reach,

@@ -96,22 +96,22 @@ def positions_run_ahead(vllm_config: Any) -> bool:
     return bool(scheduling.async_scheduling) and vllm_config.speculative_config is not None
 
 
-def patch_config_hash(steers: Callable[[Any], bool]) -> None:
-    """Make an engine config that `steers(vllm_config)` hash differently as its steered layers
-    read the host's token rows or place tokens on the device (positions_run_ahead): the two
-    trace different graphs, and vLLM's compile cache, which keys a compiled model by this hash,
-    does not hash async scheduling. A graph compiled for the other placement would read buffers
-    the worker never writes, and steer nothing."""
+def patch_config_hash(factors: Callable[[Any], str | None]) -> None:
+    """Make an engine config's hash also hash `factors(vllm_config)` when it is not None. vLLM
+    keys its compile cache by this hash, and its whole-model AOT cache loads a compiled model
+    without guard checks: a graph traced for other steering (see compile_key) would be reused,
+    and could steer wrongly or not at all."""
     from vllm.config import VllmConfig
     from vllm.utils.hashing import safe_hash
 
     def make(original: Callable) -> Callable:
         def compute_hash(self: Any) -> str:
             config_hash = original(self)
-            if not steers(self) or not positions_run_ahead(self):
+            extra = factors(self)
+            if extra is None:
                 return config_hash
-            marked = f"{config_hash}:sae-vllm placement on the device".encode()
-            return safe_hash(marked, usedforsecurity=False).hexdigest()[:10]
+            keyed = f"{config_hash}:sae-vllm {extra}".encode()
+            return safe_hash(keyed, usedforsecurity=False).hexdigest()[:10]
 
         return compute_hash
 
