@@ -262,6 +262,9 @@ def parse_spec_shape(data: Any) -> SteeringSpec:
             raise SteeringSpecError(
                 [SpecIssue("", f"not valid JSON: {exc}", SpecErrorReason.MALFORMED)]
             ) from None
+        except RecursionError:
+            message = "not valid JSON: nested too deeply"
+            raise SteeringSpecError([SpecIssue("", message, SpecErrorReason.MALFORMED)]) from None
     if not isinstance(data, Mapping):
         message = "must be a JSON object with an 'edits' list"
         raise SteeringSpecError([SpecIssue("", message, SpecErrorReason.MALFORMED)])

@@ -219,7 +219,7 @@ def _json_object_naming(text: str | bytes, field: str) -> dict | None:
         return None
     try:
         data = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested too deeply: vLLM answers it
         return None
     return data if isinstance(data, dict) else None
 

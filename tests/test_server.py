@@ -720,6 +720,24 @@ def test_a_steering_field_spelled_with_escapes_is_refused_where_it_cannot_apply(
     assert response.json()["choices"][0]["text"] == complete_text(http, STRONG)
 
 
+def test_json_nested_too_deeply_to_parse_is_a_client_error(http):
+    """Python's JSON parser gives up on deep nesting with a RecursionError, not a ValueError:
+    the guard of other routes leaves such a body to vLLM, and a spec's text that deep is a bad
+    spec, neither a 500."""
+    deep = "[" * 5000 + "]" * 5000
+    guarded = f'{{"model": "{MODEL}", "prompt": "hi", "steering": {deep}}}'
+    json_type = {"Content-Type": "application/json"}
+    response = http.post("/tokenize", content=guarded, headers=json_type)
+    assert response.status_code == 400, response.text  # FastAPI's: it cannot parse the body
+    fields = {"vllm_xargs": {"sae_steering": deep}}
+    response = http.post("/v1/completions", json=_body("completions", fields))
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["param"], error["reason"]) == ("vllm_xargs.sae_steering", "malformed")
+    assert "nested too deeply" in error["message"]
+    assert http.get("/health").status_code == 200
+
+
 def complete_text(http, steering: dict) -> str:
     response = http.post("/v1/completions", json=_body("completions", {"steering": steering}))
     return response.json()["choices"][0]["text"]

@@ -87,6 +87,7 @@ def test_json_string_input_is_accepted():
         ({}, "edits", "field required"),
         ([1, 2], "", "JSON object"),
         ("{not json", "", "not valid JSON"),
+        ("[" * 5000 + "]" * 5000, "", "not valid JSON: nested too deeply"),
         ({"edits": [edit(sae="")]}, "edits[0].sae", ""),
         ({"edits": [edit()], "window": {"start": -2}}, "window.start", "only apply_to 'prompt'"),
         (
