@@ -6,7 +6,13 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
-from .spec import DEFAULT_MAX_ABS_VALUE, DEFAULT_MAX_EDITS, SpecLimits, SteeringSpec
+from .spec import (
+    DEFAULT_MAX_ABS_VALUE,
+    DEFAULT_MAX_EDITS,
+    MAX_EDITS_BOUND,
+    SpecLimits,
+    SteeringSpec,
+)
 
 CONFIG_KEY = "sae_steering"
 EXTRA_ARGS_KEY = "sae_steering"
@@ -49,7 +55,7 @@ class SteeringConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     saes: list[SAEEntry] = Field(min_length=1)
-    max_edits: int = Field(default=DEFAULT_MAX_EDITS, ge=1, le=256)
+    max_edits: int = Field(default=DEFAULT_MAX_EDITS, ge=1, le=MAX_EDITS_BOUND)
     max_abs_value: float = Field(default=DEFAULT_MAX_ABS_VALUE, gt=0)
     # Served model names that steer every request sent to them with a fixed spec (the HTTP
     # server lists them in /v1/models); checked against the SAEs when the server starts.

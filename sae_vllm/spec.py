@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, f
 from pydantic_core import PydanticCustomError
 
 DEFAULT_MAX_EDITS = 32
+MAX_EDITS_BOUND = 256  # the most edits a server may allow a spec (its edit tables' width)
 DEFAULT_MAX_ABS_VALUE = 1.0e4
 MAX_WINDOW_OFFSET = 2**31 - 1  # far past any model's context; keeps position arithmetic in int64
 MAX_SCOPES = 4  # distinct (apply_to, window) pairs among a spec's edits; bounds a request's rows
@@ -201,7 +202,7 @@ class SpecLimits(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_edits: int = Field(default=DEFAULT_MAX_EDITS, ge=1, le=1024)
+    max_edits: int = Field(default=DEFAULT_MAX_EDITS, ge=1, le=MAX_EDITS_BOUND)
     max_abs_value: float = Field(default=DEFAULT_MAX_ABS_VALUE, gt=0)
 
 

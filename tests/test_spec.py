@@ -359,3 +359,18 @@ def test_scopes_are_counted_after_equal_ones_merge():
     with pytest.raises(SteeringSpecError) as info:
         parse_spec({"edits": [*four, edit(feature=9, apply_to="all")]})
     assert info.value.reason is SpecErrorReason.TOO_MANY_SCOPES
+
+
+def test_the_spec_limits_and_the_engine_config_bound_max_edits_alike():
+    """A server's edit tables are max_edits wide; the library's limits take no more."""
+    from pydantic import ValidationError
+
+    from sae_vllm.config import SteeringConfig
+    from sae_vllm.spec import MAX_EDITS_BOUND, SpecLimits
+
+    saes = [{"id": "a", "path": "a"}]
+    assert SpecLimits(max_edits=MAX_EDITS_BOUND).max_edits == MAX_EDITS_BOUND
+    assert SteeringConfig(saes=saes, max_edits=MAX_EDITS_BOUND).limits.max_edits == MAX_EDITS_BOUND
+    for build in (SpecLimits, lambda **kw: SteeringConfig(saes=saes, **kw)):
+        with pytest.raises(ValidationError, match="less than or equal to 256"):
+            build(max_edits=MAX_EDITS_BOUND + 1)
