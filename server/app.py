@@ -109,5 +109,6 @@ def install() -> None:
     vllm_app.refuse_misplaced_steering_in_batch_lines()
     vllm_app.install_steered_beam_search()
     vllm_app.check_responses_reach_before_streaming()
+    vllm_app.answer_messages_refusals_quietly()
     vllm_app.steer_sagemaker_invocations()
     vllm_app.customize_every_app(_customize_built_app)

@@ -16,11 +16,13 @@
 # search (`BeamSearchOnlineMixin.beam_search`, wrapped so that each beam step's request carries
 # the spec: vLLM builds those SamplingParams itself, without extra_args); the Responses API's
 # `OpenAIServingResponses._generate_with_builtin_tools` (wrapped, to judge a spec's reach before
-# a stream starts); the `GET /v1/responses/{id}` and `GET /v1/models` routes (wrapped: steering
-# headers, variants' cards); `OpenAIServingModels._check_load_lora_adapter_request` (wrapped:
-# runtime LoRA adapters may not take a steering variant's name); and, for `sae-vllm serve`'s
-# start-up, `AsyncEngineArgs` (`create_model_config`), `validate_parsed_serve_args`,
-# `cli_env_setup` and `configure_logging_from_args`.
+# a stream starts); `AnthropicServingMessages.create_messages` (wrapped: a refused spec is
+# answered without vLLM's error log); the `GET /v1/responses/{id}` and `GET /v1/models` routes
+# (wrapped: steering headers, variants' cards);
+# `OpenAIServingModels._check_load_lora_adapter_request` (wrapped: runtime LoRA adapters may not
+# take a steering variant's name); and, for `sae-vllm serve`'s start-up, `AsyncEngineArgs`
+# (`create_model_config`), `validate_parsed_serve_args`, `cli_env_setup` and
+# `configure_logging_from_args`.
 
 from __future__ import annotations
 
@@ -356,6 +358,27 @@ def check_responses_reach_before_streaming() -> None:
         return _generate_with_builtin_tools
 
     wrap_once(OpenAIServingResponses, "_generate_with_builtin_tools", make)
+
+
+def answer_messages_refusals_quietly() -> None:
+    """Make the Anthropic Messages route answer the engine's refusal of a spec (steers_nothing)
+    as the other routes do, without logging it: vLLM's route logs any exception its handler
+    raises as an error with a traceback, and a client's bad spec is no server error."""
+    from vllm.entrypoints.anthropic.serving import AnthropicServingMessages
+    from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+
+    def make(original: Callable) -> Callable:
+        async def create_messages(self: Any, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return await original(self, *args, **kwargs)
+            except VLLMValidationError as exc:
+                if exc.parameter != STEERING_FIELD:
+                    raise
+                return create_error_response(exc)  # the route's own answer to it
+
+        return create_messages
+
+    wrap_once(AnthropicServingMessages, "create_messages", make)
 
 
 # --- SageMaker /invocations ----------------------------------------------------------------
