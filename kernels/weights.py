@@ -83,7 +83,9 @@ def prepare_weights_by_block(
 ) -> SteeringWeights:
     """SteeringWeights from an SAE whose matrices come a block of features at a time, so only
     one block is held beside the result (the matrices can stream from a memory-mapped file);
-    the result never shares memory with the blocks. Otherwise as prepare_weights."""
+    the result never shares memory with the blocks. Otherwise as prepare_weights. Raises
+    ValueError for a NaN or infinite weight, or one past `dtype`'s range: a single one would
+    silence every feature (in b_dec) or write NaN into the residual stream (in W_dec)."""
     if b_enc.ndim != 1 or b_dec.ndim != 1:
         raise ValueError(f"b_enc and b_dec must be 1-D, got {b_enc.shape} and {b_dec.shape}")
     (d_sae,), (d_in,) = b_enc.shape, b_dec.shape
@@ -97,6 +99,8 @@ def prepare_weights_by_block(
 
     bias = b_enc.detach().to(dtype=torch.float64).clone()
     b_dec64 = b_dec.detach().to(dtype=torch.float64)
+    _check_finite("b_enc", bias)
+    _check_finite("b_dec", b_dec64)
     enc_t = torch.empty((d_sae, d_in), dtype=dtype, device=device)
     W_dec = torch.empty((d_sae, d_in), dtype=dtype, device=device)
     for start in range(0, d_sae, step):
@@ -109,11 +113,16 @@ def prepare_weights_by_block(
             bias[rows] -= b_dec64 @ cols.to(device=b_dec64.device, dtype=torch.float64)
         enc_t[rows].copy_(cols.to(device=device, dtype=dtype).t())
         W_dec[rows].copy_(dec_rows.to(device=device, dtype=dtype))
+        where = f" (features {start}:{rows.stop}, in {dtype})"
+        _check_finite("W_enc", enc_t[rows], where)
+        _check_finite("W_dec", W_dec[rows], where)
 
     if threshold is None:
         thr = torch.zeros(d_sae, dtype=torch.float32, device=device)
     else:
         thr = torch.empty(d_sae, dtype=torch.float32, device=device).copy_(threshold.detach())
+        _check_finite("threshold", thr)
+    _check_finite("b_enc with b_dec folded in", bias)
     return SteeringWeights(
         enc_t=enc_t,
         b_enc=bias.to(device=device, dtype=torch.float32).contiguous(),
@@ -121,6 +130,12 @@ def prepare_weights_by_block(
         W_dec=W_dec,
         k=k,
     )
+
+
+def _check_finite(name: str, tensor: torch.Tensor, where: str = "") -> None:
+    if not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise ValueError(f"{name}{where} holds {bad} NaN or infinite values")
 
 
 def _check_shape(name: str, tensor: torch.Tensor, shape: tuple[int, ...], where: str = "") -> None:

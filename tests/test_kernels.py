@@ -393,6 +393,33 @@ def test_prepare_weights_defaults_and_validation():
         )
 
 
+@pytest.mark.parametrize(
+    ("name", "spoil", "dtype"),
+    [
+        ("b_dec", lambda t: t["b_dec"].__setitem__(2, float("nan")), torch.float32),
+        ("b_enc", lambda t: t["b_enc"].__setitem__(0, float("inf")), torch.float32),
+        ("W_dec", lambda t: t["W_dec"].__setitem__((5, 1), float("nan")), torch.bfloat16),
+        ("W_enc", lambda t: t["W_enc"].__setitem__((1, 9), -float("inf")), torch.float32),
+        ("W_enc", lambda t: t["W_enc"].__setitem__((1, 9), 70000.0), torch.float16),  # past fp16
+        ("threshold", lambda t: t["threshold"].__setitem__(4, float("nan")), torch.float32),
+    ],
+)
+def test_prepare_weights_refuses_non_finite_weights(name, spoil, dtype):
+    """One NaN in b_dec silences every feature (every pre-activation is NaN, and NaN is never
+    above the threshold); one in W_dec writes NaN into the residual stream. Refused, named."""
+    tensors = {
+        "W_enc": torch.randn(8, 16),
+        "b_enc": torch.randn(16),
+        "W_dec": torch.randn(16, 8),
+        "b_dec": torch.randn(8),
+        "threshold": torch.rand(16),
+    }
+    prepare_weights(*tensors.values(), None, True, dtype, "cpu")  # fine as drawn
+    spoil(tensors)
+    with pytest.raises(ValueError, match=f"^{name}.* holds 1 NaN or infinite values"):
+        prepare_weights(*tensors.values(), None, True, dtype, "cpu")
+
+
 def test_prepare_weights_never_shares_memory_with_its_inputs():
     # Even where layout, dtype and device already match: the inputs may be a memory-mapped file.
     W_enc, W_dec = torch.randn(16, 8).T, torch.randn(16, 8)

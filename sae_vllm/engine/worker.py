@@ -70,7 +70,10 @@ class WorkerSteering:
             layer = layers[layer_index]
             if vllm.is_missing_layer(layer):
                 continue  # another pipeline rank holds this layer
-            weights = steering_weights(opened, dtype=info.dtype, device=info.device)
+            try:
+                weights = steering_weights(opened, dtype=info.dtype, device=info.device)
+            except ValueError as exc:  # SAEFormatError too: a bad block, a non-finite weight
+                raise SteeringStartupError(f"SAE '{entry.id}': {exc}") from None
             steering = SAESteering(
                 entry.id,
                 weights,
