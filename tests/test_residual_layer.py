@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from sae_vllm.sae import SAE
-from sae_vllm.sae.sites import NotALayerOutputError, model_misfit, residual_layer, steered_layer
+from sae_vllm.sae.sites import (
+    NotALayerOutputError,
+    layer_override,
+    model_misfit,
+    residual_layer,
+    steered_layer,
+)
 
 
 def sae(hook: str | None, layer: int | None) -> SAE:
@@ -72,6 +78,17 @@ def test_a_configured_layer_wins_but_never_over_a_site_that_is_no_layer_output()
     assert steered_layer(sae(None, None), None) is None
     with pytest.raises(NotALayerOutputError):
         steered_layer(sae("blocks.12.hook_mlp_out", 12), 12)
+
+
+def test_a_configured_layer_other_than_the_files_is_named_for_a_warning():
+    assert layer_override(sae("blocks.12.hook_resid_pre", 12), 12) == (
+        "configured to steer the output of layer 12, but its file reads "
+        "blocks.12.hook_resid_pre, the output of layer 11"
+    )
+    assert layer_override(sae("blocks.12.hook_resid_pre", 12), 11) is None
+    assert layer_override(sae("blocks.12.hook_resid_post", 12), None) is None
+    assert layer_override(sae(None, None), 3) is None  # the file names no layer
+    assert "its file reads layer 4" in layer_override(sae(None, 4), 3)
 
 
 def test_a_model_without_the_layer_or_of_another_width_is_named():

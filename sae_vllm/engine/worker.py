@@ -11,7 +11,7 @@ from .. import LOGGER_NAME
 from ..config import EXTRA_ARGS_KEY, SteeringConfig, steering_config_from
 from ..kernels import warm_up_cpu_path
 from ..sae import SAEFormatError, open_sae
-from ..sae.sites import NotALayerOutputError, model_misfit, steered_layer
+from ..sae.sites import NotALayerOutputError, layer_override, model_misfit, steered_layer
 from ..spec import SteeringSpec
 from . import vllm_adapter as vllm
 from .intake import generation_start_of
@@ -64,6 +64,9 @@ class WorkerSteering:
                 raise SteeringStartupError(
                     f"SAE '{entry.id}': no layer given and none found in {entry.path}"
                 )
+            override = layer_override(sae, entry.layer)
+            if override is not None:
+                logger.warning("sae-vllm: SAE '%s' is %s", entry.id, override)
             misfit = model_misfit(sae.d_in, layer_index, info.hidden_size, info.num_layers)
             if misfit is not None:
                 raise SteeringStartupError(f"SAE '{entry.id}': {misfit}")

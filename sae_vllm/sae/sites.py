@@ -51,6 +51,20 @@ def steered_layer(sae: SAE, configured: int | None) -> int | None:
     return configured if configured is not None else file_layer
 
 
+def layer_override(sae: SAE, configured: int | None) -> str | None:
+    """Why a configured layer is worth a warning: it differs from the layer the SAE's file
+    reads, so the SAE steers a residual stream it was not trained on (a `blocks.L.hook_resid_pre`
+    SAE given `@L` is the usual slip: it reads layer L-1's output); None when they agree or
+    either is unknown."""
+    file_layer = residual_layer(sae)
+    if configured is None or file_layer is None or configured == file_layer:
+        return None
+    return (
+        f"configured to steer the output of layer {configured}, but its file reads "
+        f"{sae.hook_name or f'layer {sae.layer}'}, the output of layer {file_layer}"
+    )
+
+
 def model_misfit(d_in: int, layer: int, hidden_size: int, num_layers: int) -> str | None:
     """Why an SAE of width `d_in` at `layer` cannot steer a model of this hidden size and
     number of layers; None when it can."""
