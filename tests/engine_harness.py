@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import gc
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sae_vllm import cpu_amx
+from sae_vllm import LOGGER_NAME, cpu_amx
 from tiny_model import RawSAE, build_tiny_llama, write_random_sae
 
 PROMPTS: list[list[int]] = [
@@ -118,6 +119,31 @@ def start_llm(in_process: bool, **kwargs):
 
         return start_in_process(LLM, **kwargs)
     return LLM(**kwargs)
+
+
+class _Messages(logging.Filter):
+    """Collects the messages of the records a logger handles. A filter, not a handler: vLLM's
+    logging setup, run as an engine starts, empties the handlers of its loggers' children."""
+
+    def __init__(self):
+        super().__init__()
+        self.messages: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.messages.append(record.getMessage())
+        return True
+
+
+@contextmanager
+def plugin_log() -> Iterator[list[str]]:
+    """The messages sae-vllm logs in this process (an in-process engine's worker) meanwhile."""
+    log = _Messages()
+    logger = logging.getLogger(LOGGER_NAME)
+    logger.addFilter(log)
+    try:
+        yield log.messages
+    finally:
+        logger.removeFilter(log)
 
 
 def stop_llm(llm) -> None:

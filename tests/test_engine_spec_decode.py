@@ -23,14 +23,20 @@ restore its batch, which must not cost it its steering."""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import pytest
 
-from engine_harness import ENGINE_MODES, PROMPTS, make_llm, steered_params, stop_llm, tiny_artifacts
+from engine_harness import (
+    ENGINE_MODES,
+    PROMPTS,
+    make_llm,
+    plugin_log,
+    steered_params,
+    stop_llm,
+    tiny_artifacts,
+)
 from hf_reference import Edit, HFReference, Span, scope_span
-from sae_vllm import LOGGER_NAME
 from tiny_model import build_tiny_eagle_head, build_tiny_glm4_moe_with_mtp
 
 pytestmark = pytest.mark.engine
@@ -77,27 +83,12 @@ def speculative_config(proposer: str, target: Path, root: Path) -> dict:
     return {"method": proposer, "model": str(model), "num_speculative_tokens": DRAFT_TOKENS}
 
 
-class _Messages(logging.Filter):
-    """Collects the messages of the records a logger handles. A filter, not a handler: vLLM's
-    logging setup, run as an engine starts, empties the handlers of its loggers' children."""
-
-    def __init__(self):
-        super().__init__()
-        self.messages: list[str] = []
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        self.messages.append(record.getMessage())
-        return True
-
-
 @pytest.fixture(scope="module")
 def started(proposer, target, artifacts, tmp_path_factory):
     """The engine, and what sae-vllm logged while it started (its worker runs in this process)."""
     mode = ENGINE_MODES["eager" if proposer == "ngram" else "async"]
     drafter_dir = tmp_path_factory.mktemp("drafter")
-    log = _Messages()
-    logging.getLogger(LOGGER_NAME).addFilter(log)
-    try:
+    with plugin_log() as messages:
         engine = make_llm(
             artifacts,
             in_process=True,
@@ -106,9 +97,7 @@ def started(proposer, target, artifacts, tmp_path_factory):
             disable_log_stats=False,
             **mode,
         )
-    finally:
-        logging.getLogger(LOGGER_NAME).removeFilter(log)
-    yield engine, log.messages
+    yield engine, messages
     stop_llm(engine)
 
 

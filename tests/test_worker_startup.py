@@ -5,8 +5,6 @@ residual stream), and warns of a configured layer other than the one the file re
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -15,11 +13,11 @@ from engine_harness import (
     ENGINE_ENV,
     engine_kwargs,
     make_llm,
+    plugin_log,
     start_llm,
     stop_llm,
     tiny_artifacts,
 )
-from sae_vllm import LOGGER_NAME
 
 pytestmark = pytest.mark.engine
 
@@ -37,19 +35,6 @@ def test_an_sae_with_a_nan_weight_stops_the_engine_naming_it(tmp_path):
         stop_llm(llm)
 
 
-class _Messages(logging.Filter):
-    """Collects the messages of the records a logger handles (a filter: vLLM's logging setup
-    empties the handlers of its loggers' children as an engine starts)."""
-
-    def __init__(self):
-        super().__init__()
-        self.messages: list[str] = []
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        self.messages.append(record.getMessage())
-        return True
-
-
 def test_a_configured_layer_other_than_the_files_is_warned_of(tmp_path, monkeypatch):
     for name, value in ENGINE_ENV.items():
         monkeypatch.setenv(name, value)
@@ -57,15 +42,11 @@ def test_a_configured_layer_other_than_the_files_is_warned_of(tmp_path, monkeypa
     config = artifacts.additional_config()
     for entry in config["sae_steering"]["saes"]:
         entry["layer"] = 2 if entry["id"] == "relu" else entry["layer"]
-    log = _Messages()
-    logging.getLogger(LOGGER_NAME).addFilter(log)
-    try:
+    with plugin_log() as messages:
         kwargs = engine_kwargs(artifacts.model_dir, enforce_eager=True)
         llm = start_llm(True, **kwargs, additional_config=config)
         stop_llm(llm)
-    finally:
-        logging.getLogger(LOGGER_NAME).removeFilter(log)
-    warned = [m for m in log.messages if "is configured to steer" in m]
+    warned = [m for m in messages if "is configured to steer" in m]
     assert warned == [
         "sae-vllm: SAE 'relu' is configured to steer the output of layer 2, but its file reads "
         "blocks.1.hook_resid_post, the output of layer 1"
