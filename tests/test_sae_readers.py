@@ -33,7 +33,7 @@ from sae_vllm.sae import (
     load_sae,
     open_sae,
 )
-from sae_vllm.sae.sites import NotALayerOutputError, residual_layer
+from sae_vllm.sae.sites import NotALayerOutputError, residual_layer, steered_layer
 from sae_writers import (
     MakesDirWhenUnpickled,
     dictionary_learning_config,
@@ -430,6 +430,18 @@ def test_gemma_scope_npz_members_that_cannot_be_mapped_as_stored(tmp_path, layou
     assert loaded.W_dec.dtype == torch.float32 or layout == "float16"
     assert_inspection_matches(file, "gemma_scope")
     assert_streaming_matches(file, "gemma_scope")
+
+
+def test_a_gemma_scope_embedding_sae_reads_the_embeddings_and_is_refused(tmp_path):
+    """gemma-scope-*-res/embedding/...: the residual stream before layer 0 (before Gemma's
+    scaling of the embeddings), which no decoder layer's output is, even with a layer given."""
+    arrays = gemma_arrays(np.random.default_rng(12))
+    folder = tmp_path / "gemma-scope-2b-pt-res" / "embedding" / "width_4k" / "average_l0_6"
+    sae = load_both(write_gemma_scope(folder / "params.npz", arrays), "gemma_scope")
+    assert (sae.layer, sae.hook_name) == (None, "hook_embed")
+    for configured in (None, 0):
+        with pytest.raises(NotALayerOutputError, match="reads hook_embed, not the output"):
+            steered_layer(sae, configured)
 
 
 def test_gemma_scope_npz_outside_a_release_tree_has_no_layer(tmp_path):

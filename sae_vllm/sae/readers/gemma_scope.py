@@ -16,6 +16,8 @@ PARAMS = "params.npz"
 _REPO_SITE = re.compile(r"gemma-scope-[^/]*-(res|mlp|att)(?:-canonical)?$")
 _SITE_HOOKS = {"res": "hook_resid_post", "mlp": "hook_mlp_out", "att": "attn.hook_z"}
 _TRANSCODER_REPO = re.compile(r"gemma-scope-[^/]*-transcoders")
+# The residual release's SAEs of the embeddings: embedding/width_4k/average_l0_N/params.npz
+_EMBEDDING_FOLDER = "embedding"
 
 
 def claims(path: Path) -> bool:
@@ -23,6 +25,8 @@ def claims(path: Path) -> bool:
 
 
 def _hook_name(path: Path, layer: int | None) -> str | None:
+    if layer is None and _EMBEDDING_FOLDER in path.parts:
+        return "hook_embed"  # the residual stream before layer 0, which no layer's output is
     for part in reversed(path.parts):
         match = _REPO_SITE.search(part)
         if match and layer is not None:
