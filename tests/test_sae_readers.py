@@ -648,6 +648,15 @@ def test_dictionary_learning_topk(tmp_path, k_in_config):
     assert_math(sae, x, acts, acts @ a["decoder.weight"].T + a["b_dec"])
 
 
+def test_dictionary_learning_topk_whose_config_and_buffer_disagree_on_k_is_refused(tmp_path):
+    """The library encodes with its k buffer and refuses an explicit k other than it."""
+    arrays = {**linear_arrays(np.random.default_rng(24), "b_dec"), "k": 6}
+    config = dictionary_learning_config("AutoEncoderTopK", D_IN, D_SAE, 1, k=9)
+    path = write_dictionary_learning(tmp_path / "sae", arrays, config)
+    with pytest.raises(SAEFormatError, match="the trainer's k is 9 but the state dict's k buffer"):
+        load_sae(path)
+
+
 @pytest.mark.parametrize("threshold", [0.4, -1.0])  # -1: never learned, a plain ReLU
 @pytest.mark.parametrize("dict_class", ["BatchTopKSAE", "MatryoshkaBatchTopKSAE"])
 def test_dictionary_learning_batch_topk_reads_as_its_scalar_threshold(

@@ -113,10 +113,17 @@ def _scalar_threshold(tensors: dict[str, torch.Tensor], d_sae: int, file: Path) 
 
 
 def _k(trainer: dict[str, Any], tensors: dict[str, torch.Tensor], file: Path) -> int:
-    """k from the config, else from the state dict's k buffer."""
-    k = trainer.get("k")
-    if k is None and "k" in tensors and tensors["k"].numel() == 1:
-        k = int(tensors["k"].item())
+    """k from the state dict's k buffer, which the library encodes with, else from the config;
+    the two must agree (the library refuses a k other than its buffer's)."""
+    configured = trainer.get("k")
+    stored = None
+    if "k" in tensors and tensors["k"].numel() == 1:
+        stored = int(tensors["k"].item())
+    if configured is not None and stored is not None and configured != stored:
+        raise SAEFormatError(
+            f"{file}: the trainer's k is {configured} but the state dict's k buffer is {stored}"
+        )
+    k = stored if stored is not None else configured
     if k is None:
         raise SAEFormatError(f"{file}: topk SAE without k")
     return positive_int(k, "k", file)
