@@ -962,10 +962,22 @@ def _empty_folder(tmp: Path):
     return tmp / "empty", None
 
 
+def _release_folder(tmp: Path):
+    """A folder of SAEs, as a release is: one SAE at its top level, one two levels down."""
+    for inner in ("l0", "l3/width_16k"):
+        (tmp / "release" / inner).mkdir(parents=True)
+        _saelens(tmp / "release" / inner)
+    return tmp / "release", None
+
+
 BAD_FILES: dict[str, tuple[Callable[[Path], tuple[Path, str | None]], str]] = {
     "no such path": (lambda t: (t / "nowhere", None), "no such file or folder"),
     "no such path, format named": (lambda t: (t / "nowhere", "saelens"), "no such file or folder"),
     "format not detectable": (_empty_folder, "not a recognised SAE"),
+    "a folder of SAEs": (
+        _release_folder,
+        "a folder of 2 SAEs, not one; pass one of them: l0/sae, l3/width_16k/sae",
+    ),
     "unknown format name": (lambda t: (_saelens(t)[0], "safetensors"), "unknown SAE format"),
     "missing weights file": (_without_weights, "missing sae_weights.safetensors"),
     "missing key": (lambda t: _saelens(t, arch="jumprelu", drop="threshold"), "'threshold'"),

@@ -44,14 +44,53 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     path = Path(local_sae_path(os.fspath(path)))
     if not path.exists():
         raise SAEFormatError(f"{path}: no such file or folder")
-    for name, reader in _READERS.items():
-        if reader.claims(path):
-            return name
+    name = _claimed_by(path)
+    if name is not None:
+        return name
+    inside = _saes_inside(path) if path.is_dir() else []
+    if inside:
+        shown = ", ".join(inside[:_SHOWN_INSIDE]) + (", ..." if len(inside) > _SHOWN_INSIDE else "")
+        raise SAEFormatError(
+            f"{path}: a folder of {len(inside)} SAEs, not one; pass one of them: {shown}"
+        )
     raise SAEFormatError(
         f"{path}: not a recognised SAE (expected cfg.json + sae_weights.safetensors, "
         "cfg.json + sae.safetensors, hyperparams.json + checkpoints/final.safetensors, "
         "params.safetensors, params.npz, config.json + ae.pt or one .pt/.pth file)"
     )
+
+
+_SHOWN_INSIDE = 5
+_SEARCH_DEPTH = 3  # release trees: layer_5/width_16k/average_l0_40, resid_post_layer_3/trainer_0
+_SEARCH_ENTRIES = 2000  # an error path: a wrong folder (a home directory) is not walked whole
+
+
+def _claimed_by(path: Path) -> str | None:
+    return next((name for name, reader in _READERS.items() if reader.claims(path)), None)
+
+
+def _saes_inside(folder: Path) -> list[str]:
+    """The folders under `folder` that some reader claims (relative paths, sorted), a few
+    levels deep, within a bounded number of entries."""
+    found: list[str] = []
+    budget = [_SEARCH_ENTRIES]
+
+    def walk(current: Path, prefix: str, depth: int) -> None:
+        try:
+            entries = sorted(entry for entry in current.iterdir() if entry.is_dir())
+        except OSError:
+            return
+        for entry in entries:
+            budget[0] -= 1
+            if budget[0] < 0:
+                return
+            if _claimed_by(entry) is not None:
+                found.append(prefix + entry.name)
+            elif depth > 1:
+                walk(entry, f"{prefix}{entry.name}/", depth - 1)
+
+    walk(folder, "", _SEARCH_DEPTH)
+    return found
 
 
 def _read(path: str | os.PathLike[str], format: str | None, mode: ReadMode) -> RawSAE:
