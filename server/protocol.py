@@ -104,6 +104,27 @@ class FeatureInfo(BaseModel):
     )
 
 
+class WorkerSteeringStats(BaseModel):
+    """One worker's steering rows: each steered request holds rows while it runs (one per
+    distinct set of edits along its positions) and gives them back when it ends."""
+
+    enabled: bool = Field(description="Whether this worker steers (its engine has SAEs).")
+    saes: list[str] = Field(default_factory=list, description="The SAEs on its layers.")
+    rows_in_use: int = Field(default=0, description="Rows held by running steered requests.")
+    rows_free: int = 0
+    rows_total: int = 0
+    requests_known: int = Field(
+        default=0, description="Requests (steered or not) it still tracks; 0 once all end."
+    )
+
+
+class SteeringStats(BaseModel):
+    """The steering rows of every worker of the engine (one per tensor/pipeline rank)."""
+
+    object: Literal["list"] = "list"
+    data: list[WorkerSteeringStats]
+
+
 class FeatureList(BaseModel):
     """Labelled features of one SAE whose label matches a search, by index."""
 

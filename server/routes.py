@@ -1,4 +1,5 @@
-"""The SAE routes: GET /v1/saes, /v1/saes/{sae_id}/features and .../features/{index}."""
+"""The SAE routes: GET /v1/saes, /v1/saes/{sae_id}/features and .../features/{index}, and the
+workers' steering rows, GET /v1/steering/stats."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from fastapi.responses import JSONResponse
 
 from sae_vllm.spec import SpecErrorReason
 
+from . import vllm_app
 from .errors import error_response
-from .protocol import ErrorResponse, FeatureInfo, FeatureList, SAEList
+from .protocol import ErrorResponse, FeatureInfo, FeatureList, SAEList, SteeringStats
 from .registry import SAERecord, SAERegistry
 
 router = APIRouter(tags=["SAE steering"])
@@ -77,3 +79,10 @@ async def get_feature(sae_id: str, index: int, request: Request) -> FeatureInfo 
             SpecErrorReason.FEATURE_OUT_OF_RANGE,
         )
     return feature
+
+
+@router.get("/v1/steering/stats", response_model=SteeringStats)
+async def steering_stats(request: Request) -> SteeringStats:
+    """Each worker's steering rows in use, free and in all: rows in use with no request
+    running would be a leak."""
+    return SteeringStats.model_validate({"data": await vllm_app.worker_steering_stats(request)})

@@ -475,6 +475,11 @@ def refuse_runtime_adapters_named_like(variant_names: Iterable[str]) -> None:
     wrap_once(OpenAIServingModels, "_check_load_lora_adapter_request", make)
 
 
+async def worker_steering_stats(request: Request) -> list[dict]:
+    """Each worker's `sae_steering_stats` (sae_vllm.engine.worker.stats), through the engine."""
+    return await request.app.state.engine_client.collective_rpc("sae_steering_stats")
+
+
 def served_model_names(args: argparse.Namespace) -> list[str]:
     """The names vLLM's API server answers to for its model, first the one its responses name
     (its app state's rule: --served-model-name, else the model)."""

@@ -880,6 +880,34 @@ def _resolved(spec: dict) -> dict:
     return {"edits": edits, "apply_to": spec.get("apply_to", "generated")} | window
 
 
+def test_steering_stats_show_the_rows_a_running_request_holds(http):
+    """GET /v1/steering/stats: each worker's rows; a steered stream holds one while it runs,
+    and every row is back once it has ended (rows in use with nothing running: a leak)."""
+
+    def stats() -> dict:
+        response = http.get("/v1/steering/stats")
+        assert response.status_code == 200, response.text
+        (worker,) = response.json()["data"]  # one worker: no tensor or pipeline parallelism
+        return worker
+
+    idle = stats()
+    assert idle["enabled"] and idle["saes"] == ["res1", "res2"] and idle["rows_total"] > 0
+    assert (idle["rows_in_use"], idle["requests_known"]) == (0, 0)
+    assert idle["rows_free"] == idle["rows_total"]
+    body = _body("completions", {"steering": STRONG, "stream": True, "max_tokens": 200})
+    with http.stream("POST", "/v1/completions", json=body | {"ignore_eos": True}) as stream:
+        lines = stream.iter_lines()
+        next(lines)  # the request runs
+        running = stats()
+        assert running["rows_in_use"] == 1 and running["requests_known"] == 1
+        for _ in lines:
+            pass
+    deadline = time.monotonic() + 10
+    while stats()["requests_known"] and time.monotonic() < deadline:
+        time.sleep(0.1)  # the worker forgets a request at the step after its last
+    assert (stats()["rows_in_use"], stats()["requests_known"]) == (0, 0)
+
+
 def test_variants_are_listed_in_models(client):
     cards = {card.id: card for card in client.models.list().data}
     assert set(cards) == {MODEL, STRONG_VARIANT, MIXED_VARIANT, LATE_VARIANT}
