@@ -10,7 +10,6 @@ from fastapi.responses import JSONResponse
 
 from sae_vllm.spec import SpecErrorReason
 
-from . import vllm_app
 from .errors import error_response
 from .protocol import ErrorResponse, FeatureInfo, FeatureList, SAEList, SteeringStats
 from .registry import SAERecord, SAERegistry
@@ -85,4 +84,6 @@ async def get_feature(sae_id: str, index: int, request: Request) -> FeatureInfo 
 async def steering_stats(request: Request) -> SteeringStats:
     """Each worker's steering rows in use, free and in all: rows in use with no request
     running would be a leak."""
+    from . import vllm_app  # imports vLLM's OpenAI layer, which this module's importers may lack
+
     return SteeringStats.model_validate({"data": await vllm_app.worker_steering_stats(request)})

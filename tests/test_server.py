@@ -894,12 +894,15 @@ def test_steering_stats_show_the_rows_a_running_request_holds(http):
     assert idle["enabled"] and idle["saes"] == ["res1", "res2"] and idle["rows_total"] > 0
     assert (idle["rows_in_use"], idle["requests_known"]) == (0, 0)
     assert idle["rows_free"] == idle["rows_total"]
-    body = _body("completions", {"steering": STRONG, "stream": True, "max_tokens": 200})
+    # As long a request as the model allows, so that it is seen running on a loaded machine.
+    body = _body("completions", {"steering": STRONG, "stream": True, "max_tokens": 480})
     with http.stream("POST", "/v1/completions", json=body | {"ignore_eos": True}) as stream:
         lines = stream.iter_lines()
         next(lines)  # the request runs
-        running = stats()
-        assert running["rows_in_use"] == 1 and running["requests_known"] == 1
+        seen = [stats()]
+        while seen[-1]["requests_known"] and seen[-1]["rows_in_use"] != 1:
+            seen.append(stats())
+        assert (seen[-1]["rows_in_use"], seen[-1]["requests_known"]) == (1, 1), seen
         for _ in lines:
             pass
     deadline = time.monotonic() + 10
