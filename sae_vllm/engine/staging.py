@@ -3,6 +3,8 @@ copy (pinned memory on CUDA) that reaches the device with one non-blocking copy 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
@@ -63,3 +65,34 @@ class StagedTensor:
         if pinned:
             self._copied.record()
             self._copy_in_flight = True
+
+
+class StagedRows:
+    """Device tensors of the same rows that the host rewrites a row at a time: the rows written
+    since the last `flush` reach the device then, in one copy per tensor."""
+
+    def __init__(self, device_tensors: Sequence[torch.Tensor], staged: bool | None = None):
+        self._tensors = [StagedTensor(tensor, staged) for tensor in device_tensors]
+        self._staged = any(tensor.staged for tensor in self._tensors)
+        self._hosts = [tensor.host for tensor in self._tensors]  # always writable when unstaged
+        self._num_rows = device_tensors[0].shape[0]
+        self._dirty = (self._num_rows, 0)  # rows [lo, hi) written since the last flush
+
+    def host(self, index: int) -> np.ndarray:
+        """Tensor `index`'s host copy, to read."""
+        return self._tensors[index].host
+
+    def writable(self, row: int) -> list[np.ndarray]:
+        """Every tensor's host copy, safe to write, `row` marked for the next flush."""
+        lo, hi = self._dirty
+        self._dirty = (min(lo, row), max(hi, row + 1))
+        if not self._staged:
+            return self._hosts
+        return [tensor.writable() for tensor in self._tensors]
+
+    def flush(self) -> None:
+        lo, hi = self._dirty
+        if lo < hi:
+            for tensor in self._tensors:
+                tensor.flush(lo, hi)
+            self._dirty = (self._num_rows, 0)

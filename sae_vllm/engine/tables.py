@@ -13,7 +13,7 @@ from ..kernels import OP_CODES
 from ..spec import MAX_SCOPES, FeatureEdit, SteeringSpec
 from .device_placement import DevicePlacement
 from .scopes import UNBOUNDED, segments
-from .staging import StagedTensor
+from .staging import StagedRows, StagedTensor
 
 logger = logging.getLogger(LOGGER_NAME)
 
@@ -32,11 +32,7 @@ class EditTable:
         self.feature = torch.full((max_rows, max_edits), -1, dtype=torch.int32, device=device)
         self.value = torch.zeros((max_rows, max_edits), dtype=torch.float32, device=device)
         self.op = torch.zeros((max_rows, max_edits), dtype=torch.int32, device=device)
-        self._feature = StagedTensor(self.feature, staged)
-        self._value = StagedTensor(self.value, staged)
-        self._op = StagedTensor(self.op, staged)
-        self._max_rows = max_rows
-        self._dirty = (max_rows, 0)  # rows [lo, hi) written since the last flush
+        self._rows = StagedRows((self.feature, self.value, self.op), staged)
 
     def write_row(self, row: int, features: list[int], values: list[float], ops: list[int]) -> None:
         """Fill the first slots of a row that is empty (new, or cleared since its last use):
@@ -44,25 +40,15 @@ class EditTable:
         n = len(features)
         if n == 0:
             return
-        self._feature.writable()[row, :n] = features
-        self._value.writable()[row, :n] = values
-        self._op.writable()[row, :n] = ops
-        self._mark_dirty(row)
+        feature, value, op = self._rows.writable(row)
+        feature[row, :n], value[row, :n], op[row, :n] = features, values, ops
 
     def clear_row(self, row: int) -> None:
-        self._feature.writable()[row] = -1  # an empty feature slot is all the kernels look at
-        self._mark_dirty(row)
+        feature, _, _ = self._rows.writable(row)
+        feature[row] = -1  # an empty feature slot is all the kernels look at
 
     def flush(self) -> None:
-        lo, hi = self._dirty
-        if lo < hi:
-            for staged in (self._feature, self._value, self._op):
-                staged.flush(lo, hi)
-            self._dirty = (self._max_rows, 0)
-
-    def _mark_dirty(self, row: int) -> None:
-        lo, hi = self._dirty
-        self._dirty = (min(lo, row), max(hi, row + 1))
+        self._rows.flush()
 
 
 class SegmentTable:
@@ -79,34 +65,26 @@ class SegmentTable:
         self.rows = torch.full(
             (max_rows + 1, MAX_EDGES + 1), NO_ROW, dtype=torch.int32, device=device
         )
-        self._edges = StagedTensor(self.edges, staged)
-        self._rows = StagedTensor(self.rows, staged)
-        self._entries = max_rows + 1
-        self._dirty = (self._entries, 0)  # entries [lo, hi) written since the last flush
+        self._entries = StagedRows((self.edges, self.rows), staged)
 
     @property
     def host_edges(self) -> np.ndarray:
-        return self._edges.host
+        return self._entries.host(0)
 
     @property
     def host_rows(self) -> np.ndarray:
-        return self._rows.host
+        return self._entries.host(1)
 
     def write(self, first: int, edges: list[int], segment_rows: list[int]) -> None:
         """Entry `first`: the edges, and the row of the segment before the first edge (always
         NO_ROW) and after each edge."""
         padding = MAX_EDGES - len(edges)
-        self._edges.writable()[first] = edges + [UNBOUNDED] * padding
-        self._rows.writable()[first] = segment_rows + [NO_ROW] * padding
-        lo, hi = self._dirty
-        self._dirty = (min(lo, first), max(hi, first + 1))
+        host_edges, host_rows = self._entries.writable(first)
+        host_edges[first] = edges + [UNBOUNDED] * padding
+        host_rows[first] = segment_rows + [NO_ROW] * padding
 
     def flush(self) -> None:
-        lo, hi = self._dirty
-        if lo < hi:
-            self._edges.flush(lo, hi)
-            self._rows.flush(lo, hi)
-            self._dirty = (self._entries, 0)
+        self._entries.flush()
 
 
 class SteeringTables:
