@@ -122,10 +122,11 @@ def prepare_weights_by_block(
     else:
         thr = torch.empty(d_sae, dtype=torch.float32, device=device).copy_(threshold.detach())
         _check_finite("threshold", thr)
-    _check_finite("b_enc with b_dec folded in", bias)
+    b_enc32 = bias.to(device=device, dtype=torch.float32).contiguous()
+    _check_finite("b_enc with b_dec folded in, in float32", b_enc32)
     return SteeringWeights(
         enc_t=enc_t,
-        b_enc=bias.to(device=device, dtype=torch.float32).contiguous(),
+        b_enc=b_enc32,
         threshold=thr,
         W_dec=W_dec,
         k=k,

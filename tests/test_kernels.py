@@ -402,6 +402,13 @@ def test_prepare_weights_defaults_and_validation():
         ("W_enc", lambda t: t["W_enc"].__setitem__((1, 9), -float("inf")), torch.float32),
         ("W_enc", lambda t: t["W_enc"].__setitem__((1, 9), 70000.0), torch.float16),  # past fp16
         ("threshold", lambda t: t["threshold"].__setitem__(4, float("nan")), torch.float32),
+        (  # finite in float64, past float32, in which the op reads it
+            "b_enc with b_dec folded in",
+            lambda t: t.__setitem__(
+                "b_enc", t["b_enc"].double().index_fill(0, torch.tensor([3]), 1e300)
+            ),
+            torch.float32,
+        ),
     ],
 )
 def test_prepare_weights_refuses_non_finite_weights(name, spoil, dtype):
