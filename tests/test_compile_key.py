@@ -24,9 +24,9 @@ def config_hash(model_dir, sae_dir=None) -> str:
     from vllm.engine.arg_utils import EngineArgs
 
     from sae_vllm import steering_config
-    from sae_vllm.engine import compile_key
+    from sae_vllm.engine import sae_sizes
 
-    compile_key.graph_facts.cache_clear()  # as a new process reads the file afresh
+    sae_sizes.sae_header.cache_clear()  # as a new process reads the file afresh
     extra = {}
     if sae_dir is not None:
         config = steering_config([{"id": "res", "path": str(sae_dir), "layer": 1}])

@@ -3,13 +3,12 @@ vLLM's compile cache (its whole-model AOT cache loads without guard checks)."""
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 from ..config import steering_config_from
-from ..sae import inspect_sae
 from ..sae.sites import steered_layer
 from . import vllm_adapter as vllm
+from .sae_sizes import sae_header
 
 
 def compile_key_factors(vllm_config: Any) -> str | None:
@@ -29,8 +28,7 @@ def compile_key_factors(vllm_config: Any) -> str | None:
     return repr((placement, [entry.id for entry in config.saes], saes))
 
 
-@functools.cache
 def graph_facts(path: str, format: str | None, layer: int | None) -> tuple:
     """(layer steered, d_in, d_sae, architecture, k) of the SAE at `path`, from its header."""
-    sae = inspect_sae(path, format=format)
+    sae = sae_header(path, format)
     return (steered_layer(sae, layer), sae.d_in, sae.d_sae, sae.architecture, sae.k)

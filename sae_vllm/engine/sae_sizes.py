@@ -7,17 +7,18 @@ import functools
 
 from ..config import SteeringConfig
 from ..resolved_specs import SpecResolver, resolver_for
-from ..sae import inspect_sae
+from ..sae import SAE, inspect_sae
 
 
 @functools.cache
-def _d_sae(path: str, format: str | None) -> int:
-    return inspect_sae(path, format=format).d_sae
+def sae_header(path: str, format: str | None) -> SAE:
+    """The SAE at `path` from its file's header (inspect_sae), read once per process."""
+    return inspect_sae(path, format=format)
 
 
 def sae_sizes(config: SteeringConfig) -> dict[str, int]:
     """SAE id -> d_sae for every SAE in the config, from the files' headers (once per process)."""
-    return {entry.id: _d_sae(entry.path, entry.format) for entry in config.saes}
+    return {entry.id: sae_header(entry.path, entry.format).d_sae for entry in config.saes}
 
 
 def config_resolver(config: SteeringConfig) -> SpecResolver:
