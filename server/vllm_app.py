@@ -365,7 +365,7 @@ def answer_messages_refusals_quietly() -> None:
     as the other routes do, without logging it: vLLM's route logs any exception its handler
     raises as an error with a traceback, and a client's bad spec is no server error."""
     from vllm.entrypoints.anthropic.serving import AnthropicServingMessages
-    from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+    from vllm.entrypoints.serve import create_error_response
 
     def make(original: Callable) -> Callable:
         async def create_messages(self: Any, *args: Any, **kwargs: Any) -> Any:
