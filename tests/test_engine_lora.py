@@ -10,62 +10,16 @@ without prefix caching), so a mixed batch has no correct answer to compare with 
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
-import numpy as np
 import pytest
-import torch
-from safetensors.torch import load_file, save_file
 
 from engine_harness import PROMPTS, make_llm, steered_params, stop_llm, tiny_artifacts
 from hf_reference import Edit, HFReference
+from tiny_model import LORA_RANK, write_lora_and_merged
 
 pytestmark = pytest.mark.engine
 
-RANK = 8
-ALPHA = 16
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 EDITS = [("relu", 5, "set", 6.0), ("jumprelu", 2, "add", 4.0)]
 MAX_TOKENS = 8
-
-
-def write_lora_and_merged(model_dir: Path, adapter_dir: Path, merged_dir: Path, seed: int = 7):
-    """A PEFT-format LoRA on every linear layer of the tiny Llama, and the model with it merged
-    (in float64) as the oracle's checkpoint."""
-    from transformers import LlamaForCausalLM
-
-    rng = np.random.default_rng(seed)
-    base = load_file(model_dir / "model.safetensors")
-    adapter: dict[str, torch.Tensor] = {}
-    merged = LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float64)
-    merged_state = merged.state_dict()
-    for name, weight in base.items():
-        module = name.removesuffix(".weight").rsplit(".", 1)[-1]
-        if module not in TARGETS:
-            continue
-        out_features, in_features = weight.shape
-        lora_a = torch.from_numpy(rng.normal(0.0, 0.1, (RANK, in_features))).float()
-        lora_b = torch.from_numpy(rng.normal(0.0, 0.1, (out_features, RANK))).float()
-        prefix = "base_model.model." + name.removesuffix(".weight")
-        adapter[f"{prefix}.lora_A.weight"] = lora_a
-        adapter[f"{prefix}.lora_B.weight"] = lora_b
-        delta = (ALPHA / RANK) * (lora_b.double() @ lora_a.double())
-        merged_state[name].add_(delta)
-    adapter_dir.mkdir(parents=True)
-    save_file(adapter, adapter_dir / "adapter_model.safetensors")
-    config = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "r": RANK,
-        "lora_alpha": ALPHA,
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "target_modules": list(TARGETS),
-        "base_model_name_or_path": str(model_dir),
-    }
-    (adapter_dir / "adapter_config.json").write_text(json.dumps(config))
-    merged.save_pretrained(merged_dir, safe_serialization=True)
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +32,9 @@ def artifacts(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lora_llm(artifacts):
-    llm = make_llm(artifacts[0], in_process=True, enable_lora=True, max_lora_rank=RANK, max_loras=1)
+    llm = make_llm(
+        artifacts[0], in_process=True, enable_lora=True, max_lora_rank=LORA_RANK, max_loras=1
+    )
     yield llm
     stop_llm(llm)
 

@@ -9,7 +9,8 @@ import json
 import httpx
 import openai
 import pytest
-from test_engine_lora import RANK, write_lora_and_merged
+
+from tiny_model import LORA_RANK, write_lora_and_merged
 
 pytestmark = pytest.mark.server
 
@@ -38,7 +39,7 @@ def server(artifacts):
         str(artifacts["model"]), "--served-model-name", MODEL,
         "--sae", f"res={artifacts['sae']}@1",
         "--steering-variant", f"{VARIANT}={json.dumps(SPEC)}",
-        "--enable-lora", "--max-lora-rank", str(RANK), "--max-loras", "1",
+        "--enable-lora", "--max-lora-rank", str(LORA_RANK), "--max-loras", "1",
         "--dtype", "float32", "--max-model-len", "256", "--enforce-eager",
         "--kv-cache-memory-bytes", str(128 << 20),
     ]  # fmt: skip

@@ -329,3 +329,47 @@ def stand_in_vllm_config(directory: Path, sae_id: str = "a", d_sae: int = 64):
         scheduler_config=types.SimpleNamespace(async_scheduling=False),
         speculative_config=None,
     )
+
+
+# The tests' LoRA adapter: rank, alpha and the layers it adapts (write_lora_and_merged)
+LORA_RANK = 8
+LORA_ALPHA = 16
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def write_lora_and_merged(model_dir: Path, adapter_dir: Path, merged_dir: Path, seed: int = 7):
+    """A PEFT-format LoRA on every linear layer of the tiny Llama, and the model with it merged
+    (in float64) as the oracle's checkpoint."""
+    from transformers import LlamaForCausalLM
+
+    rng = np.random.default_rng(seed)
+    base = load_file(model_dir / "model.safetensors")
+    adapter: dict[str, torch.Tensor] = {}
+    merged = LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float64)
+    merged_state = merged.state_dict()
+    for name, weight in base.items():
+        module = name.removesuffix(".weight").rsplit(".", 1)[-1]
+        if module not in LORA_TARGETS:
+            continue
+        out_features, in_features = weight.shape
+        lora_a = torch.from_numpy(rng.normal(0.0, 0.1, (LORA_RANK, in_features))).float()
+        lora_b = torch.from_numpy(rng.normal(0.0, 0.1, (out_features, LORA_RANK))).float()
+        prefix = "base_model.model." + name.removesuffix(".weight")
+        adapter[f"{prefix}.lora_A.weight"] = lora_a
+        adapter[f"{prefix}.lora_B.weight"] = lora_b
+        delta = (LORA_ALPHA / LORA_RANK) * (lora_b.double() @ lora_a.double())
+        merged_state[name].add_(delta)
+    adapter_dir.mkdir(parents=True)
+    save_file(adapter, adapter_dir / "adapter_model.safetensors")
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": LORA_RANK,
+        "lora_alpha": LORA_ALPHA,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "target_modules": list(LORA_TARGETS),
+        "base_model_name_or_path": str(model_dir),
+    }
+    (adapter_dir / "adapter_config.json").write_text(json.dumps(config))
+    merged.save_pretrained(merged_dir, safe_serialization=True)
