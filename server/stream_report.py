@@ -12,6 +12,7 @@ from .event_streams import Event, close_stream
 
 REPORT_FIELD = "sae_steering"  # {"unreached": N}, added to the closing event's data
 _DATA = "data: "
+_DONE = "data: [DONE]\n\n"  # the last event of a completion or chat stream
 # Events sent once every sequence has ended: Anthropic's message_delta and the Responses API's
 # response.completed, by name; completions and chat have the usage chunk (below).
 _CLOSING_EVENT_NAMES = ("message_delta", "response.completed")
@@ -43,18 +44,39 @@ def _closing_data(event: str) -> tuple[int, dict] | None:
     return None
 
 
+def _ends_a_choice(event: str) -> bool:
+    """Whether `event` is a completion or chat chunk that ends one of its choices."""
+    if '"finish_reason":"' not in event:  # most chunks: cheap to tell
+        return False
+    data_line = next((line for line in event.split("\n") if line.startswith(_DATA)), "")
+    try:
+        data = json.loads(data_line.removeprefix(_DATA))
+    except ValueError:
+        return False
+    choices = data.get("choices") if isinstance(data, dict) else None
+    return isinstance(choices, list) and any(
+        isinstance(choice, dict) and choice.get("finish_reason") for choice in choices
+    )
+
+
+def _with_report(event: str, unreached: int) -> str:
+    """`event` with `"sae_steering": {"unreached": unreached}` added to its data (a JSON object),
+    the rest of it kept byte for byte."""
+    lines = event.split("\n")
+    index = next(i for i, line in enumerate(lines) if line.startswith(_DATA))
+    data_text = lines[index].rstrip()
+    report = json.dumps({REPORT_FIELD: {"unreached": unreached}}, separators=(",", ":"))
+    lines[index] = data_text[:-1] + "," + report[1:]  # both objects: join "{...}" and "{...}"
+    return "\n".join(lines)
+
+
 def with_unreached_count(event: str, unreached: int) -> str:
     """`event` with `"sae_steering": {"unreached": unreached}` added to its data when it is a
     stream's closing event, else `event` unchanged. The rest of its data is kept byte for byte."""
     found = _closing_data(event)
     if found is None or REPORT_FIELD in found[1]:
         return event
-    index, _ = found
-    lines = event.split("\n")
-    data_text = lines[index].rstrip()
-    report = json.dumps({REPORT_FIELD: {"unreached": unreached}}, separators=(",", ":"))
-    lines[index] = data_text[:-1] + "," + report[1:]  # both objects: join "{...}" and "{...}"
-    return "\n".join(lines)
+    return _with_report(event, unreached)
 
 
 async def reporting_unreached(
@@ -62,12 +84,27 @@ async def reporting_unreached(
 ) -> AsyncIterator[Event]:
     """A steered stream's events, its closing event carrying how many of its sequences ended
     before their first steered position. `tally` stays open while the stream runs: a stream's
-    sequences, and the Responses API's generator, start only then."""
+    sequences, and the Responses API's generator, start only then.
+
+    A completion or chat stream without a usage chunk closes with the chunk that ends its last
+    choice: each chunk that ends a choice waits for the next event, and gains the count when
+    that event is `data: [DONE]` (every sequence has ended by then)."""
+    ending_chunk: str | None = None
     try:
         with reach_report.tallying(tally):
             async for event in events:
+                if ending_chunk is not None:
+                    if event == _DONE:
+                        ending_chunk = _with_report(ending_chunk, tally.unreached)
+                    yield ending_chunk
+                    ending_chunk = None
                 if isinstance(event, str):
+                    if _ends_a_choice(event):
+                        ending_chunk = event
+                        continue
                     event = with_unreached_count(event, tally.unreached)
                 yield event
+            if ending_chunk is not None:  # a stream cut short: no [DONE], so not the last
+                yield ending_chunk
     finally:
         await close_stream(events)

@@ -1180,8 +1180,9 @@ def test_a_steered_stream_says_in_its_closing_event_how_many_sequences_ended_uns
     client, anthropic_client, http
 ):
     """A stream's headers go out before its sequences end, so the count rides in the event
-    sent once every one has: the usage chunk (completions, chat), message_delta, and
-    response.completed. Each count equals the header of the same request sent whole."""
+    sent once every one has: the usage chunk (completions, chat; without one, the chunk ending
+    the last choice), message_delta, and response.completed. Each count equals the header of
+    the same request sent whole."""
     greedy = client.completions.create(
         model=MODEL, prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0,
         extra_body={"return_token_ids": True},
@@ -1200,6 +1201,11 @@ def test_a_steered_stream_says_in_its_closing_event_how_many_sequences_ended_uns
     assert whole >= 1 and reports(streamed)[-1] == {"unreached": whole}
     assert reports(streamed)[:-1] == [None] * (len(streamed) - 1)
     assert streamed[-1].choices == [] and streamed[-1].usage.completion_tokens > 0
+    # Without a usage chunk, the chunk ending the last choice closes the stream.
+    streamed = list(completions(stream=True).parse())
+    assert reports(streamed) == [None] * (len(streamed) - 1) + [{"unreached": whole}]
+    assert streamed[-1].choices[0].finish_reason is not None
+    assert sum(chunk.choices[0].finish_reason is not None for chunk in streamed) == len(PROMPTS)
 
     chat_greedy = client.chat.completions.create(
         model=MODEL, messages=CHATS[0], max_tokens=MAX_TOKENS, temperature=0,
@@ -1215,6 +1221,14 @@ def test_a_steered_stream_says_in_its_closing_event_how_many_sequences_ended_uns
         )  # fmt: skip
         assert reports(chunks)[-1] == {"unreached": unreached}
         assert reports(chunks)[:-1] == [None] * (len(chunks) - 1)
+        chunks = list(
+            client.chat.completions.create(
+                model=LATE_VARIANT, messages=CHATS[0], max_tokens=MAX_TOKENS, temperature=0,
+                stream=True, extra_body=stop,
+            )
+        )  # fmt: skip
+        assert reports(chunks) == [None] * (len(chunks) - 1) + [{"unreached": unreached}]
+        assert chunks[-1].choices[0].finish_reason is not None
 
     for stop, unreached in ((stop_early, 1), ({}, 0)):
         kwargs = dict(model=LATE_VARIANT, input=CHATS[0], temperature=0, extra_body=stop)
@@ -1237,10 +1251,9 @@ def test_a_steered_stream_says_in_its_closing_event_how_many_sequences_ended_uns
     expected[closing[0]] = {"unreached": 1}
     assert reports(events) == expected
 
-    # No count where the client asked for no usage chunk, nor on an unsteered stream.
-    body = _body("completions", early) | {"prompt": PROMPTS[0], "max_tokens": MAX_TOKENS}
+    # No count on an unsteered stream, with a usage chunk or without.
     plain = {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": MAX_TOKENS, "temperature": 0}
-    for request in (body, plain | {"stream_options": usage}):
+    for request in (plain, plain | {"stream_options": usage}):
         with http.stream("POST", "/v1/completions", json=request | {"stream": True}) as events:
             text = events.read().decode()
         assert text.endswith("data: [DONE]\n\n") and "sae_steering" not in text

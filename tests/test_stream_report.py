@@ -1,5 +1,6 @@
 """A steered stream's closing event, and only that event, gains the count of its sequences that
-ended before their first steered position; every other byte of the stream passes unchanged.
+ended before their first steered position; every other byte of the stream passes unchanged. A
+completion or chat stream without a usage chunk closes with the chunk ending its last choice.
 
 The events are written as vLLM 0.32 sends them (compact JSON, `data: ` lines, named events on
 the Anthropic and Responses routes); test_server.py reads them from a real server."""
@@ -97,8 +98,10 @@ async def _vllm_stream(events: list[str], ends: list[int], closed: list[bool]):
         closed.append(True)
 
 
-def stream_events(ends: list[int]) -> tuple[list[str], reach_report.SequenceTally, list[bool]]:
-    events = [UNCHANGED[0], UNCHANGED[0], USAGE_CHUNK, UNCHANGED[3]]
+def stream_events(
+    ends: list[int], events: list[str] | None = None
+) -> tuple[list[str], reach_report.SequenceTally, list[bool]]:
+    events = [UNCHANGED[0], UNCHANGED[0], USAGE_CHUNK, UNCHANGED[3]] if events is None else events
     tally, closed = reach_report.SequenceTally(), []
 
     async def consume() -> list[str]:
@@ -118,6 +121,47 @@ def test_sequences_ending_while_the_stream_runs_are_counted_in_its_closing_event
     assert (tally.ended, tally.unreached) == (len(ends), unreached)
     assert reported[:2] == [UNCHANGED[0]] * 2 and reported[3] == UNCHANGED[3]
     assert data_of(reported[2])["sae_steering"] == {"unreached": unreached}
+
+
+def choice_chunk(index: int, text: str, finish_reason: str | None) -> str:
+    finish = "null" if finish_reason is None else f'"{finish_reason}"'
+    return (
+        'data: {"id":"cmpl-1","object":"text_completion","created":1,"model":"m","choices":[{'
+        f'"index":{index},"text":"{text}","logprobs":null,"finish_reason":{finish},'
+        '"stop_reason":null}]}\n\n'
+    )
+
+
+DONE = UNCHANGED[3]
+
+
+@pytest.mark.parametrize("ends, unreached", [([1, 5], 2), ([6, 9], 0)])
+def test_without_a_usage_chunk_the_chunk_ending_the_last_choice_carries_the_count(ends, unreached):
+    """Two choices: the first ends while the second runs on; the second's ending chunk, the last
+    before [DONE], is the stream's closing event."""
+    first_ends, second_runs = choice_chunk(0, " a", "stop"), choice_chunk(1, " b", None)
+    second_ends = choice_chunk(1, " c", "length")
+    events = [choice_chunk(0, " x", None), first_ends, second_runs, second_ends, DONE]
+    reported, _, closed = stream_events(ends, events)
+    assert reported[:3] == events[:3] and reported[4] == DONE and closed == [True]
+    assert data_of(reported[3]) == data_of(second_ends) | {"sae_steering": {"unreached": unreached}}
+    assert reported[3].startswith(second_ends.removesuffix("}\n\n"))
+
+
+def test_a_usage_chunk_after_the_last_ending_chunk_carries_the_count_alone():
+    events = [choice_chunk(0, " a", "stop"), USAGE_CHUNK, DONE]
+    reported, _, _ = stream_events([1], events)
+    assert reported[0] == events[0] and reported[2] == DONE
+    assert data_of(reported[1])["sae_steering"] == {"unreached": 1}
+
+
+def test_an_ending_chunk_not_followed_by_done_passes_unchanged():
+    """An error event after it, or a stream cut short: it was not the closing event."""
+    error = 'data: {"error":{"message":"boom","code":500}}\n\n'
+    ending = choice_chunk(0, " a", "stop")
+    for events in ([ending, error, DONE], [choice_chunk(0, " x", None), ending]):
+        reported, _, _ = stream_events([1], events)
+        assert reported == events
 
 
 def test_closing_the_report_closes_the_stream_it_wraps():
