@@ -177,14 +177,19 @@ def fingerprint_of(canonical_text: str) -> str:
     return hashlib.sha256(canonical_text.encode()).hexdigest()[:32]
 
 
+MAX_ISSUES_TOLD = 10  # problems a message names; a body of a million bad keys gets a short one
+
+
 class SteeringSpecError(ValueError):
-    """A spec that cannot be applied; `errors` lists what is wrong, first problem first."""
+    """A spec that cannot be applied; `errors` lists what is wrong, first problem first (its
+    message names the first MAX_ISSUES_TOLD)."""
 
     def __init__(self, errors: list[SpecIssue]):
         self.errors = errors
-        super().__init__(
-            "; ".join(f"{e.path}: {e.message}" if e.path else e.message for e in errors)
-        )
+        told = [f"{e.path}: {e.message}" if e.path else e.message for e in errors]
+        if len(told) > MAX_ISSUES_TOLD:
+            told[MAX_ISSUES_TOLD:] = [f"and {len(told) - MAX_ISSUES_TOLD} more problems"]
+        super().__init__("; ".join(told))
 
     @property
     def field(self) -> str:
@@ -206,13 +211,23 @@ class SpecLimits(BaseModel):
     max_abs_value: float = Field(default=DEFAULT_MAX_ABS_VALUE, gt=0)
 
 
+MAX_NAME_TOLD = 64  # characters of a client's key or name a message shows: it can be any length
+
+
+def name_told(name: str) -> str:
+    """`name` as an error message shows it: cut to MAX_NAME_TOLD characters."""
+    if len(name) <= MAX_NAME_TOLD:
+        return name
+    return f"{name[: MAX_NAME_TOLD - 1]}…"
+
+
 def _path(loc: tuple[int | str, ...]) -> str:
     parts: list[str] = []
     for item in loc:
         if isinstance(item, int):
             parts.append(f"[{item}]")
         else:
-            parts.append(f".{item}" if parts else str(item))
+            parts.append(f".{name_told(item)}" if parts else name_told(str(item)))
     return "".join(parts)
 
 
@@ -378,7 +393,7 @@ def resolve_spec(
                 continue
             sae_id = next(iter(sae_sizes))
         if sae_id not in sae_sizes:
-            message = f"unknown SAE '{sae_id}' (registered: {registered})"
+            message = f"unknown SAE '{name_told(sae_id)}' (registered: {registered})"
             errors.append(SpecIssue(f"edits[{index}].sae", message, SpecErrorReason.UNKNOWN_SAE))
             continue
         d_sae = sae_sizes[sae_id]

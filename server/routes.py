@@ -8,7 +8,7 @@ from http import HTTPStatus
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
-from sae_vllm.spec import SpecErrorReason
+from sae_vllm.spec import SpecErrorReason, name_told
 
 from .errors import error_response
 from .protocol import ErrorResponse, FeatureInfo, FeatureList, SAEList, SteeringStats
@@ -33,7 +33,7 @@ def _unknown_sae(registry: SAERegistry, sae_id: str) -> JSONResponse:
     known = ", ".join(sorted(registry.sizes())) or "none"
     return error_response(
         HTTPStatus.NOT_FOUND,
-        f"unknown SAE '{sae_id}' (registered: {known})",
+        f"unknown SAE '{name_told(sae_id)}' (registered: {known})",
         "sae_id",
         SpecErrorReason.UNKNOWN_SAE,
     )

@@ -14,6 +14,7 @@ from sae_vllm.spec import (
     SpecErrorReason,
     SpecLimits,
     SteeringSpecError,
+    name_told,
     parse_spec,
     resolve_spec,
 )
@@ -229,6 +230,21 @@ def test_all_errors_are_reported_together():
         SpecErrorReason.FEATURE_OUT_OF_RANGE,
     ]
     assert info.value.reason is SpecErrorReason.UNKNOWN_SAE
+
+
+def test_a_message_names_ten_problems_and_shortens_what_the_client_named():
+    """A body of hundreds of bad keys, each 100,000 characters long, gets a short message; the
+    problems all stay in `errors`."""
+    long_key = "k" * 100_000
+    data = {"edits": [edit()]} | {f"{long_key}{i}": 1 for i in range(300)}
+    with pytest.raises(SteeringSpecError) as caught:
+        parse_spec(data)
+    assert len(caught.value.errors) == 300 and len(str(caught.value)) < 1000
+    assert str(caught.value).endswith("; and 290 more problems")
+    assert str(caught.value).count(": unknown field") == 10
+    assert caught.value.field == "k" * 63 + "…" and name_told("k" * 64) == "k" * 64
+    with pytest.raises(SteeringSpecError, match=r"unknown SAE 'x{63}…' \(registered: res12\)"):
+        resolve_spec({"edits": [edit(sae="x" * 100)]}, SIZES)
 
 
 def test_every_error_carries_a_reason_code_without_reading_its_message():
