@@ -108,6 +108,9 @@ class WorkerSteeringStats(BaseModel):
     """One worker's steering rows: each steered request holds rows while it runs (one per
     distinct set of edits along its positions) and gives them back when it ends."""
 
+    engine: int = Field(
+        default=0, description="Its engine's data-parallel rank (the `engine` label on /metrics)."
+    )
     enabled: bool = Field(description="Whether this worker steers (its engine has SAEs).")
     saes: list[str] = Field(default_factory=list, description="The SAEs on its layers.")
     rows_in_use: int = Field(default=0, description="Rows held by running steered requests.")
@@ -119,7 +122,8 @@ class WorkerSteeringStats(BaseModel):
 
 
 class SteeringStats(BaseModel):
-    """The steering rows of every worker of the engine (one per tensor/pipeline rank)."""
+    """The steering rows of every worker (one per tensor/pipeline rank) of every engine the
+    API server sends requests to (one per data-parallel rank)."""
 
     object: Literal["list"] = "list"
     data: list[WorkerSteeringStats]

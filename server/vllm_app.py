@@ -476,8 +476,23 @@ def refuse_runtime_adapters_named_like(variant_names: Iterable[str]) -> None:
 
 
 async def worker_steering_stats(request: Request) -> list[dict]:
-    """Each worker's `sae_steering_stats` (sae_vllm.engine.worker.stats), through the engine."""
-    return await request.app.state.engine_client.collective_rpc("sae_steering_stats")
+    """Each worker's `sae_steering_stats` (sae_vllm.engine.worker.stats), of every engine this
+    API server sends requests to, with its engine's data-parallel rank (`engine`, as vLLM's
+    /metrics label it). The engine client's collective_rpc asks the first engine only."""
+    engine_client = request.app.state.engine_client
+    core = getattr(engine_client, "engine_core", None)
+    ranks = getattr(core, "engine_ranks_managed", None)
+    ask_every_engine = getattr(core, "call_utility_all_async", None)
+    if ranks is None or ask_every_engine is None:  # one engine, in this process or not
+        workers = await engine_client.collective_rpc("sae_steering_stats")
+        return [{"engine": 0, **worker} for worker in workers]
+    # The same call as collective_rpc's (method, timeout, args, kwargs), to each engine in turn
+    per_engine = await ask_every_engine("collective_rpc", "sae_steering_stats", None, (), None)
+    return [
+        {"engine": rank, **worker}
+        for rank, workers in zip(ranks, per_engine, strict=True)
+        for worker in workers
+    ]
 
 
 def served_model_names(args: argparse.Namespace) -> list[str]:

@@ -892,6 +892,7 @@ def test_steering_stats_show_every_row_free_when_nothing_runs(http):
 
     idle = stats()
     assert idle["enabled"] and idle["saes"] == ["res1", "res2"] and idle["rows_total"] > 0
+    assert idle["engine"] == 0
     assert (idle["rows_in_use"], idle["requests_known"]) == (0, 0)
     assert idle["rows_free"] == idle["rows_total"]
     # A steered request runs to its end; the row it held is back afterwards. (Its row while it

@@ -5,6 +5,7 @@ server serve it, and an unsteered one is not touched."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import httpx
 import openai
@@ -86,3 +87,23 @@ def test_both_engines_steer_exactly_the_steered_requests(server, artifacts):
     assert steered_ref != plain_ref
     assert outputs[1::2] == [steered_ref] * 16
     assert outputs[0::2] == [plain_ref] * 16
+
+
+def test_steering_stats_list_the_workers_of_both_engines(server):
+    """GET /v1/steering/stats asks every engine the API server sends requests to, not only the
+    first (vLLM's collective_rpc); each worker says its engine's rank, as /metrics labels it.
+    After the burst above, every row is back (the engines forget a request a step after it
+    ends)."""
+    deadline = time.monotonic() + 30
+    while True:
+        workers = httpx.get(server.base_url + "/v1/steering/stats").json()["data"]
+        if not any(w["requests_known"] for w in workers) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert sorted(w["engine"] for w in workers) == [0, 1]
+    assert set(map(str, (w["engine"] for w in workers))) == set(
+        _successes_by_engine(server.base_url)
+    )
+    for worker in workers:
+        assert worker["enabled"] and worker["saes"] == ["res"] and worker["rows_total"] > 0
+        assert (worker["rows_in_use"], worker["requests_known"]) == (0, 0), workers
