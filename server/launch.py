@@ -11,7 +11,7 @@ from typing import Any
 from sae_vllm import LOGGER_NAME
 
 from .errors import StartupError
-from .options import add_steering_options, steering_additional_config
+from .options import add_steering_options, fill_steering_defaults, steering_additional_config
 from .registry import SAERegistry
 
 logger = logging.getLogger(LOGGER_NAME + ".server")
@@ -112,6 +112,7 @@ def serve(argv: list[str]) -> int:
         parser = vllm_app.make_parser(PROG, DESCRIPTION)
         add_steering_options(parser)
         args = parser.parse_args(argv)
+        fill_steering_defaults(args)
         prepare(args)
     except (StartupError, ValueError, TypeError, RuntimeError) as exc:
         print(f"{PROG}: error: {_line(exc)}", file=sys.stderr)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,14 @@ def variant_argument(text: str) -> tuple[str, Any]:
 
 # Titled as vLLM titles its own option groups, so that `--help=SAESteering` shows this one
 STEERING_GROUP = "SAESteering"
+# Filled in after parsing (fill_steering_defaults), not by argparse: vLLM's help formatter would
+# print "(default: [])" or "(default: None)" beside the default each option's help describes.
+_STEERING_DEFAULTS: dict[str, Callable[[], Any]] = {
+    "sae": list,
+    "sae_labels": list,
+    "steering_variant": list,
+    "max_edits": lambda: None,
+}
 
 
 def add_steering_options(parser: argparse.ArgumentParser) -> None:
@@ -75,7 +83,7 @@ def add_steering_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--sae",
         action="append",
-        default=[],
+        default=argparse.SUPPRESS,
         type=sae_argument,
         metavar="ID=PATH[@LAYER]",
         help="An SAE requests may steer with, by ID (repeatable). PATH is a local file or "
@@ -86,7 +94,7 @@ def add_steering_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--sae-labels",
         action="append",
-        default=[],
+        default=argparse.SUPPRESS,
         type=labels_argument,
         metavar="ID=PATH",
         help="A feature-labels JSON for the SAE ID (default: labels.json in the SAE folder).",
@@ -94,7 +102,7 @@ def add_steering_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--steering-variant",
         action="append",
-        default=[],
+        default=argparse.SUPPRESS,
         type=variant_argument,
         metavar="NAME=SPEC",
         help="A served model name that steers every request sent to it with SPEC, a steering "
@@ -104,9 +112,16 @@ def add_steering_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--max-edits",
         type=int,
-        default=None,
+        default=argparse.SUPPRESS,
         help="Most feature edits one request may make (default 32).",
     )
+
+
+def fill_steering_defaults(args: argparse.Namespace) -> None:
+    """Give each steering option its default where the command line did not set it."""
+    for name, default in _STEERING_DEFAULTS.items():
+        if not hasattr(args, name):
+            setattr(args, name, default())
 
 
 def _one_line(exc: ValidationError) -> str:

@@ -192,6 +192,8 @@ def test_help_lists_steering_and_vllm_options(serve_in_process, capsys):
     described = help_text(serve_in_process, capsys, "--help=SAESteering")
     for option, phrase in STEERING_HELP.items():
         assert option in described and phrase in " ".join(described.split())
+    # each option's help says its default; argparse's "(default: None)" would contradict it
+    assert "(default: " not in described
 
 
 def test_cli_usage_and_unknown_command():
