@@ -8,7 +8,9 @@ into the URL (`extra_query` in the openai client) instead of the body, into the 
 audio upload (`/v1/audio/transcriptions` on a speech model with a steerable decoder), or into
 a `session.update` of vLLM's realtime transcription websocket (`/v1/realtime`). Likewise a
 steering variant named in the body of a route that takes its model from a header instead
-(SageMaker's `/invocations`), where it would run unsteered."""
+(SageMaker's `/invocations`), where it would run unsteered. And on the steered routes, a spec
+object in `vllm_xargs` (where vLLM takes JSON text only) gets this 400 saying so, not vLLM's
+validation dump (or, on `/invocations`, its "no suitable handler")."""
 
 from __future__ import annotations
 
@@ -22,10 +24,12 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 
+from sae_vllm.spec import SpecErrorReason
+
 from . import metrics, rejections
 from .errors import error_response_for
 from .protocol import WebSocketErrorEvent
-from .steering import STEERING_FIELD
+from .steering import STEERING_FIELD, XARGS_FIELD
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -36,6 +40,11 @@ _FORM_CONTENT_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded
 _DENIAL_EXTENSION = "websocket.http.response"  # ASGI: the server can answer a handshake with HTTP
 _POLICY_VIOLATION = 1008  # websocket close code
 _MAX_CLOSE_REASON_BYTES = 123  # websocket protocol limit
+_XARGS, _XARGS_SPEC = XARGS_FIELD.split(".")
+_XARGS_OBJECT_MESSAGE = (
+    f"{XARGS_FIELD}: must be the spec as JSON text (vLLM's {_XARGS} hold strings, numbers and "
+    f"lists of them); send a spec object as the top-level `{STEERING_FIELD}` field instead"
+)
 
 
 class RefuseSteeringElsewhere:
@@ -98,6 +107,12 @@ class RefuseSteeringElsewhere:
                 await _refuse(message, rejections.MISPLACED, scope, receive, send, param="model")
                 return
         if scope["path"] in self.passed_paths:
+            body, receive = await _buffer(receive)
+            if _xargs_hold_a_spec_object(body):
+                param = XARGS_FIELD
+                reason = SpecErrorReason.INVALID_TYPE
+                await _refuse(_XARGS_OBJECT_MESSAGE, reason, scope, receive, send, param)
+                return
             await self.app(scope, receive, send)
             return
         body, replay = await _buffer(receive)
@@ -222,6 +237,12 @@ def _json_object_naming(text: str | bytes, field: str) -> dict | None:
     except (ValueError, RecursionError):  # not JSON, or nested too deeply: vLLM answers it
         return None
     return data if isinstance(data, dict) else None
+
+
+def _xargs_hold_a_spec_object(body: bytes) -> bool:
+    data = _json_object_naming(body, _XARGS_SPEC)  # the usual body does not name it: no parsing
+    xargs = None if data is None else data.get(_XARGS)
+    return isinstance(xargs, dict) and isinstance(xargs.get(_XARGS_SPEC), dict)
 
 
 def _json_object_names_steering(text: str | bytes) -> bool:

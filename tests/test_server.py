@@ -766,6 +766,22 @@ def test_steering_nested_in_a_literal_extra_body_is_refused(http, path):
     assert plain.status_code == 200, plain.text
 
 
+@pytest.mark.parametrize("path", list(STEERED_BODIES))
+def test_a_spec_object_in_vllm_xargs_gets_a_400_saying_to_send_text(http, path):
+    """vLLM's xargs hold JSON text, numbers and lists: a spec object there got vLLM's dump of
+    four type errors, or on /invocations "Cannot find suitable handler" naming internal
+    classes. The text of the same spec steers."""
+    body = STEERED_BODIES[path] | {"model": MODEL}
+    response = http.post(path, json=body | {"vllm_xargs": {"sae_steering": STRONG}})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["reason"], error["param"]) == ("invalid_type", "vllm_xargs.sae_steering")
+    assert "as JSON text" in error["message"] and "`steering` field" in error["message"]
+    assert ("type" in response.json()) == (path == "/v1/messages")  # Anthropic's error shape
+    as_text = http.post(path, json=body | {"vllm_xargs": {"sae_steering": json.dumps(STRONG)}})
+    assert as_text.status_code == 200 and as_text.headers["x-sae-steering"] == "steered"
+
+
 @pytest.mark.parametrize(
     ("path", "stream"),
     [(path, False) for path in STEERED_BODIES]
