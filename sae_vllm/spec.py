@@ -180,16 +180,31 @@ def fingerprint_of(canonical_text: str) -> str:
 MAX_ISSUES_TOLD = 10  # problems a message names; a body of a million bad keys gets a short one
 
 
+def joined_path(field: str, path: str) -> str:
+    """A problem's `path` within the spec, as a path from the `field` the spec sat in (either
+    may be empty)."""
+    return f"{field}.{path}" if field and path else field or path
+
+
 class SteeringSpecError(ValueError):
     """A spec that cannot be applied; `errors` lists what is wrong, first problem first (its
     message names the first MAX_ISSUES_TOLD)."""
 
     def __init__(self, errors: list[SpecIssue]):
         self.errors = errors
-        told = [f"{e.path}: {e.message}" if e.path else e.message for e in errors]
-        if len(told) > MAX_ISSUES_TOLD:
-            told[MAX_ISSUES_TOLD:] = [f"and {len(told) - MAX_ISSUES_TOLD} more problems"]
-        super().__init__("; ".join(told))
+        super().__init__(self.message(prefix=""))
+
+    def message(self, prefix: str) -> str:
+        """The first MAX_ISSUES_TOLD problems, each path under `prefix` (a field the spec sat
+        in: "steering"), then how many more there are."""
+        told = [
+            f"{joined_path(prefix, e.path)}: {e.message}" if e.path or prefix else e.message
+            for e in self.errors[:MAX_ISSUES_TOLD]
+        ]
+        more = len(self.errors) - MAX_ISSUES_TOLD
+        if more > 0:
+            told.append(f"and {more} more problem{'s' if more > 1 else ''}")
+        return "; ".join(told)
 
     @property
     def field(self) -> str:

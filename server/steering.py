@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from sae_vllm.config import EXTRA_ARGS_KEY
 from sae_vllm.engine.intake import STEERS_NOTHING
 from sae_vllm.resolved_specs import ResolvedSpec, SpecResolver, resolver_for
-from sae_vllm.spec import SpecLimits, SteeringSpec, SteeringSpecError
+from sae_vllm.spec import SpecLimits, SteeringSpec, SteeringSpecError, joined_path
 
 from . import metrics, rejections
 from .errors import StartupError, error_response_for
@@ -39,10 +39,6 @@ class Rejection(Exception):
     def response_for(self, path: str) -> JSONResponse:
         """What the client of the route at `path` gets."""
         return error_response_for(path, HTTPStatus.BAD_REQUEST, str(self), self.param, self.reason)
-
-
-def _join(field: str, path: str) -> str:
-    return f"{field}.{path}" if path else field
 
 
 # How the engine's refusals of a spec start (checked once the prompt is tokenized, past the
@@ -186,8 +182,9 @@ class SteeringGate:
         try:
             return self.resolver.resolve(raw)
         except SteeringSpecError as exc:
-            message = "; ".join(f"{_join(field, e.path)}: {e.message}" for e in exc.errors)
-            raise Rejection(exc.reason.value, _join(field, exc.field), message) from None
+            raise Rejection(
+                exc.reason.value, joined_path(field, exc.field), exc.message(prefix=field)
+            ) from None
 
 
 def resolve_variants(

@@ -15,6 +15,7 @@ validation dump (or, on `/invocations`, its "no suitable handler")."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from http import HTTPStatus
 from typing import Any
@@ -54,10 +55,11 @@ class RefuseSteeringElsewhere:
     `steering` field is answered with an error event and not passed on.
 
     `steered_paths` are the routes that apply the field (named in the refusal); the routes in
-    `self_checked_paths` admit or refuse it themselves, so their bodies pass too.
-    `model_headers` maps a route to the header it takes its model from (its body's `model` is
-    replaced): a body there whose `model` is one of `variants`, without that header, gets a
-    400 too."""
+    `self_checked_paths` admit or refuse it themselves. Bodies on both pass, but for one whose
+    `vllm_xargs.sae_steering` is an object (or a list holding one), which gets a 400 saying to
+    send JSON text. `model_headers` maps a route to the header it takes its model from (its
+    body's `model` is replaced): a body there whose `model` is one of `variants`, without that
+    header, gets a 400 too."""
 
     def __init__(
         self,
@@ -239,10 +241,28 @@ def _json_object_naming(text: str | bytes, field: str) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
+# A JSON string's escape of an ASCII character: how a key can be spelled without its letters
+_JSON_ASCII_ESCAPE = re.compile(rb"\\u00[0-7][0-9a-fA-F]")
+
+
+def _json_may_name(body: bytes, name: str) -> bool:
+    """Whether JSON text `body` may hold `name`, plainly or escaped (unlike _may_spell, a '%'
+    or a non-ASCII escape, common in prompts, is no reason to parse it)."""
+    return name.encode() in body or _JSON_ASCII_ESCAPE.search(body) is not None
+
+
 def _xargs_hold_a_spec_object(body: bytes) -> bool:
-    data = _json_object_naming(body, _XARGS_SPEC)  # the usual body does not name it: no parsing
-    xargs = None if data is None else data.get(_XARGS)
-    return isinstance(xargs, dict) and isinstance(xargs.get(_XARGS_SPEC), dict)
+    """Whether JSON `body` has a spec object, or a list holding one, in vllm_xargs."""
+    if not (_json_may_name(body, _XARGS) and _json_may_name(body, _XARGS_SPEC)):
+        return False  # the usual body: no parsing
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):  # not JSON, or nested too deeply: vLLM answers it
+        return False
+    xargs = data.get(_XARGS) if isinstance(data, dict) else None
+    spec = xargs.get(_XARGS_SPEC) if isinstance(xargs, dict) else None
+    items = spec if isinstance(spec, list) else [spec]
+    return any(isinstance(item, dict | list) for item in items)
 
 
 def _json_object_names_steering(text: str | bytes) -> bool:

@@ -14,7 +14,8 @@ REPORT_FIELD = "sae_steering"  # {"unreached": N}, added to the closing event's 
 _DATA = "data: "
 _DONE = "data: [DONE]\n\n"  # the last event of a completion or chat stream
 # Events sent once every sequence has ended: Anthropic's message_delta and the Responses API's
-# response.completed, by name; completions and chat have the usage chunk (below).
+# response.completed, by name; completions and chat have the usage chunk (below), or without
+# one the chunk ending their last choice (told by the [DONE] after it: reporting_unreached).
 _CLOSING_EVENT_NAMES = ("message_delta", "response.completed")
 
 
@@ -72,7 +73,8 @@ def _with_report(event: str, unreached: int) -> str:
 
 def with_unreached_count(event: str, unreached: int) -> str:
     """`event` with `"sae_steering": {"unreached": unreached}` added to its data when it is a
-    stream's closing event, else `event` unchanged. The rest of its data is kept byte for byte."""
+    closing event told by itself (a usage chunk, message_delta, response.completed), else
+    `event` unchanged. The rest of its data is kept byte for byte."""
     found = _closing_data(event)
     if found is None or REPORT_FIELD in found[1]:
         return event
@@ -88,23 +90,37 @@ async def reporting_unreached(
 
     A completion or chat stream without a usage chunk closes with the chunk that ends its last
     choice: each chunk that ends a choice waits for the next event, and gains the count when
-    that event is `data: [DONE]` (every sequence has ended by then)."""
-    ending_chunk: str | None = None
+    that event is `data: [DONE]` (every sequence has ended by then; with several choices, one's
+    last chunk so waits for the next chunk of another)."""
+    counted = _counted(events, tally)
     try:
         with reach_report.tallying(tally):
-            async for event in events:
-                if ending_chunk is not None:
-                    if event == _DONE:
-                        ending_chunk = _with_report(ending_chunk, tally.unreached)
-                    yield ending_chunk
-                    ending_chunk = None
-                if isinstance(event, str):
-                    if _ends_a_choice(event):
-                        ending_chunk = event
-                        continue
-                    event = with_unreached_count(event, tally.unreached)
+            async for event in counted:
                 yield event
-            if ending_chunk is not None:  # a stream cut short: no [DONE], so not the last
-                yield ending_chunk
     finally:
+        await counted.aclose()
         await close_stream(events)
+
+
+async def _counted(events: AsyncIterator[Event], tally: SequenceTally) -> AsyncIterator[Event]:
+    """`events`, the closing one with the tally's count (see reporting_unreached)."""
+    ending_chunk: str | None = None
+    try:
+        async for event in events:
+            if ending_chunk is not None:
+                if event == _DONE:
+                    ending_chunk = _with_report(ending_chunk, tally.unreached)
+                yield ending_chunk
+                ending_chunk = None
+            if isinstance(event, str):
+                if _ends_a_choice(event):
+                    ending_chunk = event
+                    continue
+                event = with_unreached_count(event, tally.unreached)
+            yield event
+    except Exception:
+        if ending_chunk is not None:  # its choice's last text, sent as it would have been
+            yield ending_chunk
+        raise
+    if ending_chunk is not None:  # a stream cut short: no [DONE], so not the last
+        yield ending_chunk

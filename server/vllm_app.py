@@ -481,16 +481,17 @@ async def worker_steering_stats(request: Request) -> list[dict]:
     /metrics label it). The engine client's collective_rpc asks the first engine only."""
     engine_client = request.app.state.engine_client
     core = getattr(engine_client, "engine_core", None)
-    ranks = getattr(core, "engine_ranks_managed", None)
+    # The engines call_utility_all_async asks, in its order; vLLM names each by its rank.
+    engines = list(getattr(core, "core_engines", None) or ())
     ask_every_engine = getattr(core, "call_utility_all_async", None)
-    if ranks is None or ask_every_engine is None:  # one engine, in this process or not
+    if not engines or ask_every_engine is None:  # a client of another kind: one engine
         workers = await engine_client.collective_rpc("sae_steering_stats")
         return [{"engine": 0, **worker} for worker in workers]
-    # The same call as collective_rpc's (method, timeout, args, kwargs), to each engine in turn
+    # The same call as collective_rpc's (method, timeout, args, kwargs), to every engine at once
     per_engine = await ask_every_engine("collective_rpc", "sae_steering_stats", None, (), None)
     return [
-        {"engine": rank, **worker}
-        for rank, workers in zip(ranks, per_engine, strict=True)
+        {"engine": int.from_bytes(engine, "little"), **worker}
+        for engine, workers in zip(engines, per_engine, strict=True)
         for worker in workers
     ]
 

@@ -164,6 +164,49 @@ def test_an_ending_chunk_not_followed_by_done_passes_unchanged():
         assert reported == events
 
 
+CHAT_ENDS = (  # as vLLM's chat stream writes it (exclude_unset)
+    'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"m",'
+    '"choices":[{"index":0,"delta":{"content":"."},"logprobs":null,"finish_reason":"stop",'
+    '"stop_reason":null}]}\n\n'
+)
+CONTINUOUS_ENDS = (  # continuous usage stats: a chunk ending its choice carries usage too
+    'data: {"id":"cmpl-1","object":"text_completion","created":1,"model":"m","choices":[{"index"'
+    f':0,"text":" .","finish_reason":"length"}}],"usage":{USAGE}}}\n\n'
+)
+
+
+def test_a_chat_stream_without_usage_closes_with_its_ending_chunk():
+    reported, _, _ = stream_events([1], [CHAT_ENDS, DONE])
+    assert data_of(reported[0]) == data_of(CHAT_ENDS) | {"sae_steering": {"unreached": 1}}
+    assert reported[1] == DONE
+
+
+def test_with_continuous_usage_the_usage_chunk_alone_carries_the_count():
+    reported, _, _ = stream_events([9], [CONTINUOUS_ENDS, USAGE_CHUNK, DONE])
+    assert reported[0] == CONTINUOUS_ENDS and reported[2] == DONE
+    assert data_of(reported[1])["sae_steering"] == {"unreached": 0}
+
+
+def test_a_held_ending_chunk_is_sent_before_an_error_raised_after_it():
+    """The chunk ending a choice holds its last text: a stream that raises next still sends it,
+    unchanged, then the error."""
+    last = choice_chunk(0, " last", "stop")
+
+    async def raising():
+        yield choice_chunk(0, " x", None)
+        yield last
+        raise RuntimeError("engine died")
+
+    async def consume(got: list[str]) -> None:
+        async for event in reporting_unreached(raising(), reach_report.SequenceTally()):
+            got.append(event)
+
+    got: list[str] = []
+    with pytest.raises(RuntimeError, match="engine died"):
+        asyncio.run(consume(got))
+    assert got == [choice_chunk(0, " x", None), last]
+
+
 def test_closing_the_report_closes_the_stream_it_wraps():
     """Starlette stops iterating a stream whose client left; vLLM aborts the request when its
     generator closes, so the wrapper must close what it wraps."""
