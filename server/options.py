@@ -64,14 +64,17 @@ def variant_argument(text: str) -> tuple[str, Any]:
 
 # Titled as vLLM titles its own option groups, so that `--help=SAESteering` shows this one
 STEERING_GROUP = "SAESteering"
-# Filled in after parsing (fill_steering_defaults), not by argparse: vLLM's help formatter would
-# print "(default: [])" or "(default: None)" beside the default each option's help describes.
-_STEERING_DEFAULTS: dict[str, Callable[[], Any]] = {
-    "sae": list,
-    "sae_labels": list,
-    "steering_variant": list,
-    "max_edits": lambda: None,
-}
+# Each steering option's default, by its dest, filled in after parsing (fill_steering_defaults)
+# rather than by argparse: vLLM's help formatter would print "(default: [])" or "(default:
+# None)" beside the default each option's help describes.
+_STEERING_DEFAULTS: dict[str, Callable[[], Any]] = {}
+
+
+def _add_steering_option(group: Any, flag: str, *, repeatable: bool, **kwargs: Any) -> None:
+    """Add `flag` to `group`; unset, it is an empty list when `repeatable`, else None."""
+    action = "append" if repeatable else "store"
+    added = group.add_argument(flag, action=action, default=argparse.SUPPRESS, **kwargs)
+    _STEERING_DEFAULTS[added.dest] = list if repeatable else lambda: None
 
 
 def add_steering_options(parser: argparse.ArgumentParser) -> None:
@@ -80,10 +83,10 @@ def add_steering_options(parser: argparse.ArgumentParser) -> None:
         "Per-request SAE feature steering (sae-vllm): the SAEs requests may steer, their "
         f"labels, steering variants and the edit limit (--help={STEERING_GROUP}).",
     )
-    group.add_argument(
+    _add_steering_option(
+        group,
         "--sae",
-        action="append",
-        default=argparse.SUPPRESS,
+        repeatable=True,
         type=sae_argument,
         metavar="ID=PATH[@LAYER]",
         help="An SAE requests may steer with, by ID (repeatable). PATH is a local file or "
@@ -91,37 +94,38 @@ def add_steering_options(parser: argparse.ArgumentParser) -> None:
         "decoder layer whose output it reads; defaults to the layer in the SAE's config. "
         "Without a model and without --sae, the embedded default model and SAE are served.",
     )
-    group.add_argument(
+    _add_steering_option(
+        group,
         "--sae-labels",
-        action="append",
-        default=argparse.SUPPRESS,
+        repeatable=True,
         type=labels_argument,
         metavar="ID=PATH",
         help="A feature-labels JSON for the SAE ID (default: labels.json in the SAE folder).",
     )
-    group.add_argument(
+    _add_steering_option(
+        group,
         "--steering-variant",
-        action="append",
-        default=argparse.SUPPRESS,
+        repeatable=True,
         type=variant_argument,
         metavar="NAME=SPEC",
         help="A served model name that steers every request sent to it with SPEC, a steering "
         "spec as JSON or the path of a .json file holding one (repeatable). Listed in "
         "/v1/models; clients pick it as their model, no `steering` field needed.",
     )
-    group.add_argument(
+    _add_steering_option(
+        group,
         "--max-edits",
+        repeatable=False,
         type=int,
-        default=argparse.SUPPRESS,
         help="Most feature edits one request may make (default 32).",
     )
 
 
 def fill_steering_defaults(args: argparse.Namespace) -> None:
     """Give each steering option its default where the command line did not set it."""
-    for name, default in _STEERING_DEFAULTS.items():
-        if not hasattr(args, name):
-            setattr(args, name, default())
+    for dest, default in _STEERING_DEFAULTS.items():
+        if not hasattr(args, dest):
+            setattr(args, dest, default())
 
 
 def _one_line(exc: ValidationError) -> str:
