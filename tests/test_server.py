@@ -28,6 +28,7 @@ from websockets.exceptions import InvalidStatus
 pytestmark = pytest.mark.server
 
 API_KEY = "test-key"
+BROWSER_ORIGIN = "https://playground.example"  # the one origin the server's CORS allows
 MODEL = "tiny"
 D_SAE = 256
 MAX_EDITS = 8
@@ -105,6 +106,7 @@ def server(artifacts):
         "--steering-variant", f"{MIXED_VARIANT}={mixed_file}",
         "--steering-variant", f"{LATE_VARIANT}={json.dumps(LATE)}",
         "--max-edits", str(MAX_EDITS), "--api-key", API_KEY, *engine_cli_args(),
+        "--allowed-origins", json.dumps([BROWSER_ORIGIN]),
     ]  # fmt: skip
     # The response store lets the Responses API run requests in the background.
     env = {"VLLM_ENABLE_RESPONSES_API_STORE": "1"}
@@ -658,6 +660,22 @@ def test_steering_in_the_query_string_is_refused(client, http):
     response = http.get("/v1/models", params={"steering": "x"})
     assert response.status_code == 400 and response.json()["error"]["param"] == "steering"
     assert http.get("/v1/models", params={"not_steering": "x"}).status_code == 200
+
+
+def test_the_api_key_is_checked_first_and_refusals_carry_cors_headers(server, http):
+    """The refusals run inside vLLM's middleware: a client without the API key gets vLLM's 401
+    whatever its steering, and a browser's refusal (an Origin header) carries CORS headers as
+    any answer does, so its page can read the error."""
+    body = _body("completions", {"vllm_xargs": {"sae_steering": STRONG}})
+    for params in ({"steering": "x"}, {}):
+        anonymous = httpx.post(f"{server.base_url}/v1/completions", params=params, json=body)
+        assert anonymous.status_code == 401, anonymous.text
+    for params in ({"steering": "x"}, {}):
+        refused = http.post(
+            "/v1/completions", params=params, json=body, headers={"Origin": BROWSER_ORIGIN}
+        )
+        assert refused.status_code == 400, refused.text
+        assert refused.headers["access-control-allow-origin"] == BROWSER_ORIGIN
 
 
 def test_steering_in_a_websocket_query_is_refused(server):
