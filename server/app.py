@@ -8,8 +8,6 @@ import logging
 from typing import Any
 
 from fastapi import FastAPI
-from starlette.middleware import Middleware
-from starlette.middleware.exceptions import ExceptionMiddleware
 
 from sae_vllm import LOGGER_NAME
 from sae_vllm.config import SteeringConfig, steering_config_from
@@ -17,6 +15,7 @@ from sae_vllm.engine import reach_report
 from sae_vllm.spec import SpecLimits
 
 from . import metrics, vllm_app
+from .middleware_order import add_innermost_middleware
 from .registry import SAERegistry
 from .routes import REGISTRY_STATE, router
 from .steering import SteeringGate, resolve_variants
@@ -72,26 +71,8 @@ def customize(app: FastAPI, registry: SAERegistry, gate: SteeringGate) -> bool:
         "model_headers": model_headers,
         "variants": gate.variants,
     }
-    _add_innermost_middleware(app, RefuseSteeringElsewhere, refusals)
+    add_innermost_middleware(app, RefuseSteeringElsewhere, refusals)
     return bool(steered_paths)
-
-
-def _add_innermost_middleware(app: FastAPI, cls: type, options: dict[str, Any]) -> None:
-    """Add `cls(app, **options)` inside all of the app's middleware (add_middleware would put
-    it outside): vLLM's API-key check answers first, and CORS headers go on its answers."""
-    if app.middleware_stack is None:
-        app.user_middleware.append(Middleware(cls, **options))
-        return
-    # vLLM's app has built its stack already, and rebuilding it would instantiate vLLM's
-    # middleware twice (its metrics one registers its metrics again): the new one goes in above
-    # the stack's exception middleware, the innermost, each middleware keeping the next as .app.
-    outer = app.middleware_stack
-    while not isinstance(getattr(outer, "app", None), ExceptionMiddleware):
-        outer = getattr(outer, "app", None)
-        if outer is None:  # not the stack Starlette builds: outside it all, as add_middleware
-            app.middleware_stack = cls(app.middleware_stack, **options)
-            return
-    outer.app = cls(outer.app, **options)
 
 
 def _customize_built_app(app: FastAPI, args: argparse.Namespace, model_config: Any) -> None:

@@ -1,6 +1,7 @@
 """The refusal middleware on the steered routes themselves: a body reaches the route whole and
 unchanged whatever its shape, and a spec object in `vllm_xargs` is refused before vLLM's
-validation (which would answer with a dump of type errors).
+validation (which would answer with a dump of type errors). And where it sits: inside the
+app's other middleware.
 
 Driven at the ASGI level, with a small app that echoes the body it received in place of vLLM's
 routes (they need an engine; test_server.py sends the same bodies to the real server)."""
@@ -121,3 +122,36 @@ def test_the_invocations_model_header_check_and_the_xargs_check_read_one_body():
     assert reason(post(INVOCATIONS, [body], header)) == "invalid_type"  # the header given
     plain = body_of({"model": "a-variant", "prompt": "hi"})
     assert post(INVOCATIONS, [plain[:5], plain[5:]], header)[:2] == (200, plain)
+
+
+class Recording:
+    """A middleware that records its name in `seen` as a request passes it."""
+
+    def __init__(self, app: Any, name: str, seen: list[str]) -> None:
+        self.app, self.name, self.seen = app, name, seen
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            self.seen.append(self.name)
+        await self.app(scope, receive, send)
+
+
+@pytest.mark.parametrize("built", [False, True], ids=["stack-not-built", "stack-built"])
+def test_the_added_middleware_runs_inside_the_apps_own(built):
+    """vLLM's app has built its middleware stack by the time sae-vllm adds its own (test_server:
+    the API key is checked first); either way the new one runs last, before the routes."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from sae_vllm.server.middleware_order import add_innermost_middleware
+
+    seen: list[str] = []
+    app = FastAPI()
+    app.get("/ping")(lambda: seen.append("route") or "pong")
+    app.add_middleware(Recording, name="vllm's first", seen=seen)
+    app.add_middleware(Recording, name="vllm's last", seen=seen)
+    if built:
+        app.middleware_stack = app.build_middleware_stack()
+    add_innermost_middleware(app, Recording, {"name": "added", "seen": seen})
+    assert TestClient(app).get("/ping").json() == "pong"
+    assert seen == ["vllm's last", "vllm's first", "added", "route"]
