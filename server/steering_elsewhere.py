@@ -229,16 +229,19 @@ async def _names_steering(scope: Scope, body: bytes) -> bool:
     return _json_object_names_steering(body)
 
 
-def _json_object_naming(text: str | bytes, field: str) -> dict | None:
-    """The JSON object `text` holds, when its text may name `field` (None otherwise, or when it
-    is not a JSON object); the usual text, which does not name it, is not parsed."""
-    if not _may_spell(text, f'"{field}"'):
-        return None
+def _json_object(text: str | bytes) -> dict | None:
+    """The JSON object `text` holds (None when it holds something else or is not JSON)."""
     try:
         data = json.loads(text)
     except (ValueError, RecursionError):  # not JSON, or nested too deeply: vLLM answers it
         return None
     return data if isinstance(data, dict) else None
+
+
+def _json_object_naming(text: str | bytes, field: str) -> dict | None:
+    """The JSON object `text` holds, when its text may name `field` (None otherwise, or when it
+    is not a JSON object); the usual text, which does not name it, is not parsed."""
+    return _json_object(text) if _may_spell(text, f'"{field}"') else None
 
 
 # A JSON string's escape of an ASCII character: how a key can be spelled without its letters
@@ -255,11 +258,8 @@ def _xargs_hold_a_spec_object(body: bytes) -> bool:
     """Whether JSON `body` has a spec object, or a list holding one, in vllm_xargs."""
     if not (_json_may_name(body, _XARGS) and _json_may_name(body, _XARGS_SPEC)):
         return False  # the usual body: no parsing
-    try:
-        data = json.loads(body)
-    except (ValueError, RecursionError):  # not JSON, or nested too deeply: vLLM answers it
-        return False
-    xargs = data.get(_XARGS) if isinstance(data, dict) else None
+    data = _json_object(body)
+    xargs = data.get(_XARGS) if data is not None else None
     spec = xargs.get(_XARGS_SPEC) if isinstance(xargs, dict) else None
     items = spec if isinstance(spec, list) else [spec]
     return any(isinstance(item, dict | list) for item in items)

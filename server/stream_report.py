@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 from sae_vllm.engine import reach_report
 from sae_vllm.engine.reach_report import SequenceTally
@@ -24,36 +25,45 @@ def _is_usage_chunk(data: dict) -> bool:
     return data.get("choices") == [] and "usage" in data
 
 
-def _closing_data(event: str) -> tuple[int, dict] | None:
-    """(index of the data line among the event's lines, its JSON object) when `event` is a
-    stream's closing event; None for every other event."""
-    if "event: " not in event and '"choices":[]' not in event:  # most chunks: cheap to tell
-        return None
-    lines = event.split("\n")
-    names = {line.removeprefix("event: ") for line in lines if line.startswith("event: ")}
-    if names and names.isdisjoint(_CLOSING_EVENT_NAMES):
-        return None
-    index = next((i for i, line in enumerate(lines) if line.startswith(_DATA)), None)
+def _data_index(lines: list[str]) -> int | None:
+    """The index of an event's `data: ` line among its lines (None without one)."""
+    return next((i for i, line in enumerate(lines) if line.startswith(_DATA)), None)
+
+
+def _data_of(lines: list[str]) -> Any:
+    """The JSON an event's data line holds (None without one, or for "[DONE]" and non-JSON)."""
+    index = _data_index(lines)
     if index is None:
         return None
     try:
-        data = json.loads(lines[index].removeprefix(_DATA))
-    except ValueError:  # "[DONE]", or not JSON
+        return json.loads(lines[index].removeprefix(_DATA))
+    except ValueError:
         return None
-    if isinstance(data, dict) and data and (names or _is_usage_chunk(data)):
-        return index, data
-    return None
+
+
+def _is_closing(event: str) -> bool:
+    """Whether `event` is a stream's closing event told by itself: a usage chunk,
+    message_delta or response.completed."""
+    if "event: " not in event and '"choices":[]' not in event:  # most chunks: cheap to tell
+        return False
+    lines = event.split("\n")
+    names = {line.removeprefix("event: ") for line in lines if line.startswith("event: ")}
+    if names and names.isdisjoint(_CLOSING_EVENT_NAMES):
+        return False
+    data = _data_of(lines)
+    return (
+        isinstance(data, dict)
+        and bool(data)
+        and REPORT_FIELD not in data
+        and bool(names or _is_usage_chunk(data))
+    )
 
 
 def _ends_a_choice(event: str) -> bool:
     """Whether `event` is a completion or chat chunk that ends one of its choices."""
     if '"finish_reason":"' not in event:  # most chunks: cheap to tell
         return False
-    data_line = next((line for line in event.split("\n") if line.startswith(_DATA)), "")
-    try:
-        data = json.loads(data_line.removeprefix(_DATA))
-    except ValueError:
-        return False
+    data = _data_of(event.split("\n"))
     choices = data.get("choices") if isinstance(data, dict) else None
     return isinstance(choices, list) and any(
         isinstance(choice, dict) and choice.get("finish_reason") for choice in choices
@@ -64,7 +74,8 @@ def _with_report(event: str, unreached: int) -> str:
     """`event` with `"sae_steering": {"unreached": unreached}` added to its data (a JSON object),
     the rest of it kept byte for byte."""
     lines = event.split("\n")
-    index = next(i for i, line in enumerate(lines) if line.startswith(_DATA))
+    index = _data_index(lines)
+    assert index is not None  # callers pass events whose data is a JSON object
     data_text = lines[index].rstrip()
     report = json.dumps({REPORT_FIELD: {"unreached": unreached}}, separators=(",", ":"))
     lines[index] = data_text[:-1] + "," + report[1:]  # both objects: join "{...}" and "{...}"
@@ -75,10 +86,7 @@ def with_unreached_count(event: str, unreached: int) -> str:
     """`event` with `"sae_steering": {"unreached": unreached}` added to its data when it is a
     closing event told by itself (a usage chunk, message_delta, response.completed), else
     `event` unchanged. The rest of its data is kept byte for byte."""
-    found = _closing_data(event)
-    if found is None or REPORT_FIELD in found[1]:
-        return event
-    return _with_report(event, unreached)
+    return _with_report(event, unreached) if _is_closing(event) else event
 
 
 async def reporting_unreached(
