@@ -20,6 +20,7 @@ _EXPORTS = {
     "load_sae": "sae",
     "open_sae": "sae",
     "SAEEntry": "config",
+    "SAEEntryError": "sae_entries",
     "SteeringConfig": "config",
     "ApplyTo": "spec",
     "EditOp": "spec",

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StrictInt,
+    StringConstraints,
+    field_validator,
+)
 
 from .spec import (
     DEFAULT_MAX_ABS_VALUE,
@@ -26,6 +35,16 @@ DROPPED_GENERATION_KEY = "sae_steering_drops_generation"
 # Internal: what the engine core records of a steered request for its prefix-cache keys
 # (engine/prefix_cache.py); removed from every request that arrives with it.
 PREFIX_CACHE_KEY = "sae_steering_prefix_cache"
+INTERNAL_KEY_PREFIX = f"{EXTRA_ARGS_KEY}_"  # every internal extra_args key starts with it
+
+
+def internal_keys_in(extra_args: Mapping[str, Any]) -> list[str]:
+    """The keys of `extra_args` that only sae-vllm itself may set (never a client)."""
+    return [
+        key for key in extra_args if isinstance(key, str) and key.startswith(INTERNAL_KEY_PREFIX)
+    ]
+
+
 # The attribute that carries a (resolved) spec on vLLM's BeamSearchParams, online and offline.
 BEAM_STEERING_ATTR = "sae_steering"
 
@@ -37,7 +56,7 @@ class SAEEntry(BaseModel):
 
     id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")
     path: str = Field(min_length=1)
-    layer: int | None = Field(default=None, ge=0)
+    layer: StrictInt | None = Field(default=None, ge=0)  # strict: `true` is no layer 1
     format: str | None = None
     labels: str | None = None
 
@@ -55,8 +74,8 @@ class SteeringConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     saes: list[SAEEntry] = Field(min_length=1)
-    max_edits: int = Field(default=DEFAULT_MAX_EDITS, ge=1, le=MAX_EDITS_BOUND)
-    max_abs_value: float = Field(default=DEFAULT_MAX_ABS_VALUE, gt=0)
+    max_edits: StrictInt = Field(default=DEFAULT_MAX_EDITS, ge=1, le=MAX_EDITS_BOUND)
+    max_abs_value: StrictFloat = Field(default=DEFAULT_MAX_ABS_VALUE, gt=0)
     # Served model names that steer every request sent to them with a fixed spec (the HTTP
     # server lists them in /v1/models); checked against the SAEs when the server starts.
     variants: dict[VariantName, SteeringSpec] = Field(default_factory=dict)

@@ -25,6 +25,11 @@ class SAEReport(BaseModel):
     k: int | None = Field(description="Features kept per token (topk only).")
     dtype: str = Field(description="The encoder's dtype in the file.")
     hook_name: str | None
+    site_assumed: str | None = Field(
+        description="The site the SAE is taken to read though nothing names it, and why "
+        "(a Gemma Scope file whose path names no release is read as a residual-stream SAE); "
+        "null when the file or its path names the site."
+    )
     layer: int | None = Field(description="The layer the file names.")
     steers_after_layer: int | None = Field(
         description="The decoder layer whose output steering edits (resid_pre of L is the "
@@ -49,6 +54,7 @@ def report(path: str, format: str | None = None) -> SAEReport:
         k=sae.k,
         dtype=sae.dtype_name,
         hook_name=sae.hook_name,
+        site_assumed=sae.site_assumed,
         layer=sae.layer,
         steers_after_layer=steers_after,
         not_steerable=refused,

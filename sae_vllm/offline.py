@@ -13,14 +13,23 @@ from .config import (
     SteeringConfig,
     with_local_sae_paths,
 )
+from .sae_entries import checked_entry
 from .spec import SteeringSpec, parse_spec
 
 
 def steering_config(saes: list[Mapping[str, Any]], **options: Any) -> dict[str, Any]:
     """The `additional_config` that switches steering on, validated:
     `LLM(model, additional_config=steering_config([{"id": "res12", "path": ..., "layer": 12}]))`.
-    An `hf://OWNER/REPO[@REVISION]/PATH` path is fetched here and replaced by its local copy."""
+    An `hf://OWNER/REPO[@REVISION]/PATH` path is fetched here and replaced by its local copy.
+
+    Each SAE's files are checked from their headers here, before an engine loads the model:
+    raises SAEEntryError (a ValueError) naming the SAE for a path that is missing or no SAE,
+    or an SAE whose layer neither the entry nor its files give, or that reads a site other than
+    a layer's output; pydantic's ValidationError for a malformed config. What needs the model
+    (hidden size, layer count) or every weight (NaN, infinities) the engine checks."""
     config = with_local_sae_paths(SteeringConfig.model_validate({"saes": list(saes), **options}))
+    for entry in config.saes:
+        checked_entry(entry, layer_hint='give its "layer"')
     return {CONFIG_KEY: config.model_dump(mode="json", exclude_none=True)}
 
 

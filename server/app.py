@@ -70,6 +70,7 @@ def customize(app: FastAPI, registry: SAERegistry, gate: SteeringGate) -> bool:
         "self_checked_paths": self_checked,
         "model_headers": model_headers,
         "variants": gate.variants,
+        "routes": app.router.routes,
     }
     add_innermost_middleware(app, RefuseSteeringElsewhere, refusals)
     return bool(steered_paths)

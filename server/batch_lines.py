@@ -7,7 +7,7 @@ from contextvars import ContextVar
 from http import HTTPStatus
 from typing import Any
 
-from sae_vllm.config import EXTRA_ARGS_KEY, SteeringConfig
+from sae_vllm.config import SteeringConfig
 from sae_vllm.spec import SpecLimits
 
 from . import errors, rejections
@@ -18,6 +18,7 @@ from .steering import (
     SteeringGate,
     check_placement,
     engine_rejection,
+    xargs_spec_of,
 )
 
 STEERED_ROUTE = "/v1/chat/completions"  # the one generative text route run-batch has
@@ -35,14 +36,9 @@ def gate_for(config: SteeringConfig | None) -> SteeringGate:
     return SteeringGate(sae_sizes(config), config.limits)
 
 
-def _xargs_spec(body: Any) -> Any:
-    """The spec a line's body carries the low-level way, in `vllm_xargs` (None: none)."""
-    return (getattr(body, "vllm_xargs", None) or {}).get(EXTRA_ARGS_KEY)
-
-
 def spec_field(body: Any) -> str | None:
     """Where a line's body carries its spec (the error's `param`), or None when it has none."""
-    if _xargs_spec(body) is not None:
+    if xargs_spec_of(getattr(body, "vllm_xargs", None)) is not None:
         return XARGS_FIELD
     return STEERING_FIELD if STEERING_FIELD in (getattr(body, "model_extra", None) or {}) else None
 
@@ -52,15 +48,16 @@ def line_refusal(url: str, body: Any, gate: SteeringGate | None) -> Rejection | 
     a literal `extra_body`, given twice, or (with the gate) a bad spec; None when it can."""
     extra = getattr(body, "model_extra", None) or {}
     steering = extra.get(STEERING_FIELD)
-    if steering is not None and url != STEERED_ROUTE:
-        message = f"{STEERING_FIELD}: not supported on {url} (use {STEERED_ROUTE})"
-        return Rejection(rejections.UNSUPPORTED_ROUTE, STEERING_FIELD, message)
-    xargs_spec = _xargs_spec(body)
+    xargs = getattr(body, "vllm_xargs", None)
+    if url != STEERED_ROUTE and (steering is not None or xargs_spec_of(xargs) is not None):
+        field = STEERING_FIELD if steering is not None else XARGS_FIELD
+        message = f"{field}: not supported on {url} (use {STEERED_ROUTE})"
+        return Rejection(rejections.UNSUPPORTED_ROUTE, field, message)
     try:
         if gate is None or url != STEERED_ROUTE:
-            check_placement(steering, xargs_spec, extra.get("extra_body"))
+            check_placement(steering, xargs, extra.get("extra_body"))
         else:
-            gate.admit(steering, xargs_spec, extra.get("extra_body"))
+            gate.admit(steering, xargs, extra.get("extra_body"))
     except Rejection as rejection:
         return rejection
     return None

@@ -11,7 +11,12 @@ from typing import Any
 from sae_vllm import LOGGER_NAME
 
 from .errors import StartupError
-from .options import add_steering_options, fill_steering_defaults, steering_additional_config
+from .options import (
+    add_steering_options,
+    fill_steering_defaults,
+    quiet_repeated_steering_options,
+    steering_additional_config,
+)
 from .registry import SAERegistry
 
 logger = logging.getLogger(LOGGER_NAME + ".server")
@@ -73,6 +78,11 @@ def prepare(args: argparse.Namespace) -> None:
     if args.model is None:
         toy = _toy_artifacts()
         args.model = str(toy.model_dir)
+        if any(entry["id"] == toy.sae_id for entry in saes):
+            raise StartupError(
+                f"--sae {toy.sae_id}=...: '{toy.sae_id}' is the id of the embedded default "
+                "model's SAE, which it serves too; give yours another id"
+            )
         saes.insert(0, _toy_sae_entry(toy))
         if args.served_model_name is None:
             args.served_model_name = [TOY_SERVED_NAME]
@@ -111,10 +121,11 @@ def serve(argv: list[str]) -> int:
         check_vllm_version()
         parser = vllm_app.make_parser(PROG, DESCRIPTION)
         add_steering_options(parser)
+        quiet_repeated_steering_options()
         args = parser.parse_args(argv)
         fill_steering_defaults(args)
         prepare(args)
-    except (StartupError, ValueError, TypeError, RuntimeError) as exc:
+    except (StartupError, ValueError, TypeError, RuntimeError, OSError) as exc:
         print(f"{PROG}: error: {_line(exc)}", file=sys.stderr)
         return 1
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,10 @@ def sae_argument(text: str) -> dict[str, Any]:
     if not sep or not sae_id or not rest:
         raise argparse.ArgumentTypeError(f"expected ID=PATH[@LAYER], got {text!r}")
     path, at, layer = rest.rpartition("@")
+    if at and not layer.isdigit() and _meant_as_layer(layer, rest):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: the layer after '@' must be a non-negative integer, got {layer!r}"
+        )
     if not at or not layer.isdigit():
         path, layer = rest, ""
     if not is_hub_path(path):
@@ -31,6 +36,14 @@ def sae_argument(text: str) -> dict[str, Any]:
     if layer:
         entry["layer"] = int(layer)
     return entry
+
+
+def _meant_as_layer(suffix: str, path: str) -> bool:
+    """Whether the text after a path's last '@' was meant as a layer ('', '-1', '12x'), not as
+    part of a path (a hub path's revision, a folder named `sae@v2`, one that exists)."""
+    if suffix and not (suffix[0].isdigit() or suffix[0] == "-"):
+        return False
+    return "/" not in suffix and not is_hub_path(path) and not Path(path).expanduser().exists()
 
 
 def labels_argument(text: str) -> tuple[str, str]:
@@ -70,11 +83,39 @@ STEERING_GROUP = "SAESteering"
 _STEERING_DEFAULTS: dict[str, Callable[[], Any]] = {}
 
 
+_REPEATABLE_FLAGS: set[str] = set()
+
+
 def _add_steering_option(group: Any, flag: str, *, repeatable: bool, **kwargs: Any) -> None:
     """Add `flag` to `group`; unset, it is an empty list when `repeatable`, else None."""
     action = "append" if repeatable else "store"
     added = group.add_argument(flag, action=action, default=argparse.SUPPRESS, **kwargs)
     _STEERING_DEFAULTS[added.dest] = list if repeatable else lambda: None
+    if repeatable:
+        _REPEATABLE_FLAGS.add(flag)
+
+
+# vLLM's parser warns of any option given twice; its logger and message (vllm 0.32)
+_PARSER_LOGGER = "vllm.utils.argparse_utils"
+_REPEATED_OPTIONS_WARNING = "Found duplicate keys %s"
+
+
+class _RepeatedSteeringOptionsFilter(logging.Filter):
+    """Drops vLLM's parser warning when only repeatable steering options repeat (`--sae A
+    --sae B` is how they are used); any other repeat still warns."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg != _REPEATED_OPTIONS_WARNING or not record.args:
+            return True
+        repeated = {name.strip() for name in str(record.args[0]).split(",")}
+        return not repeated <= _REPEATABLE_FLAGS
+
+
+def quiet_repeated_steering_options() -> None:
+    """Install the filter on vLLM's parser logger (once)."""
+    parser_logger = logging.getLogger(_PARSER_LOGGER)
+    if not any(isinstance(f, _RepeatedSteeringOptionsFilter) for f in parser_logger.filters):
+        parser_logger.addFilter(_RepeatedSteeringOptionsFilter())
 
 
 def add_steering_options(parser: argparse.ArgumentParser) -> None:

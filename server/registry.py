@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
+import torch
 
 from sae_vllm.config import SAEEntry, SteeringConfig
-from sae_vllm.sae import SAEFormatError, decoder_norms, inspect_sae
+from sae_vllm.sae import SAEFormatError, decoder_norms, open_sae
 from sae_vllm.sae.hub import local_sae_path
-from sae_vllm.sae.sites import NotALayerOutputError, model_misfit, steered_layer
+from sae_vllm.sae.readers.build import feature_blocks
+from sae_vllm.sae.sites import model_misfit
+from sae_vllm.sae_entries import SAEEntryError, checked_entry
 
 from .errors import StartupError
 from .labels import FeatureLabel, LabelFileError, default_labels_path, read_labels
@@ -61,21 +63,14 @@ def load_record(entry: SAEEntry) -> SAERecord:
     """Read one configured SAE (and its labels); a problem raises a one-line StartupError."""
     where = f"SAE '{entry.id}'"
     try:
-        path = local_sae_path(entry.path)  # `vllm serve` hands hf:// paths on as given
-        if not Path(path).exists():
-            raise StartupError(f"{where}: {entry.path} does not exist")
-        sae = inspect_sae(path, format=entry.format)
+        sae, layer = checked_entry(entry, layer_hint="use --sae ID=PATH@LAYER")
+        path = local_sae_path(entry.path)
         norms = decoder_norms(path, format=entry.format).numpy()
+        _check_finite(path, entry.format, norms)
+    except SAEEntryError as exc:
+        raise StartupError(str(exc)) from None
     except SAEFormatError as exc:
         raise StartupError(f"{where}: {exc}") from None
-    try:
-        layer = steered_layer(sae, entry.layer)
-    except NotALayerOutputError as exc:
-        raise StartupError(f"{where}: {exc}") from None
-    if layer is None:
-        raise StartupError(
-            f"{where}: no layer given and none found in {entry.path} (use --sae ID=PATH@LAYER)"
-        )
     labels_path = entry.labels or default_labels_path(path)
     labels: dict[int, FeatureLabel] = {}
     if labels_path is not None:
@@ -96,6 +91,27 @@ def load_record(entry: SAEEntry) -> SAERecord:
         has_labels=bool(labels),
     )
     return SAERecord(info=info, decoder_norms=norms, labels=labels)
+
+
+def _check_finite(path: str, format: str | None, norms: np.ndarray) -> None:
+    """Raise SAEFormatError where the SAE holds a NaN or infinite weight (the worker refuses
+    one, but only once the model has loaded, with vLLM's traceback of its start-up around it).
+    `norms` are its decoder row norms, non-finite exactly where a decoder row is; the encoder
+    streams through a block of features at a time."""
+    bad_rows = np.flatnonzero(~np.isfinite(norms))
+    if bad_rows.size:
+        raise SAEFormatError(f"{path}: W_dec holds NaN or infinite values (feature {bad_rows[0]})")
+    folded = open_sae(path, format=format)
+    header = folded.header
+    for name in ("b_enc", "b_dec", "threshold"):
+        vector = getattr(header, name)
+        if vector is not None and not bool(torch.isfinite(vector).all()):
+            raise SAEFormatError(f"{path}: {name} holds NaN or infinite values")
+    for rows in feature_blocks(header.d_sae, header.d_in):
+        if not bool(torch.isfinite(folded.encoder_columns(rows)).all()):
+            raise SAEFormatError(
+                f"{path}: W_enc holds NaN or infinite values (features {rows.start}:{rows.stop})"
+            )
 
 
 class SAERegistry:

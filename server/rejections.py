@@ -10,7 +10,8 @@ CONFLICT = "conflict"  # a spec given both as `steering` and in vllm_xargs
 STEERING_DISABLED = "steering_disabled"  # the server has no SAEs
 UNSUPPORTED_ROUTE = "unsupported_route"  # `steering` sent to a route that cannot apply it
 MISPLACED = "misplaced"  # `steering` where no route reads it: the query string, `extra_body`
-STEERS_NOTHING = "steers_nothing"  # no position of the request lies in the spec's scope
+STEERS_NOTHING = "steers_nothing"  # no position of the request lies in a scope of the spec
+RESERVED = "reserved"  # a vllm_xargs key sae-vllm's processes pass among themselves
 
 REASONS = (
     *(reason.value for reason in SpecErrorReason),
@@ -19,4 +20,5 @@ REASONS = (
     UNSUPPORTED_ROUTE,
     MISPLACED,
     STEERS_NOTHING,
+    RESERVED,
 )

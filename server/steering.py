@@ -9,8 +9,8 @@ from typing import Any, NamedTuple
 
 from fastapi.responses import JSONResponse
 
-from sae_vllm.config import EXTRA_ARGS_KEY
-from sae_vllm.engine.intake import STEERS_NOTHING
+from sae_vllm.config import EXTRA_ARGS_KEY, internal_keys_in
+from sae_vllm.engine.intake import EDITS_STEER_NOTHING, STEERS_NOTHING
 from sae_vllm.resolved_specs import ResolvedSpec, SpecResolver, resolver_for
 from sae_vllm.spec import SpecLimits, SteeringSpec, SteeringSpecError, joined_path
 
@@ -25,7 +25,8 @@ STEERED, UNSTEERED = "steered", "unsteered"
 # On a steered response sent whole: how many of its sequences ended (end of sequence, a stop
 # string) before the first position its spec steers, and so came back unsteered.
 UNREACHED_HEADER = "X-SAE-Steering-Unreached"
-XARGS_FIELD = f"vllm_xargs.{EXTRA_ARGS_KEY}"
+XARGS = "vllm_xargs"  # vLLM's body field of extra SamplingParams.extra_args
+XARGS_FIELD = f"{XARGS}.{EXTRA_ARGS_KEY}"
 
 
 class Rejection(Exception):
@@ -45,13 +46,14 @@ class Rejection(Exception):
 # gate), and the reason each is given.
 _ENGINE_REFUSALS = {
     STEERS_NOTHING: rejections.STEERS_NOTHING,
+    EDITS_STEER_NOTHING: rejections.STEERS_NOTHING,
 }
 
 
 def engine_rejection(error_message: str, param: str) -> Rejection | None:
     """The Rejection for vLLM's client error about a spec the engine refused for this request
-    (it steers none of its positions); None for any
-    other error. `param` names where the spec came from."""
+    (a scope of it steers none of its positions); None for any other error. `param` names
+    where the spec came from."""
     reason = next(
         (reason for start, reason in _ENGINE_REFUSALS.items() if error_message.startswith(start)),
         None,
@@ -73,9 +75,15 @@ def error_message_of(body: bytes) -> str:
     return message if isinstance(message, str) else ""
 
 
-def check_placement(steering: Any, xargs_spec: Any, extra_body: Any) -> None:
+def xargs_spec_of(xargs: Any) -> Any:
+    """The spec a request's `vllm_xargs` carries the low-level way (None: none)."""
+    return xargs.get(EXTRA_ARGS_KEY) if isinstance(xargs, Mapping) else None
+
+
+def check_placement(steering: Any, xargs: Any, extra_body: Any) -> None:
     """Refuse a spec nested where no route reads it (a literal `extra_body` field) or given
-    twice (`steering` and `vllm_xargs`); the engine validates its contents later."""
+    twice (`steering` and `vllm_xargs`), and `vllm_xargs` keys that sae-vllm keeps for itself;
+    the engine validates the spec's contents later."""
     if isinstance(extra_body, dict) and STEERING_FIELD in extra_body:
         nested = f"extra_body.{STEERING_FIELD}"
         raise Rejection(
@@ -84,11 +92,20 @@ def check_placement(steering: Any, xargs_spec: Any, extra_body: Any) -> None:
             f"{nested}: put `{STEERING_FIELD}` at the top level of the JSON body "
             "(the openai client's extra_body argument does that)",
         )
-    if xargs_spec is not None and steering is not None:
+    reserved = sorted(internal_keys_in(xargs)) if isinstance(xargs, Mapping) else []
+    if reserved:
+        field = f"{XARGS}.{reserved[0]}"
+        raise Rejection(
+            rejections.RESERVED,
+            field,
+            f"{field}: reserved for sae-vllm's own use between its processes; send the spec as "
+            f"`{STEERING_FIELD}`",
+        )
+    if xargs_spec_of(xargs) is not None and steering is not None:
         raise Rejection(
             rejections.CONFLICT,
             XARGS_FIELD,
-            f"{XARGS_FIELD}: give the steering spec once, in `steering`",
+            f"{XARGS_FIELD}: give the steering spec once, in `{STEERING_FIELD}`",
         )
 
 
@@ -125,20 +142,21 @@ class SteeringGate:
     def admit(
         self,
         steering: Any,
-        xargs_spec: Any = None,
+        xargs: Any = None,
         extra_body: Any = None,
         variant: str | None = None,
     ) -> str | None:
         """The resolved spec's wire text to hand the engine (None when unsteered); raises
         Rejection, and counts it (record_admitted counts the requests the engine takes).
 
-        `steering` is the raw body field; `xargs_spec` a spec passed the low-level way, as
-        `vllm_xargs["sae_steering"]`; `extra_body` the body's own `extra_body` field, if any
-        (no route reads it: a client that writes the openai client's keyword argument into the
-        JSON by hand has nested its spec where it would be ignored); `variant` the steering
-        variant the request's `model` names, whose spec it gets (and may not add its own)."""
+        `steering` is the raw body field; `xargs` the body's `vllm_xargs`, where a spec may
+        come the low-level way, as `vllm_xargs["sae_steering"]`; `extra_body` the body's own
+        `extra_body` field, if any (no route reads it: a client that writes the openai client's
+        keyword argument into the JSON by hand has nested its spec where it would be ignored);
+        `variant` the steering variant the request's `model` names, whose spec it gets (and may
+        not add its own)."""
         try:
-            spec = self._resolve(steering, xargs_spec, extra_body, variant)
+            spec = self._resolve(steering, xargs, extra_body, variant)
         except Rejection as rejection:
             metrics.record_rejected(rejection.reason)
             raise
@@ -155,9 +173,10 @@ class SteeringGate:
             metrics.record_variant(variant)
 
     def _resolve(
-        self, steering: Any, xargs_spec: Any, extra_body: Any, variant: str | None
+        self, steering: Any, xargs: Any, extra_body: Any, variant: str | None
     ) -> ResolvedSpec | None:
-        check_placement(steering, xargs_spec, extra_body)
+        check_placement(steering, xargs, extra_body)
+        xargs_spec = xargs_spec_of(xargs)
         if variant is not None:
             if steering is not None or xargs_spec is not None:
                 field = STEERING_FIELD if xargs_spec is None else XARGS_FIELD

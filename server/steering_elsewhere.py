@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Awaitable, Callable, Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qs
@@ -24,13 +24,15 @@ from urllib.parse import parse_qs
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 from starlette.requests import Request
+from starlette.routing import BaseRoute, Match
 
+from sae_vllm.config import EXTRA_ARGS_KEY
 from sae_vllm.spec import SpecErrorReason
 
 from . import metrics, rejections
 from .errors import error_response_for
 from .protocol import WebSocketErrorEvent
-from .steering import STEERING_FIELD, XARGS_FIELD
+from .steering import STEERING_FIELD, XARGS, XARGS_FIELD
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -41,10 +43,10 @@ _FORM_CONTENT_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded
 _DENIAL_EXTENSION = "websocket.http.response"  # ASGI: the server can answer a handshake with HTTP
 _POLICY_VIOLATION = 1008  # websocket close code
 _MAX_CLOSE_REASON_BYTES = 123  # websocket protocol limit
-_XARGS, _XARGS_SPEC = XARGS_FIELD.split(".")
 _XARGS_OBJECT_MESSAGE = (
-    f"{XARGS_FIELD}: must be the spec as JSON text (vLLM's {_XARGS} hold strings, numbers and "
-    f"lists of them); send a spec object as the top-level `{STEERING_FIELD}` field instead"
+    f"{XARGS_FIELD}: must be the spec as JSON text (vLLM's {XARGS} hold strings, numbers and "
+    f"lists of them); send a spec object as the top-level `{STEERING_FIELD}` field instead, "
+    "or leave both out for no steering"
 )
 
 
@@ -54,12 +56,17 @@ class RefuseSteeringElsewhere:
     handshakes included), get a 400; a websocket message (a JSON object) with a top-level
     `steering` field is answered with an error event and not passed on.
 
-    `steered_paths` are the routes that apply the field (named in the refusal); the routes in
-    `self_checked_paths` admit or refuse it themselves. Bodies on both pass, but for one whose
-    `vllm_xargs.sae_steering` is an object (or a list holding one), which gets a 400 saying to
-    send JSON text. `model_headers` maps a route to the header it takes its model from (its
-    body's `model` is replaced): a body there whose `model` is one of `variants`, without that
-    header, gets a 400 too."""
+    A spec in `vllm_xargs.sae_steering` (JSON text, vLLM's low-level way) counts as the
+    field on the other routes too. `steered_paths` are the routes that apply the field; the
+    routes in `self_checked_paths` admit or refuse it themselves (both are named in the
+    refusal). Bodies on both pass, but for one whose `vllm_xargs.sae_steering` is an object (or
+    a list holding one), which gets a 400 saying to send JSON text. `model_headers` maps a route
+    to the header it takes its model from (its body's `model` is replaced): a body there whose
+    `model` is one of `variants`, without that header, gets a 400 too. A body is refused only on
+    a path one of `routes` serves (None: every path); others get the app's own answer (a 404,
+    a redirect to the path with or without a trailing slash).
+
+    JSON bodies in UTF-16 or UTF-32, which the routes read as they do UTF-8, are read so too."""
 
     def __init__(
         self,
@@ -68,6 +75,7 @@ class RefuseSteeringElsewhere:
         self_checked_paths: Collection[str] = (),
         model_headers: Mapping[str, str] | None = None,
         variants: Collection[str] = (),
+        routes: Sequence[BaseRoute] | None = None,
     ):
         self.app = app
         self.passed_paths = frozenset(steered_paths) | frozenset(self_checked_paths)
@@ -75,8 +83,9 @@ class RefuseSteeringElsewhere:
             path: header.lower().encode("latin-1") for path, header in (model_headers or {}).items()
         }
         self.variants = frozenset(variants)
+        self.routes = routes
         self.instead = (
-            f"use {', '.join(sorted(steered_paths))}"
+            f"use {', '.join(sorted(self.passed_paths))}"
             if steered_paths
             else "this server's model does not generate text"
         )
@@ -100,7 +109,7 @@ class RefuseSteeringElsewhere:
         model_header = self.model_headers.get(scope["path"]) if self.variants else None
         if model_header is not None and model_header not in dict(scope["headers"]):
             body, receive = await _buffer(receive)
-            model = (_json_object_naming(body, "model") or {}).get("model")
+            model = (_json_object_naming(_as_utf8(body), "model") or {}).get("model")
             if isinstance(model, str) and model in self.variants:
                 message = (
                     f"model: '{model}' is a steering variant, and {scope['path']} takes its model "
@@ -110,7 +119,7 @@ class RefuseSteeringElsewhere:
                 return
         if scope["path"] in self.passed_paths:
             body, receive = await _buffer(receive)
-            if _xargs_hold_a_spec_object(body):
+            if _xargs_hold_a_spec_object(_as_utf8(body)):
                 param = XARGS_FIELD
                 reason = SpecErrorReason.INVALID_TYPE
                 await _refuse(_XARGS_OBJECT_MESSAGE, reason, scope, receive, send, param)
@@ -118,11 +127,18 @@ class RefuseSteeringElsewhere:
             await self.app(scope, receive, send)
             return
         body, replay = await _buffer(receive)
-        if await _names_steering(scope, body):
-            message = f"{STEERING_FIELD}: not supported on {scope['path']} ({self.instead})"
-            await _refuse(message, rejections.UNSUPPORTED_ROUTE, scope, receive, send)
+        field = await _steering_field_named(scope, body)
+        if field is not None and self._routes(scope):
+            message = f"{field}: not supported on {scope['path']} ({self.instead})"
+            await _refuse(message, rejections.UNSUPPORTED_ROUTE, scope, receive, send, field)
             return
         await self.app(scope, replay, send)
+
+    def _routes(self, scope: Scope) -> bool:
+        """Whether a route of the app serves the request's path (with any method)."""
+        if self.routes is None:
+            return True
+        return any(route.matches(scope)[0] is not Match.NONE for route in self.routes)
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         if _query_names_steering(scope.get("query_string", b"")):
@@ -163,7 +179,9 @@ async def _deny_handshake(
 
 def _message_names_steering(message: Message) -> bool:
     text = message.get("text")
-    return _json_object_names_steering(message.get("bytes") or b"" if text is None else text)
+    return _json_object_names_steering(
+        _as_utf8(message.get("bytes") or b"") if text is None else text
+    )
 
 
 async def _refuse(
@@ -220,13 +238,38 @@ def _query_names_steering(query_string: bytes) -> bool:
     return STEERING_FIELD in parse_qs(query_string.decode("latin-1"))
 
 
-async def _names_steering(scope: Scope, body: bytes) -> bool:
-    if not _may_spell(body, STEERING_FIELD):  # the usual case: no parsing
-        return False
+async def _steering_field_named(scope: Scope, body: bytes) -> str | None:
+    """Which steering field a request body carries: `steering` (in JSON or a form), or
+    `vllm_xargs.sae_steering` (in JSON); None when neither."""
+    if not _may_spell(body, STEERING_FIELD) and b"\x00" not in body[:4]:
+        return None  # the usual case: no parsing (a UTF-16 or UTF-32 body has NULs up front)
     content_type = dict(scope["headers"]).get(b"content-type", b"").decode("latin-1").lower()
     if content_type.startswith(_FORM_CONTENT_TYPES):
-        return await _form_names_steering(scope, body)
-    return _json_object_names_steering(body)
+        return STEERING_FIELD if await _form_names_steering(scope, body) else None
+    text = _as_utf8(body)
+    names = (f'"{STEERING_FIELD}"', f'"{EXTRA_ARGS_KEY}"')
+    data = _json_object(text) if any(_may_spell(text, name) for name in names) else None
+    if data is None:
+        return None
+    if STEERING_FIELD in data:
+        return STEERING_FIELD
+    xargs = data.get(XARGS)
+    return XARGS_FIELD if isinstance(xargs, dict) and EXTRA_ARGS_KEY in xargs else None
+
+
+def _as_utf8(body: bytes) -> bytes:
+    """A JSON body in UTF-8: one in UTF-16 or UTF-32 (which the routes' JSON parser reads as it
+    does UTF-8, telling them by their NULs) re-encoded, so that a name's letters show in it;
+    any other body unchanged."""
+    if b"\x00" not in body[:4]:
+        return body
+    encoding = json.detect_encoding(body)
+    if not encoding.startswith(("utf-16", "utf-32")):
+        return body
+    try:
+        return body.decode(encoding).encode("utf-8", "surrogatepass")
+    except UnicodeError:  # not text: the route answers it
+        return body
 
 
 def _json_object(text: str | bytes) -> dict | None:
@@ -255,14 +298,17 @@ def _json_may_name(body: bytes, name: str) -> bool:
 
 
 def _xargs_hold_a_spec_object(body: bytes) -> bool:
-    """Whether JSON `body` has a spec object, or a list holding one, in vllm_xargs."""
-    if not (_json_may_name(body, _XARGS) and _json_may_name(body, _XARGS_SPEC)):
+    """Whether JSON `body` has a spec object, or a list holding one, or null in vllm_xargs
+    (vLLM would refuse each with a dump of its type errors)."""
+    if not (_json_may_name(body, XARGS) and _json_may_name(body, EXTRA_ARGS_KEY)):
         return False  # the usual body: no parsing
     data = _json_object(body)
-    xargs = data.get(_XARGS) if data is not None else None
-    spec = xargs.get(_XARGS_SPEC) if isinstance(xargs, dict) else None
+    xargs = data.get(XARGS) if data is not None else None
+    if not (isinstance(xargs, dict) and EXTRA_ARGS_KEY in xargs):
+        return False
+    spec = xargs[EXTRA_ARGS_KEY]
     items = spec if isinstance(spec, list) else [spec]
-    return any(isinstance(item, dict | list) for item in items)
+    return any(item is None or isinstance(item, dict | list) for item in items)
 
 
 def _json_object_names_steering(text: str | bytes) -> bool:

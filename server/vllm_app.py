@@ -75,6 +75,7 @@ from .steering import (
     SteeringGate,
     engine_rejection,
     error_message_of,
+    xargs_spec_of,
 )
 from .stored_responses import (
     FINISHED,
@@ -634,21 +635,33 @@ def _remember_response(response: Response, raw_request: Request, steering: Store
         remember(response_id)
 
 
+_EXPOSED_HEADERS = f"{STEERING_HEADER}, {UNREACHED_HEADER}"
+
+
+def _say_steering(response: Response, raw_request: Request, steering: str) -> None:
+    """Put X-SAE-Steering on a steering route's response, and for a browser's cross-origin
+    request (it sends Origin) expose it and X-SAE-Steering-Unreached: a page's script can read
+    no other header of such a response but the few CORS calls safe."""
+    response.headers[STEERING_HEADER] = steering
+    if "origin" in raw_request.headers:
+        response.headers["Access-Control-Expose-Headers"] = _EXPOSED_HEADERS
+
+
 def _steered_endpoint(original: Callable, model: type, label: str):
     async def endpoint(request: Any, raw_request: Request) -> Any:
         gate: SteeringGate = getattr(raw_request.app.state, GATE_STATE)
-        xargs_spec = (request.vllm_xargs or {}).get(EXTRA_ARGS_KEY)
         extra_body = (request.model_extra or {}).get("extra_body")
+        from_xargs = xargs_spec_of(request.vllm_xargs) is not None
         variant = gate.variant_named(request.model)
         variant_name = request.model if variant is not None else None
         try:
-            spec = gate.admit(request.steering, xargs_spec, extra_body, variant_name)
+            spec = gate.admit(request.steering, request.vllm_xargs, extra_body, variant_name)
         except Rejection as rejection:
             return rejection.response_for(raw_request.url.path)
         if variant is not None:
             request.model = variant.model  # vLLM serves the model; the spec steers it
         request.carry_steering(spec)
-        param = _spec_field(variant is not None, xargs_spec is not None)
+        param = _spec_field(variant is not None, from_xargs)
         try:
             with reach_report.tallying() as sequences:
                 response = await original(request, raw_request)
@@ -669,7 +682,7 @@ def _steered_endpoint(original: Callable, model: type, label: str):
         if not isinstance(response, Response):
             taken_on()
             return response
-        response.headers[STEERING_HEADER] = UNSTEERED if spec is None else STEERED
+        _say_steering(response, raw_request, UNSTEERED if spec is None else STEERED)
         if model is SteeredResponsesRequest:
             _remember_response(response, raw_request, StoredSteering(spec is not None, sequences))
         if isinstance(response, StreamingResponse):
@@ -766,7 +779,7 @@ def _tell_stored_responses_steering(app: FastAPI) -> None:
         steering = stored.recall(kwargs["response_id"])
         if steering is None or not isinstance(response, Response) or response.status_code >= 400:
             return response
-        response.headers[STEERING_HEADER] = STEERED if steering.steered else UNSTEERED
+        _say_steering(response, raw_request, STEERED if steering.steered else UNSTEERED)
         if not steering.steered:
             return response
         if isinstance(response, StreamingResponse):

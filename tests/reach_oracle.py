@@ -32,6 +32,12 @@ def python_slice_reaches(scopes, num_prompt_tokens: int, max_tokens: int) -> boo
     return False
 
 
+def every_scope_reaches(scopes, num_prompt_tokens: int, max_tokens: int) -> bool:
+    """The oracle of the check before a request runs: each scope reaches a position (one that
+    does not would leave its edits unapplied)."""
+    return all(python_slice_reaches([scope], num_prompt_tokens, max_tokens) for scope in scopes)
+
+
 def random_window(rng, apply_to: str) -> dict | None:
     if rng.random() < 0.2:
         return None

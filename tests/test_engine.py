@@ -9,13 +9,11 @@ async ones, and theirs, in the test process (engine_harness: a start of seconds,
 
 from __future__ import annotations
 
-import logging
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
+from package_log import package_warnings
 
 from engine_harness import (
     ENGINE_MODES,
@@ -30,7 +28,6 @@ from engine_harness import (
     unsteered_outputs,
 )
 from hf_reference import Edit, HFReference, scope_span
-from sae_vllm import LOGGER_NAME
 
 pytestmark = pytest.mark.engine
 
@@ -576,20 +573,6 @@ def test_a_spec_that_steers_no_position_fails_before_the_engine(
     assert plain[0] == baseline["tokens"][0]
 
 
-@contextmanager
-def plugin_warnings() -> Iterator[list[str]]:
-    """The messages the plugin logs at WARNING while the context is open."""
-    messages: list[str] = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = lambda record: messages.append(record.getMessage())  # type: ignore[method-assign]
-    logger = logging.getLogger(LOGGER_NAME)
-    logger.addHandler(handler)
-    try:
-        yield messages
-    finally:
-        logger.removeHandler(handler)
-
-
 def test_offline_sequences_that_end_before_their_window_are_reported(llm, artifacts):
     """A steered request that stops before its window came back unsteered: offline, as on the
     server, the engine logs a warning naming it, and unreached_sequences finds it; one that
@@ -611,7 +594,7 @@ def test_offline_sequences_that_end_before_their_window_are_reported(llm, artifa
     beams = steering_beam_params(
         spec, config=artifacts.additional_config(), beam_width=2, max_tokens=MAX_TOKENS
     )
-    with plugin_warnings() as warnings:
+    with package_warnings() as warnings:
         _, outputs = greedy(llm, [prompt] * 3, [stopping, late, plain])
         searched = llm.beam_search([{"prompt_token_ids": prompt}], beams)
     stopped, reached, unsteered_output = outputs
@@ -647,7 +630,7 @@ def test_offline_requests_sharing_an_id_are_not_misreported(llm, artifacts):
     plain = SamplingParams(temperature=0, **stop)
     requests = [("dup", reaching), ("dup", stopping), ("dup2", plain), ("dup2", stopping)]
     requests.append(("own", stopping))
-    with plugin_warnings() as warnings:
+    with package_warnings() as warnings:
         for request_id, params in requests:
             engine.add_request(request_id, {"prompt_token_ids": prompt}, params)
         outputs = []

@@ -11,7 +11,7 @@ import types
 import numpy as np
 import pytest
 
-from reach_oracle import python_slice_reaches, random_scopes, windowed
+from reach_oracle import every_scope_reaches, python_slice_reaches, random_scopes, windowed
 from sae_vllm.config import DROPPED_GENERATION_KEY, EXTRA_ARGS_KEY, GENERATION_START_KEY
 from sae_vllm.engine import intake
 from tiny_model import stand_in_vllm_config
@@ -91,21 +91,25 @@ def reach(engine, spec: dict | None, num_prompt_tokens: int, max_tokens: int | N
     intake.check_reach(engine, params, num_prompt_tokens, max_tokens)
 
 
-def test_a_spec_steering_no_position_of_the_request_is_found_as_python_slices_find_it(engine_a):
+def test_a_scope_steering_no_position_of_the_request_is_found_as_python_slices_find_it(engine_a):
     rng = np.random.default_rng(11)
-    reached = refused = 0
-    for _ in range(400):
+    reached = refused = refused_in_part = 0
+    for _ in range(600):
         scopes = random_scopes(rng)
         num_prompt_tokens, max_tokens = int(rng.integers(1, 14)), int(rng.integers(1, 8))
         spec = windowed(*scopes)
-        if python_slice_reaches(scopes, num_prompt_tokens, max_tokens):
+        if every_scope_reaches(scopes, num_prompt_tokens, max_tokens):
             reach(engine_a, spec, num_prompt_tokens, max_tokens)
             reached += 1
-        else:
-            with pytest.raises(ValueError, match=intake.STEERS_NOTHING):
-                reach(engine_a, spec, num_prompt_tokens, max_tokens)
-            refused += 1
-    assert reached > 100 and refused > 50
+            continue
+        in_part = python_slice_reaches(scopes, num_prompt_tokens, max_tokens)
+        start = intake.EDITS_STEER_NOTHING if in_part else intake.STEERS_NOTHING
+        with pytest.raises(ValueError) as info:
+            reach(engine_a, spec, num_prompt_tokens, max_tokens)
+        assert str(info.value).startswith(f"{start}: ")
+        refused_in_part += in_part
+        refused += 1
+    assert reached > 100 and refused - refused_in_part > 50 and refused_in_part > 50
 
 
 @pytest.mark.parametrize(
@@ -139,13 +143,31 @@ def test_the_last_position_a_request_computes_is_reached_and_the_next_is_not(
     )
 
 
-def test_one_scope_that_reaches_is_enough_and_the_message_names_every_scope(engine_a):
+def test_every_scope_must_reach_and_the_message_names_those_that_do_not_with_their_edits(
+    engine_a,
+):
     late = [("generated", {"start": 9}), ("prompt", {"start": 6, "end": 8})]
-    with pytest.raises(ValueError, match=r"\(generated\[9:\], prompt\[6:8\]\)"):
+    with pytest.raises(ValueError) as info:
         reach(engine_a, windowed(*late), 5, 4)
-    reach(engine_a, windowed(*late, ("all", None)), 5, 4)
+    assert str(info.value) == (
+        f"{intake.STEERS_NOTHING}: its prompt has 5 tokens and it generates at most 4, and the "
+        "spec's scopes (generated[9:] of edits[0]; prompt[6:8] of edits[1]) hold none of their "
+        "positions"
+    )
+    with pytest.raises(ValueError) as info:
+        reach(engine_a, windowed(("all", None), *late, ("all", None)), 5, 4)
+    assert str(info.value) == (
+        f"{intake.EDITS_STEER_NOTHING}: its prompt has 5 tokens and it generates at most 4, and "
+        "the spec's scopes (generated[9:] of edits[1]; prompt[6:8] of edits[2]) hold none of "
+        "their positions"
+    )
+    one_late = windowed(("all", None), ("generated", {"start": 2}), ("generated", {"start": 9}))
+    one_late["edits"].append({"feature": 3, "op": "ablate", "window": {"start": 9}})
+    with pytest.raises(ValueError, match=r"scope \(generated\[9:\] of edits\[2, 3\]\) holds none"):
+        reach(engine_a, one_late, 5, 4)
+    reach(engine_a, windowed(("all", None), ("generated", {"start": 2})), 5, 4)
     spec_window = {"edits": [RAW["edits"][0]], "window": {"start": 4}}
-    with pytest.raises(ValueError, match=r"\(generated\[4:\]\)"):
+    with pytest.raises(ValueError, match=r"the spec's scope \(generated\[4:\]\) holds none"):
         reach(engine_a, spec_window, 5, 4)
 
 

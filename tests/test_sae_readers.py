@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import struct
 import subprocess
@@ -16,6 +17,7 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
+from package_log import package_warnings
 
 import sae_vllm.kernels.weights as kernel_weights
 from bench.sae_reads import peak_anonymous_growth
@@ -145,7 +147,8 @@ def assert_inspection_matches(path: Path, fmt: str) -> None:
         assert (full is None) == (meta is None), name
         if full is not None:
             assert meta.is_meta and (meta.shape, meta.dtype) == (full.shape, full.dtype), name
-    for name in ("architecture", "k", "apply_b_dec_to_input", "layer", "hook_name", "format"):
+    for name in ("architecture", "k", "apply_b_dec_to_input", "layer", "hook_name", "format",
+                 "site_assumed"):  # fmt: skip
         assert getattr(inspected, name) == getattr(loaded, name), name
     assert inspected.source == loaded.source
     # Streamed decoder norms (whole file in one chunk, and a few rows at a time) are the
@@ -171,7 +174,8 @@ def assert_streaming_matches(path: Path, fmt: str, dtype: torch.dtype | None = N
         assert (full is None) == (small is None), name
         if full is not None:
             assert torch.equal(small, full), name
-    for name in ("architecture", "k", "apply_b_dec_to_input", "layer", "hook_name", "format"):
+    for name in ("architecture", "k", "apply_b_dec_to_input", "layer", "hook_name", "format",
+                 "site_assumed"):  # fmt: skip
         assert getattr(header, name) == getattr(loaded, name), name
     d_sae = loaded.d_sae
     for rows in (slice(0, d_sae), slice(0, 3), slice(3, d_sae - 1), slice(d_sae - 1, d_sae)):
@@ -235,6 +239,28 @@ def test_saelens_v6(tmp_path, saelens_arch, apply_b_dec, arch, k):
     }[arch]()
     if arch == "jumprelu":  # the threshold must matter somewhere
         assert ((pre > 0) & (acts == 0)).any()
+    assert_math(sae, x, acts, acts @ a["W_dec"] + a["b_dec"])
+
+
+@pytest.mark.parametrize("version", ["v6", "pre-v6"])
+def test_saelens_threshold_in_a_cfg_naming_no_architecture_is_jumprelu(tmp_path, version):
+    """A threshold tensor, with a cfg that names no architecture, makes a jumprelu SAE (it was
+    read as ReLU and the threshold dropped); beside one that names another it is refused."""
+    rng = np.random.default_rng(17)
+    arrays = saelens_arrays(rng, threshold=True)
+    if version == "v6":
+        cfg = saelens_v6_cfg("jumprelu", D_IN, D_SAE, "blocks.2.hook_resid_post")
+    else:
+        cfg = saelens_pre_v6_cfg(D_IN, D_SAE)
+    del cfg["architecture"]
+    cfg["apply_b_dec_to_input"] = False
+    sae = load_both(write_saelens(tmp_path / "sae", arrays, cfg), "saelens")
+    assert (sae.architecture, sae.apply_b_dec_to_input) == ("jumprelu", False)
+    x = inputs(rng)
+    a = {k: f64(v) for k, v in arrays.items()}
+    pre = f64(x) @ a["W_enc"] + a["b_enc"]
+    acts = jumprelu(pre, a["threshold"])
+    assert ((pre > 0) & (acts == 0)).any()  # the threshold matters
     assert_math(sae, x, acts, acts @ a["W_dec"] + a["b_dec"])
 
 
@@ -450,6 +476,65 @@ def test_gemma_scope_npz_outside_a_release_tree_has_no_layer(tmp_path):
     assert (sae.layer, sae.hook_name) == (None, None)
 
 
+@pytest.mark.parametrize(
+    ("release", "hook"),
+    [
+        ("gemma-scope-2b-pt-mlp", "blocks.2.hook_mlp_out"),
+        ("models--google--gemma-scope-2b-pt-mlp/snapshots/abc", "blocks.2.hook_mlp_out"),
+        ("gemma-scope-2b-pt-res", "blocks.2.hook_resid_post"),
+        # huggingface-cli download google/gemma-scope-2b-pt-mlp ... --local-dir mlp-localdir
+        ("mlp-localdir", None),
+    ],
+)
+def test_gemma_scope_site_from_the_release_named_in_the_path_or_assumed_aloud(
+    tmp_path, release, hook
+):
+    """A path naming no release is read as residual, as before (the usual download of the
+    residual release), but no longer silently: the SAE says its site was assumed and a warning,
+    once per file, names the layout that would tell (an MLP SAE steered the residual stream)."""
+    arrays = gemma_arrays(np.random.default_rng(18))
+    inner = "layer_2/width_16k/average_l0_50/params.npz"
+    file = write_gemma_scope(tmp_path / release / inner, arrays)
+    with package_warnings() as warnings:
+        sae = load_both(file, "gemma_scope")
+    assert (sae.layer, sae.hook_name) == (2, hook)
+    if hook is None:
+        assert sae.site_assumed == "residual stream (the path names no Gemma Scope release)"
+        assert residual_layer(sae) == 2
+        assert len(warnings) == 1
+        assert warnings[0].startswith(f"{file}: read as a residual-stream SAE, since its path")
+        assert "names no Gemma Scope release" in warnings[0]
+        assert "(gemma-scope-2b-pt-res, -mlp or -att, as in the Hugging Face cache)" in warnings[0]
+    else:
+        assert sae.site_assumed is None and warnings == []
+
+
+@pytest.mark.parametrize(
+    ("inner", "layer"),
+    [
+        ("layer_3/width_16k/average_l0_50", 3),
+        ("layer_3_sweep/my_gemma_l1", None),  # a user's folder, not the release's layer_N
+        ("layer_3/my_gemma_l1", None),  # layer_N, but not where the release layout puts it
+        ("layer_3/width_16k/average_l0_50/mine", None),
+        ("layer_7/sweep/layer_3/width_16k/average_l0_50", 3),
+    ],
+)
+def test_gemma_scope_layer_comes_only_from_the_release_layout(tmp_path, inner, layer):
+    """layer_N/width_*/average_l0_*/params.npz: a layer_N folder anywhere else in the path
+    (layer_3_sweep/my_gemma_l1 was read as layer 3) gives no layer, so @L must be given."""
+    arrays = gemma_arrays(np.random.default_rng(19))
+    file = write_gemma_scope(tmp_path / "gemma-scope-2b-pt-res" / inner / "params.npz", arrays)
+    sae = inspect_sae(file)
+    hook = None if layer is None else f"blocks.{layer}.hook_resid_post"
+    assert (sae.layer, sae.hook_name, residual_layer(sae)) == (layer, hook, layer)
+
+
+def test_gemma_scope_2_layer_comes_only_from_the_saes_own_folder(tmp_path):
+    arrays = {k.lower(): v for k, v in gemma_arrays(np.random.default_rng(20)).items()}
+    sae = inspect_sae(write_gemma_scope_2(tmp_path / "layer_3_sweep" / "mine", arrays))
+    assert (sae.layer, sae.hook_name) == (None, None)
+
+
 @pytest.mark.parametrize("with_config", [True, False])
 def test_gemma_scope_2_safetensors(tmp_path, with_config):
     rng = np.random.default_rng(9)
@@ -508,14 +593,19 @@ def test_sparsify(tmp_path):
     assert_math(sae, x, acts, acts @ a["W_dec"] + a["b_dec"])
 
 
-def test_sparsify_d_sae_from_expansion_factor(tmp_path):
-    rng = np.random.default_rng(11)
-    arrays = {
+def sparsify_arrays(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """A random sparsify SAE's tensors (its encoder an nn.Linear: [d_sae, d_in])."""
+    return {
         "encoder.weight": normal(rng, D_SAE, D_IN),
         "encoder.bias": normal(rng, D_SAE),
         "W_dec": normal(rng, D_SAE, D_IN),
         "b_dec": normal(rng, D_IN),
     }
+
+
+def test_sparsify_d_sae_from_expansion_factor(tmp_path):
+    rng = np.random.default_rng(11)
+    arrays = sparsify_arrays(rng)
     cfg = sparsify_cfg(D_IN, 3, 0, expansion_factor=D_SAE // D_IN)
     sae = load_both(write_sparsify(tmp_path / "embed_tokens", arrays, cfg), "sparsify")
     assert (sae.d_sae, sae.layer, sae.hook_name) == (D_SAE, None, "embed_tokens")
@@ -796,6 +886,25 @@ def test_detect_format_accepts_a_file_inside_a_folder_format(tmp_path):
     }
 
 
+def test_a_relative_path_keeps_the_layer_and_site_its_folder_names(tmp_path, monkeypatch):
+    """Paths are made absolute, not resolved: `.` inside layers.4 is layer 4 (it had none),
+    and a symlink named for a release is read as that release."""
+    rng = np.random.default_rng(21)
+    arrays = sparsify_arrays(rng)
+    folder = write_sparsify(tmp_path / "run" / "layers.4", arrays, sparsify_cfg(D_IN, 7, D_SAE))
+    monkeypatch.chdir(folder)
+    for path in (".", "sae.safetensors"):
+        sae = inspect_sae(path)
+        assert (sae.layer, sae.hook_name, sae.source) == (4, "layers.4", str(folder))
+        assert load_sae(path).layer == 4
+    inner = "layer_2/width_16k/average_l0_50/params.npz"
+    write_gemma_scope(tmp_path / "mlp-localdir" / inner, gemma_arrays(rng))
+    (tmp_path / "gemma-scope-2b-pt-mlp").symlink_to(tmp_path / "mlp-localdir")
+    monkeypatch.chdir(tmp_path)
+    sae = inspect_sae(Path("gemma-scope-2b-pt-mlp", inner).parent)
+    assert (sae.layer, sae.hook_name, sae.site_assumed) == (2, "blocks.2.hook_mlp_out", None)
+
+
 def test_sae_package_imports_without_vllm_fastapi_or_pydantic():
     code = (
         "import sys, sae_vllm.sae; "
@@ -876,12 +985,7 @@ def _llama_scope(tmp: Path, **hp_changes):
 
 def _sparsify(tmp: Path, **cfg_changes):
     rng = np.random.default_rng(0)
-    arrays = {
-        "encoder.weight": normal(rng, D_SAE, D_IN),
-        "encoder.bias": normal(rng, D_SAE),
-        "W_dec": normal(rng, D_SAE, D_IN),
-        "b_dec": normal(rng, D_IN),
-    }
+    arrays = sparsify_arrays(rng)
     cfg = sparsify_cfg(D_IN, 4, D_SAE)
     cfg.update(cfg_changes)
     return write_sparsify(tmp / "layers.1", arrays, cfg), None
@@ -970,6 +1074,31 @@ def _release_folder(tmp: Path):
     return tmp / "release", None
 
 
+def _float8(tmp: Path):
+    arrays = saelens_arrays(np.random.default_rng(0))
+    tensors = {k: torch.from_numpy(v).to(torch.float8_e4m3fn) for k, v in arrays.items()}
+    cfg = saelens_v6_cfg("standard", D_IN, D_SAE, "blocks.0.hook_resid_post")
+    return write_saelens_torch(tmp / "sae", tensors, cfg), None
+
+
+def _no_features(tmp: Path):
+    arrays = saelens_arrays(np.random.default_rng(0))
+    arrays.update(
+        W_enc=arrays["W_enc"][:, :0], b_enc=arrays["b_enc"][:0], W_dec=arrays["W_dec"][:0]
+    )
+    return _saelens(tmp, arrays=arrays, d_sae=0)
+
+
+def _with_threshold(tmp: Path, arch: str, **cfg_extra):
+    arrays = saelens_arrays(np.random.default_rng(0), threshold=True)
+    return _saelens(tmp, arch=arch, arrays=arrays, **cfg_extra)
+
+
+def _fifo(tmp: Path, fmt: str | None = None):
+    os.mkfifo(tmp / "sae.fifo")
+    return tmp / "sae.fifo", fmt
+
+
 BAD_FILES: dict[str, tuple[Callable[[Path], tuple[Path, str | None]], str]] = {
     "no such path": (lambda t: (t / "nowhere", None), "no such file or folder"),
     "no such path, format named": (lambda t: (t / "nowhere", "saelens"), "no such file or folder"),
@@ -990,6 +1119,26 @@ BAD_FILES: dict[str, tuple[Callable[[Path], tuple[Path, str | None]], str]] = {
     "d_in differs from cfg": (lambda t: _saelens(t, d_in=32), "d_in is 32"),
     "d_sae differs from cfg": (lambda t: _sparsify(t, num_latents=128), "d_sae is 128"),
     "non-float tensor": (_non_float, "non-float dtype"),
+    "float8 tensor": (_float8, r"W_enc has unsupported dtype torch\.float8_e4m3fn"),
+    "no features": (_no_features, "d_sae=0: an SAE needs at least one input and one feature"),
+    "a FIFO": (_fifo, "not a file or folder an SAE reader reads"),
+    "a FIFO, format named": (lambda t: _fifo(t, "goodfire"), "not a file or folder an SAE"),
+    "threshold beside a standard cfg": (
+        lambda t: _with_threshold(t, "standard"),
+        "holds a threshold, but the config says architecture 'standard', which has none",
+    ),
+    "threshold beside a topk cfg": (
+        lambda t: _with_threshold(t, "topk", k=4),
+        "holds a threshold, but the config says architecture 'topk'",
+    ),
+    "apply_b_dec_to_input a string": (
+        lambda t: _saelens(t, apply_b_dec_to_input="false"),
+        "apply_b_dec_to_input must be true or false, got 'false'",
+    ),
+    "rescale_acts_by_decoder_norm a string": (
+        lambda t: _saelens(t, arch="topk", k=4, rescale_acts_by_decoder_norm="false"),
+        "rescale_acts_by_decoder_norm must be true or false",
+    ),
     "unknown architecture": (
         lambda t: _saelens(t, arch="banana"),
         "unsupported architecture 'banana'",
@@ -1120,6 +1269,21 @@ def test_goodfire_pickles_are_never_unpickled_beyond_tensors(tmp_path, read):
     with pytest.raises(SAEFormatError, match=r"evil\.pt.*weights_only"):
         READS[read](file)
     assert not marker.exists()
+
+
+def test_a_pickled_module_is_refused_with_torchs_reason_in_plain_text(tmp_path):
+    """torch's weights_only message opens with advice in bold (terminal escapes); the error
+    gives its reason, as plain text."""
+    file = tmp_path / "module-l2.pt"
+    torch.save(torch.nn.Linear(3, 3), file)
+    with pytest.raises(SAEFormatError) as error:
+        load_sae(file)
+    message = str(error.value)
+    assert "\x1b" not in message
+    assert message == (
+        f"{file}: cannot load with torch.load(weights_only=True) (UnpicklingError: Unsupported "
+        "global: GLOBAL torch.nn.modules.linear.Linear was not an allowed global by default.)"
+    )
 
 
 def write_sparse_safetensors(

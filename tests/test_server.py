@@ -10,6 +10,7 @@ import functools
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -57,13 +58,13 @@ STRONG_VARIANT, MIXED_VARIANT, LATE_VARIANT = "tiny-three", "tiny/mixed", "tiny-
 FIRST_TOKENS = {**STRONG, "window": {"end": 4}}  # the first 4 generated tokens only
 LAST_TOKEN = {**STRONG, "window": {"start": MAX_TOKENS - 1}}  # the last of MAX_TOKENS only
 LATE = {**STRONG, "window": {"start": 8}}  # from the 9th generated token on
-# The same positions through an edit's own window, beside an edit of another scope that steers
-# nothing here (positions from 10**6 on).
+# The same positions through an edit's own window, beside an edit of another scope that changes
+# nothing (it adds 0; one that steers no position is a 400, steers_nothing).
 SCOPED = {
     "edits": [
         {**STRONG["edits"][0], "window": {"end": 4}},
-        {"sae": "res2", "feature": 11, "op": "ablate", "apply_to": "all",
-         "window": {"start": 10**6}},
+        {"sae": "res2", "feature": 11, "op": "add", "value": 0.0, "apply_to": "all",
+         "window": {"start": 8}},
     ]
 }  # fmt: skip
 
@@ -649,6 +650,46 @@ def test_steering_on_a_route_that_cannot_apply_it_is_refused(http, path):
     assert error["reason"] == "unsupported_route"
 
 
+@pytest.mark.parametrize("path", ["/v1/chat/completions/batch", "/tokenize"])
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-16", "utf-32-le"])
+def test_a_spec_in_vllm_xargs_or_a_utf16_body_is_refused_where_it_cannot_apply(
+    http, path, encoding
+):
+    """vLLM reads UTF-16 and UTF-32 JSON bodies too: the check looked for ASCII only, and on
+    /v1/chat/completions/batch such a spec, or one in vllm_xargs, was steered uncounted."""
+    for field, fields in [
+        ("steering", {"steering": STRONG}),
+        ("vllm_xargs.sae_steering", {"vllm_xargs": {"sae_steering": json.dumps(STRONG)}}),
+    ]:
+        body = {"model": MODEL, "messages": CHATS[0], "prompt": "hi"} | fields
+        content = json.dumps(body).encode(encoding)
+        response = http.post(path, content=content, headers={"Content-Type": "application/json"})
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert (error["param"], error["reason"]) == (field, "unsupported_route")
+
+
+@pytest.mark.parametrize("key", ["sae_steering_generation_start", "sae_steering_drops_generation"])
+def test_the_keys_sae_vllm_passes_between_its_processes_are_refused_from_a_client(client, key):
+    """The first made a spec whose window lay past the request come back `steered`, unsteered;
+    the second refused a spec that could steer."""
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(
+            model=MODEL, prompt=PROMPTS[0], max_tokens=4,
+            extra_body={"steering": PAST_4, "vllm_xargs": {key: 1}},
+        )  # fmt: skip
+    assert (info.value.body["reason"], info.value.body["param"]) == (
+        "reserved",
+        f"vllm_xargs.{key}",
+    )
+
+
+def test_a_path_no_route_serves_gets_its_404_with_steering_too(http):
+    for path in ("/v1//completions", "/v1/embeddings", "/v1/no-such-route"):
+        response = http.post(path, json=_body("completions", {"steering": STRONG}))
+        assert response.status_code == 404, (path, response.text)
+
+
 def test_steering_in_the_query_string_is_refused(client, http):
     # The openai client's `extra_query` puts it in the URL, where every route would ignore it.
     with pytest.raises(openai.BadRequestError) as info:
@@ -678,6 +719,26 @@ def test_the_api_key_is_checked_first_and_refusals_carry_cors_headers(server, ht
         assert refused.headers["access-control-allow-origin"] == BROWSER_ORIGIN
 
 
+def test_a_browser_page_can_read_the_steering_headers(http):
+    """CORS lets a page's script read only the headers a response exposes: without
+    Access-Control-Expose-Headers it could not see X-SAE-Steering or the unreached count."""
+    origin = {"Origin": BROWSER_ORIGIN}
+    response = http.post(
+        "/v1/completions", json=_body("completions", {"steering": STRONG}), headers=origin
+    )
+    assert response.status_code == 200, response.text
+    assert response.headers["access-control-allow-origin"] == BROWSER_ORIGIN
+    exposed = {
+        name.strip().lower()
+        for name in response.headers["access-control-expose-headers"].split(",")
+    }
+    assert exposed == {"x-sae-steering", "x-sae-steering-unreached"}
+    assert response.headers["x-sae-steering"] == "steered"
+    assert response.headers["x-sae-steering-unreached"] == "0"
+    plain = http.post("/v1/completions", json=_body("completions", {}))
+    assert "access-control-expose-headers" not in plain.headers  # not a browser's request
+
+
 def test_steering_in_a_websocket_query_is_refused(server):
     # vLLM's one websocket route (/v1/realtime, speech models) reads no steering from its URL.
     # Its messages are checked in test_websocket_steering.py (this model has no such route).
@@ -695,19 +756,16 @@ def test_steering_in_a_websocket_query_is_refused(server):
     assert plain.value.response.status_code == 403  # vLLM's answer: no such websocket route
 
 
-def test_steering_in_a_form_is_refused(http):
-    # Form routes (vLLM's audio uploads) never read `steering`; they would ignore the field.
+def test_steering_in_a_form_to_a_route_this_model_lacks_gets_its_404(http):
+    """vLLM serves its audio uploads' form route to speech models only (test_steering_elsewhere
+    checks the refusal where the route exists): here the path is no route, with or without
+    steering, and says so, not that steering is unsupported there."""
     path = "/v1/audio/transcriptions"
     audio = {"file": ("clip.wav", b"RIFF\x00\x00\x00\x00WAVE", "audio/wav")}
     steered = {"model": MODEL, "steering": json.dumps(STRONG)}
     for files in (audio, None):  # multipart, then urlencoded
         response = http.post(path, data=steered, files=files)
-        assert response.status_code == 400, response.text
-        error = response.json()["error"]
-        assert (error["param"], error["reason"]) == ("steering", "unsupported_route")
-    # The word alone is no field: the form reaches vLLM, which has no such route for this model.
-    plain = http.post(path, data={"model": MODEL, "prompt": "steering"}, files=audio)
-    assert plain.status_code == 404, plain.text
+        assert response.status_code == 404, response.text
 
 
 def test_a_steering_field_spelled_with_escapes_is_refused_where_it_cannot_apply(http):
@@ -725,10 +783,6 @@ def test_a_steering_field_spelled_with_escapes_is_refused_where_it_cannot_apply(
     assert response.json()["error"]["reason"] == "unsupported_route"
     response = http.get("/v1/models?%73teering=x")
     assert (response.status_code, response.json()["error"]["param"]) == (400, "steering")
-    form = f"model={MODEL}&%73teering=" + json.dumps(STRONG)
-    content_type = {"Content-Type": "application/x-www-form-urlencoded"}
-    response = http.post("/v1/audio/transcriptions", content=form, headers=content_type)
-    assert response.json()["error"]["reason"] == "unsupported_route"
     # Escapes alone are no field; on a steered route the escaped field steers.
     plain = json.dumps({"model": MODEL, "prompt": "caf\u00e9 50%"})
     assert http.post("/tokenize", content=plain, headers=escaped_json(body)["headers"]).is_success
@@ -1080,6 +1134,25 @@ def test_a_spec_that_steers_no_position_gets_400_before_anything_streams(
     assert error["message"].startswith(f"{param}: steers no position of this request: ")
     after = metric_samples(http)
     assert (after[counted] - before[counted], after[steered] - before[steered]) == (1, 0)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_edit_whose_own_scope_steers_no_position_gets_400_naming_it(http, stream):
+    """The other edit would steer: without the refusal the late one would silently not."""
+    late_edit = {**STRONG["edits"][0], "window": {"start": 4}}  # past the 4 generated tokens
+    steering = {"edits": [late_edit, {"sae": "res1", "feature": 10, "op": "ablate"}]}
+    body = _body("completions", {"steering": steering, "stream": stream})
+    response = http.post("/v1/completions", json=body)
+    assert response.status_code == 400, response.text
+    assert "x-sae-steering" not in response.headers
+    error = response.json()["error"]
+    assert (error["param"], error["reason"]) == ("steering", "steers_nothing")
+    assert re.fullmatch(
+        r"steering: some of its edits steer no position of this request: its prompt has \d+ "
+        r"tokens and it generates at most 4, and the spec's scope \(generated\[4:\] of "
+        r"edits\[0\]\) holds none of their positions",
+        error["message"],
+    ), error["message"]
 
 
 def test_the_last_position_a_request_computes_can_be_steered_alone(client):

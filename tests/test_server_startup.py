@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 pytestmark = pytest.mark.server
 
@@ -44,7 +44,13 @@ def paths(tmp_path_factory) -> dict[str, Path]:
     write_random_sae(sae, "relu", layer=1, d_sae=64)
     bad_labels = root / "bad-labels.json"
     bad_labels.write_text("{")
+    nan = root / "nan"
+    write_random_sae(nan, "relu", layer=1, d_sae=64)
+    weights = load_file(nan / "sae_weights.safetensors")
+    weights["W_enc"][3, 40] = float("nan")
+    save_file(weights, nan / "sae_weights.safetensors")
     return {
+        "nan": nan,
         "root": root,
         "model": build_tiny_llama(root / "model"),
         "sae": sae,
@@ -59,6 +65,8 @@ CASES = [  # (id, args after the model, expected end of the error line)
     ("missing-sae", ["--sae", "x={root}/missing"], "SAE 'x': {root}/missing does not exist"),
     ("d_in-mismatch", ["--sae", "n={narrow}"],
      "SAE 'n': d_in 64 does not match the model's hidden size 128"),
+    ("nan-weight", ["--sae", "z={nan}"],  # the worker found it after loading the model
+     "SAE 'z': {nan}: W_enc holds NaN or infinite values (features 0:64)"),
     ("bad-layer", ["--sae", "s={sae}@9"],
      "SAE 's': layer 9 does not exist (the model has layers 0..3)"),
     ("labels-unknown-id", ["--sae", "s={sae}", "--sae-labels", "t={bad_labels}"],
@@ -157,6 +165,10 @@ def test_malformed_sae_option_is_a_usage_error(paths, serve_in_process, capsys):
         serve_in_process(str(paths["model"]), "--sae", "no-equals-sign")
     assert info.value.code == 2
     assert "argument --sae: expected ID=PATH[@LAYER]" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:  # it was read as part of the path, "does not exist"
+        serve_in_process(str(paths["model"]), "--sae", f"s={paths['sae']}@-1")
+    assert info.value.code == 2
+    assert "the layer after '@' must be a non-negative integer, got '-1'" in capsys.readouterr().err
 
 
 def test_malformed_variant_option_is_a_usage_error(paths, serve_in_process, capsys):
@@ -201,3 +213,37 @@ def test_cli_usage_and_unknown_command():
     result = sae_vllm("frobnicate")
     assert result.returncode == 2 and "unknown command 'frobnicate'" in result.stderr
     assert sae_vllm("--help").returncode == 0
+
+
+def test_a_repeated_steering_option_gets_no_duplicate_warning(paths, serve_in_process):
+    """vLLM's parser warned "Found duplicate keys --sae" of every documented `--sae A --sae B`;
+    another option given twice still warns."""
+    import logging
+
+    warnings: list[str] = []
+
+    class Recording(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            warnings.append(record.getMessage())
+
+    def serve_recording(*args: str) -> None:
+        # vLLM's, which propagates nowhere; each start resets vLLM's logging, so set it each time
+        parser_logger = logging.getLogger("vllm.utils.argparse_utils")
+        recording = Recording(logging.WARNING)
+        parser_logger.addHandler(recording)
+        level = parser_logger.level
+        parser_logger.setLevel(logging.WARNING)  # the tests' vLLM logs errors only
+        try:
+            serve_in_process(*args)
+        finally:
+            parser_logger.removeHandler(recording)
+            parser_logger.setLevel(level)
+
+    model, sae, narrow = str(paths["model"]), f"s={paths['sae']}", f"t={paths['narrow']}"
+    serve_recording(model, "--sae", sae, "--sae", narrow)
+    assert warnings == []
+    serve_recording(model, "--sae", sae, "--sae", narrow, "--seed", "1", "--seed", "2")
+    assert warnings in (
+        ["Found duplicate keys --seed, --sae"],
+        ["Found duplicate keys --sae, --seed"],
+    )

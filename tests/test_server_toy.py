@@ -85,3 +85,19 @@ def test_steering_toward_a_topic_moves_samples_there(client, toy):
         shares[topic] = (steered.count(topic) / SAMPLES, plain.count(topic) / SAMPLES)
     assert all(steered > unsteered for steered, unsteered in shares.values()), shares
     assert all(steered >= 0.5 for steered, _ in shares.values()), shares
+
+
+def test_an_sae_given_the_embedded_saes_id_is_refused_saying_so(toy):
+    """It said only "duplicate SAE ids: toy", naming no SAE the user had given twice."""
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "sae_vllm.cli", "serve", "--sae", f"{toy.sae_id}={toy.sae_dir}"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"sae-vllm serve: error: --sae {toy.sae_id}=...: '{toy.sae_id}' is the id of the embedded "
+        "default model's SAE, which it serves too; give yours another id"
+    )

@@ -10,8 +10,17 @@ import numpy as np
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from safetensors.torch import load_file, save_file
 
-from sae_vllm.config import CONFIG_KEY, SAEEntry, SteeringConfig
+from sae_vllm.config import (
+    CONFIG_KEY,
+    DROPPED_GENERATION_KEY,
+    GENERATION_START_KEY,
+    PREFIX_CACHE_KEY,
+    SAEEntry,
+    SteeringConfig,
+    internal_keys_in,
+)
 from sae_vllm.server import rejections
 from sae_vllm.server.errors import StartupError
 from sae_vllm.server.labels import LabelFileError, default_labels_path, read_labels
@@ -68,6 +77,17 @@ def test_sae_argument_parses_id_path_and_layer(tmp_path):
 def test_sae_argument_rejects_malformed(text):
     with pytest.raises(argparse.ArgumentTypeError):
         sae_argument(text)
+
+
+@pytest.mark.parametrize("layer", ["-1", "1x", ""])
+def test_sae_argument_says_a_bad_layer_is_one(tmp_path, layer):
+    """It was read as part of the path: "…/sae@-1 does not exist"."""
+    with pytest.raises(argparse.ArgumentTypeError) as info:
+        sae_argument(f"res={tmp_path}@{layer}")
+    assert f"the layer after '@' must be a non-negative integer, got '{layer}'" in str(info.value)
+    existing = tmp_path / f"sae@{layer}"
+    existing.mkdir()
+    assert sae_argument(f"res={existing}")["path"] == str(existing)  # a path explains it
 
 
 def test_labels_argument(tmp_path):
@@ -259,6 +279,31 @@ def test_registry_startup_errors(tmp_path, sae_dir):
 
 
 @pytest.mark.parametrize(
+    ("tensor", "index", "named"),
+    [
+        ("W_enc", (5, 7), "W_enc holds NaN or infinite values (features 0:"),
+        ("W_dec", (9, 2), "W_dec holds NaN or infinite values (feature 9)"),
+        ("b_enc", (3,), "b_enc holds NaN or infinite values"),
+        ("b_dec", (0,), "b_dec holds NaN or infinite values"),
+        ("threshold", (4,), "threshold holds NaN or infinite values"),
+    ],
+)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_nan_or_infinite_weight_is_a_one_line_startup_error(tmp_path, tensor, index, named, bad):
+    """The worker found it only once the model had loaded, in vLLM's traceback of its start."""
+    directory = tmp_path / "sae"
+    write_random_sae(directory, "jumprelu", layer=1, d_sae=D_SAE)
+    weights = directory / "sae_weights.safetensors"
+    tensors = load_file(weights)
+    tensors[tensor][index] = bad
+    save_file(tensors, weights)
+    with pytest.raises(StartupError) as info:
+        load_record(SAEEntry(id="s", path=str(directory)))
+    assert str(info.value).startswith("SAE 's': ") and named in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
     ("hook", "layer", "refused"),
     [("blocks.3.hook_resid_pre", 2, None), ("blocks.3.hook_mlp_out", None, "hook_mlp_out")],
 )
@@ -284,6 +329,11 @@ GATE = SteeringGate(SIZES, SpecLimits(max_edits=3, max_abs_value=100.0))
 
 def edit(**fields):
     return {"sae": "a", "feature": 1, "op": "set", "value": 1.0} | fields
+
+
+def xargs_of(spec: dict) -> dict:
+    """A body's vllm_xargs carrying `spec` the low-level way, as JSON text."""
+    return {"sae_steering": json.dumps(spec)}
 
 
 REJECTED = [
@@ -332,7 +382,7 @@ def test_a_rejection_names_ten_problems_however_many_the_body_holds():
     assert message.startswith("steering.0: unknown field; steering.1: unknown field; ")
     assert message.endswith("; and 99990 more problems") and len(message) < 400
     with pytest.raises(Rejection) as info:
-        GATE.admit(None, json.dumps({"edits": [edit(**{str(i): 1 for i in range(11)})]}))
+        GATE.admit(None, xargs_of({"edits": [edit(**{str(i): 1 for i in range(11)})]}))
     assert str(info.value).startswith("vllm_xargs.sae_steering.edits[0].0: unknown field")
     assert str(info.value).endswith("; and 1 more problem")
 
@@ -362,13 +412,13 @@ def test_gate_admits_and_resolves():
     spec = json.loads(text)
     assert spec["edits"] == [{"sae": "b", "feature": 31, "op": "ablate", "value": None}]
     assert spec["apply_to"] == "generated"
-    as_string = GATE.admit(None, json.dumps({"edits": [edit()]}))
+    as_string = GATE.admit(None, xargs_of({"edits": [edit()]}))
     assert json.loads(as_string)["edits"][0]["sae"] == "a"
 
 
 def test_gate_refuses_two_specs_and_steering_without_saes():
     with pytest.raises(Rejection) as info:
-        GATE.admit({"edits": [edit()]}, {"edits": [edit()]})
+        GATE.admit({"edits": [edit()]}, xargs_of({"edits": [edit()]}))
     assert info.value.reason == rejections.CONFLICT
     assert info.value.param == "vllm_xargs.sae_steering"
     with pytest.raises(Rejection) as info:
@@ -377,6 +427,35 @@ def test_gate_refuses_two_specs_and_steering_without_saes():
     # both ways to start a server with SAEs: `vllm serve` has no --sae
     assert "sae-vllm serve with --sae ID=PATH" in str(info.value)
     assert 'vllm serve with --additional-config \'{"sae_steering"' in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "key", ["sae_steering_generation_start", "sae_steering_drops_generation", "sae_steering_x"]
+)
+def test_gate_refuses_the_keys_sae_vllm_passes_between_its_processes(key):
+    """A client's sae_steering_generation_start made the engine skip the reach check and move
+    the generated scope; sae_steering_drops_generation made it refuse a reachable spec."""
+    for steering, xargs in [
+        ({"edits": [edit()]}, {key: 1}),
+        (None, xargs_of({"edits": [edit()]}) | {key: 1}),
+        (None, {key: 1}),
+    ]:
+        with pytest.raises(Rejection) as info:
+            GATE.admit(steering, xargs)
+        assert (info.value.reason, info.value.param) == ("reserved", f"vllm_xargs.{key}")
+        assert str(info.value) == (
+            f"vllm_xargs.{key}: reserved for sae-vllm's own use between its processes; send the "
+            "spec as `steering`"
+        )
+    assert GATE.admit({"edits": [edit()]}, {"other_plugin_key": 1}) is not None
+    assert internal_keys_in(
+        {
+            GENERATION_START_KEY: 1,
+            DROPPED_GENERATION_KEY: 1,
+            PREFIX_CACHE_KEY: 1,
+            "sae_steering": "{}",
+        }
+    ) == [GENERATION_START_KEY, DROPPED_GENERATION_KEY, PREFIX_CACHE_KEY]
 
 
 def test_variants_resolve_against_the_saes_at_startup():
@@ -409,7 +488,7 @@ def test_gate_hands_a_variant_its_spec_and_refuses_one_of_its_own():
     own = {"edits": [edit()]}
     for steering, xargs, param in [
         (own, None, "steering"),
-        (None, json.dumps(own), "vllm_xargs.sae_steering"),
+        (None, xargs_of(own), "vllm_xargs.sae_steering"),
     ]:
         with pytest.raises(Rejection) as info:
             gate.admit(steering, xargs, variant="v")

@@ -12,7 +12,9 @@ import asyncio
 import json
 from typing import Any
 
+import httpx
 import pytest
+from starlette.routing import Route
 
 from sae_vllm.server.steering_elsewhere import RefuseSteeringElsewhere
 
@@ -39,7 +41,12 @@ class EchoApp:
         await send({"type": "http.response.body", "body": b"".join(chunks)})
 
 
-def post(path: str, parts: list[bytes], headers: list[tuple[bytes, bytes]] = ()) -> tuple:
+def post(
+    path: str,
+    parts: list[bytes],
+    headers: list[tuple[bytes, bytes]] = (),
+    routes: list[Route] | None = None,
+) -> tuple:
     """POST `parts` (the body, in that many messages) through the middleware: (status, body,
     what the app read after the body)."""
     app = EchoApp()
@@ -49,6 +56,7 @@ def post(path: str, parts: list[bytes], headers: list[tuple[bytes, bytes]] = ())
         self_checked_paths=(INVOCATIONS,),
         model_headers={INVOCATIONS: "X-Amzn-SageMaker-Adapter-Identifier"},
         variants=("a-variant",),
+        routes=routes,
     )
     incoming = [
         {"type": "http.request", "body": part, "more_body": i < len(parts) - 1}
@@ -62,8 +70,10 @@ def post(path: str, parts: list[bytes], headers: list[tuple[bytes, bytes]] = ())
     async def send(message: dict) -> None:
         sent.append(message)
 
+    if not any(name == b"content-type" for name, _ in headers):
+        headers = [(b"content-type", b"application/json"), *headers]
     scope = {"type": "http", "method": "POST", "path": path, "query_string": b"",
-             "headers": [(b"content-type", b"application/json"), *headers]}  # fmt: skip
+             "headers": list(headers)}  # fmt: skip
     asyncio.run(middleware(scope, receive, send))
     status = next(m["status"] for m in sent if m["type"] == "http.response.start")
     body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
@@ -95,7 +105,9 @@ def test_every_other_body_reaches_the_route_whole_in_any_number_of_messages(path
 
 @pytest.mark.parametrize("path", [STEERED, INVOCATIONS])
 @pytest.mark.parametrize(
-    "xargs_spec", [SPEC, [SPEC], ["a", [1]]], ids=["object", "list-of-objects", "nested-list"]
+    "xargs_spec",
+    [SPEC, [SPEC], ["a", [1]], None],
+    ids=["object", "list-of-objects", "nested-list", "null"],
 )
 def test_a_spec_object_in_vllm_xargs_is_refused_naming_the_field(path, xargs_spec):
     body = body_of({"prompt": "hi", "vllm_xargs": {"sae_steering": xargs_spec}})
@@ -155,3 +167,83 @@ def test_the_added_middleware_runs_inside_the_apps_own(built):
     add_innermost_middleware(app, Recording, {"name": "added", "seen": seen})
     assert TestClient(app).get("/ping").json() == "pong"
     assert seen == ["vllm's last", "vllm's first", "added", "route"]
+
+
+OTHER = "/v1/chat/completions/batch"  # a route that generates but does not steer
+
+
+def error_of(answer: tuple) -> dict:
+    return json.loads(answer[1])["error"]
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-be"])
+def test_a_json_body_in_utf16_or_utf32_is_read_as_the_routes_read_it(encoding):
+    """The checks looked for the field's ASCII bytes only: such a body passed unread, and a
+    spec in it ran unsteered, or on a route that does not steer, steered uncounted."""
+
+    def encoded(data: dict) -> bytes:
+        return json.dumps(data).encode(encoding)
+
+    error = error_of(post(OTHER, [encoded({"messages": [], "steering": SPEC})]))
+    assert (error["reason"], error["param"]) == ("unsupported_route", "steering")
+    error = error_of(post(INVOCATIONS, [encoded({"model": "a-variant", "prompt": "hi"})]))
+    assert error["reason"] == "misplaced"
+    error = error_of(post(STEERED, [encoded({"vllm_xargs": {"sae_steering": SPEC}})]))
+    assert error["reason"] == "invalid_type"
+    plain = encoded({"prompt": "steering", "vllm_xargs": {"sae_steering": json.dumps(SPEC)}})
+    assert post(STEERED, [plain])[:2] == (200, plain)
+    binary = b"\x00\x00\xff\xfe" + bytes(range(256)) * 4  # not text in any encoding: passes
+    assert post(OTHER, [binary])[:2] == (200, binary)
+
+
+def test_a_spec_in_vllm_xargs_is_refused_on_a_route_that_does_not_steer():
+    """vLLM hands a route's vllm_xargs to the engine, which steered it without a header or a
+    count; a top-level `steering` there was refused already."""
+    body = body_of({"messages": [], "vllm_xargs": {"sae_steering": json.dumps(SPEC)}})
+    error = error_of(post(OTHER, [body]))
+    assert (error["reason"], error["param"]) == ("unsupported_route", "vllm_xargs.sae_steering")
+    assert error["message"] == (
+        f"vllm_xargs.sae_steering: not supported on {OTHER} (use {INVOCATIONS}, {STEERED})"
+    )
+    other_keys = body_of({"messages": [], "vllm_xargs": {"sae_steering_x": 1, "steering": 2}})
+    assert post(OTHER, [other_keys])[:2] == (200, other_keys)
+
+
+def test_a_path_no_route_serves_gets_the_apps_answer_not_the_refusal():
+    """Without a route there, the app answers 404 (or redirects a trailing slash to the route,
+    where the spec is steered): the steering refusal would say the wrong thing."""
+    routes = [Route(OTHER, lambda request: None, methods=["POST"])]
+    body = body_of({"prompt": "hi", "steering": SPEC})
+    for path in (f"{STEERED}/", "/v1//completions", "/v1/embeddings"):
+        assert post(path, [body], routes=routes)[:2] == (200, body)  # the echo app's answer
+    assert error_of(post(OTHER, [body], routes=routes))["reason"] == "unsupported_route"
+    assert post(OTHER, [body])[0] == 400  # no routes given: every path is served
+
+
+TRANSCRIPTIONS = "/v1/audio/transcriptions"  # a speech model's form route (none runs here)
+
+
+@pytest.mark.parametrize(
+    ("multipart", "name"), [(True, "steering"), (False, "steering"), (False, "%73teering")]
+)
+def test_steering_in_a_form_is_refused_on_a_route_that_takes_forms(multipart, name):
+    """Form routes (vLLM's audio uploads) never read `steering`: they would ignore it."""
+    routes = [Route(TRANSCRIPTIONS, lambda request: None, methods=["POST"])]
+    audio = {"file": ("clip.wav", b"RIFF\x00\x00\x00\x00WAVE", "audio/wav")}
+    if multipart:
+        request = httpx.Request("POST", "http://x", data={name: json.dumps(SPEC)}, files=audio)
+    else:
+        content = f"model=m&{name}={json.dumps(SPEC)}".encode()
+        request = httpx.Request(
+            "POST",
+            "http://x",
+            content=content,
+            headers={"content-type": "application/x-www-form-urlencoded"},
+        )
+    headers = [(b"content-type", request.headers["content-type"].encode())]
+    body = request.read()
+    error = error_of(post(TRANSCRIPTIONS, [body], headers, routes=routes))
+    assert (error["param"], error["reason"]) == ("steering", "unsupported_route")
+    plain = httpx.Request("POST", "http://x", data={"prompt": "steering"}, files=audio)
+    plain_headers = [(b"content-type", plain.headers["content-type"].encode())]
+    assert post(TRANSCRIPTIONS, [plain.read()], plain_headers, routes=routes)[0] == 200

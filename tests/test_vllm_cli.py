@@ -248,7 +248,11 @@ def test_vllm_run_batch_steers_chat_lines_and_refuses_misplaced_steering(artifac
     # know them, and vLLM fails such a line (never runs it unsteered).
     variant = line("variant", None)
     variant["body"]["model"] = VARIANT
-    lines += [nested, twice, variant]
+    # sae-vllm's own keys, which a client's line may not set (a beam step's generation start
+    # would move the generated scope and skip the reach check).
+    reserved = line("reserved", STEERING)
+    reserved["body"]["vllm_xargs"] = {"sae_steering_generation_start": 1}
+    lines += [nested, twice, variant, reserved]
     # A route run-batch cannot steer fails its line with a steering error, whatever the model
     # serves; vLLM would otherwise drop the field and, on a pooling model, answer unsteered.
     for route, body in (
@@ -257,6 +261,19 @@ def test_vllm_run_batch_steers_chat_lines_and_refuses_misplaced_steering(artifac
     ):
         body |= {"model": MODEL, "steering": STEERING}
         lines.append({"custom_id": route, "method": "POST", "url": route, "body": body})
+    xargs_elsewhere = {
+        "model": MODEL,
+        "input": "w1",
+        "vllm_xargs": {"sae_steering": json.dumps(STEERING)},
+    }
+    lines.append(
+        {
+            "custom_id": "xargs-elsewhere",
+            "method": "POST",
+            "url": "/v1/embeddings",
+            "body": xargs_elsewhere,
+        }
+    )
     batch_in.write_text("".join(json.dumps(x) + "\n" for x in lines))
     command = [*VLLM_CLI, "run-batch", "-i", str(batch_in), "-o", str(batch_out)]
     command += ["--model", str(artifacts["model"]), *ENGINE_ARGS]
@@ -321,3 +338,10 @@ def test_vllm_run_batch_steers_chat_lines_and_refuses_misplaced_steering(artifac
         error = refusal(route)
         expected = f"steering: not supported on {route} (use /v1/chat/completions)"
         assert (error["message"], error["reason"]) == (expected, "unsupported_route")
+    error = refusal("xargs-elsewhere")
+    assert (error["param"], error["reason"]) == ("vllm_xargs.sae_steering", "unsupported_route")
+    error = refusal("reserved")
+    assert (error["param"], error["reason"]) == (
+        "vllm_xargs.sae_steering_generation_start",
+        "reserved",
+    )

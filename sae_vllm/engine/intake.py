@@ -13,15 +13,16 @@ from ..config import (
     steering_config_from,
 )
 from ..resolved_specs import ResolvedSpec, SpecResolver
-from ..spec import SteeringSpec
+from ..spec import Scope, SteeringSpec
 from . import vllm_adapter as vllm
 from .prefix_cache import key_fields, session_key_fields
 from .sae_sizes import config_resolver
-from .scopes import scopes_text, unreached_scopes
+from .scopes import scope_text, scopes_out_of_reach
 
 # How the messages of these refusals start: the server finds them in vLLM's error response by
 # this text, the only thing that crosses vLLM's frontend.
 STEERS_NOTHING = "steering: steers no position of this request"
+EDITS_STEER_NOTHING = "steering: some of its edits steer no position of this request"
 
 
 def generation_start_of(extra_args: Mapping[str, Any]) -> int | None:
@@ -86,15 +87,30 @@ def check_params(vllm_config: Any, params: Any) -> Any:
 
 
 def reach_problem(spec: SteeringSpec, num_prompt_tokens: int, max_tokens: int) -> str | None:
-    """Why a request of this prompt length and max_tokens would run unsteered under `spec`
-    (every scope's window lies past the positions it can compute), or None when it would not."""
-    scopes = unreached_scopes(spec, num_prompt_tokens, max_tokens)
+    """Why a request of this prompt length and max_tokens would not be steered as its spec
+    says (a scope's window lies past the positions it can compute: that scope's edits would
+    never apply, and with every scope so the request would run unsteered), or None."""
+    scopes = scopes_out_of_reach(spec, num_prompt_tokens, max_tokens)
     if not scopes:
         return None
+    scope_count = len(spec.scopes())
+    if scope_count == 1:
+        named = scope_text(scopes[0])
+    else:  # name each scope's edits
+        named = "; ".join(_scope_named(spec, scope) for scope in scopes)
+    scope_holds = "scope ({}) holds" if len(scopes) == 1 else "scopes ({}) hold"
+    problem = STEERS_NOTHING if len(scopes) == scope_count else EDITS_STEER_NOTHING
     return (
-        f"{STEERS_NOTHING}: its prompt has {num_prompt_tokens} tokens and it generates at most "
-        f"{max_tokens}, and the spec's scope ({scopes_text(scopes)}) holds none of their positions"
+        f"{problem}: its prompt has {num_prompt_tokens} tokens and it generates at most "
+        f"{max_tokens}, and the spec's {scope_holds.format(named)} none of their positions"
     )
+
+
+def _scope_named(spec: SteeringSpec, scope: Scope) -> str:
+    """One of a spec's scopes as a user reads it, with the edits it holds: `generated[16:] of
+    edits[0, 2]`."""
+    held = [str(index) for index, edit in enumerate(spec.edits) if spec.scope_of(edit) == scope]
+    return f"{scope_text(scope)} of edits[{', '.join(held)}]"
 
 
 def judged_spec(vllm_config: Any, params: Any) -> SteeringSpec | None:

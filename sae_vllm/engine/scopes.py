@@ -77,9 +77,26 @@ def unreached_scopes(spec: SteeringSpec, num_prompt_tokens: int, max_tokens: int
     """The spec's scopes, when none of them holds a position the request can compute (it
     would run unsteered however it ends); else an empty list."""
     end = computed_end(num_prompt_tokens, max_tokens)
-    if any(lo < min(hi, end) for lo, hi in steered_spans(spec, num_prompt_tokens)):
+    if any(_holds_before(span, end) for span in steered_spans(spec, num_prompt_tokens)):
         return []
     return [scope for scope, _ in spec.scopes()]
+
+
+def scopes_out_of_reach(spec: SteeringSpec, num_prompt_tokens: int, max_tokens: int) -> list[Scope]:
+    """The spec's scopes that hold no position the request can compute: their edits would
+    never apply, however it ends (all of them: it would run unsteered)."""
+    end = computed_end(num_prompt_tokens, max_tokens)
+    return [
+        scope
+        for scope, _ in spec.scopes()
+        if not _holds_before(scope_span(scope, num_prompt_tokens), end)
+    ]
+
+
+def _holds_before(span: tuple[int, int], end: int) -> bool:
+    """Whether the span (lo, hi) holds a position before `end`."""
+    lo, hi = span
+    return lo < min(hi, end)
 
 
 def scope_text(scope: Scope) -> str:

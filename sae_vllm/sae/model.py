@@ -30,6 +30,9 @@ class SAE:
     hook_name: str | None
     format: str
     source: str
+    # The site the SAE is taken to read where its files name none, and why (a Gemma Scope
+    # file whose path names no release is read as a residual-stream SAE); None otherwise.
+    site_assumed: str | None = None
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:

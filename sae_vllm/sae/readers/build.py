@@ -29,6 +29,7 @@ class RawSAE:
     k: int | None = None
     hook_name: str | None = None
     layer: int | None = None
+    site_assumed: str | None = None
     # Sizes the config file declares, checked against the tensors.
     config_file: Path | None = None
     declared_d_in: int | None = None
@@ -63,6 +64,9 @@ def _check_shape(raw: RawSAE, name: str, tensor: torch.Tensor, expected: tuple[i
         )
 
 
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def _validate(raw: RawSAE) -> None:
     if raw.architecture not in (*ARCHITECTURES, "gated"):
         raise SAEFormatError(f"{raw.source}: unsupported architecture {raw.architecture!r}")
@@ -83,12 +87,22 @@ def _validate(raw: RawSAE) -> None:
                 f"{raw.weights_file}: {raw.names.get(name, name)} has non-float dtype "
                 f"{tensor.dtype}"
             )
+        if tensor.dtype not in _DTYPES:  # float8: torch does no arithmetic in it
+            raise SAEFormatError(
+                f"{raw.weights_file}: {raw.names.get(name, name)} has unsupported dtype "
+                f"{tensor.dtype} (supported: float16, bfloat16, float32, float64)"
+            )
     if raw.W_enc.ndim != 2:
         raise SAEFormatError(
             f"{raw.weights_file}: {raw.names.get('W_enc', 'W_enc')} must be 2-D, "
             f"has shape {list(raw.W_enc.shape)}"
         )
     d_in, d_sae = raw.W_enc.shape
+    if d_in == 0 or d_sae == 0:
+        raise SAEFormatError(
+            f"{raw.weights_file}: {raw.names.get('W_enc', 'W_enc')} gives d_in={d_in}, "
+            f"d_sae={d_sae}: an SAE needs at least one input and one feature"
+        )
     declared_sizes = (("d_in", raw.declared_d_in, d_in), ("d_sae", raw.declared_d_sae, d_sae))
     for what, declared, actual in declared_sizes:
         if declared is not None and declared != actual:
@@ -179,6 +193,7 @@ class FoldedSAE:
             apply_b_dec_to_input=raw.apply_b_dec_to_input,
             layer=raw.layer,
             hook_name=raw.hook_name,
+            site_assumed=raw.site_assumed,
             format=raw.format,
             source=str(raw.source),
         )

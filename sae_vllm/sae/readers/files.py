@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import mmap
+import re
 import struct
 import zipfile
 from collections.abc import Mapping
@@ -25,9 +26,17 @@ from ..errors import SAEFormatError
 ReadMode = Literal["meta", "map"]
 
 
+# Terminal escapes (torch's weights_only message sets text in bold): plain in our messages.
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+# torch's weights_only message opens with how to unpickle anyway; its reason comes later.
+_UNPICKLER_ERROR = re.compile(r"WeightsUnpickler error: (.*?\.)(?=\s|$)")
+
+
 def _reason(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+    message = _ANSI_ESCAPE.sub("", str(exc))
+    found = _UNPICKLER_ERROR.search(message)
+    text = [found.group(1)] if found else message.strip().splitlines()
+    return f"{type(exc).__name__}: {text[0].strip()}" if text else type(exc).__name__
 
 
 def folder_of(path: Path) -> Path:

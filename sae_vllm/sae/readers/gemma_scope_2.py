@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from ..errors import SAEFormatError
 from .build import RawSAE
 from .files import ReadMode, folder_of, read_json, read_safetensors, require_file, take
-from .hooks import layer_from_hook, layer_from_path
+from .hooks import layer_from_hook
 
 PARAMS = "params.safetensors"
 CONFIG = "config.json"
@@ -19,6 +20,8 @@ _SITE_HOOKS = {
     "mlp_out": "hook_mlp_out",
 }
 _NOT_SAES = ("transcoder", "clt")
+# The SAE's own folder: layer_12_width_16k_l0_medium
+_LAYER_FOLDER = re.compile(r"layer_(\d+)(?:_.*)?")
 
 
 def claims(path: Path) -> bool:
@@ -64,7 +67,8 @@ def read(path: Path, *, mode: ReadMode) -> RawSAE:
     hook_name = _hook_from_config(folder)
     layer = layer_from_hook(hook_name)
     if hook_name is None:
-        layer = layer_from_path(folder)
+        match = _LAYER_FOLDER.fullmatch(folder.name)
+        layer = int(match.group(1)) if match else None
         if site is not None and layer is not None:
             hook_name = f"blocks.{layer}.{_SITE_HOOKS[site]}"
     tensors = read_safetensors(file, mode=mode)

@@ -41,9 +41,22 @@ FORMATS: tuple[str, ...] = tuple(_READERS)
 def detect_format(path: str | os.PathLike[str]) -> str:
     """The format of the SAE at path (a folder, or a file of a single-file format; `hf://`
     paths are fetched from the Hugging Face Hub)."""
-    path = Path(local_sae_path(os.fspath(path)))
+    return _detect(_local_path(path))
+
+
+def _local_path(path: str | os.PathLike[str]) -> Path:
+    """path made absolute (an `hf://` path fetched first), checked to be a file or folder."""
+    # absolute(), not resolve(): the readers take layers from folder names (`layers.1` given
+    # as "."), and a symlink's name is the one the user chose.
+    path = Path(local_sae_path(os.fspath(path))).absolute()
     if not path.exists():
         raise SAEFormatError(f"{path}: no such file or folder")
+    if not (path.is_file() or path.is_dir()):  # /dev/null, a FIFO, a socket
+        raise SAEFormatError(f"{path}: not a file or folder an SAE reader reads")
+    return path
+
+
+def _detect(path: Path) -> str:
     name = _claimed_by(path)
     if name is not None:
         return name
@@ -94,13 +107,11 @@ def _saes_inside(folder: Path) -> list[str]:
 
 
 def _read(path: str | os.PathLike[str], format: str | None, mode: ReadMode) -> RawSAE:
-    path = Path(local_sae_path(os.fspath(path)))
+    path = _local_path(path)
     if format is None:
-        format = detect_format(path)
+        format = _detect(path)
     elif format not in _READERS:
         raise SAEFormatError(f"{path}: unknown SAE format {format!r} (known: {', '.join(FORMATS)})")
-    elif not path.exists():
-        raise SAEFormatError(f"{path}: no such file or folder")
     return _READERS[format].read(path, mode=mode)
 
 

@@ -33,8 +33,11 @@ def claims(path: Path) -> bool:
     return (folder / CONFIG).is_file() and (folder / WEIGHTS).is_file()
 
 
-def _architecture(cfg: dict[str, Any], file: Path) -> tuple[str, int | None]:
-    name = cfg.get("architecture") or "standard"
+def _architecture(cfg: dict[str, Any], file: Path, has_threshold: bool) -> tuple[str, int | None]:
+    """The architecture and k; a threshold tensor makes a config that names no architecture
+    jumprelu, and is refused beside one that names another."""
+    named = cfg.get("architecture")
+    name = named or "standard"
     # Pre-v6 configs say topk through the activation function, not the architecture.
     activation = cfg.get("activation_fn_str")
     kwargs = cfg.get("activation_fn_kwargs") or {}
@@ -44,6 +47,13 @@ def _architecture(cfg: dict[str, Any], file: Path) -> tuple[str, int | None]:
         raise SAEFormatError(f"{file}: unsupported architecture (activation {activation!r})")
     if name not in _ARCHITECTURES:
         raise SAEFormatError(f"{file}: unsupported architecture {name!r}")
+    if has_threshold and name != "jumprelu":
+        if not named and name == "standard":
+            return "jumprelu", None
+        said = f"architecture {name!r}" if named == name else f"activation_fn_str {activation!r}"
+        raise SAEFormatError(
+            f"{file}: {WEIGHTS} holds a threshold, but the config says {said}, which has none"
+        )
     if name != "topk":
         return _ARCHITECTURES[name], None
     k = cfg.get("k", kwargs.get("k") if isinstance(kwargs, dict) else None)
@@ -75,6 +85,14 @@ def _input_scale(cfg: dict[str, Any], folder: Path, file: Path) -> float | None:
     return positive_float(factor, f"scaling_factor in {SCALER}", file)
 
 
+def _flag(cfg: dict[str, Any], key: str, default: bool, file: Path) -> bool:
+    """A boolean setting: a JSON true or false (bool("false") is True), default when absent."""
+    value = cfg.get(key, default)
+    if not isinstance(value, bool):
+        raise SAEFormatError(f"{file}: {key} must be true or false, got {value!r}")
+    return value
+
+
 def _hook(cfg: dict[str, Any]) -> tuple[str | None, int | None]:
     metadata = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
     hook_name = metadata.get("hook_name") or cfg.get("hook_name") or cfg.get("hook_point")
@@ -89,9 +107,9 @@ def read(path: Path, *, mode: ReadMode) -> RawSAE:
     cfg_file = require_file(folder, CONFIG)
     weights_file = require_file(folder, WEIGHTS)
     cfg = read_json(cfg_file)
-    architecture, k = _architecture(cfg, cfg_file)
-    input_scale = _input_scale(cfg, folder, cfg_file)
     tensors = read_safetensors(weights_file, mode=mode)
+    architecture, k = _architecture(cfg, cfg_file, "threshold" in tensors)
+    input_scale = _input_scale(cfg, folder, cfg_file)
     hook_name, layer = _hook(cfg)
     row_scale = tensors.get("scaling_factor")  # pre-v6 finetuning scaling factor
     if row_scale is not None and not row_scale.is_meta and bool((row_scale == 1).all()):
@@ -108,7 +126,7 @@ def read(path: Path, *, mode: ReadMode) -> RawSAE:
         threshold=take(tensors, "threshold", weights_file) if architecture == "jumprelu" else None,
         k=k,
         architecture=architecture,
-        apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)),
+        apply_b_dec_to_input=_flag(cfg, "apply_b_dec_to_input", True, cfg_file),
         format="saelens",
         source=folder,
         weights_file=weights_file,
@@ -121,5 +139,5 @@ def read(path: Path, *, mode: ReadMode) -> RawSAE:
         input_scale=input_scale,
         decoder_row_scale=row_scale,
         rescale_by_decoder_norm=architecture == "topk"
-        and bool(cfg.get("rescale_acts_by_decoder_norm", False)),
+        and _flag(cfg, "rescale_acts_by_decoder_norm", False, cfg_file),
     )

@@ -1,0 +1,74 @@
+"""A configured SAE checked from its file headers before any engine starts: offline through
+steering_config, and the server's start-up (test_server_unit checks its messages)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from pydantic import ValidationError
+
+from sae_vllm import SAEEntryError, steering_config
+from tiny_model import write_random_sae
+
+
+@pytest.fixture(scope="module")
+def sae_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("sae")
+    write_random_sae(directory, "relu", layer=1, d_sae=64)
+    return directory
+
+
+def with_hook(directory, hook: str | None) -> None:
+    cfg = json.loads((directory / "cfg.json").read_text())
+    cfg["metadata"]["hook_name"] = hook
+    (directory / "cfg.json").write_text(json.dumps(cfg))
+
+
+def test_a_readable_sae_gives_the_engine_config(sae_dir):
+    config = steering_config([{"id": "res", "path": str(sae_dir)}], max_edits=4)
+    (entry,) = config["sae_steering"]["saes"]
+    assert entry["path"] == str(sae_dir) and config["sae_steering"]["max_edits"] == 4
+
+
+def test_an_sae_that_cannot_steer_is_refused_before_an_engine_loads_the_model(tmp_path, sae_dir):
+    """Each of these got past steering_config, and LLM(...) failed after loading the model,
+    in the traceback of vLLM's start-up."""
+    (tmp_path / "empty").mkdir()
+    no_layer = tmp_path / "no-layer"
+    write_random_sae(no_layer, "relu", layer=1, d_sae=64)
+    with_hook(no_layer, None)
+    mlp = tmp_path / "mlp"
+    write_random_sae(mlp, "relu", layer=1, d_sae=64)
+    with_hook(mlp, "blocks.1.hook_mlp_out")
+    for entry, message in [
+        ({"path": str(tmp_path / "missing")}, f"SAE 's': {tmp_path / 'missing'} does not exist"),
+        ({"path": str(tmp_path / "empty")}, "SAE 's': "),
+        (
+            {"path": str(no_layer)},
+            f'no layer given and none found in {no_layer} (give its "layer")',
+        ),
+        ({"path": str(mlp), "layer": 1}, "hook_mlp_out, not the output of a decoder"),
+        ({"path": str(sae_dir), "format": "dictionary_learning"}, "SAE 's': "),
+        ({"path": str(sae_dir), "format": "no-such"}, "unknown SAE format 'no-such' (known: "),
+    ]:
+        with pytest.raises(SAEEntryError) as info:
+            steering_config([{"id": "s", **entry}])
+        assert message in str(info.value) and str(info.value).startswith("SAE 's': ")
+        assert "\n" not in str(info.value)
+    steering_config([{"id": "s", "path": str(no_layer), "layer": 1}])  # the entry gives it
+    with pytest.raises(ValidationError):
+        steering_config([{"id": "s p", "path": str(sae_dir)}])  # the id's characters
+
+
+@pytest.mark.parametrize(
+    "field", [{"layer": True}, {"layer": "1"}, {"max_edits": True}, {"max_abs_value": True}]
+)
+def test_a_boolean_or_text_is_no_number_in_the_config(sae_dir, field):
+    """`"layer": true` was read as layer 1."""
+    entry = {"id": "s", "path": str(sae_dir)} | (
+        {"layer": field["layer"]} if "layer" in field else {}
+    )
+    options = {key: value for key, value in field.items() if key != "layer"}
+    with pytest.raises(ValidationError):
+        steering_config([entry], **options)
