@@ -7,10 +7,9 @@ from typing import Annotated, Any
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
-    StrictFloat,
-    StrictInt,
     StringConstraints,
     field_validator,
 )
@@ -49,6 +48,17 @@ def internal_keys_in(extra_args: Mapping[str, Any]) -> list[str]:
 BEAM_STEERING_ATTR = "sae_steering"
 
 
+def _not_bool_or_text(value: Any) -> Any:
+    if isinstance(value, bool | str):  # pydantic would read `true` as 1 and "3" as 3
+        raise ValueError(f"must be a number, got {value!r}")
+    return value
+
+
+# Numbers as a config gives them: JSON's, or numpy's in a Python script; never true or "3".
+ConfigInt = Annotated[int, BeforeValidator(_not_bool_or_text)]
+ConfigFloat = Annotated[float, BeforeValidator(_not_bool_or_text)]
+
+
 class SAEEntry(BaseModel):
     """One SAE the engine serves: its id (what requests name), file and layer."""
 
@@ -56,7 +66,7 @@ class SAEEntry(BaseModel):
 
     id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")
     path: str = Field(min_length=1)
-    layer: StrictInt | None = Field(default=None, ge=0)  # strict: `true` is no layer 1
+    layer: ConfigInt | None = Field(default=None, ge=0)
     format: str | None = None
     labels: str | None = None
 
@@ -74,8 +84,8 @@ class SteeringConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     saes: list[SAEEntry] = Field(min_length=1)
-    max_edits: StrictInt = Field(default=DEFAULT_MAX_EDITS, ge=1, le=MAX_EDITS_BOUND)
-    max_abs_value: StrictFloat = Field(default=DEFAULT_MAX_ABS_VALUE, gt=0)
+    max_edits: ConfigInt = Field(default=DEFAULT_MAX_EDITS, ge=1, le=MAX_EDITS_BOUND)
+    max_abs_value: ConfigFloat = Field(default=DEFAULT_MAX_ABS_VALUE, gt=0)
     # Served model names that steer every request sent to them with a fixed spec (the HTTP
     # server lists them in /v1/models); checked against the SAEs when the server starts.
     variants: dict[VariantName, SteeringSpec] = Field(default_factory=dict)

@@ -80,6 +80,14 @@ def xargs_spec_of(xargs: Any) -> Any:
     return xargs.get(EXTRA_ARGS_KEY) if isinstance(xargs, Mapping) else None
 
 
+def reserved_key_message(field: str) -> str:
+    """The refusal of an extra_args key that sae-vllm's processes pass among themselves."""
+    return (
+        f"{field}: reserved for sae-vllm's own use between its processes; send the spec as "
+        f"`{STEERING_FIELD}`"
+    )
+
+
 def check_placement(steering: Any, xargs: Any, extra_body: Any) -> None:
     """Refuse a spec nested where no route reads it (a literal `extra_body` field) or given
     twice (`steering` and `vllm_xargs`), and `vllm_xargs` keys that sae-vllm keeps for itself;
@@ -95,12 +103,7 @@ def check_placement(steering: Any, xargs: Any, extra_body: Any) -> None:
     reserved = sorted(internal_keys_in(xargs)) if isinstance(xargs, Mapping) else []
     if reserved:
         field = f"{XARGS}.{reserved[0]}"
-        raise Rejection(
-            rejections.RESERVED,
-            field,
-            f"{field}: reserved for sae-vllm's own use between its processes; send the spec as "
-            f"`{STEERING_FIELD}`",
-        )
+        raise Rejection(rejections.RESERVED, field, reserved_key_message(field))
     if xargs_spec_of(xargs) is not None and steering is not None:
         raise Rejection(
             rejections.CONFLICT,

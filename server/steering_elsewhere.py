@@ -8,7 +8,10 @@ into the URL (`extra_query` in the openai client) instead of the body, into the 
 audio upload (`/v1/audio/transcriptions` on a speech model with a steerable decoder), or into
 a `session.update` of vLLM's realtime transcription websocket (`/v1/realtime`). Likewise a
 steering variant named in the body of a route that takes its model from a header instead
-(SageMaker's `/invocations`), where it would run unsteered. And on the steered routes, a spec
+(SageMaker's `/invocations`), where it would run unsteered. A spec in the extra_args such a
+route hands the engine (`vllm_xargs`; the tokens-in route's `sampling_params.extra_args`) would
+be steered there without the steered routes' header and counts, and sae-vllm's internal
+extra_args keys would steer it wrongly: both are refused too. And on the steered routes, a spec
 object in `vllm_xargs` (where vLLM takes JSON text only) gets this 400 saying so, not vLLM's
 validation dump (or, on `/invocations`, its "no suitable handler")."""
 
@@ -26,13 +29,13 @@ from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 from starlette.routing import BaseRoute, Match
 
-from sae_vllm.config import EXTRA_ARGS_KEY
+from sae_vllm.config import EXTRA_ARGS_KEY, internal_keys_in
 from sae_vllm.spec import SpecErrorReason
 
 from . import metrics, rejections
 from .errors import error_response_for
 from .protocol import WebSocketErrorEvent
-from .steering import STEERING_FIELD, XARGS, XARGS_FIELD
+from .steering import STEERING_FIELD, XARGS, XARGS_FIELD, reserved_key_message
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -106,7 +109,8 @@ class RefuseSteeringElsewhere:
         if scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
-        model_header = self.model_headers.get(scope["path"]) if self.variants else None
+        path = _route_path(scope)
+        model_header = self.model_headers.get(path) if self.variants else None
         if model_header is not None and model_header not in dict(scope["headers"]):
             body, receive = await _buffer(receive)
             model = (_json_object_naming(_as_utf8(body), "model") or {}).get("model")
@@ -117,7 +121,7 @@ class RefuseSteeringElsewhere:
                 )
                 await _refuse(message, rejections.MISPLACED, scope, receive, send, param="model")
                 return
-        if scope["path"] in self.passed_paths:
+        if path in self.passed_paths:
             body, receive = await _buffer(receive)
             if _xargs_hold_a_spec_object(_as_utf8(body)):
                 param = XARGS_FIELD
@@ -127,10 +131,14 @@ class RefuseSteeringElsewhere:
             await self.app(scope, receive, send)
             return
         body, replay = await _buffer(receive)
-        field = await _steering_field_named(scope, body)
-        if field is not None and self._routes(scope):
-            message = f"{field}: not supported on {scope['path']} ({self.instead})"
-            await _refuse(message, rejections.UNSUPPORTED_ROUTE, scope, receive, send, field)
+        found = await _steering_found(scope, body)
+        if found is not None and self._routes(scope):
+            param, reason = found
+            if reason == rejections.RESERVED:
+                message = reserved_key_message(param)
+            else:
+                message = f"{param}: not supported on {scope['path']} ({self.instead})"
+            await _refuse(message, reason, scope, receive, send, param)
             return
         await self.app(scope, replay, send)
 
@@ -194,9 +202,19 @@ async def _refuse(
 ) -> None:
     metrics.record_rejected(reason)
     response = error_response_for(
-        scope["path"], HTTPStatus.BAD_REQUEST, message, param=param, reason=reason
+        _route_path(scope), HTTPStatus.BAD_REQUEST, message, param=param, reason=reason
     )
     await response(scope, receive, send)
+
+
+def _route_path(scope: Scope) -> str:
+    """The path the app's routes match: the request's, less the app's root path where the
+    request carries it (`--root-path` behind a proxy that does not strip it), as Starlette's
+    routing takes it."""
+    path, root = scope["path"], scope.get("root_path", "")
+    if root and path.startswith(root) and path[len(root) : len(root) + 1] in ("", "/"):
+        return path[len(root) :] or "/"
+    return path
 
 
 async def _buffer(receive: Receive) -> tuple[bytes, Receive]:
@@ -238,23 +256,51 @@ def _query_names_steering(query_string: bytes) -> bool:
     return STEERING_FIELD in parse_qs(query_string.decode("latin-1"))
 
 
-async def _steering_field_named(scope: Scope, body: bytes) -> str | None:
-    """Which steering field a request body carries: `steering` (in JSON or a form), or
-    `vllm_xargs.sae_steering` (in JSON); None when neither."""
+async def _steering_found(scope: Scope, body: bytes) -> tuple[str, str] | None:
+    """Steering a request body carries where a route that does not steer would pass it on or
+    drop it, as (param, reason): `steering` (in JSON or a form) or a spec in extra_args (see
+    _extra_args_of), unsupported_route; another key sae-vllm keeps for itself there, reserved;
+    None when it carries none."""
     if not _may_spell(body, STEERING_FIELD) and b"\x00" not in body[:4]:
         return None  # the usual case: no parsing (a UTF-16 or UTF-32 body has NULs up front)
     content_type = dict(scope["headers"]).get(b"content-type", b"").decode("latin-1").lower()
     if content_type.startswith(_FORM_CONTENT_TYPES):
-        return STEERING_FIELD if await _form_names_steering(scope, body) else None
-    text = _as_utf8(body)
-    names = (f'"{STEERING_FIELD}"', f'"{EXTRA_ARGS_KEY}"')
-    data = _json_object(text) if any(_may_spell(text, name) for name in names) else None
+        data = await _form_fields(scope, body)
+    else:
+        text = _as_utf8(body)
+        names = (f'"{STEERING_FIELD}"', f'"{EXTRA_ARGS_KEY}')  # the second: internal keys too
+        data = _json_object(text) if any(_may_spell(text, name) for name in names) else None
     if data is None:
         return None
     if STEERING_FIELD in data:
-        return STEERING_FIELD
-    xargs = data.get(XARGS)
-    return XARGS_FIELD if isinstance(xargs, dict) and EXTRA_ARGS_KEY in xargs else None
+        return STEERING_FIELD, rejections.UNSUPPORTED_ROUTE
+    for where, extra_args in _extra_args_of(data):
+        if EXTRA_ARGS_KEY in extra_args:
+            return f"{where}.{EXTRA_ARGS_KEY}", rejections.UNSUPPORTED_ROUTE
+        reserved = internal_keys_in(extra_args)
+        if reserved:
+            return f"{where}.{sorted(reserved)[0]}", rejections.RESERVED
+    return None
+
+
+# Where a body hands the engine SamplingParams.extra_args: `vllm_xargs` (the OpenAI routes; in
+# a form, the JSON text of the audio routes' field) and `sampling_params.extra_args` (vLLM's
+# tokens-in /inference/v1/generate).
+_EXTRA_ARGS_FIELDS = ((XARGS,), ("sampling_params", "extra_args"))
+
+
+def _extra_args_of(data: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
+    """(field path, extra_args) for each place in `data` that hands the engine extra_args."""
+    found = []
+    for path in _EXTRA_ARGS_FIELDS:
+        value: Any = data
+        for key in path:
+            value = value.get(key) if isinstance(value, Mapping) else None
+        if isinstance(value, str):  # a form's JSON text
+            value = _json_object(value)
+        if isinstance(value, Mapping):
+            found.append((".".join(path), value))
+    return found
 
 
 def _as_utf8(body: bytes) -> bytes:
@@ -316,15 +362,17 @@ def _json_object_names_steering(text: str | bytes) -> bool:
     return data is not None and STEERING_FIELD in data
 
 
-async def _form_names_steering(scope: Scope, body: bytes) -> bool:
+async def _form_fields(scope: Scope, body: bytes) -> dict[str, Any] | None:
+    """A form body's text fields (None when it is malformed: the route answers as it would)."""
+
     async def receive() -> Message:
         return {"type": "http.request", "body": body, "more_body": False}
 
     try:
         form = await Request(scope, receive).form()
-    except (HTTPException, MultiPartException):  # malformed: the route answers as it would
-        return False
+    except (HTTPException, MultiPartException):
+        return None
     try:
-        return STEERING_FIELD in form
+        return {key: value for key, value in form.multi_items() if isinstance(value, str)}
     finally:
         await form.close()

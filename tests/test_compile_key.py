@@ -20,7 +20,9 @@ def model_dir(tmp_path_factory):
     return build_tiny_llama(tmp_path_factory.mktemp("compile-key") / "model")
 
 
-def config_hash(model_dir, sae_dir=None) -> str:
+def config_hash(model_dir, sae_dir=None, checked: bool = True) -> str:
+    """The engine config's hash; `checked` False gives the steering config as `vllm serve
+    --additional-config` would, unchecked (steering_config refuses an unreadable SAE)."""
     from vllm.engine.arg_utils import EngineArgs
 
     from sae_vllm import steering_config
@@ -29,7 +31,8 @@ def config_hash(model_dir, sae_dir=None) -> str:
     sae_sizes.sae_header.cache_clear()  # as a new process reads the file afresh
     extra = {}
     if sae_dir is not None:
-        config = steering_config([{"id": "res", "path": str(sae_dir), "layer": 1}])
+        entries = [{"id": "res", "path": str(sae_dir), "layer": 1}]
+        config = steering_config(entries) if checked else {"sae_steering": {"saes": entries}}
         extra["additional_config"] = config
     return EngineArgs(**engine_kwargs(model_dir, **extra)).create_engine_config().compute_hash()
 
@@ -51,5 +54,5 @@ def test_the_hash_follows_the_sae_file_under_one_path(model_dir, tmp_path):
 
 def test_an_unreadable_sae_still_hashes(model_dir, tmp_path):
     """The worker reports a bad SAE at startup; hashing the config must not fail first."""
-    missing = config_hash(model_dir, tmp_path / "absent")
+    missing = config_hash(model_dir, tmp_path / "absent", checked=False)
     assert missing != config_hash(model_dir)

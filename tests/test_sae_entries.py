@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from pydantic import ValidationError
 
@@ -72,3 +73,18 @@ def test_a_boolean_or_text_is_no_number_in_the_config(sae_dir, field):
     options = {key: value for key, value in field.items() if key != "layer"}
     with pytest.raises(ValidationError):
         steering_config([entry], **options)
+
+
+def test_numpy_numbers_are_numbers(sae_dir):
+    """A script's loop over np.arange gives numpy integers (strict ints refused them)."""
+    config = steering_config(
+        [{"id": "s", "path": str(sae_dir), "layer": np.int64(1)}],
+        max_edits=np.int32(4),
+        max_abs_value=np.float32(50.0),
+    )
+    section = config["sae_steering"]
+    assert (section["saes"][0]["layer"], section["max_edits"], section["max_abs_value"]) == (
+        1,
+        4,
+        50.0,
+    )

@@ -509,6 +509,23 @@ def test_gemma_scope_site_from_the_release_named_in_the_path_or_assumed_aloud(
         assert sae.site_assumed is None and warnings == []
 
 
+@pytest.mark.parametrize("site", ["mlp", "att"])
+def test_a_gemma_scope_mlp_or_attention_sae_outside_the_layout_is_refused_whatever_the_layer(
+    tmp_path, site
+):
+    """Its release names its site but no layer_N folder its layer: given @L, it steered the
+    residual stream after L."""
+    arrays = gemma_arrays(np.random.default_rng(19))
+    file = write_gemma_scope(tmp_path / f"gemma-scope-2b-pt-{site}" / "mine" / "params.npz", arrays)
+    sae = load_both(file, "gemma_scope")
+    assert (sae.layer, sae.hook_name) == (None, {"mlp": "hook_mlp_out", "att": "attn.hook_z"}[site])
+    for configured in (None, 2):
+        with pytest.raises(NotALayerOutputError, match="not the output of a decoder layer"):
+            steered_layer(sae, configured)
+    residual = write_gemma_scope(tmp_path / "gemma-scope-2b-pt-res" / "mine" / "params.npz", arrays)
+    assert steered_layer(load_both(residual, "gemma_scope"), 2) == 2  # the residual release's
+
+
 @pytest.mark.parametrize(
     ("inner", "layer"),
     [
@@ -529,10 +546,21 @@ def test_gemma_scope_layer_comes_only_from_the_release_layout(tmp_path, inner, l
     assert (sae.layer, sae.hook_name, residual_layer(sae)) == (layer, hook, layer)
 
 
-def test_gemma_scope_2_layer_comes_only_from_the_saes_own_folder(tmp_path):
+@pytest.mark.parametrize(
+    ("folder", "layer"),
+    [
+        ("layer_3_sweep/mine", None),  # a user's folder above the SAE's
+        ("layer_3_sweep", None),  # the SAE's own, but not the release's name
+        ("layer_3", None),
+        ("layer_3_width_16k_l0_medium", 3),
+    ],
+)
+def test_gemma_scope_2_layer_comes_only_from_the_saes_own_release_named_folder(
+    tmp_path, folder, layer
+):
     arrays = {k.lower(): v for k, v in gemma_arrays(np.random.default_rng(20)).items()}
-    sae = inspect_sae(write_gemma_scope_2(tmp_path / "layer_3_sweep" / "mine", arrays))
-    assert (sae.layer, sae.hook_name) == (None, None)
+    sae = inspect_sae(write_gemma_scope_2(tmp_path / folder, arrays))
+    assert sae.layer == layer
 
 
 @pytest.mark.parametrize("with_config", [True, False])

@@ -46,6 +46,7 @@ def post(
     parts: list[bytes],
     headers: list[tuple[bytes, bytes]] = (),
     routes: list[Route] | None = None,
+    root_path: str = "",
 ) -> tuple:
     """POST `parts` (the body, in that many messages) through the middleware: (status, body,
     what the app read after the body)."""
@@ -73,7 +74,7 @@ def post(
     if not any(name == b"content-type" for name, _ in headers):
         headers = [(b"content-type", b"application/json"), *headers]
     scope = {"type": "http", "method": "POST", "path": path, "query_string": b"",
-             "headers": list(headers)}  # fmt: skip
+             "headers": list(headers), "root_path": root_path}  # fmt: skip
     asyncio.run(middleware(scope, receive, send))
     status = next(m["status"] for m in sent if m["type"] == "http.response.start")
     body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
@@ -205,8 +206,40 @@ def test_a_spec_in_vllm_xargs_is_refused_on_a_route_that_does_not_steer():
     assert error["message"] == (
         f"vllm_xargs.sae_steering: not supported on {OTHER} (use {INVOCATIONS}, {STEERED})"
     )
-    other_keys = body_of({"messages": [], "vllm_xargs": {"sae_steering_x": 1, "steering": 2}})
+    other_keys = body_of({"messages": [], "vllm_xargs": {"steering": 2, "my_plugin": 1}})
     assert post(OTHER, [other_keys])[:2] == (200, other_keys)
+    reserved = body_of({"messages": [], "vllm_xargs": {"sae_steering_generation_start": 3}})
+    error = error_of(post(OTHER, [reserved]))
+    assert (error["param"], error["reason"]) == (
+        "vllm_xargs.sae_steering_generation_start",
+        "reserved",
+    )
+
+
+def test_a_spec_in_sampling_params_extra_args_is_refused_on_the_tokens_in_route():
+    """vLLM's /inference/v1/generate takes SamplingParams whole, extra_args included."""
+    generate = "/inference/v1/generate"
+    for extra_args, param, reason in [
+        ({"sae_steering": json.dumps(SPEC)}, "sampling_params.extra_args.sae_steering",
+         "unsupported_route"),
+        ({"sae_steering_drops_generation": True},
+         "sampling_params.extra_args.sae_steering_drops_generation", "reserved"),
+    ]:  # fmt: skip
+        body = body_of({"token_ids": [1, 2], "sampling_params": {"extra_args": extra_args}})
+        error = error_of(post(generate, [body]))
+        assert (error["param"], error["reason"]) == (param, reason)
+    plain = body_of({"token_ids": [1, 2], "sampling_params": {"extra_args": {"x": "steering"}}})
+    assert post(generate, [plain])[:2] == (200, plain)
+
+
+def test_the_app_root_path_is_left_out_of_the_paths_the_checks_compare():
+    """With --root-path behind a proxy that keeps the prefix, the steered route itself said
+    "steering: not supported on /api/v1/completions (use /v1/completions)"."""
+    body = body_of({"prompt": "hi", "steering": SPEC})
+    assert post(f"/api{STEERED}", [body], root_path="/api")[:2] == (200, body)
+    error = error_of(post(f"/api{OTHER}", [body], root_path="/api"))
+    assert error["reason"] == "unsupported_route"
+    assert post(f"/apix{STEERED}", [body], root_path="/api")[0] == 400  # not under the root
 
 
 def test_a_path_no_route_serves_gets_the_apps_answer_not_the_refusal():
@@ -244,6 +277,11 @@ def test_steering_in_a_form_is_refused_on_a_route_that_takes_forms(multipart, na
     body = request.read()
     error = error_of(post(TRANSCRIPTIONS, [body], headers, routes=routes))
     assert (error["param"], error["reason"]) == ("steering", "unsupported_route")
+    xargs = {"vllm_xargs": json.dumps({"sae_steering": json.dumps(SPEC)})}  # the field's JSON
+    request = httpx.Request("POST", "http://x", data=xargs, files=audio if multipart else None)
+    form_headers = [(b"content-type", request.headers["content-type"].encode())]
+    error = error_of(post(TRANSCRIPTIONS, [request.read()], form_headers, routes=routes))
+    assert (error["param"], error["reason"]) == ("vllm_xargs.sae_steering", "unsupported_route")
     plain = httpx.Request("POST", "http://x", data={"prompt": "steering"}, files=audio)
     plain_headers = [(b"content-type", plain.headers["content-type"].encode())]
     assert post(TRANSCRIPTIONS, [plain.read()], plain_headers, routes=routes)[0] == 200

@@ -14,6 +14,8 @@ _RESID_POST = re.compile(
     r"^(?:\w+\.)*(?:blocks\.\d+\.hook_resid_post|(?:layers|h)\.\d+(?:\.output)?)$"
 )
 _RESID_PRE = re.compile(r"^blocks\.\d+\.hook_resid_pre$")
+# TransformerLens' other sites of a block, without their layer (hook_mlp_out, attn.hook_z)
+_OTHER_SITES = re.compile(r"(?:^|\.)hook_(?:mlp_out|attn_out|z|resid_mid|mlp_in)$")
 # The embeddings: the residual stream before layer 0, which no layer's output is
 _EMBEDDINGS = re.compile(
     r"(?:^|\.)(?:hook_embed|hook_pos_embed|embed_tokens|embed_in|embeddings?|wte|wpe)(?:\.|$)"
@@ -29,14 +31,15 @@ def residual_layer(sae: SAE) -> int | None:
     """The layer whose output (resid_post) the SAE reads; None when the file names no layer
     (the user's layer decides, for a site this module cannot place).
 
-    `blocks.L.hook_resid_pre` is resid_post of layer L-1; the embeddings, and other sites of
-    a known layer, raise NotALayerOutputError."""
+    `blocks.L.hook_resid_pre` is resid_post of layer L-1; the embeddings, TransformerLens'
+    other sites (with or without a layer) and other sites of a known layer raise
+    NotALayerOutputError."""
     hook = sae.hook_name
     if hook is None or _RESID_POST.match(hook):
         return sae.layer
     if _RESID_PRE.match(hook) and sae.layer is not None and sae.layer > 0:
         return sae.layer - 1
-    if sae.layer is None and not _EMBEDDINGS.search(hook):
+    if sae.layer is None and not (_EMBEDDINGS.search(hook) or _OTHER_SITES.search(hook)):
         return None
     raise NotALayerOutputError(
         f"SAE at {sae.source} reads {hook}, not the output of a decoder layer"

@@ -76,6 +76,8 @@ def read(path: Path, *, mode: ReadMode) -> RawSAE:
         site_assumed = _SITE_ASSUMED
     elif layer is not None:
         hook_name = f"blocks.{layer}.{_SITE_HOOKS[site]}"
+    elif site != "res":  # an MLP or attention SAE outside the layout: no layer makes it steerable
+        hook_name = _SITE_HOOKS[site]
     raw = RawSAE(
         W_enc=take(tensors, "W_enc", file),
         b_enc=take(tensors, "b_enc", file),

@@ -20,8 +20,8 @@ _SITE_HOOKS = {
     "mlp_out": "hook_mlp_out",
 }
 _NOT_SAES = ("transcoder", "clt")
-# The SAE's own folder: layer_12_width_16k_l0_medium
-_LAYER_FOLDER = re.compile(r"layer_(\d+)(?:_.*)?")
+# The SAE's own folder: layer_12_width_16k_l0_medium (not a user's layer_3_sweep)
+_LAYER_FOLDER = re.compile(r"layer_(\d+)_width_.+")
 
 
 def claims(path: Path) -> bool:
