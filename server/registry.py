@@ -6,12 +6,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from sae_vllm.config import SAEEntry, SteeringConfig
-from sae_vllm.sae import SAEFormatError, decoder_norms, open_sae
+from sae_vllm.sae import SAEFormatError, decoder_norms, non_finite_weight
 from sae_vllm.sae.hub import local_sae_path
-from sae_vllm.sae.readers.build import feature_blocks
 from sae_vllm.sae.sites import model_misfit
 from sae_vllm.sae_entries import SAEEntryError, checked_entry
 
@@ -65,8 +63,11 @@ def load_record(entry: SAEEntry) -> SAERecord:
     try:
         sae, layer = checked_entry(entry, layer_hint="use --sae ID=PATH@LAYER")
         path = local_sae_path(entry.path)
+        # The worker refuses one too, but only once the model has loaded, in vLLM's traceback
+        bad = non_finite_weight(path, format=entry.format)
+        if bad is not None:
+            raise SAEFormatError(f"{path}: {bad} is NaN or infinite")
         norms = decoder_norms(path, format=entry.format).numpy()
-        _check_finite(path, entry.format, norms)
     except SAEEntryError as exc:
         raise StartupError(str(exc)) from None
     except SAEFormatError as exc:
@@ -91,27 +92,6 @@ def load_record(entry: SAEEntry) -> SAERecord:
         has_labels=bool(labels),
     )
     return SAERecord(info=info, decoder_norms=norms, labels=labels)
-
-
-def _check_finite(path: str, format: str | None, norms: np.ndarray) -> None:
-    """Raise SAEFormatError where the SAE holds a NaN or infinite weight (the worker refuses
-    one, but only once the model has loaded, with vLLM's traceback of its start-up around it).
-    `norms` are its decoder row norms, non-finite exactly where a decoder row is; the encoder
-    streams through a block of features at a time."""
-    bad_rows = np.flatnonzero(~np.isfinite(norms))
-    if bad_rows.size:
-        raise SAEFormatError(f"{path}: W_dec holds NaN or infinite values (feature {bad_rows[0]})")
-    folded = open_sae(path, format=format)
-    header = folded.header
-    for name in ("b_enc", "b_dec", "threshold"):
-        vector = getattr(header, name)
-        if vector is not None and not bool(torch.isfinite(vector).all()):
-            raise SAEFormatError(f"{path}: {name} holds NaN or infinite values")
-    for rows in feature_blocks(header.d_sae, header.d_in):
-        if not bool(torch.isfinite(folded.encoder_columns(rows)).all()):
-            raise SAEFormatError(
-                f"{path}: W_enc holds NaN or infinite values (features {rows.start}:{rows.stop})"
-            )
 
 
 class SAERegistry:

@@ -33,6 +33,7 @@ from sae_vllm.sae import (
     detect_format,
     inspect_sae,
     load_sae,
+    non_finite_weight,
     open_sae,
 )
 from sae_vllm.sae.sites import NotALayerOutputError, residual_layer, steered_layer
@@ -600,6 +601,26 @@ def test_gemma_scope_2_site_comes_from_its_config_wherever_the_folder_is(tmp_pat
 
 
 # ---- sparsify, Goodfire, Llama Scope ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_non_finite_weight_is_found_where_the_file_stores_it(tmp_path, bad):
+    """sparsify stores its encoder as nn.Linear's [d_sae, d_in], which the reader transposes:
+    the index is the file's, and each matrix streams in the file's row order."""
+    rng = np.random.default_rng(12)
+    clean = write_sparsify(
+        tmp_path / "clean" / "layers.4", sparsify_arrays(rng), sparsify_cfg(D_IN, 3, D_SAE)
+    )
+    assert non_finite_weight(clean) is None
+    for name, index in [
+        ("encoder.weight", (D_SAE - 1, 2)),
+        ("W_dec", (4, D_IN - 1)),
+        ("b_dec", (5,)),
+    ]:
+        arrays = sparsify_arrays(rng)
+        arrays[name][index] = bad
+        folder = write_sparsify(tmp_path / name / "layers.4", arrays, sparsify_cfg(D_IN, 3, D_SAE))
+        assert non_finite_weight(folder) == f"{name} at {list(index)} (as the file stores it)"
 
 
 def test_sparsify(tmp_path):

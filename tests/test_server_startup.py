@@ -66,7 +66,7 @@ CASES = [  # (id, args after the model, expected end of the error line)
     ("d_in-mismatch", ["--sae", "n={narrow}"],
      "SAE 'n': d_in 64 does not match the model's hidden size 128"),
     ("nan-weight", ["--sae", "z={nan}"],  # the worker found it after loading the model
-     "SAE 'z': {nan}: W_enc holds NaN or infinite values (features 0:64)"),
+     "SAE 'z': {nan}: W_enc at [3, 40] (as the file stores it) is NaN or infinite"),
     ("bad-layer", ["--sae", "s={sae}@9"],
      "SAE 's': layer 9 does not exist (the model has layers 0..3)"),
     ("labels-unknown-id", ["--sae", "s={sae}", "--sae-labels", "t={bad_labels}"],

@@ -281,11 +281,11 @@ def test_registry_startup_errors(tmp_path, sae_dir):
 @pytest.mark.parametrize(
     ("tensor", "index", "named"),
     [
-        ("W_enc", (5, 7), "W_enc holds NaN or infinite values (features 0:"),
-        ("W_dec", (9, 2), "W_dec holds NaN or infinite values (feature 9)"),
-        ("b_enc", (3,), "b_enc holds NaN or infinite values"),
-        ("b_dec", (0,), "b_dec holds NaN or infinite values"),
-        ("threshold", (4,), "threshold holds NaN or infinite values"),
+        ("W_enc", (5, 7), "W_enc at [5, 7] (as the file stores it) is NaN or infinite"),
+        ("W_dec", (9, 2), "W_dec at [9, 2] (as the file stores it) is NaN or infinite"),
+        ("b_enc", (3,), "b_enc at [3] (as the file stores it) is NaN or infinite"),
+        ("b_dec", (0,), "b_dec at [0] (as the file stores it) is NaN or infinite"),
+        ("threshold", (4,), "threshold at [4] (as the file stores it) is NaN or infinite"),
     ],
 )
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

@@ -4,7 +4,15 @@ Imports only torch, numpy and safetensors, so it runs where vLLM is not installe
 
 from .errors import SAEFormatError
 from .model import SAE
-from .readers import FORMATS, decoder_norms, detect_format, inspect_sae, load_sae, open_sae
+from .readers import (
+    FORMATS,
+    decoder_norms,
+    detect_format,
+    inspect_sae,
+    load_sae,
+    non_finite_weight,
+    open_sae,
+)
 from .readers.build import FoldedSAE
 
 __all__ = [
@@ -16,5 +24,6 @@ __all__ = [
     "detect_format",
     "inspect_sae",
     "load_sae",
+    "non_finite_weight",
     "open_sae",
 ]

@@ -258,6 +258,39 @@ def decoder_norms(raw: RawSAE, chunk_rows: int | None = None) -> torch.Tensor:
     return norms
 
 
+def first_non_finite(raw: RawSAE) -> str | None:
+    """Where the first NaN or infinite value of the SAE's tensors is, as `NAME at INDEX` with
+    the file's tensor name (None: every value is finite). Each matrix is read a block of rows
+    at a time in the order the file stores it, so a memory-mapped file streams through once."""
+    tensors = {
+        "W_enc": raw.W_enc,
+        "b_enc": raw.b_enc,
+        "W_dec": raw.W_dec,
+        "b_dec": raw.b_dec,
+        "threshold": raw.threshold,
+        "decoder_row_scale": raw.decoder_row_scale,
+        "r_mag": raw.r_mag,
+        "b_gate": raw.b_gate,
+    }
+    for name, tensor in tensors.items():
+        if tensor is None or tensor.is_meta:
+            continue
+        if tensor.ndim != 2:
+            tensor = tensor.reshape(1, -1)
+        elif tensor.stride(0) < tensor.stride(
+            1
+        ):  # a transposed view: the file's rows are its columns
+            tensor = tensor.T
+        rows = max(1, BLOCK_ELEMENTS // max(tensor.shape[1], 1))
+        for start in range(0, len(tensor), rows):
+            bad = (~torch.isfinite(tensor[start : start + rows])).nonzero()
+            if len(bad):
+                row, column = (int(i) for i in bad[0])
+                index = [start + row, column] if len(tensor) > 1 else [column]
+                return f"{raw.names.get(name, name)} at {index} (as the file stores it)"
+    return None
+
+
 def build_sae(raw: RawSAE, dtype: torch.dtype | None = None) -> SAE:
     """The canonical SAE for raw, cast to dtype (None keeps the encoder's dtype in the file),
     built a block of features at a time: beyond the SAE it returns, only a block is held."""

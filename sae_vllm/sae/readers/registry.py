@@ -20,7 +20,7 @@ from . import (
     saelens,
     sparsify,
 )
-from .build import FoldedSAE, RawSAE, build_sae
+from .build import FoldedSAE, RawSAE, build_sae, first_non_finite
 from .build import decoder_norms as _decoder_norms
 from .files import ReadMode
 
@@ -149,3 +149,10 @@ def decoder_norms(
     except `.pt` files of torch's legacy format and compressed npz members, which cannot be
     memory-mapped."""
     return _decoder_norms(_read(path, format, mode="map"), chunk_rows)
+
+
+def non_finite_weight(path: str | os.PathLike[str], format: str | None = None) -> str | None:
+    """Where the SAE at path holds a NaN or infinite value, as `NAME at [i, j]` with the
+    file's tensor name and index (None: nowhere), its files streamed once, never held whole.
+    A single one would write NaN into the residual stream, or silence every feature."""
+    return first_non_finite(_read(path, format, mode="map"))
