@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Annotated, Any
 
@@ -54,6 +55,11 @@ def _not_bool_or_text(value: Any) -> Any:
     return value
 
 
+# A path as a config gives it: text, or a pathlib.Path in a Python script
+PathText = Annotated[
+    str, BeforeValidator(lambda v: os.fspath(v) if isinstance(v, os.PathLike) else v)
+]
+
 # Numbers as a config gives them: JSON's, or numpy's in a Python script; never true or "3".
 ConfigInt = Annotated[int, BeforeValidator(_not_bool_or_text)]
 ConfigFloat = Annotated[float, BeforeValidator(_not_bool_or_text)]
@@ -65,10 +71,10 @@ class SAEEntry(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")
-    path: str = Field(min_length=1)
+    path: PathText = Field(min_length=1)
     layer: ConfigInt | None = Field(default=None, ge=0)
     format: str | None = None
-    labels: str | None = None
+    labels: PathText | None = None
 
 
 # A steering variant's name: what a client puts in a request's `model` (vLLM's model names may

@@ -29,6 +29,8 @@ def register() -> None:
     vllm.check_vllm_version()
     request_amx_permission()  # also its own plugin; here too for VLLM_PLUGINS=sae_vllm alone
     vllm.prefer_v1_runner()
+    if vllm.runs_on_cpu():
+        vllm.keep_llvmlite_out_of_the_cpu_kernel_scan()
     vllm.patch_config_hash(compile_key.compile_key_factors)
     vllm.patch_request_intake(
         intake.check_params,

@@ -5,11 +5,20 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import numbers
 from collections.abc import Mapping
 from enum import StrEnum
 from typing import Annotated, Any, NamedTuple
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictInt,
+    ValidationError,
+    field_validator,
+)
 from pydantic_core import PydanticCustomError
 
 DEFAULT_MAX_EDITS = 32
@@ -64,7 +73,16 @@ class SpecIssue(NamedTuple):
     reason: SpecErrorReason
 
 
-_Offset = Annotated[StrictInt, Field(ge=-MAX_WINDOW_OFFSET, le=MAX_WINDOW_OFFSET)]
+def _plain_integer(value: Any) -> Any:
+    """numpy's integers as Python's (an offline script's features often come from an array);
+    anything else as given, for the strict check: JSON's `true` or 3.0 is no integer."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool | int):
+        return int(value)
+    return value
+
+
+_Integer = Annotated[StrictInt, BeforeValidator(_plain_integer)]
+_Offset = Annotated[_Integer, Field(ge=-MAX_WINDOW_OFFSET, le=MAX_WINDOW_OFFSET)]
 
 
 class ScopeWindow(BaseModel):
@@ -98,7 +116,7 @@ class FeatureEdit(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     sae: str | None = Field(default=None, min_length=1, max_length=128)
-    feature: StrictInt = Field(ge=0)
+    feature: _Integer = Field(ge=0)
     op: EditOp
     value: float | None = None
     # An edit's own scope, replacing the spec's; left out of the wire text when absent. A
@@ -116,7 +134,8 @@ class FeatureEdit(BaseModel):
     def _value_is_a_finite_number(cls, value: Any) -> Any:
         if value is None:
             return value
-        if isinstance(value, bool) or not isinstance(value, int | float):
+        # numbers.Real: numpy's floats and integers too, as offline scripts pass them
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise PydanticCustomError(SpecErrorReason.INVALID_TYPE.value, "must be a number")
         try:
             number = float(value)

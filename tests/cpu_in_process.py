@@ -20,7 +20,9 @@ from vllm.platforms.cpu import CpuPlatform
 
 from sae_vllm.engine.vllm_adapter import MULTIPROCESSING_ENV
 
-_override_triton_kernels = CpuPlatform.register_triton_kernel_overrides.__func__
+# Bound to the class (vLLM's classmethod), or the plugin's wrapper of it when an engine has
+# loaded the plugin in this process already (sae_vllm hides llvmlite from the scan too)
+_override_triton_kernels = CpuPlatform.register_triton_kernel_overrides
 _kernels_overridden = False
 
 
@@ -35,7 +37,7 @@ def _override_triton_kernels_once(cls) -> None:
     for name in hidden:
         del sys.modules[name]
     try:
-        _override_triton_kernels(cls)
+        _override_triton_kernels()
     finally:
         sys.modules.update(hidden)
     _kernels_overridden = True

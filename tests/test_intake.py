@@ -82,6 +82,24 @@ def test_bad_specs_and_generation_starts_and_steering_without_saes_raise(engine_
     assert intake.check_params(no_saes, sampling_params(other=1)).extra_args == {"other": 1}
 
 
+@pytest.mark.parametrize("key", ["steering", "sae-steering", "SAE_STEERING", "sae_steering_spec"])
+def test_a_key_meant_for_sae_vllm_but_none_of_its_keys_is_refused_on_a_steering_engine(
+    engine_a, key
+):
+    """The spec under it was ignored: the request came back unsteered, without a word."""
+    with pytest.raises(ValueError) as info:
+        intake.check_params(engine_a, sampling_params(**{key: RAW}))
+    assert str(info.value) == (
+        f"extra_args: {key!r} is no key of sae-vllm's; a steering spec goes in "
+        "extra_args['sae_steering'] (over HTTP: the body's `steering` field)"
+    )
+    no_saes = types.SimpleNamespace(additional_config={})  # steering off: another's key
+    assert intake.check_params(no_saes, sampling_params(**{key: RAW})).extra_args == {key: RAW}
+    internal = sampling_params(**{EXTRA_ARGS_KEY: RAW, GENERATION_START_KEY: 3})  # a beam step
+    intake.check_params(engine_a, internal)
+    intake.check_params(engine_a, sampling_params(steering_strength=1, other=2))
+
+
 # --- a spec that steers none of a request's positions ----------------------------------------
 
 

@@ -88,3 +88,40 @@ def test_numpy_numbers_are_numbers(sae_dir):
         4,
         50.0,
     )
+
+
+def test_paths_may_be_pathlib_paths_and_variants_are_checked_against_the_saes(sae_dir):
+    """A variant naming a feature the SAE lacks passed, to fail when a server started."""
+    config = steering_config([{"id": "s", "path": sae_dir, "labels": sae_dir / "labels.json"}])
+    assert config["sae_steering"]["saes"][0]["path"] == str(sae_dir)
+    fits = {"v": {"edits": [{"feature": 63, "op": "ablate"}]}}
+    steering_config([{"id": "s", "path": str(sae_dir)}], variants=fits)
+    too_far = {"v": {"edits": [{"feature": 64, "op": "ablate"}]}}
+    with pytest.raises(ValueError, match=r"steering variant 'v': edits\[0\]\.feature: 64 is out"):
+        steering_config([{"id": "s", "path": str(sae_dir)}], variants=too_far)
+
+
+def test_steering_params_without_the_config_leaves_the_engines_limits_to_the_engine(sae_dir):
+    """The default limits (32 edits, 1e4) refused specs an engine configured wider takes."""
+    from sae_vllm import SteeringSpecError, steering_params
+
+    many = {"edits": [{"feature": i, "op": "add", "value": 2e4} for i in range(40)]}
+    assert steering_params(many).extra_args["sae_steering"]
+    wide = steering_config([{"id": "s", "path": str(sae_dir)}], max_edits=64, max_abs_value=1e5)
+    assert steering_params(many, config=wide).extra_args["sae_steering"]
+    with pytest.raises(SteeringSpecError, match="at most 32 edits per request"):
+        steering_params(many, config=steering_config([{"id": "s", "path": str(sae_dir)}]))
+    with pytest.raises(TypeError, match="config: the engine's steering config"):
+        steering_params(many, config=[{"id": "s", "path": str(sae_dir)}])
+    for key in ("sae_steering", "sae_steering_generation_start"):
+        with pytest.raises(ValueError, match=f"extra_args\\['{key}'\\]: a key of sae-vllm's"):
+            steering_params(many, extra_args={key: 1})
+
+
+def test_numpy_features_and_values_are_numbers_in_a_spec():
+    from sae_vllm import steering_params
+
+    spec = {"edits": [{"feature": np.int64(3), "op": "set", "value": np.float32(2.5)}]}
+    params = steering_params(spec)
+    assert '"feature":3' in params.extra_args["sae_steering"]
+    assert '"value":2.5' in params.extra_args["sae_steering"]

@@ -9,6 +9,7 @@ from ..config import (
     DROPPED_GENERATION_KEY,
     EXTRA_ARGS_KEY,
     GENERATION_START_KEY,
+    INTERNAL_KEY_PREFIX,
     PREFIX_CACHE_KEY,
     steering_config_from,
 )
@@ -71,12 +72,35 @@ def _resolve(vllm_config: Any, extra_args: Mapping[str, Any] | None) -> Resolved
     return resolver.resolve(data)
 
 
+_INTERNAL_KEYS = frozenset({GENERATION_START_KEY, DROPPED_GENERATION_KEY, PREFIX_CACHE_KEY})
+# What a spec's key is mistyped as: the HTTP field's name, the key with a dash or in capitals
+_SPEC_KEY_LOOKALIKES = frozenset({"steering", EXTRA_ARGS_KEY})
+
+
+def _check_keys(extra_args: Mapping[str, Any]) -> None:
+    """Raise ValueError for a key that looks meant for sae-vllm but is not one of its keys: the
+    spec under it would be silently ignored (`steering`, `sae-steering`, `sae_steering_spec`)."""
+    for key in extra_args:
+        if not isinstance(key, str) or key == EXTRA_ARGS_KEY or key in _INTERNAL_KEYS:
+            continue
+        if key.startswith(INTERNAL_KEY_PREFIX) or (
+            key.lower().replace("-", "_") in _SPEC_KEY_LOOKALIKES
+        ):
+            raise ValueError(
+                f"extra_args: {key!r} is no key of sae-vllm's; a steering spec goes in "
+                f"extra_args[{EXTRA_ARGS_KEY!r}] (over HTTP: the body's `steering` field)"
+            )
+
+
 def check_params(vllm_config: Any, params: Any) -> Any:
-    """Frontend check: a bad spec raises ValueError (a client error) before reaching the engine.
-    Returns the params to submit: the caller's own, or, when their spec is not yet the resolved
-    text, a shallow copy carrying it (the caller's object is never changed: it may be shared
-    between prompts and engines)."""
+    """Frontend check: a bad spec raises ValueError (a client error) before reaching the engine,
+    as does, on a steering engine, an extra_args key that looks meant for sae-vllm but is none
+    of its keys. Returns the params to submit: the caller's own, or, when their spec is not yet
+    the resolved text, a shallow copy carrying it (the caller's object is never changed: it may
+    be shared between prompts and engines)."""
     extra_args = vllm.extra_args_of(params)
+    if extra_args and _resolver_of(vllm_config) is not None:
+        _check_keys(extra_args)
     steering = _resolve(vllm_config, extra_args)
     if steering is None:
         return params

