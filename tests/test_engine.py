@@ -449,11 +449,9 @@ def test_a_generation_start_continues_a_steered_generation(llm, artifacts):
     # the block of positions 128..255, which holds generated positions 199..255.
     edits, prompt, total, k = [("relu", 5, "set", 6.0)], PROMPTS[2], 64, 60
 
-    def run(tokens: list[int], max_tokens: int, **extra_args) -> tuple[list[int], np.ndarray]:
-        params = steered_params(
-            artifacts, edits, "generated", max_tokens=max_tokens, logprobs=1,
-            extra_args=extra_args or None,
-        )  # fmt: skip
+    def run(tokens: list[int], max_tokens: int, **internal) -> tuple[list[int], np.ndarray]:
+        params = steered_params(artifacts, edits, "generated", max_tokens=max_tokens, logprobs=1)
+        params.extra_args.update(internal)  # as the beam search adds it (steering_params won't)
         output = greedy(llm, [tokens], [params])[1][0].outputs[0]
         return list(output.token_ids), chosen_logprobs(output)
 
