@@ -18,6 +18,7 @@ _EXPORTS = {
     "decoder_norms": "sae",
     "inspect_sae": "sae",
     "load_sae": "sae",
+    "non_finite_weight": "sae",
     "open_sae": "sae",
     "SAEEntry": "config",
     "SAEEntryError": "sae_entries",
