@@ -59,10 +59,12 @@ class RefuseSteeringElsewhere:
     handshakes included), get a 400; a websocket message (a JSON object) with a top-level
     `steering` field is answered with an error event and not passed on.
 
-    A spec in `vllm_xargs.sae_steering` (JSON text, vLLM's low-level way) counts as the
-    field on the other routes too. `steered_paths` are the routes that apply the field; the
-    routes in `self_checked_paths` admit or refuse it themselves (both are named in the
-    refusal). Bodies on both pass, but for one whose `vllm_xargs.sae_steering` is an object (or
+    A spec in the extra_args a body hands the engine (`vllm_xargs.sae_steering`, vLLM's
+    low-level way, a form's `vllm_xargs` text included; the tokens-in route's
+    `sampling_params.extra_args`) counts as the field on the other routes too, and sae-vllm's
+    internal keys there get a 400 (`reserved`). `steered_paths` are the routes that apply the
+    field; the routes in `self_checked_paths` admit or refuse it themselves (both are named in
+    the refusal). Bodies on both pass, but for one whose `vllm_xargs.sae_steering` is an object (or
     a list holding one), which gets a 400 saying to send JSON text. `model_headers` maps a route
     to the header it takes its model from (its body's `model` is replaced): a body there whose
     `model` is one of `variants`, without that header, gets a 400 too. A body is refused only on
