@@ -48,9 +48,9 @@ class _SteeringLLM:
 def _report_beams(output: Any, spec: Any, prompt_length: int, prompt_index: int) -> None:
     """Report each beam a search returns as a sequence that ended (see reach_report)."""
     beam_ended = sequence_end_reporter(spec, prompt_length, f"beam_search[{prompt_index}]")
-    for beam in output.sequences:
+    for rank, beam in enumerate(output.sequences):
         if beam.finish_reason not in CUT_SHORT:
-            beam_ended(beam_sampled_count(beam))
+            beam_ended(beam_sampled_count(beam), rank)
 
 
 def install() -> None:

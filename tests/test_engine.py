@@ -606,7 +606,7 @@ def test_offline_sequences_that_end_before_their_window_are_reported(llm, artifa
     plain_beams = BeamSearchParams(beam_width=2, max_tokens=MAX_TOKENS)
     assert unreached_sequences(searched[0], plain_beams) == []
     assert [w for w in warnings if "came back unsteered" in w] == [
-        f"Request {stopped.request_id}: a sequence ended after {num_stopped} generated tokens, "
+        f"Request {stopped.request_id}: sequence 0 ended after {num_stopped} generated tokens, "
         f"before any position its steering steers (prompt of {len(prompt)} tokens, scope "
         "generated[3:]); it came back unsteered."
     ]

@@ -109,6 +109,13 @@ def test_the_tally_open_where_a_request_is_made_counts_its_sequences_wherever_th
     message = records[0].getMessage()
     assert message.startswith("Request cmpl-7: a sequence ended after 1 generated tokens")
     assert "prompt of 3 tokens, scope generated[5:]" in message
+    records.clear()
+    logger.addHandler(handler)
+    try:  # a sequence whose index is known (a choice of n > 1, a beam's rank) is named by it
+        reach_report.sequence_end_reporter(spec, 3, "cmpl-8")(1, 2)
+    finally:
+        logger.removeHandler(handler)
+    assert records[0].getMessage().startswith("Request cmpl-8: sequence 2 ended after 1 generated")
 
 
 # --- counting the tokens each sequence sampled -----------------------------------------------
@@ -129,19 +136,23 @@ def output(*sequences, finished: bool = False):
     return RequestOutput("r", None, [1, 2], None, list(sequences), finished)
 
 
-def reported(outputs: list, delta: bool) -> list[int]:
-    """The counts reported while the outputs pass through, checking they pass unchanged."""
-    counts: list[int] = []
+def reported(outputs: list, delta: bool) -> list[tuple[int, int]]:
+    """The (count, sequence index) pairs reported while the outputs pass through, checking
+    they pass unchanged."""
+    ends: list[tuple[int, int]] = []
+
+    def sequence_ended(count: int, index: int) -> None:
+        ends.append((count, index))
 
     async def source():
         for item in outputs:
             yield item
 
     async def drain() -> list:
-        return [item async for item in reporting_sequence_ends(source(), delta, counts.append)]
+        return [item async for item in reporting_sequence_ends(source(), delta, sequence_ended)]
 
     assert asyncio.run(drain()) == outputs
-    return counts
+    return ends
 
 
 def test_deltas_of_interleaved_sequences_are_summed_and_each_ending_reported_once():
@@ -152,7 +163,7 @@ def test_deltas_of_interleaved_sequences_are_summed_and_each_ending_reported_onc
         output(sequence(1, [], "length")),  # a last delta may carry no token
         output(sequence(1, [], "length"), finished=True),
     ]
-    assert reported(outputs, delta=True) == [3, 2]
+    assert reported(outputs, delta=True) == [(3, 0), (2, 1)]
 
 
 def test_whole_outputs_are_counted_as_they_stand_and_repeated_endings_once():
@@ -161,9 +172,9 @@ def test_whole_outputs_are_counted_as_they_stand_and_repeated_endings_once():
         output(sequence(0, [1, 2], "stop"), sequence(1, [4, 5])),
         output(sequence(0, [1, 2], "stop"), sequence(1, [4, 5, 6, 7], "length"), finished=True),
     ]
-    assert reported(cumulative, delta=False) == [2, 4]
+    assert reported(cumulative, delta=False) == [(2, 0), (4, 1)]
     final_only = [output(sequence(0, [9] * 7, "length"), sequence(1, [8], "stop"), finished=True)]
-    assert reported(final_only, delta=False) == [7, 1]
+    assert reported(final_only, delta=False) == [(7, 0), (1, 1)]
 
 
 @pytest.mark.parametrize(  # (token ids, finish reason, stop reason), as vLLM's outputs end
@@ -179,7 +190,7 @@ def test_whole_outputs_are_counted_as_they_stand_and_repeated_endings_once():
 def test_a_sequence_counts_every_token_it_sampled(ending, count):
     token_ids, finish_reason, stop_reason = ending
     ended = sequence(0, token_ids, finish_reason, stop_reason)
-    assert reported([output(ended, finished=True)], delta=False) == [count]
+    assert reported([output(ended, finished=True)], delta=False) == [(count, 0)]
 
 
 @pytest.mark.parametrize("reason", ["abort", "error"])

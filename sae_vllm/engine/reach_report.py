@@ -25,7 +25,8 @@ class SequenceTally:
     unreached: int = 0
 
 
-SequenceEnd = Callable[[int], None]
+# (tokens a sequence sampled, its index among the request's sequences when known)
+SequenceEnd = Callable[[int, int | None], None]
 
 _open_tally: ContextVar[SequenceTally | None] = ContextVar("sae_vllm_sequence_tally", default=None)
 _listeners: list[Callable[[], None]] = []
@@ -55,10 +56,11 @@ def sequence_end_reporter(
     spec: SteeringSpec, num_prompt_tokens: int, request_id: str
 ) -> SequenceEnd:
     """What to call with the generated-token count of each sequence of a request steered by
-    `spec` (a beam search's beams included) as it ends, counted in the tally open now."""
+    `spec` (a beam search's beams included) as it ends, and its index (a choice's, a beam's
+    rank) where known, counted in the tally open now."""
     tally = _open_tally.get()  # a stream's sequences end after the request's context has closed
 
-    def sequence_ended(num_generated: int) -> None:
+    def sequence_ended(num_generated: int, index: int | None = None) -> None:
         if tally is not None:
             tally.ended += 1
         # Its k tokens were sampled from positions before P + k - 1: a sequence that ends
@@ -71,9 +73,10 @@ def sequence_end_reporter(
         for listener in _listeners:
             listener()
         logger.warning(
-            "Request %s: a sequence ended after %d generated tokens, before any position its "
+            "Request %s: %s ended after %d generated tokens, before any position its "
             "steering steers (prompt of %d tokens, scope %s); it came back unsteered.",
             request_id,
+            "a sequence" if index is None else f"sequence {index}",
             num_generated,
             num_prompt_tokens,
             scopes_text(scopes),

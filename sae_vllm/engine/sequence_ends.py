@@ -18,10 +18,10 @@ def sampled_count(token_ids: Any, stop_reason: Any, last_token: int | None) -> i
 
 class SequenceEnds:
     """Reads one request's RequestOutputs in order (`delta`: each carries only its new tokens)
-    and calls `sequence_ended(tokens it sampled)` once for each sequence that finishes, not for
-    one aborted or failed."""
+    and calls `sequence_ended(tokens it sampled, its index)` once for each sequence that
+    finishes, not for one aborted or failed."""
 
-    def __init__(self, delta: bool, sequence_ended: Callable[[int], None]):
+    def __init__(self, delta: bool, sequence_ended: Callable[[int, int], None]):
         self._delta = delta
         self._sequence_ended = sequence_ended
         self._generated: dict[int, int] = {}
@@ -42,11 +42,11 @@ class SequenceEnds:
                 continue
             self._ended.add(index)
             last = self._last_token.get(index)
-            self._sequence_ended(sampled_count(token_ids, sequence.stop_reason, last))
+            self._sequence_ended(sampled_count(token_ids, sequence.stop_reason, last), index)
 
 
 async def reporting_sequence_ends(
-    outputs: AsyncGenerator[Any, None], delta: bool, sequence_ended: Callable[[int], None]
+    outputs: AsyncGenerator[Any, None], delta: bool, sequence_ended: Callable[[int, int], None]
 ) -> AsyncGenerator[Any, None]:
     """vLLM's RequestOutputs, unchanged, read by a SequenceEnds as they pass."""
     ends = SequenceEnds(delta, sequence_ended)

@@ -117,9 +117,9 @@ _opening_session: ContextVar[bool] = ContextVar("sae_vllm_opening_session", defa
 
 # (vllm_config, params, num_prompt_tokens, max_tokens) -> the spec it judged, or None
 ReachCheck = Callable[[Any, Any, int, int | None], Any]
-# (judged spec, num_prompt_tokens, request_id) -> what to call with the sampled-token count of
-# each of the request's sequences as it ends
-SequenceWatch = Callable[[Any, int, str], Callable[[int], None]]
+# (judged spec, num_prompt_tokens, request_id) -> what to call with the sampled-token count
+# and the index of each of the request's sequences as it ends
+SequenceWatch = Callable[[Any, int, str], Callable[[int, int], None]]
 
 
 def positions_run_ahead(vllm_config: Any) -> bool:
