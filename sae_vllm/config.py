@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Mapping
 from typing import Annotated, Any
@@ -45,12 +46,28 @@ def internal_keys_in(extra_args: Mapping[str, Any]) -> list[str]:
     ]
 
 
+# What the spec's key is mistyped as: the HTTP field's name, the key with a dash or capitals
+_SPEC_KEY_LOOKALIKES = frozenset({"steering", EXTRA_ARGS_KEY})
+
+
+def looks_like_the_spec_key(key: Any) -> bool:
+    """Whether an extra_args key looks meant as the spec's but is not it (`steering`,
+    `sae-steering`, `SAE_STEERING`): a spec under it would be read by nobody."""
+    return (
+        isinstance(key, str)
+        and key != EXTRA_ARGS_KEY
+        and key.lower().replace("-", "_") in _SPEC_KEY_LOOKALIKES
+    )
+
+
 # The attribute that carries a (resolved) spec on vLLM's BeamSearchParams, online and offline.
 BEAM_STEERING_ATTR = "sae_steering"
 
 
 def _not_bool_or_text(value: Any) -> Any:
-    if isinstance(value, bool | str):  # pydantic would read `true` as 1 and "3" as 3
+    # pydantic would read `true` as 1 and "3" as 3; numbers.Real: numpy's numbers too, but
+    # not numpy's booleans or arrays
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"must be a number, got {value!r}")
     return value
 

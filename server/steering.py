@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 
 from fastapi.responses import JSONResponse
 
-from sae_vllm.config import EXTRA_ARGS_KEY, internal_keys_in
+from sae_vllm.config import EXTRA_ARGS_KEY, internal_keys_in, looks_like_the_spec_key
 from sae_vllm.engine.intake import EDITS_STEER_NOTHING, STEERS_NOTHING
 from sae_vllm.resolved_specs import ResolvedSpec, SpecResolver, resolver_for
 from sae_vllm.spec import SpecLimits, SteeringSpec, SteeringSpecError, joined_path
@@ -104,6 +104,17 @@ def check_placement(steering: Any, xargs: Any, extra_body: Any) -> None:
     if reserved:
         field = f"{XARGS}.{reserved[0]}"
         raise Rejection(rejections.RESERVED, field, reserved_key_message(field))
+    misnamed = (
+        [key for key in xargs if looks_like_the_spec_key(key)] if isinstance(xargs, Mapping) else []
+    )
+    if misnamed:
+        field = f"{XARGS}.{misnamed[0]}"
+        raise Rejection(
+            rejections.MISPLACED,
+            field,
+            f"{field}: no key of sae-vllm's; send the spec as `{STEERING_FIELD}` (or as JSON "
+            f"text in {XARGS_FIELD})",
+        )
     if xargs_spec_of(xargs) is not None and steering is not None:
         raise Rejection(
             rejections.CONFLICT,

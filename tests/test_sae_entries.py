@@ -63,7 +63,16 @@ def test_an_sae_that_cannot_steer_is_refused_before_an_engine_loads_the_model(tm
 
 
 @pytest.mark.parametrize(
-    "field", [{"layer": True}, {"layer": "1"}, {"max_edits": True}, {"max_abs_value": True}]
+    "field",
+    [
+        {"layer": True},
+        {"layer": "1"},
+        {"layer": np.True_},
+        {"layer": np.array([1])},
+        {"max_edits": True},
+        {"max_abs_value": True},
+    ],
+    ids=["true", "text", "numpy-bool", "numpy-array", "max_edits-true", "max_abs_value-true"],
 )
 def test_a_boolean_or_text_is_no_number_in_the_config(sae_dir, field):
     """`"layer": true` was read as layer 1."""

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from package_log import package_warnings
+from safetensors.torch import load_file, save_file
 
 import sae_vllm.kernels.weights as kernel_weights
 from bench.sae_reads import peak_anonymous_growth
@@ -53,6 +54,7 @@ from sae_writers import (
     write_saelens_torch,
     write_sparsify,
 )
+from tiny_model import write_random_sae
 
 D_IN, D_SAE = 16, 64
 
@@ -621,6 +623,21 @@ def test_a_non_finite_weight_is_found_where_the_file_stores_it(tmp_path, bad):
         arrays[name][index] = bad
         folder = write_sparsify(tmp_path / name / "layers.4", arrays, sparsify_cfg(D_IN, 3, D_SAE))
         assert non_finite_weight(folder) == f"{name} at {list(index)} (as the file stores it)"
+    arrays = sparsify_arrays(rng)
+    arrays["W_dec"] = arrays["W_dec"].astype(np.float16)
+    folder = write_sparsify(tmp_path / "fp16" / "layers.4", arrays, sparsify_cfg(D_IN, 3, D_SAE))
+    assert non_finite_weight(folder) is None
+
+
+def test_non_finite_weight_refuses_a_file_that_holds_no_sae(tmp_path):
+    """A float8 tensor raised torch's NotImplementedError from the finiteness pass."""
+    folder = tmp_path / "f8"
+    write_random_sae(folder, "relu", layer=1, d_sae=16)
+    weights = load_file(folder / "sae_weights.safetensors")
+    weights["W_dec"] = weights["W_dec"].to(torch.float8_e4m3fn)
+    save_file(weights, folder / "sae_weights.safetensors")
+    with pytest.raises(SAEFormatError, match="float8_e4m3fn"):
+        non_finite_weight(folder)
 
 
 def test_sparsify(tmp_path):

@@ -458,6 +458,18 @@ def test_gate_refuses_the_keys_sae_vllm_passes_between_its_processes(key):
     ) == [GENERATION_START_KEY, DROPPED_GENERATION_KEY, PREFIX_CACHE_KEY]
 
 
+@pytest.mark.parametrize("key", ["steering", "sae-steering", "SAE_STEERING"])
+def test_gate_refuses_a_vllm_xargs_key_meant_as_the_specs(key):
+    """The engine refused it too, but with vLLM's 400, no reason and no count."""
+    with pytest.raises(Rejection) as info:
+        GATE.admit(None, {key: json.dumps({"edits": [edit()]})})
+    assert (info.value.reason, info.value.param) == ("misplaced", f"vllm_xargs.{key}")
+    assert str(info.value) == (
+        f"vllm_xargs.{key}: no key of sae-vllm's; send the spec as `steering` (or as JSON text "
+        "in vllm_xargs.sae_steering)"
+    )
+
+
 def test_variants_resolve_against_the_saes_at_startup():
     limits = SpecLimits(max_edits=3, max_abs_value=100.0)
     spec = SteeringSpec.model_validate({"edits": [edit(sae=None, feature=4)]})

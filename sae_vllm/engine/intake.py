@@ -11,6 +11,7 @@ from ..config import (
     GENERATION_START_KEY,
     INTERNAL_KEY_PREFIX,
     PREFIX_CACHE_KEY,
+    looks_like_the_spec_key,
     steering_config_from,
 )
 from ..resolved_specs import ResolvedSpec, SpecResolver
@@ -73,8 +74,6 @@ def _resolve(vllm_config: Any, extra_args: Mapping[str, Any] | None) -> Resolved
 
 
 _INTERNAL_KEYS = frozenset({GENERATION_START_KEY, DROPPED_GENERATION_KEY, PREFIX_CACHE_KEY})
-# What a spec's key is mistyped as: the HTTP field's name, the key with a dash or in capitals
-_SPEC_KEY_LOOKALIKES = frozenset({"steering", EXTRA_ARGS_KEY})
 
 
 def _check_keys(extra_args: Mapping[str, Any]) -> None:
@@ -83,9 +82,7 @@ def _check_keys(extra_args: Mapping[str, Any]) -> None:
     for key in extra_args:
         if not isinstance(key, str) or key == EXTRA_ARGS_KEY or key in _INTERNAL_KEYS:
             continue
-        if key.startswith(INTERNAL_KEY_PREFIX) or (
-            key.lower().replace("-", "_") in _SPEC_KEY_LOOKALIKES
-        ):
+        if key.startswith(INTERNAL_KEY_PREFIX) or looks_like_the_spec_key(key):
             raise ValueError(
                 f"extra_args: {key!r} is no key of sae-vllm's; a steering spec goes in "
                 f"extra_args[{EXTRA_ARGS_KEY!r}] (over HTTP: the body's `steering` field)"

@@ -260,8 +260,10 @@ def decoder_norms(raw: RawSAE, chunk_rows: int | None = None) -> torch.Tensor:
 
 def first_non_finite(raw: RawSAE) -> str | None:
     """Where the first NaN or infinite value of the SAE's tensors is, as `NAME at INDEX` with
-    the file's tensor name (None: every value is finite). Each matrix is read a block of rows
-    at a time in the order the file stores it, so a memory-mapped file streams through once."""
+    the file's tensor name (None: every value is finite); raises SAEFormatError for tensors
+    that are no SAE's (see _validate). Each matrix is read a block of rows at a time in the
+    order the file stores it, so a memory-mapped file streams through once."""
+    _validate(raw)
     tensors = {
         "W_enc": raw.W_enc,
         "b_enc": raw.b_enc,
@@ -275,19 +277,19 @@ def first_non_finite(raw: RawSAE) -> str | None:
     for name, tensor in tensors.items():
         if tensor is None or tensor.is_meta:
             continue
-        if tensor.ndim != 2:
+        ndim = tensor.ndim
+        if ndim != 2:
             tensor = tensor.reshape(1, -1)
-        elif tensor.stride(0) < tensor.stride(
-            1
-        ):  # a transposed view: the file's rows are its columns
+        elif tensor.stride(0) < tensor.stride(1):  # transposed: the file's rows are its columns
             tensor = tensor.T
         rows = max(1, BLOCK_ELEMENTS // max(tensor.shape[1], 1))
         for start in range(0, len(tensor), rows):
             bad = (~torch.isfinite(tensor[start : start + rows])).nonzero()
             if len(bad):
                 row, column = (int(i) for i in bad[0])
-                index = [start + row, column] if len(tensor) > 1 else [column]
-                return f"{raw.names.get(name, name)} at {index} (as the file stores it)"
+                index = [[], [column], [start + row, column]][min(ndim, 2)]
+                where = f" at {index} (as the file stores it)" if index else ""
+                return f"{raw.names.get(name, name)}{where}"
     return None
 
 

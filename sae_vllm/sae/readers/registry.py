@@ -153,6 +153,7 @@ def decoder_norms(
 
 def non_finite_weight(path: str | os.PathLike[str], format: str | None = None) -> str | None:
     """Where the SAE at path holds a NaN or infinite value, as `NAME at [i, j]` with the
-    file's tensor name and index (None: nowhere), its files streamed once, never held whole.
-    A single one would write NaN into the residual stream, or silence every feature."""
+    file's tensor name and index (None: nowhere), its files streamed once where they can be
+    memory-mapped (see decoder_norms). A single one would write NaN into the residual stream,
+    or silence every feature. Raises SAEFormatError for a file that holds no SAE."""
     return first_non_finite(_read(path, format, mode="map"))
