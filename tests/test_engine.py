@@ -635,7 +635,7 @@ def test_offline_requests_sharing_an_id_are_not_misreported(llm, artifacts):
         while engine.has_unfinished_requests():
             outputs += [output for output in engine.step() if output.finished]
     unreached = [w for w in warnings if "came back unsteered" in w]
-    assert len(unreached) == 1 and unreached[0].startswith("Request own: a sequence ended")
+    assert len(unreached) == 1 and unreached[0].startswith("Request own: sequence 0 ended")
     shared = [w for w in warnings if "share the id" in w]
     assert len(shared) == 2 and "'dup'" in shared[0] and "'dup2'" in shared[1]
     assert sorted(output.request_id for output in outputs) == ["dup", "dup", "dup2", "dup2", "own"]
