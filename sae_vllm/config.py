@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numbers
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable
 from typing import Annotated, Any
 
 from pydantic import (
@@ -39,8 +39,9 @@ PREFIX_CACHE_KEY = "sae_steering_prefix_cache"
 INTERNAL_KEY_PREFIX = f"{EXTRA_ARGS_KEY}_"  # every internal extra_args key starts with it
 
 
-def internal_keys_in(extra_args: Mapping[str, Any]) -> list[str]:
-    """The keys of `extra_args` that only sae-vllm itself may set (never a client)."""
+def internal_keys_in(extra_args: Iterable[Any]) -> list[str]:
+    """The keys of `extra_args` (a mapping, or its keys) that only sae-vllm itself may set
+    (never a client)."""
     return [
         key for key in extra_args if isinstance(key, str) and key.startswith(INTERNAL_KEY_PREFIX)
     ]

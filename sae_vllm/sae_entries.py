@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 from .config import SAEEntry
 from .sae import SAE, SAEFormatError, inspect_sae
@@ -14,10 +15,18 @@ class SAEEntryError(ValueError):
     """A configured SAE that cannot steer: one line naming the SAE and the problem."""
 
 
-def checked_entry(entry: SAEEntry, layer_hint: str) -> tuple[SAE, int]:
-    """The SAE's header (tensors on the meta device: milliseconds, however large the SAE) and
-    the layer it steers; raises SAEEntryError. `layer_hint` says how to give a layer, for an
-    SAE whose files name none."""
+class CheckedEntry(NamedTuple):
+    """A configured SAE that can steer: its header, the layer it steers and its local path."""
+
+    sae: SAE
+    layer: int
+    path: str
+
+
+def checked_entry(entry: SAEEntry, layer_hint: str) -> CheckedEntry:
+    """The SAE's header (tensors on the meta device: milliseconds, however large the SAE), the
+    layer it steers and its local path (an `hf://` one fetched); raises SAEEntryError.
+    `layer_hint` says how to give a layer, for an SAE whose files name none."""
     where = f"SAE '{entry.id}'"
     try:
         path = local_sae_path(entry.path)  # `vllm serve` hands hf:// paths on as given
@@ -31,4 +40,4 @@ def checked_entry(entry: SAEEntry, layer_hint: str) -> tuple[SAE, int]:
         raise SAEEntryError(
             f"{where}: no layer given and none found in {entry.path} ({layer_hint})"
         )
-    return sae, layer
+    return CheckedEntry(sae, layer, path)

@@ -9,7 +9,6 @@ import numpy as np
 
 from sae_vllm.config import SAEEntry, SteeringConfig
 from sae_vllm.sae import SAEFormatError, decoder_norms, non_finite_weight
-from sae_vllm.sae.hub import local_sae_path
 from sae_vllm.sae.sites import model_misfit
 from sae_vllm.sae_entries import SAEEntryError, checked_entry
 
@@ -61,8 +60,7 @@ def load_record(entry: SAEEntry) -> SAERecord:
     """Read one configured SAE (and its labels); a problem raises a one-line StartupError."""
     where = f"SAE '{entry.id}'"
     try:
-        sae, layer = checked_entry(entry, layer_hint="use --sae ID=PATH@LAYER")
-        path = local_sae_path(entry.path)
+        sae, layer, path = checked_entry(entry, layer_hint="use --sae ID=PATH@LAYER")
         # The worker refuses one too, but only once the model has loaded, in vLLM's traceback
         bad = non_finite_weight(path, format=entry.format)
         if bad is not None:

@@ -100,13 +100,12 @@ def check_placement(steering: Any, xargs: Any, extra_body: Any) -> None:
             f"{nested}: put `{STEERING_FIELD}` at the top level of the JSON body "
             "(the openai client's extra_body argument does that)",
         )
-    reserved = sorted(internal_keys_in(xargs)) if isinstance(xargs, Mapping) else []
+    keys = list(xargs) if isinstance(xargs, Mapping) else []
+    reserved = sorted(internal_keys_in(keys))
     if reserved:
         field = f"{XARGS}.{reserved[0]}"
         raise Rejection(rejections.RESERVED, field, reserved_key_message(field))
-    misnamed = (
-        [key for key in xargs if looks_like_the_spec_key(key)] if isinstance(xargs, Mapping) else []
-    )
+    misnamed = [key for key in keys if looks_like_the_spec_key(key)]
     if misnamed:
         field = f"{XARGS}.{misnamed[0]}"
         raise Rejection(
